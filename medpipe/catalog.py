@@ -1,0 +1,185 @@
+"""The ingest catalog: one SQLite file per output folder.
+
+Tables
+------
+``files``      every file ever scanned (key, size, mtime) with its parsed header (JSON) or the
+               reason it was rejected; the cache that makes re-runs incremental.
+``patients``, ``studies``, ``series``, ``instances``
+               the DICOM hierarchy of the usable image files (rebuilt from ``files`` each run).
+``volumes``    one row per output volume (a series or a part of a split series), with status,
+               reasons, the NIfTI path and the hash of its inputs (unchanged inputs are not rebuilt).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medpipe.dicom.header import InstanceHeader
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS files(
+    key TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    sop_uid TEXT, reason TEXT, header TEXT);
+CREATE INDEX IF NOT EXISTS files_sop ON files(sop_uid);
+CREATE TABLE IF NOT EXISTS patients(patient_id TEXT PRIMARY KEY, patient_name TEXT);
+CREATE TABLE IF NOT EXISTS studies(
+    study_uid TEXT PRIMARY KEY, patient_id TEXT, study_date TEXT, study_description TEXT);
+CREATE TABLE IF NOT EXISTS series(
+    series_uid TEXT PRIMARY KEY, study_uid TEXT, modality TEXT, series_number INTEGER,
+    series_description TEXT);
+CREATE TABLE IF NOT EXISTS instances(
+    sop_uid TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, series_uid TEXT,
+    instance_number INTEGER, position TEXT, n_frames INTEGER);
+CREATE TABLE IF NOT EXISTS volumes(
+    stack_id TEXT PRIMARY KEY, series_uid TEXT, study_uid TEXT, patient_id TEXT, modality TEXT,
+    series_number INTEGER, series_description TEXT, part TEXT, n_files INTEGER, shape TEXT,
+    spacing TEXT, status TEXT, reasons TEXT, volume TEXT, sidecar TEXT, input_hash TEXT,
+    files TEXT);
+"""
+
+
+@dataclass
+class FileRow:
+    key: str
+    size: int
+    mtime_ns: int
+    sop_uid: str | None
+    reason: str | None
+    header: InstanceHeader | None
+
+
+class Catalog:
+    """Thin typed access to ``catalog.sqlite``; every write happens in a transaction."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.db:
+            yield self.db
+
+    # -- the scan cache -------------------------------------------------------------------
+    def known_files(self, keys: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+        """``key -> (size, mtime_ns)`` of files already scanned."""
+        rows = self.db.execute("SELECT key, size, mtime_ns FROM files")
+        out = {k: (s, m) for k, s, m in rows}
+        if keys is not None:
+            wanted = set(keys)
+            out = {k: v for k, v in out.items() if k in wanted}
+        return out
+
+    def put_files(self, rows: Iterable[FileRow]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (r.key, r.size, r.mtime_ns, r.sop_uid, r.reason,
+                     json.dumps(r.header.to_dict(), separators=(",", ":")) if r.header else None)
+                    for r in rows
+                ],
+            )
+
+    def set_reason(self, key: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE files SET reason = ?, header = NULL WHERE key = ?", (reason, key))
+
+    def forget_files(self, keys: Iterable[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM files WHERE key = ?", [(k,) for k in keys])
+
+    def files(self) -> Iterator[FileRow]:
+        for key, size, mtime, sop, reason, header in self.db.execute(
+            "SELECT key, size, mtime_ns, sop_uid, reason, header FROM files ORDER BY key"
+        ):
+            yield FileRow(key, size, mtime, sop, reason,
+                          InstanceHeader.from_dict(json.loads(header)) if header else None)
+
+    # -- the DICOM hierarchy ----------------------------------------------------------------
+    def rebuild_hierarchy(self, used: list[tuple[str, int, int, InstanceHeader]]) -> None:
+        """Replace patients / studies / series / instances with the usable files ``used``."""
+        with self.transaction() as db:
+            for table in ("patients", "studies", "series", "instances"):
+                db.execute(f"DELETE FROM {table}")
+            for key, size, mtime, h in used:
+                db.execute("INSERT OR IGNORE INTO patients VALUES (?, ?)", (h.patient_id, h.patient_name))
+                db.execute(
+                    "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?)",
+                    (h.study_uid, h.patient_id, h.study_date, h.study_description),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?, ?)",
+                    (h.series_uid, h.study_uid, h.modality, h.series_number, h.series_description),
+                )
+                pos = "\\".join(f"{v:.4f}" for v in h.frames[0].ipp) if h.frames else ""
+                db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (h.sop_uid, key, size, mtime, h.series_uid, h.instance_number, pos, h.n_frames),
+                )
+
+    # -- output volumes ---------------------------------------------------------------------
+    def volume(self, stack_id: str) -> dict[str, Any] | None:
+        cur = self.db.execute("SELECT * FROM volumes WHERE stack_id = ?", (stack_id,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([c[0] for c in cur.description], row))
+
+    def put_volume(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO volumes ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [row[c] for c in cols],
+            )
+
+    def prune_volumes(self, keep: set[str]) -> list[dict[str, Any]]:
+        """Drop volume rows not in ``keep``; return them (their files may need deleting)."""
+        gone = [v for v in self.volumes() if v["stack_id"] not in keep]
+        with self.transaction() as db:
+            db.executemany("DELETE FROM volumes WHERE stack_id = ?", [(v["stack_id"],) for v in gone])
+        return gone
+
+    def volumes(self) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT * FROM volumes ORDER BY patient_id, study_uid, series_number, series_uid, part"
+        )
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
+    def counts(self) -> dict[str, int]:
+        q = {
+            "patients": "SELECT COUNT(*) FROM patients",
+            "studies": "SELECT COUNT(*) FROM studies",
+            "series": "SELECT COUNT(*) FROM series",
+            "instances": "SELECT COUNT(*) FROM instances",
+            "files": "SELECT COUNT(*) FROM files",
+            "rejected_files": "SELECT COUNT(*) FROM files WHERE reason IS NOT NULL",
+            "volumes": "SELECT COUNT(*) FROM volumes WHERE status != 'rejected'",
+        }
+        return {k: int(self.db.execute(sql).fetchone()[0]) for k, sql in q.items()}

@@ -1,0 +1,62 @@
+"""The ``medpipe`` command line: one module per command, joined here.
+
+Commands stay thin (parse, call the library, render). Heavy libraries (torch, MONAI,
+highdicom) are imported inside the commands that need them, so ``medpipe --help`` and
+``medpipe ingest`` start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from medpipe.errors import MedpipeError
+
+app = typer.Typer(
+    name="medpipe",
+    help="DICOM-native medical imaging pipelines: ingest a PACS export, train, score, write DICOM back.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals hold patient data
+    add_completion=False,
+)
+
+_state = {"verbose": False}
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and debug logs."),
+) -> None:
+    _state["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    from medpipe.cli import catalog, ingest, sample
+
+    ingest.register(app)
+    catalog.register(app)
+    sample.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line per user error, a traceback only with ``--verbose``."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in args or "-v" in args
+    try:
+        app(args=args, standalone_mode=True)
+    except MedpipeError as exc:
+        if verbose:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(2)

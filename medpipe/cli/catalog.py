@@ -1,0 +1,44 @@
+"""``medpipe catalog DIR``: what an ingest output folder holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medpipe.errors import SourceError
+
+
+def catalog_command(
+    out: Path = typer.Argument(..., help="An ingest output folder (holds catalog.sqlite)."),
+) -> None:
+    """List patients, studies and series in an ingest catalog."""
+    from medpipe.catalog import Catalog
+
+    path = out / "catalog.sqlite"
+    if not path.is_file():
+        raise SourceError(f"{out}: no catalog.sqlite here", hint="run `medpipe ingest SRC --out DIR` first")
+    console = Console()
+    with Catalog(path) as cat:
+        counts = cat.counts()
+        table = Table(title=str(out))
+        for col in ("patient", "study", "#", "description", "modality", "files", "shape", "status", "volume"):
+            table.add_column(col, overflow="fold")
+        for v in cat.volumes():
+            table.add_row(
+                v["patient_id"] or "", (v["study_uid"] or "")[-12:], str(v["series_number"] or ""),
+                (v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else ""), v["modality"] or "",
+                str(v["n_files"]), v["shape"] or "", v["status"], v["volume"] or "",
+            )
+    console.print(table)
+    console.print(
+        f"{counts['patients']} patients, {counts['studies']} studies, {counts['series']} series, "
+        f"{counts['instances']} instances; {counts['volumes']} volumes; "
+        f"{counts['files']} files scanned, {counts['rejected_files']} rejected"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("catalog")(catalog_command)

@@ -1,0 +1,56 @@
+"""``medpipe ingest SRC --out DIR``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def ingest_command(
+    src: Path = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, or DICOM / NIfTI file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: catalog, volumes, manifest.csv, rejected.csv."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per CPU core)."),
+    compress: bool = typer.Option(True, "--compress/--no-compress", help="Write .nii.gz (default) or .nii."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+) -> None:
+    """Index DICOM (and NIfTI) into a catalog, check geometry and write one NIfTI volume per series."""
+    from medpipe.cli.progress import RichProgress
+    from medpipe.ingest import ingest
+
+    console = Console(stderr=False, quiet=quiet)
+    with RichProgress(console) as progress:
+        report = ingest(src, out, workers=workers or None, compress=compress, progress=progress)
+    if quiet:
+        return
+    table = Table(title=f"Series in {report.out}", show_lines=False)
+    for col in ("patient", "#", "description", "modality", "files", "shape", "status", "reasons"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "warning": "yellow", "rejected": "red"}
+    for v in report.volumes[:50]:
+        table.add_row(
+            v["patient_id"] or "", str(v["series_number"] or ""), (v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else ""),
+            v["modality"] or "", str(v["n_files"]), v["shape"] or "",
+            f"[{style.get(v['status'], '')}]{v['status']}[/]", (v["reasons"] or "")[:120],
+        )
+    console.print(table)
+    if len(report.volumes) > 50:
+        console.print(f"... and {len(report.volumes) - 50} more series (see manifest.csv)")
+    status = Counter(v["status"] for v in report.volumes)
+    reasons = Counter(r.split(":")[0][:60] for _, r in report.rejected)
+    console.print(
+        f"[bold]{report.n_files}[/] files ({report.n_read} read, {report.n_files - report.n_read} unchanged), "
+        f"{len(report.volumes)} volumes: {status.get('ok', 0)} ok, {status.get('warning', 0)} warning, "
+        f"{status.get('rejected', 0)} rejected; {report.n_built} written in {report.seconds['total']:.1f} s"
+    )
+    if report.rejected:
+        console.print(f"{len(report.rejected)} files not used (see rejected.csv):")
+        for reason, n in reasons.most_common(8):
+            console.print(f"  {n:6d}  {reason}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ingest")(ingest_command)

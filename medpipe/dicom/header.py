@@ -1,0 +1,495 @@
+"""Read one DICOM file's header into a compact, JSON-serialisable record.
+
+The record holds everything that series grouping, geometry checks and volume assembly need,
+one :class:`FrameInfo` per 2D frame (a classic file has one, an enhanced multi-frame object one
+per frame, a Siemens mosaic one per tile). Headers are read without pixel data; for native
+(uncompressed) transfer syntaxes the file offset of the pixel data is recorded so the volume
+builder can read the pixels directly.
+
+A file that cannot be used raises :class:`Rejected` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+#: SOP classes that hold no image to turn into a volume (catalogued, explained, not converted).
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "DICOM SEG (segmentation)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.1.3.10": "DICOMDIR media directory",
+}
+
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+#: DICOM keywords copied into each volume's JSON sidecar (no patient names or birth dates).
+SIDECAR_KEYWORDS = (
+    "Modality", "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "MagneticFieldStrength",
+    "BodyPartExamined", "PatientPosition", "StudyDescription", "SeriesDescription", "ProtocolName",
+    "SeriesNumber", "StudyDate", "SeriesDate", "AcquisitionDate", "ImageType", "SliceThickness",
+    "SpacingBetweenSlices", "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence",
+    "SequenceVariant", "SequenceName", "MRAcquisitionType", "KVP", "ConvolutionKernel", "ExposureTime",
+    "XRayTubeCurrent", "ContrastBolusAgent", "PhotometricInterpretation", "BitsStored",
+    "PixelRepresentation", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "AccessionNumber", "RescaleType",
+)
+
+
+class Rejected(Exception):
+    """A file that cannot be used; ``str(exc)`` is the one-line reason."""
+
+
+@dataclass
+class FrameInfo:
+    """Geometry and value mapping of one 2D frame."""
+
+    index: int  # frame number in the file (0 for classic files), or mosaic tile number
+    ipp: list[float]  # ImagePositionPatient (LPS, centre of the first pixel)
+    iop: list[float]  # ImageOrientationPatient
+    spacing: list[float]  # PixelSpacing [row spacing, column spacing]
+    slope: float = 1.0
+    intercept: float = 0.0
+    echo: str = ""  # echo number / echo time, used to split multi-echo series
+    image_type: str = ""  # frame type (enhanced) or ImageType
+    temporal: list[float] = field(default_factory=list)  # sort key for frames at one position
+
+
+@dataclass
+class InstanceHeader:
+    """What medpipe keeps of one DICOM file's header."""
+
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    study_date: str
+    study_description: str
+    series_uid: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    instance_number: int | None
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    n_frames: int
+    mosaic: list[int] | None  # [tiles, tile rows, tile columns] for a Siemens mosaic
+    pixel_offset: int | None  # file offset of native pixel bytes (None when encapsulated)
+    frames: list[FrameInfo]
+    meta: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstanceHeader:
+        d = dict(d)
+        d["frames"] = [FrameInfo(**f) for f in d["frames"]]
+        return cls(**d)
+
+
+def _json_value(value: Any) -> Any:
+    """A pydicom element value as plain JSON (numbers, strings, lists)."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_json_value(v) for v in value]
+    if isinstance(value, (int, float)):
+        return value if not (isinstance(value, float) and not math.isfinite(value)) else None
+    if hasattr(value, "real") and not isinstance(value, str):  # DSfloat / IS
+        return float(value) if not float(value).is_integer() or "." in str(value) else int(value)
+    return str(value)
+
+
+def _floats(value: Any, n: int, what: str) -> list[float]:
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise Rejected(f"unreadable {what}: {value!r}") from exc
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise Rejected(f"invalid {what}: {value!r}")
+    return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or(value: Any, default: float) -> float:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _image_type(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
+
+
+def _temporal_key(ds: Dataset) -> list[float]:
+    """Sort key for several frames at one position: time index, trigger time, acquisition time, numbers."""
+    from_time = 0.0
+    t = ds.get("AcquisitionTime") or ds.get("ContentTime") or ""
+    if t:
+        try:
+            s = str(t)
+            from_time = int(s[0:2]) * 3600 + int(s[2:4] or 0) * 60 + float(s[4:] or 0)
+        except ValueError:
+            from_time = 0.0
+    return [
+        _float_or(ds.get("TemporalPositionIdentifier"), 0.0),
+        _float_or(ds.get("TriggerTime"), 0.0),
+        _float_or(ds.get("DiffusionBValue"), 0.0),
+        from_time,
+        _float_or(ds.get("AcquisitionNumber"), 0.0),
+        _float_or(ds.get("InstanceNumber"), 0.0),
+    ]
+
+
+def _echo_key(ds: Dataset) -> str:
+    number = ds.get("EchoNumbers")
+    te = ds.get("EchoTime")
+    parts = []
+    if number not in (None, ""):
+        parts.append(f"e{_json_value(number)}")
+    if te not in (None, ""):
+        parts.append(f"te{_float_or(te, 0.0):.3f}")
+    return "_".join(parts)
+
+
+def _pixel_data_offset(fp: IO[bytes], ds: Dataset, ts: UID, size: int) -> int | None:
+    """Check the pixel data element after the header; return the offset of native pixel bytes.
+
+    ``fp`` is positioned where ``dcmread(stop_before_pixels=True)`` stopped: at a pixel data tag,
+    or at the end of the file when there is none.
+    """
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        raise Rejected("no pixel data")
+    group, elem = struct.unpack("<HH", head[:4])
+    if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        raise Rejected("no pixel data")
+    if (group, elem) != (0x7FE0, 0x0010):
+        raise Rejected("float pixel data (FloatPixelData) is not supported")
+    implicit = str(ts) == "1.2.840.10008.1.2"
+    if implicit:
+        (length,) = struct.unpack("<I", head[4:8])
+        offset = start + 8
+    else:
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV", b"UT", b"UC", b"UR", b"SV", b"UV"):
+            (length,) = struct.unpack("<I", head[8:12])
+            offset = start + 12
+        else:
+            (length,) = struct.unpack("<H", head[6:8])
+            offset = start + 8
+    if length == 0xFFFFFFFF:  # encapsulated (compressed) fragments: decoded later by pydicom
+        if size - offset < 16:
+            raise Rejected("truncated: encapsulated pixel data is empty")
+        return None
+    expected = (
+        int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+        * int(ds.get("NumberOfFrames", 1) or 1) * (int(ds.BitsAllocated) // 8)
+    )
+    if size - offset < min(length, expected):
+        raise Rejected(f"truncated: pixel data has {size - offset} of {min(length, expected)} bytes")
+    if str(ts) not in NATIVE_SYNTAXES or int(ds.BitsAllocated) not in (8, 16, 32):
+        return None
+    return offset
+
+
+def _check_decodable(ts: UID) -> None:
+    if ts in NATIVE_SYNTAXES or ts in {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}:
+        return
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise Rejected(f"unsupported transfer syntax {ts} ({ts.name})") from exc
+    if not decoder.is_available:
+        raise Rejected(f"no decoder installed for transfer syntax {ts.name}; install pylibjpeg plugins")
+
+
+def _mosaic_frames(ds: Dataset, base: FrameInfo) -> tuple[list[FrameInfo], list[int]]:
+    """Siemens mosaic: one FrameInfo per tile, positions corrected, along the CSA slice normal."""
+    import numpy as np
+    from nibabel.nicom import csareader
+
+    try:
+        csa = csareader.get_csa_header(ds, "image")
+    except Exception as exc:  # malformed private header
+        raise Rejected(f"Siemens mosaic with unreadable CSA header: {exc}") from exc
+    n_tiles = _int_or_none(ds.get((0x0019, 0x100A)).value if (0x0019, 0x100A) in ds else None)
+    if n_tiles is None and csa is not None:
+        n_tiles = csareader.get_n_mosaic(csa)
+    if not n_tiles:
+        raise Rejected("Siemens mosaic without NumberOfImagesInMosaic")
+    grid = math.ceil(math.sqrt(n_tiles))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows % grid or cols % grid:
+        raise Rejected(f"Siemens mosaic {rows}x{cols} does not divide into a {grid}x{grid} grid")
+    t_rows, t_cols = rows // grid, cols // grid
+    normal = csareader.get_slice_normal(csa) if csa is not None else None
+    from medpipe.dicom.geometry import slice_normal
+
+    n_iop = slice_normal(base.iop)
+    if normal is None:
+        normal = n_iop
+    normal = np.asarray(normal, float)
+    if abs(float(normal @ n_iop)) < 0.99:
+        raise Rejected("Siemens mosaic: CSA slice normal disagrees with ImageOrientationPatient")
+    row = np.asarray(base.iop[:3])
+    col = np.asarray(base.iop[3:])
+    dr, dc = base.spacing
+    # ImagePositionPatient of a mosaic is that of the whole mosaic; move it to the first tile
+    first = np.asarray(base.ipp) + col * dr * (rows - t_rows) / 2 + row * dc * (cols - t_cols) / 2
+    gap = _float_or(ds.get("SpacingBetweenSlices"), _float_or(ds.get("SliceThickness"), 0.0))
+    if gap <= 0:
+        raise Rejected("Siemens mosaic without SpacingBetweenSlices or SliceThickness")
+    frames = []
+    for k in range(n_tiles):
+        f = FrameInfo(**{**asdict(base), "index": k})
+        f.ipp = [float(v) for v in first + normal * gap * k]
+        frames.append(f)
+    return frames, [n_tiles, t_rows, t_cols]
+
+
+PHILIPS_CREATORS = ("Philips MR Imaging DD 001", "Philips MR Imaging DD 005")
+
+
+def _philips_scale_slope(item: Dataset | None) -> float | None:
+    """Philips private ScaleSlope (2005,xx0E) of a dataset or functional group item, if any."""
+    if item is None:
+        return None
+    for creator in PHILIPS_CREATORS:
+        try:
+            value = item.private_block(0x2005, creator)[0x0E].value
+        except (KeyError, ValueError):
+            continue
+        ss = _float_or(value, 0.0)
+        if ss and math.isfinite(ss):
+            return ss
+    return None
+
+
+def _philips_float(frame: FrameInfo, ss: float | None) -> None:
+    """Use Philips 'floating point' values FP = (PV*RS + RI) / (RS*SS), as dcm2niix does by default.
+
+    The DICOM rescale of Philips MR gives 'display' values that differ between scans; the private
+    ScaleSlope gives the values proportional to the MR signal. Applied in place.
+    """
+    if ss is None or frame.slope == 0:
+        return
+    denom = frame.slope * ss
+    frame.slope, frame.intercept = frame.slope / denom, frame.intercept / denom
+
+
+def _enhanced_frames(ds: Dataset) -> list[FrameInfo]:
+    """One FrameInfo per frame of an enhanced multi-frame object (per-frame functional groups)."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else Dataset()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(per_frame) != n:
+        raise Rejected(f"multi-frame object has {len(per_frame)} per-frame groups for {n} frames")
+
+    def group(fg: Dataset, name: str) -> Dataset | None:
+        seq = fg.get(name) or shared.get(name)
+        return seq[0] if seq else None
+
+    frames = []
+    top_type = _image_type(ds.get("ImageType"))
+    philips = "PHILIPS" in str(ds.get("Manufacturer", "")).upper() and ds.get("Modality") == "MR"
+    for i, fg in enumerate(per_frame):
+        pos, ori, meas = group(fg, "PlanePositionSequence"), group(fg, "PlaneOrientationSequence"), group(
+            fg, "PixelMeasuresSequence"
+        )
+        if pos is None or ori is None or meas is None or "ImagePositionPatient" not in pos:
+            raise Rejected("multi-frame object without plane position / orientation / pixel measures per frame")
+        pvt = group(fg, "PixelValueTransformationSequence")
+        content = group(fg, "FrameContentSequence") or Dataset()
+        echo = group(fg, "MREchoSequence")
+        ftype = (
+            group(fg, "MRImageFrameTypeSequence") or group(fg, "CTImageFrameTypeSequence")
+            or group(fg, "PETFrameTypeSequence")
+        )
+        diffusion = group(fg, "MRDiffusionSequence")
+        acq = str(content.get("FrameAcquisitionDateTime") or "")
+        acq_s = 0.0
+        if len(acq) >= 14:
+            try:
+                acq_s = int(acq[8:10]) * 3600 + int(acq[10:12]) * 60 + float(acq[12:])
+            except ValueError:
+                acq_s = 0.0
+        trigger = group(fg, "CardiacSynchronizationSequence")
+        frame = FrameInfo(
+                index=i,
+                ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient"),
+                iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+                spacing=_floats(meas.PixelSpacing, 2, "PixelSpacing"),
+                slope=_float_or(pvt.get("RescaleSlope") if pvt else None, 1.0),
+                intercept=_float_or(pvt.get("RescaleIntercept") if pvt else None, 0.0),
+                echo=f"te{_float_or(echo.get('EffectiveEchoTime'), 0.0):.3f}" if echo else "",
+                image_type=_image_type(ftype.get("FrameType")) if ftype else top_type,
+                temporal=[
+                    _float_or(content.get("TemporalPositionIndex"), 0.0),
+                    _float_or(trigger.get("NominalCardiacTriggerDelayTime") if trigger else None, 0.0),
+                    _float_or(diffusion.get("DiffusionBValue") if diffusion else None, 0.0),
+                    acq_s,
+                    _float_or(ds.get("AcquisitionNumber"), 0.0),
+                    _float_or(ds.get("InstanceNumber"), 0.0),
+                float(i),
+            ],
+        )
+        if philips:
+            private = fg.get((0x2005, 0x140F))
+            _philips_float(frame, _philips_scale_slope(private[0] if private else None))
+        frames.append(frame)
+    return frames
+
+
+def read_header(fp: IO[bytes], size: int) -> InstanceHeader:
+    """Parse the header of the DICOM file open in ``fp`` (``size`` bytes long).
+
+    Raises:
+        Rejected: the file is not DICOM, truncated, has no usable image, or is not supported.
+    """
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise Rejected("not a DICOM file (no DICM preamble or file meta)") from exc
+    except (EOFError, OSError, struct.error) as exc:
+        raise Rejected(f"truncated or unreadable DICOM header: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise Rejected(f"corrupt DICOM header: {type(exc).__name__}: {exc}") from exc
+    try:
+        return _header_from_dataset(ds, fp, size)
+    except Rejected:
+        raise
+    except Exception as exc:  # malformed values: never let one file stop the run
+        raise Rejected(f"corrupt DICOM attribute: {type(exc).__name__}: {exc}") from exc
+
+
+def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeader:
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        raise Rejected(f"{NON_IMAGE_SOP_CLASSES[sop_class]}: not an image series")
+    sop_uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+    if not sop_uid:
+        raise Rejected("no SOP Instance UID")
+    series_uid = str(ds.get("SeriesInstanceUID") or "")
+    if not series_uid:
+        raise Rejected("no Series Instance UID")
+    if "Rows" not in ds or "Columns" not in ds or "BitsAllocated" not in ds:
+        raise Rejected("no image pixel module (Rows/Columns/BitsAllocated)")
+    ts = UID(str(meta.get("TransferSyntaxUID") or "1.2.840.10008.1.2"))
+    _check_decodable(ts)
+    # a deflated dataset was inflated in memory: file offsets mean nothing there
+    pixel_offset = None if ts == "1.2.840.10008.1.2.1.99" else _pixel_data_offset(fp, ds, ts, size)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise Rejected(f"colour image ({samples} samples per pixel, {ds.get('PhotometricInterpretation')}) not supported")
+    image_type = _image_type(ds.get("ImageType"))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+
+    mosaic = None
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        frames = _enhanced_frames(ds)
+    else:
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+            raise Rejected(
+                "no image plane geometry (ImagePositionPatient / ImageOrientationPatient / PixelSpacing): "
+                "projection and secondary-capture images are not converted"
+            )
+        if n_frames > 1:
+            raise Rejected(f"multi-frame object ({n_frames} frames) without per-frame functional groups")
+        base = FrameInfo(
+            index=0,
+            ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
+            iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            spacing=_floats(ds.PixelSpacing, 2, "PixelSpacing"),
+            slope=_float_or(ds.get("RescaleSlope"), 1.0),
+            intercept=_float_or(ds.get("RescaleIntercept"), 0.0),
+            echo=_echo_key(ds),
+            image_type=image_type,
+            temporal=_temporal_key(ds),
+        )
+        if "PHILIPS" in str(ds.get("Manufacturer", "")).upper() and ds.get("Modality") == "MR":
+            _philips_float(base, _philips_scale_slope(ds))
+        if "MOSAIC" in image_type.upper().split("\\"):
+            frames, mosaic = _mosaic_frames(ds, base)
+        else:
+            frames = [base]
+    for f in frames:
+        if min(f.spacing) <= 0:
+            raise Rejected(f"invalid PixelSpacing {f.spacing}")
+        row, col = f.iop[:3], f.iop[3:]
+        nr = math.sqrt(sum(v * v for v in row))
+        nc = math.sqrt(sum(v * v for v in col))
+        dot = sum(a * b for a, b in zip(row, col))
+        if abs(nr - 1) > 1e-2 or abs(nc - 1) > 1e-2 or abs(dot) > 1e-2:
+            raise Rejected(f"invalid ImageOrientationPatient {f.iop}: cosines not orthonormal")
+        if f.slope == 0:
+            raise Rejected(f"RescaleSlope is 0 (frame {f.index})")
+
+    sidecar = {}
+    for kw in SIDECAR_KEYWORDS:
+        v = ds.get(kw)
+        if v not in (None, ""):
+            sidecar[kw] = _json_value(v)
+    return InstanceHeader(
+        sop_uid=sop_uid,
+        sop_class=sop_class,
+        transfer_syntax=str(ts),
+        patient_id=str(ds.get("PatientID") or ""),
+        patient_name=str(ds.get("PatientName") or ""),
+        study_uid=str(ds.get("StudyInstanceUID") or ""),
+        study_date=str(ds.get("StudyDate") or ""),
+        study_description=str(ds.get("StudyDescription") or ""),
+        series_uid=series_uid,
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription") or ds.get("ProtocolName") or ""),
+        modality=str(ds.get("Modality") or ""),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        samples_per_pixel=samples,
+        bits_allocated=int(ds.BitsAllocated),
+        bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
+        pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+        n_frames=n_frames,
+        mosaic=mosaic,
+        pixel_offset=pixel_offset,
+        frames=frames,
+        meta=sidecar,
+    )

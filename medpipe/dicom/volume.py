@@ -1,0 +1,256 @@
+"""Assemble a planned :class:`~medpipe.dicom.series.Stack` into a volume and write it as NIfTI.
+
+Values are in modality units: each frame's RescaleSlope / RescaleIntercept is applied (or, when
+one slope / intercept holds for the whole stack, stored as the NIfTI ``scl_slope`` / ``scl_inter``
+so readers apply it exactly, as dcm2niix does). Stacks with uneven slice gaps or gantry tilt are
+resampled onto a uniform orthogonal grid with linear interpolation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpipe.dicom.geometry import voxel_to_world
+from medpipe.dicom.header import InstanceHeader
+from medpipe.dicom.series import FrameRef, Stack
+from medpipe.dicom.sources import ZIP_SEP, open_key
+from medpipe.io import atomic_path, write_text_atomic
+
+
+class FrameReadError(Exception):
+    """Pixel data of one file could not be read; ``key`` names the file."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+class PixelReadErrors(Exception):
+    """Pixel data of some files of a stack could not be read (``errors``, one per file)."""
+
+    def __init__(self, errors: list[FrameReadError]) -> None:
+        super().__init__(f"{len(errors)} file(s) with unreadable pixel data")
+        self.errors = errors
+
+
+@dataclass
+class Volume:
+    data: np.ndarray  # [i, j, k] or [i, j, k, t]; raw stored values when ``scale`` is set
+    affine: np.ndarray  # voxel -> RAS
+    scale: tuple[float, float] | None  # (slope, intercept) to store in the NIfTI header
+    spacing: tuple[float, float, float]
+
+
+def _stored_dtype(h: InstanceHeader) -> np.dtype:
+    kind = "i" if h.pixel_representation else "u"
+    return np.dtype(f"<{kind}{h.bits_allocated // 8}")
+
+
+def _fix_bits(arr: np.ndarray, h: InstanceHeader) -> np.ndarray:
+    """Mask unused high bits, and sign-extend signed values stored in fewer bits."""
+    unused = h.bits_allocated - h.bits_stored
+    if unused <= 0 or h.bits_allocated not in (8, 16, 32):
+        return arr
+    if h.pixel_representation:
+        return (arr << unused) >> unused
+    return arr & np.array((1 << h.bits_stored) - 1, dtype=arr.dtype)
+
+
+def read_pixels(key: str, h: InstanceHeader) -> np.ndarray:
+    """All frames of one file as stored integers, shape (frames, rows, columns)."""
+    n = h.n_frames
+    try:
+        if h.pixel_offset is not None:
+            dtype = _stored_dtype(h)
+            count = n * h.rows * h.columns
+            if ZIP_SEP in key:
+                with open_key(key) as fh:
+                    fh.seek(h.pixel_offset)
+                    arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype, count=count)
+            else:
+                arr = np.fromfile(key, dtype=dtype, count=count, offset=h.pixel_offset)
+            if arr.size != count:
+                raise ValueError(f"pixel data has {arr.size} of {count} values")
+            arr = _fix_bits(arr.reshape(n, h.rows, h.columns), h)
+        else:
+            import pydicom
+
+            with open_key(key) as fh:
+                ds = pydicom.dcmread(fh)
+                arr = ds.pixel_array
+            arr = arr.reshape(n, h.rows, h.columns)
+    except FrameReadError:
+        raise
+    except Exception as exc:  # decoders raise many types on corrupt data
+        raise FrameReadError(key, f"pixel data unreadable: {type(exc).__name__}: {exc}") from exc
+    return arr
+
+
+def _frame_array(pixels: np.ndarray, ref: FrameRef) -> np.ndarray:
+    """The 2D stored array (rows, columns) of one frame / mosaic tile."""
+    h = ref.header
+    if h.mosaic:
+        _, tr, tc = h.mosaic
+        grid = h.columns // tc
+        r, c = divmod(ref.frame.index, grid)
+        return pixels[0, r * tr : (r + 1) * tr, c * tc : (c + 1) * tc]
+    return pixels[ref.frame.index]
+
+
+def _load_grid(stack: Stack) -> list[list[np.ndarray]]:
+    by_key: dict[str, list[FrameRef]] = defaultdict(list)
+    for row in stack.grid:
+        for ref in row:
+            by_key[ref.key].append(ref)
+    cache: dict[str, np.ndarray] = {}
+    errors: list[FrameReadError] = []
+    for key, refs in by_key.items():
+        try:
+            cache[key] = read_pixels(key, refs[0].header)
+        except FrameReadError as exc:
+            errors.append(exc)
+    if errors:
+        raise PixelReadErrors(errors)
+    return [[_frame_array(cache[ref.key], ref) for ref in row] for row in stack.grid]
+
+
+def _resample_slices(slices: np.ndarray, stack: Stack) -> np.ndarray:
+    """Resample [i, j, k] slices of a tilted or unevenly spaced stack onto a uniform orthogonal grid."""
+    from scipy import ndimage
+
+    geo = stack.geometry
+    assert geo is not None  # planned stacks that resample always have geometry
+    spacing_r, spacing_c = stack.grid[0][0].frame.spacing  # row spacing (j), column spacing (i)
+    fill = float(slices.min())
+    shifted = slices
+    if np.any(np.abs(geo.inplane_offsets) > 1e-3):
+        shifted = np.empty_like(slices)
+        for k in range(slices.shape[2]):
+            off_row, off_col = geo.inplane_offsets[k]  # mm along the row / column cosines
+            shifted[:, :, k] = ndimage.shift(
+                slices[:, :, k], (off_row / spacing_c, off_col / spacing_r), order=1, mode="constant", cval=fill
+            )
+    n_out = int(round(geo.distances[-1] / geo.spacing)) + 1
+    targets = np.arange(n_out) * geo.spacing
+    out = np.empty(slices.shape[:2] + (n_out,), dtype=np.float32)
+    d = geo.distances
+    for m, z in enumerate(targets):
+        s = int(np.clip(np.searchsorted(d, z, side="right") - 1, 0, len(d) - 2))
+        w = float(np.clip((z - d[s]) / (d[s + 1] - d[s]), 0.0, 1.0))
+        out[:, :, m] = (1 - w) * shifted[:, :, s] + w * shifted[:, :, s + 1]
+    return out
+
+
+def build_volume(stack: Stack) -> Volume:
+    """Read, rescale, order and (if needed) resample the pixels of a planned stack.
+
+    Raises:
+        PixelReadErrors: one :class:`FrameReadError` per file whose pixels could not be read.
+    """
+    frames = _load_grid(stack)
+    nk, nt = stack.n_slices, stack.n_times
+    first = stack.grid[0][0]
+    iop, spacing = first.frame.iop, first.frame.spacing
+    scales = {(ref.frame.slope, ref.frame.intercept) for row in stack.grid for ref in row}
+    uniform_scale = len(scales) == 1
+    slope, intercept = next(iter(scales))
+    integral = uniform_scale and slope == 1.0 and float(intercept).is_integer()
+
+    rows, cols = frames[0][0].shape
+    raw_dtype = frames[0][0].dtype
+    if integral:
+        lo = min(int(f.min()) for row in frames for f in row) + int(intercept)
+        hi = max(int(f.max()) for row in frames for f in row) + int(intercept)
+        dtype = np.result_type(np.min_scalar_type(lo), np.min_scalar_type(hi), np.int16 if lo < 0 else np.uint8)
+    elif uniform_scale:
+        dtype = raw_dtype
+    else:
+        dtype = np.dtype(np.float32)
+    data = np.empty((cols, rows, nk, nt), dtype=dtype)
+    for k, row in enumerate(frames):
+        for t, arr in enumerate(row):
+            ref = stack.grid[k][t]
+            if integral:
+                data[:, :, k, t] = arr.T.astype(dtype) + dtype.type(intercept)
+            elif uniform_scale:
+                data[:, :, k, t] = arr.T
+            else:
+                data[:, :, k, t] = arr.T.astype(np.float32) * np.float32(ref.frame.slope) + np.float32(
+                    ref.frame.intercept
+                )
+    scale = (slope, intercept) if uniform_scale and not integral else None
+
+    geo = stack.geometry
+    if nk == 1:
+        thickness = float(first.header.meta.get("SliceThickness") or 1.0)
+        step: float = thickness if thickness > 0 else 1.0
+    elif stack.resample:
+        assert geo is not None
+        if scale is not None:  # resampling interpolates real values
+            data = data.astype(np.float32) * np.float32(scale[0]) + np.float32(scale[1])
+            scale = None
+        data = np.stack([_resample_slices(data[..., t], stack) for t in range(nt)], axis=-1)
+        step = geo.spacing
+    else:
+        assert geo is not None
+        step = float(geo.distances[-1]) / (nk - 1)
+    affine = voxel_to_world(iop, first.frame.ipp, spacing, step)
+    if nt == 1:
+        data = data[..., 0]
+    return Volume(data, affine, scale, (float(spacing[1]), float(spacing[0]), float(step)))
+
+
+def write_nifti(volume: Volume, path: Path, tr_seconds: float | None = None) -> None:
+    """Write ``volume`` as NIfTI-1 (sform and qform = scanner RAS), atomically."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(volume.data, volume.affine)
+    hdr = img.header
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    hdr.set_xyzt_units("mm", "sec")
+    if volume.data.ndim == 4 and tr_seconds:
+        zooms = list(hdr.get_zooms())
+        zooms[3] = tr_seconds
+        hdr.set_zooms(zooms)
+    if volume.scale is not None:
+        hdr.set_slope_inter(*volume.scale)
+    else:
+        hdr.set_slope_inter(1.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def sidecar(stack: Stack, volume: Volume, extra: dict[str, Any]) -> dict[str, Any]:
+    """Key DICOM metadata plus the ordered source SOP Instance UIDs of a volume."""
+    meta = dict(stack.first.meta)
+    multi = any(ref.header.n_frames > 1 for row in stack.grid for ref in row)
+    uids = [[ref.header.sop_uid for ref in row] for row in stack.grid]
+    out: dict[str, Any] = {
+        **meta,
+        "SeriesInstanceUID": stack.series_uid,
+        "SeriesPart": stack.part,
+        "Status": stack.status,
+        "Reasons": stack.reasons,
+        "Shape": list(volume.data.shape),
+        "VoxelSpacing": list(volume.spacing),
+        "Resampled": stack.resample,
+        "SourceSOPInstanceUIDs": [u[0] for u in uids] if stack.n_times == 1 else uids,
+        **extra,
+    }
+    if multi:
+        frames = [[ref.frame.index + 1 for ref in row] for row in stack.grid]
+        out["SourceFrameNumbers"] = [f[0] for f in frames] if stack.n_times == 1 else frames
+    if stack.resample and stack.geometry is not None:
+        out["SourceSliceDistances"] = [round(float(d), 4) for d in stack.geometry.distances]
+    return out
+
+
+def write_sidecar(path: Path, content: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(content, indent=1, default=str) + "\n")

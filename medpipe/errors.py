@@ -1,0 +1,32 @@
+"""The few exception types medpipe raises for problems with user input.
+
+Library code raises these with context (path, series UID, field); the CLI catches
+``MedpipeError`` in one place, prints one line plus a hint and exits non-zero.
+Anything else is a bug and propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MedpipeError(Exception):
+    """Base class: a problem the user can fix (bad input, bad config)."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ConfigError(MedpipeError):
+    """An invalid pipeline file or option."""
+
+
+class DicomError(MedpipeError):
+    """A DICOM file or series that cannot be used."""
+
+
+class SourceError(MedpipeError):
+    """An ingest source (folder, zip, DICOMDIR) that cannot be read at all."""
+
+
+class StageError(MedpipeError):
+    """A pipeline stage failed."""
