@@ -300,7 +300,7 @@ def _assemble(
         for stack in stacks:
             ihash = _hash(BUILD_VERSION, compress, stack.part, [(k, *stat[k]) for k in stack.keys])
             old = catalog.volume(stack.stack_id)
-            if old and old["input_hash"] == ihash and (not old["volume"] or (out / old["volume"]).exists()):
+            if old and old["input_hash"] == ihash and all((out / old[c]).is_file() for c in ("volume", "sidecar") if old[c]):
                 rows.append(old)
             else:
                 todo.append((stack, str(out), _volume_name(stack, suffix), ihash))  # type: ignore[arg-type]

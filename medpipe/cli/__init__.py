@@ -10,20 +10,38 @@ from __future__ import annotations
 import logging
 import sys
 
+
 import typer
+from typer.core import TyperGroup
 
 from medpipe.errors import MedpipeError
 
+_state = {"verbose": False}
+
+
+class _MedpipeGroup(TyperGroup):
+    """The one place user errors become one line (plus a hint) and a non-zero exit code."""
+
+    def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except MedpipeError as exc:
+            if _state["verbose"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            if exc.hint:
+                typer.echo(f"hint: {exc.hint}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_MedpipeGroup,
     name="medpipe",
     help="DICOM-native medical imaging pipelines: ingest a PACS export, train, score, write DICOM back.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals hold patient data
     add_completion=False,
 )
-
-_state = {"verbose": False}
-
 
 @app.callback()
 def _root(
@@ -48,15 +66,5 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one line per user error, a traceback only with ``--verbose``."""
-    args = sys.argv[1:] if argv is None else argv
-    verbose = "--verbose" in args or "-v" in args
-    try:
-        app(args=args, standalone_mode=True)
-    except MedpipeError as exc:
-        if verbose:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
-        sys.exit(2)
+    """Console entry point."""
+    app(args=sys.argv[1:] if argv is None else argv)

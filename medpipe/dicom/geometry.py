@@ -6,8 +6,10 @@ Conventions
   row direction cosine (direction of increasing *column* index) and the column direction cosine
   (direction of increasing *row* index). ``PixelSpacing`` is ``[row spacing, column spacing]``, i.e.
   ``[spacing along the column cosine, spacing along the row cosine]``.
-* medpipe volumes are indexed ``[i, j, k]`` = ``[column, row, slice]`` (the NIfTI / dcm2niix
-  convention), so ``volume[:, :, k] == pixel_array.T`` of slice ``k``.
+* medpipe volumes are indexed ``[i, j, k]`` = ``[column, flipped row, slice]``, exactly as dcm2niix
+  writes them: ``volume[:, :, k] == pixel_array[::-1, :].T`` of slice ``k``. Row 0 of a DICOM frame
+  (the top of the screen) is therefore ``j = rows - 1``. Following dcm2niix makes medpipe's arrays
+  interchangeable with the NIfTI files most tools and label maps in the field were made from.
 * DICOM patient space is LPS; NIfTI world space is RAS. :func:`voxel_to_world` returns the RAS
   affine; every reader and writer of medpipe goes through it.
 """
@@ -38,15 +40,17 @@ def voxel_to_world(
     ipp_first: Sequence[float],
     pixel_spacing: Sequence[float],
     slice_step: Sequence[float] | float,
+    rows: int,
 ) -> np.ndarray:
-    """The 4x4 voxel-to-world (RAS) affine of a volume indexed ``[column, row, slice]``.
+    """The 4x4 voxel-to-world (RAS) affine of a volume indexed ``[column, flipped row, slice]``.
 
     Args:
         iop: ImageOrientationPatient (6 floats, LPS).
-        ipp_first: ImagePositionPatient (LPS) of the centre of the first voxel of slice ``k = 0``.
+        ipp_first: ImagePositionPatient (LPS) of slice ``k = 0`` (centre of its first stored pixel).
         pixel_spacing: DICOM PixelSpacing ``[row spacing, column spacing]`` in mm.
         slice_step: either the (signed) spacing in mm along the slice normal, or the full LPS
             vector from slice ``k`` to slice ``k+1`` (needed for sheared / tilted stacks).
+        rows: the number of rows of a frame (the flipped row axis starts at the last row).
     """
     row = np.asarray(iop[:3], dtype=float)
     col = np.asarray(iop[3:6], dtype=float)
@@ -57,9 +61,9 @@ def voxel_to_world(
         step = np.asarray(slice_step, dtype=float)
     lps = np.eye(4)
     lps[:3, 0] = row * dc  # column index i moves along the row cosine
-    lps[:3, 1] = col * dr  # row index j moves along the column cosine
+    lps[:3, 1] = -col * dr  # j counts rows upwards from the last row
     lps[:3, 2] = step
-    lps[:3, 3] = np.asarray(ipp_first, dtype=float)
+    lps[:3, 3] = np.asarray(ipp_first, dtype=float) + col * dr * (rows - 1)
     return LPS_TO_RAS @ lps
 
 
@@ -99,10 +103,14 @@ GAP_ABS_TOL = 1e-3
 TILT_TOL_DEG = 0.05
 
 
-def analyse_stack(iop: Sequence[float], positions: np.ndarray) -> StackGeometry:
-    """Measure spacing, gaps and tilt of slice ``positions`` (n x 3, LPS, sorted along the normal)."""
+def analyse_stack(iop: Sequence[float], positions: np.ndarray, normal: np.ndarray | None = None) -> StackGeometry:
+    """Measure spacing, gaps and tilt of slice ``positions`` (n x 3, LPS, sorted along ``normal``).
+
+    ``normal`` defaults to :func:`slice_normal` of ``iop``; pass its negative for stacks stored in
+    the opposite direction.
+    """
     positions = np.asarray(positions, dtype=float)
-    normal = slice_normal(iop)
+    normal = slice_normal(iop) if normal is None else np.asarray(normal, dtype=float)
     row = np.asarray(iop[:3], float)
     col = np.asarray(iop[3:6], float)
     rel = positions - positions[0]

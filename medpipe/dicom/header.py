@@ -52,6 +52,14 @@ SIDECAR_KEYWORDS = (
 )
 
 
+#: series key used when Series Instance UID is empty, and the attributes it is made of
+SYNTHETIC_SERIES_PREFIX = "no-series-uid-"
+MISSING_UID_SERIES_KEYS = (
+    "PatientID", "StudyInstanceUID", "StudyDate", "FrameOfReferenceUID", "Modality", "SeriesNumber",
+    "SeriesDescription", "SeriesTime", "ProtocolName",
+)
+
+
 class Rejected(Exception):
     """A file that cannot be used; ``str(exc)`` is the one-line reason."""
 
@@ -194,22 +202,23 @@ def _pixel_data_offset(fp: IO[bytes], ds: Dataset, ts: UID, size: int) -> int | 
     head = fp.read(12)
     if len(head) < 8:
         raise Rejected("no pixel data")
-    group, elem = struct.unpack("<HH", head[:4])
+    end = ">" if ts == "1.2.840.10008.1.2.2" else "<"  # Explicit VR Big Endian (retired, still met)
+    group, elem = struct.unpack(f"{end}HH", head[:4])
     if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
         raise Rejected("no pixel data")
     if (group, elem) != (0x7FE0, 0x0010):
         raise Rejected("float pixel data (FloatPixelData) is not supported")
     implicit = str(ts) == "1.2.840.10008.1.2"
     if implicit:
-        (length,) = struct.unpack("<I", head[4:8])
+        (length,) = struct.unpack(f"{end}I", head[4:8])
         offset = start + 8
     else:
         vr = head[4:6]
         if vr in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV", b"UT", b"UC", b"UR", b"SV", b"UV"):
-            (length,) = struct.unpack("<I", head[8:12])
+            (length,) = struct.unpack(f"{end}I", head[8:12])
             offset = start + 12
         else:
-            (length,) = struct.unpack("<H", head[6:8])
+            (length,) = struct.unpack(f"{end}H", head[6:8])
             offset = start + 8
     if length == 0xFFFFFFFF:  # encapsulated (compressed) fragments: decoded later by pydicom
         if size - offset < 16:
@@ -383,10 +392,21 @@ def read_header(fp: IO[bytes], size: int) -> InstanceHeader:
     Raises:
         Rejected: the file is not DICOM, truncated, has no usable image, or is not supported.
     """
+    if size == 0:
+        raise Rejected("empty file (0 bytes)")
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as exc:
-        raise Rejected("not a DICOM file (no DICM preamble or file meta)") from exc
+        # some exporters write a bare dataset without preamble / file meta: accept those only
+        # when the file starts with a plausible little-endian group 0008 tag
+        fp.seek(0)
+        if fp.read(2) != b"\x08\x00":
+            raise Rejected("not a DICOM file (no DICM preamble or file meta)") from exc
+        fp.seek(0)
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        except Exception as exc2:
+            raise Rejected(f"not a DICOM file (no preamble; unreadable as a bare dataset: {exc2})") from exc2
     except (EOFError, OSError, struct.error) as exc:
         raise Rejected(f"truncated or unreadable DICOM header: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -409,10 +429,18 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
         raise Rejected("no SOP Instance UID")
     series_uid = str(ds.get("SeriesInstanceUID") or "")
     if not series_uid:
-        raise Rejected("no Series Instance UID")
+        # de-identified exports sometimes blank the UIDs: group by what identifies a series instead
+        import hashlib
+
+        ident = [str(ds.get(k) or "") for k in MISSING_UID_SERIES_KEYS]
+        series_uid = SYNTHETIC_SERIES_PREFIX + hashlib.sha1("\x00".join(ident).encode()).hexdigest()[:16]
     if "Rows" not in ds or "Columns" not in ds or "BitsAllocated" not in ds:
         raise Rejected("no image pixel module (Rows/Columns/BitsAllocated)")
-    ts = UID(str(meta.get("TransferSyntaxUID") or "1.2.840.10008.1.2"))
+    if meta.get("TransferSyntaxUID"):
+        ts = UID(str(meta.TransferSyntaxUID))
+    else:  # bare dataset: the encoding pydicom found
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ts = UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
     _check_decodable(ts)
     # a deflated dataset was inflated in memory: file offsets mean nothing there
     pixel_offset = None if ts == "1.2.840.10008.1.2.1.99" else _pixel_data_offset(fp, ds, ts, size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medpipe.dicom.geometry import TILT_TOL_DEG, StackGeometry, analyse_stack, orientation_label, slice_normal
-from medpipe.dicom.header import FrameInfo, InstanceHeader
+from medpipe.dicom.header import MISSING_UID_SERIES_KEYS, SYNTHETIC_SERIES_PREFIX, FrameInfo, InstanceHeader
 
 #: fewer distinct slice positions than this (but more than one) cannot be checked: rejected
 MIN_SLICES = 3
@@ -105,7 +105,7 @@ def _part_label(key: tuple, differing: list[str]) -> str:
     if "orientations" in differing:
         bits.append(orientation_label(iop))
     if "image sizes" in differing:
-        bits.append(f"{size[0]}x{size[1]}")
+        bits.append(f"{size[1]}x{size[0]}")  # columns x rows, as the volume's shape
     if "pixel spacings" in differing:
         bits.append(f"{spacing[0]:g}x{spacing[1]:g}mm")
     if "echoes" in differing:
@@ -131,6 +131,11 @@ def group_stacks(instances: list[tuple[str, InstanceHeader]]) -> list[Stack]:
         differing = _describe_split(keys) if len(keys) > 1 else []
         for key in keys:
             stack = Stack(series_uid, _part_label(key, differing), parts[key])
+            if series_uid.startswith(SYNTHETIC_SERIES_PREFIX):
+                stack.warn(
+                    "no Series Instance UID (de-identified?): files grouped by "
+                    + "/".join(MISSING_UID_SERIES_KEYS)
+                )
             if differing:
                 stack.note(f"series split by {', '.join(differing)} into {len(keys)} volumes; this part: {stack.part}")
             plan_stack(stack)
@@ -149,6 +154,12 @@ def plan_stack(stack: Stack) -> None:
         return
     iop = stack.frames[0].frame.iop
     normal = slice_normal(iop)
+    first = stack.frames[0]
+    if first.header.mosaic and len(first.header.frames) > 1:
+        # keep a mosaic's own slice order (its CSA normal may point against row x column), as dcm2niix does
+        tiles = first.header.frames
+        if float(np.dot(np.subtract(tiles[1].ipp, tiles[0].ipp), normal)) < 0:
+            normal = -normal
     dist = np.array([np.dot(ref.frame.ipp, normal) for ref in stack.frames])
     order = np.argsort(dist, kind="stable")
     # cluster frames by position along the normal
@@ -178,7 +189,7 @@ def plan_stack(stack: Stack) -> None:
         stack.reject(f"too few slices ({n} < {MIN_SLICES}) to form a checked volume")
         return
     ipps = np.array([p[0].frame.ipp for p in positions])
-    geo = analyse_stack(iop, ipps)
+    geo = analyse_stack(iop, ipps, normal)
     stack.geometry = geo
     if geo.spacing <= 0:
         stack.reject("slice spacing is zero")

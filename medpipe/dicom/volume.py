@@ -82,7 +82,7 @@ def read_pixels(key: str, h: InstanceHeader) -> np.ndarray:
             import pydicom
 
             with open_key(key) as fh:
-                ds = pydicom.dcmread(fh)
+                ds = pydicom.dcmread(fh, force=True)  # headers were validated by the scan
                 arr = ds.pixel_array
             arr = arr.reshape(n, h.rows, h.columns)
     except FrameReadError:
@@ -127,14 +127,16 @@ def _resample_slices(slices: np.ndarray, stack: Stack) -> np.ndarray:
     geo = stack.geometry
     assert geo is not None  # planned stacks that resample always have geometry
     spacing_r, spacing_c = stack.grid[0][0].frame.spacing  # row spacing (j), column spacing (i)
+    # j runs against the column cosine (rows are flipped): an offset along it shifts j the other way
     fill = float(slices.min())
+    slices = slices.astype(np.float32, copy=False)  # interpolate real values, not rounded integers
     shifted = slices
     if np.any(np.abs(geo.inplane_offsets) > 1e-3):
         shifted = np.empty_like(slices)
         for k in range(slices.shape[2]):
             off_row, off_col = geo.inplane_offsets[k]  # mm along the row / column cosines
             shifted[:, :, k] = ndimage.shift(
-                slices[:, :, k], (off_row / spacing_c, off_col / spacing_r), order=1, mode="constant", cval=fill
+                slices[:, :, k], (off_row / spacing_c, -off_col / spacing_r), order=1, mode="constant", cval=fill
             )
     n_out = int(round(geo.distances[-1] / geo.spacing)) + 1
     targets = np.arange(n_out) * geo.spacing
@@ -177,11 +179,11 @@ def build_volume(stack: Stack) -> Volume:
         for t, arr in enumerate(row):
             ref = stack.grid[k][t]
             if integral:
-                data[:, :, k, t] = arr.T.astype(dtype) + dtype.type(intercept)
+                data[:, :, k, t] = arr[::-1].T.astype(dtype) + dtype.type(intercept)
             elif uniform_scale:
-                data[:, :, k, t] = arr.T
+                data[:, :, k, t] = arr[::-1].T
             else:
-                data[:, :, k, t] = arr.T.astype(np.float32) * np.float32(ref.frame.slope) + np.float32(
+                data[:, :, k, t] = arr[::-1].T.astype(np.float32) * np.float32(ref.frame.slope) + np.float32(
                     ref.frame.intercept
                 )
     scale = (slope, intercept) if uniform_scale and not integral else None
@@ -200,7 +202,8 @@ def build_volume(stack: Stack) -> Volume:
     else:
         assert geo is not None
         step = float(geo.distances[-1]) / (nk - 1)
-    affine = voxel_to_world(iop, first.frame.ipp, spacing, step)
+    step_vec = geo.normal * step if geo is not None else step
+    affine = voxel_to_world(iop, first.frame.ipp, spacing, step_vec, rows)
     if nt == 1:
         data = data[..., 0]
     return Volume(data, affine, scale, (float(spacing[1]), float(spacing[0]), float(step)))
