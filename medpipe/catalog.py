@@ -22,14 +22,15 @@ from typing import Any
 
 from medpipe.dicom.header import InstanceHeader
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS files(
     key TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    sop_uid TEXT, reason TEXT, header TEXT);
+    sop_uid TEXT, series_uid TEXT, reason TEXT, header TEXT);
 CREATE INDEX IF NOT EXISTS files_sop ON files(sop_uid);
+CREATE INDEX IF NOT EXISTS files_series ON files(series_uid);
 CREATE TABLE IF NOT EXISTS patients(patient_id TEXT PRIMARY KEY, patient_name TEXT);
 CREATE TABLE IF NOT EXISTS studies(
     study_uid TEXT PRIMARY KEY, patient_id TEXT, study_date TEXT, study_description TEXT);
@@ -49,12 +50,18 @@ CREATE TABLE IF NOT EXISTS volumes(
 
 @dataclass
 class FileRow:
+    """One scanned file: its parsed header (as JSON, made in the scanning worker) or why it is not used.
+
+    A usable file with no header is a NIfTI input.
+    """
+
     key: str
     size: int
     mtime_ns: int
     sop_uid: str | None
+    series_uid: str | None
     reason: str | None
-    header: InstanceHeader | None
+    header_json: str | None
 
 
 class Catalog:
@@ -66,8 +73,14 @@ class Catalog:
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and row[0] != str(SCHEMA_VERSION):
+            # the catalog is a cache of the sources and outputs: an old layout is simply rebuilt
+            for (table,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                self.db.execute(f"DROP TABLE {table}")
         self.db.executescript(SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.db.commit()
 
     def close(self) -> None:
@@ -97,35 +110,61 @@ class Catalog:
     def put_files(self, rows: Iterable[FileRow]) -> None:
         with self.transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (r.key, r.size, r.mtime_ns, r.sop_uid, r.reason,
-                     json.dumps(r.header.to_dict(), separators=(",", ":")) if r.header else None)
-                    for r in rows
-                ],
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.key, r.size, r.mtime_ns, r.sop_uid, r.series_uid, r.reason, r.header_json) for r in rows],
             )
 
     def set_reason(self, key: str, reason: str) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE files SET reason = ?, header = NULL WHERE key = ?", (reason, key))
+            db.execute("UPDATE files SET reason = ?, header = NULL, series_uid = NULL WHERE key = ?", (reason, key))
 
     def forget_files(self, keys: Iterable[str]) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM files WHERE key = ?", [(k,) for k in keys])
 
-    def files(self) -> Iterator[FileRow]:
-        for key, size, mtime, sop, reason, header in self.db.execute(
-            "SELECT key, size, mtime_ns, sop_uid, reason, header FROM files ORDER BY key"
-        ):
-            yield FileRow(key, size, mtime, sop, reason,
-                          InstanceHeader.from_dict(json.loads(header)) if header else None)
+    def rejected_files(self) -> Iterator[tuple[str, str]]:
+        yield from self.db.execute("SELECT key, reason FROM files WHERE reason IS NOT NULL ORDER BY key")
+
+    def duplicate_files(self) -> Iterator[tuple[str, str, str]]:
+        """``(key, sop_uid, kept key)`` of usable files whose SOP Instance UID an earlier key already has."""
+        yield from self.db.execute(
+            """SELECT f.key, f.sop_uid, (SELECT MIN(g.key) FROM files g WHERE g.sop_uid = f.sop_uid
+                                         AND g.reason IS NULL)
+               FROM files f WHERE f.reason IS NULL AND f.sop_uid IS NOT NULL AND f.key >
+                   (SELECT MIN(g.key) FROM files g WHERE g.sop_uid = f.sop_uid AND g.reason IS NULL)
+               ORDER BY f.key"""
+        )
+
+    def nifti_files(self) -> list[tuple[str, int, int]]:
+        return self.db.execute(
+            "SELECT key, size, mtime_ns FROM files WHERE reason IS NULL AND header IS NULL ORDER BY key"
+        ).fetchall()
+
+    def series_uids(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT series_uid FROM files WHERE reason IS NULL AND series_uid IS NOT NULL ORDER BY series_uid"
+        )]
+
+    def series_files(self, series_uid: str, skip: set[str]) -> list[tuple[str, int, int, InstanceHeader]]:
+        """The usable files of one series with their headers (``skip``: keys not to use)."""
+        return [
+            (key, size, mtime, InstanceHeader.from_dict(json.loads(header)))
+            for key, size, mtime, header in self.db.execute(
+                "SELECT key, size, mtime_ns, header FROM files WHERE series_uid = ? AND reason IS NULL ORDER BY key",
+                (series_uid,),
+            )
+            if key not in skip
+        ]
 
     # -- the DICOM hierarchy ----------------------------------------------------------------
-    def rebuild_hierarchy(self, used: list[tuple[str, int, int, InstanceHeader]]) -> None:
-        """Replace patients / studies / series / instances with the usable files ``used``."""
+    def clear_hierarchy(self) -> None:
         with self.transaction() as db:
             for table in ("patients", "studies", "series", "instances"):
                 db.execute(f"DELETE FROM {table}")
+
+    def add_hierarchy(self, used: list[tuple[str, int, int, InstanceHeader]]) -> None:
+        """Add the usable files ``used`` (one series) to patients / studies / series / instances."""
+        with self.transaction() as db:
             for key, size, mtime, h in used:
                 db.execute("INSERT OR IGNORE INTO patients VALUES (?, ?)", (h.patient_id, h.patient_name))
                 db.execute(

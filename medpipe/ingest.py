@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -21,13 +22,13 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from medpipe.catalog import Catalog, FileRow
-from medpipe.dicom.header import InstanceHeader, Rejected, read_header
+from medpipe.dicom.header import Rejected, read_header
 from medpipe.dicom.series import Stack, group_stacks
 from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
 from medpipe.errors import SourceError
@@ -72,18 +73,24 @@ class IngestReport:
 
 
 def _scan_one(f: SourceFile) -> FileRow:
+    def rejected(reason: str) -> FileRow:
+        return FileRow(f.key, f.size, f.mtime_ns, None, None, reason, None)
+
     if f.size < 0:
-        return FileRow(f.key, f.size, f.mtime_ns, None, "listed in DICOMDIR but missing on disk", None)
+        return rejected("listed in DICOMDIR but missing on disk")
     if is_nifti(f.key):
-        return FileRow(f.key, f.size, f.mtime_ns, None, _check_nifti(f.key), None)
+        reason = _check_nifti(f.key)
+        return rejected(reason) if reason else FileRow(f.key, f.size, f.mtime_ns, None, None, None, None)
     try:
         with open_key(f.key) as fh:
             header = read_header(fh, f.size)
     except Rejected as exc:
-        return FileRow(f.key, f.size, f.mtime_ns, None, str(exc), None)
+        return rejected(str(exc))
     except OSError as exc:
-        return FileRow(f.key, f.size, f.mtime_ns, None, f"unreadable file: {exc.strerror or exc}", None)
-    return FileRow(f.key, f.size, f.mtime_ns, header.sop_uid, None, header)
+        return rejected(f"unreadable file: {exc.strerror or exc}")
+    # serialised here, in the worker, so the main process only inserts rows
+    doc = json.dumps(header.to_dict(), separators=(",", ":"))
+    return FileRow(f.key, f.size, f.mtime_ns, header.sop_uid, header.series_uid, None, doc)
 
 
 def _scan_chunk(files: list[SourceFile]) -> list[FileRow]:
@@ -181,16 +188,20 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
     return row
 
 
-def _nifti_row(f: FileRow, out: Path) -> dict[str, Any]:
+def _nifti_id(key: str) -> str:
+    return "nifti-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _nifti_row(key: str, size: int, mtime_ns: int, out: Path) -> dict[str, Any]:
     import nibabel as nib
 
-    img = nib.load(f.key)
-    sid = "nifti-" + hashlib.sha1(f.key.encode()).hexdigest()[:16]
-    name = Path(f.key).name
+    img = nib.load(key)
+    sid = _nifti_id(key)
+    name = Path(key).name
     stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I)
     rel = f"volumes/nifti/{_safe(stem)}_{sid[6:14]}{'.nii.gz' if name.lower().endswith('.gz') else '.nii'}"
     with atomic_path(out / rel) as tmp:
-        shutil.copyfile(f.key, tmp)
+        shutil.copyfile(key, tmp)
     status, reasons = "ok", ""
     if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
         status, reasons = "warning", "NIfTI header has no orientation (sform and qform codes 0): affine is a guess"
@@ -199,7 +210,7 @@ def _nifti_row(f: FileRow, out: Path) -> dict[str, Any]:
         "series_number": None, "series_description": name, "part": "", "n_files": 1,
         "shape": _fmt(img.shape), "spacing": _fmt(float(z) for z in img.header.get_zooms()[:3]),
         "status": status, "reasons": reasons, "volume": rel, "sidecar": "",
-        "input_hash": _hash(BUILD_VERSION, f.key, f.size, f.mtime_ns), "files": f.key,
+        "input_hash": _hash(BUILD_VERSION, key, size, mtime_ns), "files": key,
     }
 
 
@@ -274,68 +285,84 @@ def _scan(catalog: Catalog, src: Path, files: list[SourceFile], workers: int, pr
 def _assemble(
     catalog: Catalog, out: Path, workers: int, compress: bool, progress: ProgressSink
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
-    suffix = ".nii.gz" if compress else ".nii"
-    n_built = 0
-    for _attempt in range(3):  # files whose pixels fail are rejected and their series regrouped
-        rejected: list[tuple[str, str]] = []
-        used: list[tuple[str, int, int, InstanceHeader]] = []
-        niftis: list[FileRow] = []
-        first_key: dict[str, str] = {}
-        for row in catalog.files():
-            if row.reason is not None:
-                rejected.append((row.key, row.reason))
-            elif row.header is None:
-                niftis.append(row)
-            elif row.header.sop_uid in first_key:
-                rejected.append((row.key, f"duplicate SOP Instance UID {row.header.sop_uid} (also in {first_key[row.header.sop_uid]})"))
-            else:
-                first_key[row.header.sop_uid] = row.key
-                used.append((row.key, row.size, row.mtime_ns, row.header))
-        catalog.rebuild_hierarchy(used)
-        stat = {k: (s, m) for k, s, m, _ in used}
-        stacks = group_stacks([(k, h) for k, _, _, h in used])
+    """Plan and build the volumes of every series in the catalog, one series at a time.
 
-        rows: list[dict[str, Any]] = []
-        todo: list[tuple[Stack, str, str]] = []
-        for stack in stacks:
+    Only one series' headers are loaded at a time and at most ``2 x workers`` builds are in
+    flight, so memory is bounded by the largest series, not by the size of the export.
+    """
+    suffix = ".nii.gz" if compress else ".nii"
+    rejected: list[tuple[str, str]] = list(catalog.rejected_files())
+    duplicates = list(catalog.duplicate_files())
+    skip = {key for key, _, _ in duplicates}
+    rejected += [(key, f"duplicate SOP Instance UID {sop} (also in {kept})") for key, sop, kept in duplicates]
+    series = catalog.series_uids()
+    niftis = catalog.nifti_files()
+    catalog.clear_hierarchy()
+    progress.start("Building volumes", len(series) + len(niftis))
+
+    found: dict[str, dict[str, Any]] = {}  # stack_id -> manifest row (a retried series re-plans its parts)
+    n_built = 0
+    attempts: dict[str, int] = {}
+    queue = list(reversed(series))
+    pending: dict[Future[dict[str, Any]], str] = {}
+    pool = _executor(workers, len(series))
+    runner: Executor = pool or _InlineExecutor()
+
+    def plan(series_uid: str) -> None:
+        used = catalog.series_files(series_uid, skip)
+        if attempts.get(series_uid, 0) == 0:
+            catalog.add_hierarchy(used)
+        stat = {k: (size, mtime) for k, size, mtime, _ in used}
+        for stack in group_stacks([(k, h) for k, _, _, h in used]):
             ihash = _hash(BUILD_VERSION, compress, stack.part, [(k, *stat[k]) for k in stack.keys])
             old = catalog.volume(stack.stack_id)
             if old and old["input_hash"] == ihash and all((out / old[c]).is_file() for c in ("volume", "sidecar") if old[c]):
-                rows.append(old)
+                found[stack.stack_id] = old
             else:
-                todo.append((stack, str(out), _volume_name(stack, suffix), ihash))  # type: ignore[arg-type]
-        progress.start("Building volumes", len(todo) + len(niftis))
-        failed: list[tuple[str, str]] = []
-        pool = _executor(workers, len(todo))
-        try:
-            results = (
-                pool.map(_build_stack, *zip(*todo)) if pool and todo else (_build_stack(*t) for t in todo)
-            )
-            for row in results:
-                failed.extend(row.pop("failed", []))
-                if row["volume"] or row["status"] == "rejected":
-                    catalog.put_volume(row)
-                    n_built += bool(row["volume"])
-                rows.append(row)
-                progress.advance()
-        finally:
-            if pool:
-                pool.shutdown()
-        for f in niftis:
-            old = catalog.volume("nifti-" + hashlib.sha1(f.key.encode()).hexdigest()[:16])
-            row = old if old and old["input_hash"] == _hash(BUILD_VERSION, f.key, f.size, f.mtime_ns) and (out / old["volume"]).exists() else None
-            if row is None:
-                row = _nifti_row(f, out)
-                catalog.put_volume(row)
-                n_built += 1
-            rows.append(row)
-            progress.advance()
-        if not failed:
-            break
-        for key, reason in failed:
-            catalog.set_reason(key, reason)
-    keep = {r["stack_id"] for r in rows}
-    for gone in catalog.prune_volumes(keep):
+                pending[runner.submit(_build_stack, stack, str(out), _volume_name(stack, suffix), ihash)] = series_uid
+        progress.advance()
+
+    def collect(block: bool) -> None:
+        nonlocal n_built
+        done, _ = wait(pending, return_when=FIRST_COMPLETED) if block else (list(pending), None)
+        for fut in done:
+            series_uid = pending.pop(fut)
+            row = fut.result()
+            failed = row.pop("failed", [])
+            if failed:  # reject the unreadable files and plan the series again without them
+                for key, reason in failed:
+                    catalog.set_reason(key, reason)
+                    rejected.append((key, reason))
+                attempts[series_uid] = attempts.get(series_uid, 0) + 1
+                if attempts[series_uid] < 3:
+                    queue.append(series_uid)
+                continue
+            catalog.put_volume(row)
+            n_built += bool(row["volume"])
+            found[row["stack_id"]] = row
+
+    try:
+        while queue or pending:
+            while queue and len(pending) < 2 * max(workers, 1):
+                plan(queue.pop())
+            if pending:
+                collect(block=pool is not None)
+    finally:
+        if pool:
+            pool.shutdown()
+    for key, size, mtime in niftis:
+        sid = _nifti_id(key)
+        old = catalog.volume(sid)
+        if old and old["input_hash"] == _hash(BUILD_VERSION, key, size, mtime) and (out / old["volume"]).exists():
+            found[sid] = old
+        else:
+            found[sid] = _nifti_row(key, size, mtime, out)
+            catalog.put_volume(found[sid])
+            n_built += 1
+        progress.advance()
+
+    rows = list(found.values())
+    for gone in catalog.prune_volumes(set(found)):
         for rel in (gone["volume"], gone["sidecar"]):
             if rel and (out / rel).is_file():
                 (out / rel).unlink()
@@ -346,6 +373,18 @@ def _assemble(
     rows.sort(key=lambda r: (r["patient_id"] or "", r["study_uid"] or "", r["series_number"] or 0, r["series_uid"], r["part"]))
     rejected.sort()
     return rows, rejected, n_built
+
+
+class _InlineExecutor(Executor):
+    """Runs submitted work at once in this process (one worker, or a single job)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return fut
 
 
 def _write_reports(out: Path, volumes: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> None:

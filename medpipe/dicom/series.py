@@ -39,6 +39,7 @@ class Stack:
     series_uid: str
     part: str  # "" when the series was not split, else what distinguishes this part
     frames: list[FrameRef]
+    split_key: str = ""  # the full key this part was split by (labels can coincide, keys cannot)
     status: str = "ok"
     reasons: list[str] = field(default_factory=list)
     grid: list[list[FrameRef]] = field(default_factory=list)  # [slice k][time t]
@@ -49,7 +50,7 @@ class Stack:
     def stack_id(self) -> str:
         if not self.part:
             return self.series_uid
-        digest = hashlib.sha1(self.part.encode()).hexdigest()[:8]
+        digest = hashlib.sha1(self.split_key.encode()).hexdigest()[:8]
         return f"{self.series_uid}#{digest}"
 
     @property
@@ -130,7 +131,7 @@ def group_stacks(instances: list[tuple[str, InstanceHeader]]) -> list[Stack]:
         keys = sorted(parts, key=lambda k: min(r.header.instance_number or 0 for r in parts[k]))
         differing = _describe_split(keys) if len(keys) > 1 else []
         for key in keys:
-            stack = Stack(series_uid, _part_label(key, differing), parts[key])
+            stack = Stack(series_uid, _part_label(key, differing), parts[key], split_key=repr(key))
             if series_uid.startswith(SYNTHETIC_SERIES_PREFIX):
                 stack.warn(
                     "no Series Instance UID (de-identified?): files grouped by "

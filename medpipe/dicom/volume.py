@@ -20,7 +20,7 @@ from medpipe.dicom.geometry import voxel_to_world
 from medpipe.dicom.header import InstanceHeader
 from medpipe.dicom.series import FrameRef, Stack
 from medpipe.dicom.sources import ZIP_SEP, open_key
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, gzip_file, write_text_atomic
 
 
 class FrameReadError(Exception):
@@ -41,9 +41,9 @@ class PixelReadErrors(Exception):
 
 @dataclass
 class Volume:
-    data: np.ndarray  # [i, j, k] or [i, j, k, t]; raw stored values when ``scale`` is set
+    data: np.ndarray  # [i, j, k] or [i, j, k, t]; stored integers when ``scale`` is set
     affine: np.ndarray  # voxel -> RAS
-    scale: tuple[float, float] | None  # (slope, intercept) to store in the NIfTI header
+    scale: tuple[float, float] | None  # (slope, intercept) to store in the NIfTI header, else real values
     spacing: tuple[float, float, float]
 
 
@@ -103,21 +103,30 @@ def _frame_array(pixels: np.ndarray, ref: FrameRef) -> np.ndarray:
     return pixels[ref.frame.index]
 
 
-def _load_grid(stack: Stack) -> list[list[np.ndarray]]:
-    by_key: dict[str, list[FrameRef]] = defaultdict(list)
-    for row in stack.grid:
-        for ref in row:
-            by_key[ref.key].append(ref)
-    cache: dict[str, np.ndarray] = {}
+def _fill(stack: Stack, data: np.ndarray, rescale: bool) -> None:
+    """Read every file of ``stack`` once and put its frames straight into ``data[i, j, k, t]``.
+
+    ``rescale``: apply each frame's own slope / intercept (``data`` is float32 then).
+    """
+    where: dict[str, list[tuple[int, int, FrameRef]]] = defaultdict(list)
+    for k, row in enumerate(stack.grid):
+        for t, ref in enumerate(row):
+            where[ref.key].append((k, t, ref))
     errors: list[FrameReadError] = []
-    for key, refs in by_key.items():
+    for key, items in where.items():
         try:
-            cache[key] = read_pixels(key, refs[0].header)
+            pixels = read_pixels(key, items[0][2].header)
         except FrameReadError as exc:
             errors.append(exc)
+            continue
+        for k, t, ref in items:
+            frame = _frame_array(pixels, ref)[::-1].T  # [column, flipped row], see geometry
+            if rescale:
+                data[:, :, k, t] = frame * np.float32(ref.frame.slope) + np.float32(ref.frame.intercept)
+            else:
+                data[:, :, k, t] = frame
     if errors:
         raise PixelReadErrors(errors)
-    return [[_frame_array(cache[ref.key], ref) for ref in row] for row in stack.grid]
 
 
 def _resample_slices(slices: np.ndarray, stack: Stack) -> np.ndarray:
@@ -150,43 +159,28 @@ def _resample_slices(slices: np.ndarray, stack: Stack) -> np.ndarray:
 
 
 def build_volume(stack: Stack) -> Volume:
-    """Read, rescale, order and (if needed) resample the pixels of a planned stack.
+    """Read, order, rescale and (if needed) resample the pixels of a planned stack.
+
+    One slope / intercept for the whole stack: the stored integers are kept and the pair goes into
+    the NIfTI header (as dcm2niix does; exact, and half the size of float32). Per-frame pairs that
+    differ: float32 values in modality units. The array is Fortran-ordered, as NIfTI stores it.
 
     Raises:
         PixelReadErrors: one :class:`FrameReadError` per file whose pixels could not be read.
     """
-    frames = _load_grid(stack)
     nk, nt = stack.n_slices, stack.n_times
     first = stack.grid[0][0]
     iop, spacing = first.frame.iop, first.frame.spacing
+    rows, cols = (first.header.mosaic[1], first.header.mosaic[2]) if first.header.mosaic else (
+        first.header.rows, first.header.columns)
     scales = {(ref.frame.slope, ref.frame.intercept) for row in stack.grid for ref in row}
-    uniform_scale = len(scales) == 1
-    slope, intercept = next(iter(scales))
-    integral = uniform_scale and slope == 1.0 and float(intercept).is_integer()
-
-    rows, cols = frames[0][0].shape
-    raw_dtype = frames[0][0].dtype
-    if integral:
-        lo = min(int(f.min()) for row in frames for f in row) + int(intercept)
-        hi = max(int(f.max()) for row in frames for f in row) + int(intercept)
-        dtype = np.result_type(np.min_scalar_type(lo), np.min_scalar_type(hi), np.int16 if lo < 0 else np.uint8)
-    elif uniform_scale:
-        dtype = raw_dtype
+    scale: tuple[float, float] | None = next(iter(scales)) if len(scales) == 1 else None
+    if scale is not None:
+        dtype = np.result_type(*{_stored_dtype(ref.header) for row in stack.grid for ref in row})
     else:
         dtype = np.dtype(np.float32)
-    data = np.empty((cols, rows, nk, nt), dtype=dtype)
-    for k, row in enumerate(frames):
-        for t, arr in enumerate(row):
-            ref = stack.grid[k][t]
-            if integral:
-                data[:, :, k, t] = arr[::-1].T.astype(dtype) + dtype.type(intercept)
-            elif uniform_scale:
-                data[:, :, k, t] = arr[::-1].T
-            else:
-                data[:, :, k, t] = arr[::-1].T.astype(np.float32) * np.float32(ref.frame.slope) + np.float32(
-                    ref.frame.intercept
-                )
-    scale = (slope, intercept) if uniform_scale and not integral else None
+    data = np.empty((cols, rows, nk, nt), dtype=dtype, order="F")
+    _fill(stack, data, rescale=scale is None)
 
     geo = stack.geometry
     if nk == 1:
@@ -197,7 +191,7 @@ def build_volume(stack: Stack) -> Volume:
         if scale is not None:  # resampling interpolates real values
             data = data.astype(np.float32) * np.float32(scale[0]) + np.float32(scale[1])
             scale = None
-        data = np.stack([_resample_slices(data[..., t], stack) for t in range(nt)], axis=-1)
+        data = np.asfortranarray(np.stack([_resample_slices(data[..., t], stack) for t in range(nt)], axis=-1))
         step = geo.spacing
     else:
         assert geo is not None
@@ -222,12 +216,19 @@ def write_nifti(volume: Volume, path: Path, tr_seconds: float | None = None) -> 
         zooms = list(hdr.get_zooms())
         zooms[3] = tr_seconds
         hdr.set_zooms(zooms)
-    if volume.scale is not None:
-        hdr.set_slope_inter(*volume.scale)
+    hdr.set_slope_inter(*(volume.scale or (1.0, 0.0)))
+    if path.name.endswith(".gz"):
+        # nibabel compresses on one thread: write plain NIfTI, then deflate it in parallel chunks
+        with atomic_path(path) as tmp:
+            plain = tmp.with_name(tmp.name[:-3])  # the temporary name without .gz
+            try:
+                nib.save(img, plain)
+                gzip_file(plain, tmp)
+            finally:
+                plain.unlink(missing_ok=True)
     else:
-        hdr.set_slope_inter(1.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
 
 
 def sidecar(stack: Stack, volume: Volume, extra: dict[str, Any]) -> dict[str, Any]:
