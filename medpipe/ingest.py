@@ -32,7 +32,7 @@ from medpipe.dicom.header import Rejected, read_header
 from medpipe.dicom.series import Stack, group_stacks
 from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
 from medpipe.errors import SourceError
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,9 @@ def ingest(
     if out == src_path.resolve() or str(out).startswith(str(src_path.resolve()) + os.sep):
         raise SourceError(f"{out}: the output folder must not be inside the source {src_path}")
     out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", stale)
     catalog = Catalog(out / "catalog.sqlite")
     try:
         n_read = _scan(catalog, src_path, files, workers, progress)

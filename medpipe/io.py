@@ -13,6 +13,29 @@ from pathlib import Path
 from typing import IO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: permissions of new files (mkstemp makes them 0600; outputs should look like any other file)
+_FILE_MODE = 0o666 & ~_current_umask()
+
+#: temporary files are named ``.<target name>.<random>.tmp<suffixes>``
+TMP_MARKER = ".tmp"
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files a killed run left under ``folder``; return how many."""
+    n = 0
+    for p in folder.rglob(".*"):
+        if p.is_file() and TMP_MARKER in p.name and p.name.count(".") >= 3:
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; move it onto ``target`` on success.
@@ -22,7 +45,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{TMP_MARKER}{suffix}", dir=target.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

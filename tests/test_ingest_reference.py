@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -158,3 +159,38 @@ def test_sources_are_never_modified(shared_data: Path, tmp_path: Path) -> None:
     ingest(src, tmp_path, workers=1)
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*") if p.is_file()}
     assert before == after
+
+
+def _dcm2niix(src: Path, out: Path) -> list[Path]:
+    exe = shutil.which("dcm2niix")
+    if exe is None:
+        pytest.skip("dcm2niix not installed (pip install -e '.[dev]')")
+    out.mkdir()
+    subprocess.run([exe, "-z", "n", "-b", "n", "-o", str(out), "-f", "%s_%d", str(src)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return sorted(out.glob("*.nii"))
+
+
+@pytest.mark.parametrize("case", ["totalseg_ct/example_ct_dicom", "dcm_qa/In/Orientation/sag/sagint36"])
+def test_same_voxels_as_live_dcm2niix(shared_data: Path, tmp_path: Path, case: str) -> None:
+    src = shared_data / case
+    (ref_path,) = _dcm2niix(src, tmp_path / "d2n")
+    report = ingest(src, tmp_path / "mp", workers=1)
+    (row,) = [v for v in report.volumes if v["modality"]]
+    ours, ref = nib.load(tmp_path / "mp" / row["volume"]), nib.load(ref_path)
+    mapped = world_compare(ours.get_fdata(), ours.affine, ref.get_fdata(), ref.affine)
+    assert np.array_equal(mapped, ref.get_fdata())
+
+
+def test_sample_series_match_live_dcm2niix(tmp_path: Path) -> None:
+    from medpipe.sample import generate_brain_tumor
+
+    generate_brain_tumor(tmp_path / "sample", cases=1, seed=5, matrix=48, pixel_spacing=4.0, slices=12,
+                         slice_thickness=10.0)
+    refs = _dcm2niix(tmp_path / "sample" / "dicom", tmp_path / "d2n")
+    report = ingest(tmp_path / "sample", tmp_path / "mp", workers=1)
+    ours = [v for v in report.volumes if v["volume"]]
+    assert len(ours) == 4 and len(refs) >= 4  # dcm2niix also converts the SEG
+    for v in ours:
+        img = nib.load(tmp_path / "mp" / v["volume"])
+        assert any(_matches(img, nib.load(r)) for r in refs), v["series_description"]

@@ -100,7 +100,15 @@ def _describe_split(keys: list[tuple]) -> list[str]:
     return [names[i] for i in range(len(names)) if len({k[i] for k in keys}) > 1]
 
 
-def _part_label(key: tuple, differing: list[str]) -> str:
+def _type_labels(types: set[str]) -> dict[str, str]:
+    """Shorten ImageType values to the components that differ between them (ORIGINAL\\PRIMARY\\M -> M)."""
+    split = {t: t.split("\\") for t in types}
+    n = max((len(v) for v in split.values()), default=0)
+    keep = [i for i in range(n) if len({v[i] if i < len(v) else "" for v in split.values()}) > 1]
+    return {t: "\\".join(v[i] for i in keep if i < len(v)) or t for t, v in split.items()}
+
+
+def _part_label(key: tuple, differing: list[str], type_labels: dict[str, str]) -> str:
     iop, size, spacing, echo, itype = key
     bits = []
     if "orientations" in differing:
@@ -112,7 +120,7 @@ def _part_label(key: tuple, differing: list[str]) -> str:
     if "echoes" in differing:
         bits.append(echo or "no-echo")
     if "image types" in differing:
-        bits.append(itype or "no-type")
+        bits.append(type_labels.get(itype) or "no-type")
     return " ".join(bits)
 
 
@@ -130,8 +138,9 @@ def group_stacks(instances: list[tuple[str, InstanceHeader]]) -> list[Stack]:
             parts[_split_key(ref)].append(ref)
         keys = sorted(parts, key=lambda k: min(r.header.instance_number or 0 for r in parts[k]))
         differing = _describe_split(keys) if len(keys) > 1 else []
+        type_labels = _type_labels({k[4] for k in keys})
         for key in keys:
-            stack = Stack(series_uid, _part_label(key, differing), parts[key], split_key=repr(key))
+            stack = Stack(series_uid, _part_label(key, differing, type_labels), parts[key], split_key=repr(key))
             if series_uid.startswith(SYNTHETIC_SERIES_PREFIX):
                 stack.warn(
                     "no Series Instance UID (de-identified?): files grouped by "

@@ -1,0 +1,44 @@
+"""The command line: start-up without torch / MONAI, one-line errors, catalog listing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from medpipe.cli import app
+
+
+def test_ingest_does_not_import_torch_or_monai(tmp_path: Path, shared_data: Path) -> None:
+    code = (
+        "import sys\n"
+        "from medpipe.cli import main\n"
+        "try:\n"
+        f"    main(['ingest', {str(shared_data / 'dcm_qa_enh' / 'In')!r}, '--out', {str(tmp_path)!r}, '-q'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'monai', 'highdicom') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "manifest.csv").is_file()
+
+
+def test_catalog_lists_series(tmp_path: Path, shared_data: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["ingest", str(shared_data / "dcm_qa_enh" / "In"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "written" in result.output
+    result = runner.invoke(app, ["catalog", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "B0 NS" in result.output and "REST1" in result.output
+    assert "3 volumes" in result.output.replace("\n", " ")
+
+
+def test_catalog_of_a_folder_without_one_is_a_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["catalog", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no catalog.sqlite" in result.output
+    assert result.output.count("\n") <= 2
