@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from medpipe.catalog import Catalog, FileRow
 from medpipe.dicom.header import Rejected, read_header
@@ -107,7 +107,7 @@ def _check_nifti(key: str) -> str | None:
     import numpy as np
 
     try:
-        img = nib.load(key)
+        img = cast(nib.Nifti1Image, nib.load(key))
     except Exception as exc:
         return f"unreadable NIfTI: {exc}"
     if len(img.shape) not in (2, 3, 4):
@@ -195,7 +195,7 @@ def _nifti_id(key: str) -> str:
 def _nifti_row(key: str, size: int, mtime_ns: int, out: Path) -> dict[str, Any]:
     import nibabel as nib
 
-    img = nib.load(key)
+    img = cast(nib.Nifti1Image, nib.load(key))
     sid = _nifti_id(key)
     name = Path(key).name
     stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I)

@@ -39,7 +39,7 @@ def voxel_to_world(
     iop: Sequence[float],
     ipp_first: Sequence[float],
     pixel_spacing: Sequence[float],
-    slice_step: Sequence[float] | float,
+    slice_step: Sequence[float] | np.ndarray | float,
     rows: int,
 ) -> np.ndarray:
     """The 4x4 voxel-to-world (RAS) affine of a volume indexed ``[column, flipped row, slice]``.

@@ -127,9 +127,9 @@ def _part_label(key: tuple, differing: list[str], type_labels: dict[str, str]) -
 def group_stacks(instances: list[tuple[str, InstanceHeader]]) -> list[Stack]:
     """Group instances by Series Instance UID, split mixed series, and check each part."""
     by_series: dict[str, list[FrameRef]] = defaultdict(list)
-    for key, header in instances:
+    for path, header in instances:
         for frame in header.frames:
-            by_series[header.series_uid].append(FrameRef(key, header, frame))
+            by_series[header.series_uid].append(FrameRef(path, header, frame))
     stacks: list[Stack] = []
     for series_uid in sorted(by_series):
         refs = by_series[series_uid]
@@ -139,8 +139,8 @@ def group_stacks(instances: list[tuple[str, InstanceHeader]]) -> list[Stack]:
         keys = sorted(parts, key=lambda k: min(r.header.instance_number or 0 for r in parts[k]))
         differing = _describe_split(keys) if len(keys) > 1 else []
         type_labels = _type_labels({k[4] for k in keys})
-        for key in keys:
-            stack = Stack(series_uid, _part_label(key, differing, type_labels), parts[key], split_key=repr(key))
+        for split in keys:
+            stack = Stack(series_uid, _part_label(split, differing, type_labels), parts[split], split_key=repr(split))
             if series_uid.startswith(SYNTHETIC_SERIES_PREFIX):
                 stack.warn(
                     "no Series Instance UID (de-identified?): files grouped by "
