@@ -22,7 +22,7 @@ from typing import Any
 
 from medpipe.dicom.header import InstanceHeader
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS instances(
 CREATE TABLE IF NOT EXISTS volumes(
     stack_id TEXT PRIMARY KEY, series_uid TEXT, study_uid TEXT, patient_id TEXT, modality TEXT,
     series_number INTEGER, series_description TEXT, part TEXT, n_files INTEGER, shape TEXT,
-    spacing TEXT, status TEXT, reasons TEXT, volume TEXT, sidecar TEXT, input_hash TEXT,
+    spacing TEXT, status TEXT, reasons TEXT, volume TEXT, sidecar TEXT, preview TEXT, input_hash TEXT,
     files TEXT);
 """
 

@@ -41,7 +41,7 @@ BUILD_VERSION = "1"
 
 MANIFEST_COLUMNS = [
     "series_uid", "study_uid", "patient_id", "modality", "series_number", "series_description", "part",
-    "n_files", "shape", "spacing", "status", "reasons", "volume", "sidecar",
+    "n_files", "shape", "spacing", "status", "reasons", "volume", "sidecar", "preview",
 ]
 
 
@@ -159,6 +159,7 @@ def _volume_name(stack: Stack, suffix: str) -> str:
 def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str, Any]:
     import warnings
 
+    from medpipe.dicom.preview import write_preview
     from medpipe.dicom.volume import PixelReadErrors, build_volume, sidecar, write_nifti, write_sidecar
 
     h = stack.first
@@ -167,7 +168,7 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
         "patient_id": h.patient_id, "modality": h.modality, "series_number": h.series_number,
         "series_description": h.series_description, "part": stack.part, "n_files": len(stack.keys),
         "shape": "", "spacing": "", "status": stack.status, "reasons": "; ".join(stack.reasons),
-        "volume": "", "sidecar": "", "input_hash": input_hash, "files": "\n".join(stack.keys),
+        "volume": "", "sidecar": "", "preview": "", "input_hash": input_hash, "files": "\n".join(stack.keys),
     }
     if stack.status == "rejected":
         return row
@@ -182,8 +183,12 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
     write_nifti(volume, Path(out) / rel, tr_seconds=float(tr) / 1000 if tr else None)
     side_rel = re.sub(r"\.nii(\.gz)?$", ".json", rel)
     write_sidecar(Path(out) / side_rel, sidecar(stack, volume, {"SourceFiles": len(stack.keys)}))
+    preview_rel = re.sub(r"\.nii(\.gz)?$", ".png", rel)
+    title = " ".join(str(t) for t in (h.patient_id, h.series_number, h.series_description, stack.part) if t)
+    write_preview(volume.data, volume.affine, Path(out) / preview_rel, title)
     row.update(
         shape=_fmt(volume.data.shape), spacing=_fmt(volume.spacing), volume=rel, sidecar=side_rel,
+        preview=preview_rel,
     )
     return row
 
@@ -209,7 +214,7 @@ def _nifti_row(key: str, size: int, mtime_ns: int, out: Path) -> dict[str, Any]:
         "stack_id": sid, "series_uid": sid, "study_uid": "", "patient_id": "", "modality": "",
         "series_number": None, "series_description": name, "part": "", "n_files": 1,
         "shape": _fmt(img.shape), "spacing": _fmt(float(z) for z in img.header.get_zooms()[:3]),
-        "status": status, "reasons": reasons, "volume": rel, "sidecar": "",
+        "status": status, "reasons": reasons, "volume": rel, "sidecar": "", "preview": "",
         "input_hash": _hash(BUILD_VERSION, key, size, mtime_ns), "files": key,
     }
 
@@ -319,7 +324,9 @@ def _assemble(
         for stack in group_stacks([(k, h) for k, _, _, h in used]):
             ihash = _hash(BUILD_VERSION, compress, stack.part, [(k, *stat[k]) for k in stack.keys])
             old = catalog.volume(stack.stack_id)
-            if old and old["input_hash"] == ihash and all((out / old[c]).is_file() for c in ("volume", "sidecar") if old[c]):
+            if old and old["input_hash"] == ihash and all(
+                (out / old[c]).is_file() for c in ("volume", "sidecar", "preview") if old[c]
+            ):
                 found[stack.stack_id] = old
             else:
                 pending[runner.submit(_build_stack, stack, str(out), _volume_name(stack, suffix), ihash)] = series_uid
@@ -366,7 +373,7 @@ def _assemble(
 
     rows = list(found.values())
     for gone in catalog.prune_volumes(set(found)):
-        for rel in (gone["volume"], gone["sidecar"]):
+        for rel in (gone["volume"], gone["sidecar"], gone["preview"]):
             if rel and (out / rel).is_file():
                 (out / rel).unlink()
     for r in rows:

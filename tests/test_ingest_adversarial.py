@@ -539,6 +539,8 @@ def _outputs(out: Path) -> dict[str, Any]:
         if p.name.endswith((".nii", ".nii.gz")):
             data, affine = load_nifti(p)
             res[rel] = (data.tobytes(), data.shape, affine.tobytes())
+        elif p.suffix == ".png":
+            res[rel] = p.read_bytes()
         else:
             res[rel] = p.read_text()
     return res
