@@ -11,15 +11,22 @@ A file that cannot be used raises :class:`Rejected` with a one-line reason.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 import pydicom
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.hooks import hooks, raw_element_value, raw_element_vr
 from pydicom.uid import UID
+from pydicom.values import converters as _converters
 
 #: SOP classes that hold no image to turn into a volume (catalogued, explained, not converted).
 NON_IMAGE_SOP_CLASSES = {
@@ -109,13 +116,100 @@ class InstanceHeader:
     meta: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain dict for JSON, as ``dataclasses.asdict`` gives but without its (slow) deep copy."""
+        d = _fields(self)
+        d["frames"] = [_fields(f) for f in self.frames]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InstanceHeader:
         d = dict(d)
         d["frames"] = [FrameInfo(**f) for f in d["frames"]]
         return cls(**d)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass instance's fields, with list and dict values copied (one level)."""
+    return {k: v.copy() if isinstance(v, (list, dict)) else v for k, v in vars(obj).items()}
+
+
+# -- fast element access -------------------------------------------------------------------
+
+#: VRs whose raw bytes :class:`_Values` hands straight to pydicom's value converter. The text VRs
+#: among them depend on the Specific Character Set: those go that way only when their bytes are
+#: printable ASCII (or NUL), which every character set pydicom supports decodes alike. Not here:
+#: PN (a PersonName keeps its encodings), SQ, bytes VRs, ambiguous ("US or SS") VRs, and SS / SL
+#: (pydicom's hook rewrites signed LUT descriptors).
+_DIRECT_VRS = frozenset(
+    {"AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UL", "US", "UT"}
+)
+_CHARSET_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\x00"
+_SLOW = object()  # "ask pydicom": the value is not one _convert_raw handles
+_tag = functools.lru_cache(maxsize=None)(tag_for_keyword)  # keyword -> tag (or None)
+#: pydicom's value converters by VR: a function, or (convert_numbers, struct format) for binary VRs
+_CONVERTERS: dict[str, Any] = _converters  # type: ignore[assignment]
+
+
+def _convert_raw(raw: RawDataElement) -> Any:
+    """The value of a raw (not yet converted) element as pydicom converts it, or ``_SLOW``."""
+    vr = raw.VR
+    if vr is None:  # implicit VR
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return _SLOW
+    value = raw.value
+    if vr not in _DIRECT_VRS or type(value) is not bytes:  # also deferred reads (value None)
+        return _SLOW
+    if raw.length == 0:
+        return empty_value_for_VR(vr)
+    converter = _CONVERTERS[vr]
+    try:
+        if isinstance(converter, tuple):  # binary numbers: (convert_numbers, struct format)
+            return converter[0](value, raw.is_little_endian, converter[1])
+        if vr not in _CHARSET_VRS:
+            return converter(value, raw.is_little_endian)
+        if value.translate(None, _PLAIN_ASCII):  # other bytes: decode with the dataset's charset
+            return _SLOW
+        return converter(value, None, vr)
+    except Exception:  # noqa: BLE001 - pydicom retries other VRs or raises: let it do so
+        return _SLOW
+
+
+class _Values:
+    """Top-level element values of a dataset, as ``ds.get(keyword)`` returns them, only faster.
+
+    ``Dataset.get`` converts a raw element through keyword lookup, hooks, the character set and
+    a new DataElement (~25 us per call, ~80 calls per file). This calls pydicom's own converter
+    for the element's VR directly, and caches the result (``ds`` is left as it is). Anything
+    else (private or unknown tags, sequences, PN, non-ASCII text, deferred or already converted
+    elements, values pydicom's converter rejects, custom pydicom hooks) goes to ``ds.get``.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self._elems = ds._dict
+        self._cache: dict[str, Any] = {}
+        self._direct = (  # pydicom's default conversion (hooks' kwargs go to the callbacks only)
+            config.data_element_callback is None
+            and hooks.raw_element_vr is raw_element_vr and hooks.raw_element_value is raw_element_value
+        )
+
+    def __contains__(self, keyword: str) -> bool:
+        return _tag(keyword) in self._elems
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        if keyword in self._cache:
+            return self._cache[keyword]
+        raw = self._elems.get(_tag(keyword))  # type: ignore[call-overload]  # int keys work
+        if raw is None:
+            return default
+        value = _convert_raw(raw) if self._direct and type(raw) is RawDataElement else _SLOW
+        if value is _SLOW:
+            value = self.ds.get(keyword, default)
+        self._cache[keyword] = value
+        return value
 
 
 def _json_value(value: Any) -> Any:
@@ -161,10 +255,10 @@ def _image_type(value: Any) -> str:
     return "\\".join(str(v) for v in value)
 
 
-def _temporal_key(ds: Dataset) -> list[float]:
+def _temporal_key(vals: _Values) -> list[float]:
     """Sort key for several frames at one position: time index, trigger time, acquisition time, numbers."""
     from_time = 0.0
-    t = ds.get("AcquisitionTime") or ds.get("ContentTime") or ""
+    t = vals.get("AcquisitionTime") or vals.get("ContentTime") or ""
     if t:
         try:
             s = str(t)
@@ -172,18 +266,18 @@ def _temporal_key(ds: Dataset) -> list[float]:
         except ValueError:
             from_time = 0.0
     return [
-        _float_or(ds.get("TemporalPositionIdentifier"), 0.0),
-        _float_or(ds.get("TriggerTime"), 0.0),
-        _float_or(ds.get("DiffusionBValue"), 0.0),
+        _float_or(vals.get("TemporalPositionIdentifier"), 0.0),
+        _float_or(vals.get("TriggerTime"), 0.0),
+        _float_or(vals.get("DiffusionBValue"), 0.0),
         from_time,
-        _float_or(ds.get("AcquisitionNumber"), 0.0),
-        _float_or(ds.get("InstanceNumber"), 0.0),
+        _float_or(vals.get("AcquisitionNumber"), 0.0),
+        _float_or(vals.get("InstanceNumber"), 0.0),
     ]
 
 
-def _echo_key(ds: Dataset) -> str:
-    number = ds.get("EchoNumbers")
-    te = ds.get("EchoTime")
+def _echo_key(vals: _Values) -> str:
+    number = vals.get("EchoNumbers")
+    te = vals.get("EchoTime")
     parts = []
     if number not in (None, ""):
         parts.append(f"e{_json_value(number)}")
@@ -192,7 +286,7 @@ def _echo_key(ds: Dataset) -> str:
     return "_".join(parts)
 
 
-def _pixel_data_offset(fp: IO[bytes], ds: Dataset, ts: UID, size: int) -> int | None:
+def _pixel_data_offset(fp: IO[bytes], vals: _Values, ts: UID, size: int) -> int | None:
     """Check the pixel data element after the header; return the offset of native pixel bytes.
 
     ``fp`` is positioned where ``dcmread(stop_before_pixels=True)`` stopped: at a pixel data tag,
@@ -225,12 +319,12 @@ def _pixel_data_offset(fp: IO[bytes], ds: Dataset, ts: UID, size: int) -> int | 
             raise Rejected("truncated: encapsulated pixel data is empty")
         return None
     expected = (
-        int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-        * int(ds.get("NumberOfFrames", 1) or 1) * (int(ds.BitsAllocated) // 8)
+        int(vals.get("Rows")) * int(vals.get("Columns")) * int(vals.get("SamplesPerPixel", 1))
+        * int(vals.get("NumberOfFrames", 1) or 1) * (int(vals.get("BitsAllocated")) // 8)
     )
     if size - offset < min(length, expected):
         raise Rejected(f"truncated: pixel data has {size - offset} of {min(length, expected)} bytes")
-    if str(ts) not in NATIVE_SYNTAXES or int(ds.BitsAllocated) not in (8, 16, 32):
+    if str(ts) not in NATIVE_SYNTAXES or int(vals.get("BitsAllocated")) not in (8, 16, 32):
         return None
     return offset
 
@@ -394,6 +488,14 @@ def read_header(fp: IO[bytes], size: int) -> InstanceHeader:
     """
     if size == 0:
         raise Rejected("empty file (0 bytes)")
+    # pydicom's default validation (WARN) only emits warnings, which cost time and are ignored
+    # here: skip it (the setting is global; it is restored on the way out)
+    quiet = config.settings.reading_validation_mode == config.WARN
+    with config.disable_value_validation() if quiet else contextlib.nullcontext():
+        return _read_header(fp, size)
+
+
+def _read_header(fp: IO[bytes], size: int) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as exc:
@@ -421,20 +523,21 @@ def read_header(fp: IO[bytes], size: int) -> InstanceHeader:
 
 def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeader:
     meta = getattr(ds, "file_meta", None) or Dataset()
-    sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+    vals = _Values(ds)
+    sop_class = str(vals.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
     if sop_class in NON_IMAGE_SOP_CLASSES:
         raise Rejected(f"{NON_IMAGE_SOP_CLASSES[sop_class]}: not an image series")
-    sop_uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+    sop_uid = str(vals.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
     if not sop_uid:
         raise Rejected("no SOP Instance UID")
-    series_uid = str(ds.get("SeriesInstanceUID") or "")
+    series_uid = str(vals.get("SeriesInstanceUID") or "")
     if not series_uid:
         # de-identified exports sometimes blank the UIDs: group by what identifies a series instead
         import hashlib
 
-        ident = [str(ds.get(k) or "") for k in MISSING_UID_SERIES_KEYS]
+        ident = [str(vals.get(k) or "") for k in MISSING_UID_SERIES_KEYS]
         series_uid = SYNTHETIC_SERIES_PREFIX + hashlib.sha1("\x00".join(ident).encode()).hexdigest()[:16]
-    if "Rows" not in ds or "Columns" not in ds or "BitsAllocated" not in ds:
+    if "Rows" not in vals or "Columns" not in vals or "BitsAllocated" not in vals:
         raise Rejected("no image pixel module (Rows/Columns/BitsAllocated)")
     if meta.get("TransferSyntaxUID"):
         ts = UID(str(meta.TransferSyntaxUID))
@@ -443,18 +546,18 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
         ts = UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
     _check_decodable(ts)
     # a deflated dataset was inflated in memory: file offsets mean nothing there
-    pixel_offset = None if ts == "1.2.840.10008.1.2.1.99" else _pixel_data_offset(fp, ds, ts, size)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    pixel_offset = None if ts == "1.2.840.10008.1.2.1.99" else _pixel_data_offset(fp, vals, ts, size)
+    samples = int(vals.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
-        raise Rejected(f"colour image ({samples} samples per pixel, {ds.get('PhotometricInterpretation')}) not supported")
-    image_type = _image_type(ds.get("ImageType"))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise Rejected(f"colour image ({samples} samples per pixel, {vals.get('PhotometricInterpretation')}) not supported")
+    image_type = _image_type(vals.get("ImageType"))
+    n_frames = int(vals.get("NumberOfFrames", 1) or 1)
 
     mosaic = None
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    if "PerFrameFunctionalGroupsSequence" in vals:
         frames = _enhanced_frames(ds)
     else:
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+        if "ImagePositionPatient" not in vals or "ImageOrientationPatient" not in vals or "PixelSpacing" not in vals:
             raise Rejected(
                 "no image plane geometry (ImagePositionPatient / ImageOrientationPatient / PixelSpacing): "
                 "projection and secondary-capture images are not converted"
@@ -463,16 +566,16 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
             raise Rejected(f"multi-frame object ({n_frames} frames) without per-frame functional groups")
         base = FrameInfo(
             index=0,
-            ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
-            iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-            spacing=_floats(ds.PixelSpacing, 2, "PixelSpacing"),
-            slope=_float_or(ds.get("RescaleSlope"), 1.0),
-            intercept=_float_or(ds.get("RescaleIntercept"), 0.0),
-            echo=_echo_key(ds),
+            ipp=_floats(vals.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
+            iop=_floats(vals.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
+            spacing=_floats(vals.get("PixelSpacing"), 2, "PixelSpacing"),
+            slope=_float_or(vals.get("RescaleSlope"), 1.0),
+            intercept=_float_or(vals.get("RescaleIntercept"), 0.0),
+            echo=_echo_key(vals),
             image_type=image_type,
-            temporal=_temporal_key(ds),
+            temporal=_temporal_key(vals),
         )
-        if "PHILIPS" in str(ds.get("Manufacturer", "")).upper() and ds.get("Modality") == "MR":
+        if "PHILIPS" in str(vals.get("Manufacturer", "")).upper() and vals.get("Modality") == "MR":
             _philips_float(base, _philips_scale_slope(ds))
         if "MOSAIC" in image_type.upper().split("\\"):
             frames, mosaic = _mosaic_frames(ds, base)
@@ -492,29 +595,29 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
 
     sidecar = {}
     for kw in SIDECAR_KEYWORDS:
-        v = ds.get(kw)
+        v = vals.get(kw)
         if v not in (None, ""):
             sidecar[kw] = _json_value(v)
     return InstanceHeader(
         sop_uid=sop_uid,
         sop_class=sop_class,
         transfer_syntax=str(ts),
-        patient_id=str(ds.get("PatientID") or ""),
-        patient_name=str(ds.get("PatientName") or ""),
-        study_uid=str(ds.get("StudyInstanceUID") or ""),
-        study_date=str(ds.get("StudyDate") or ""),
-        study_description=str(ds.get("StudyDescription") or ""),
+        patient_id=str(vals.get("PatientID") or ""),
+        patient_name=str(vals.get("PatientName") or ""),
+        study_uid=str(vals.get("StudyInstanceUID") or ""),
+        study_date=str(vals.get("StudyDate") or ""),
+        study_description=str(vals.get("StudyDescription") or ""),
         series_uid=series_uid,
-        series_number=_int_or_none(ds.get("SeriesNumber")),
-        series_description=str(ds.get("SeriesDescription") or ds.get("ProtocolName") or ""),
-        modality=str(ds.get("Modality") or ""),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        series_number=_int_or_none(vals.get("SeriesNumber")),
+        series_description=str(vals.get("SeriesDescription") or vals.get("ProtocolName") or ""),
+        modality=str(vals.get("Modality") or ""),
+        instance_number=_int_or_none(vals.get("InstanceNumber")),
+        rows=int(vals.get("Rows")),
+        columns=int(vals.get("Columns")),
         samples_per_pixel=samples,
-        bits_allocated=int(ds.BitsAllocated),
-        bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
-        pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+        bits_allocated=int(vals.get("BitsAllocated")),
+        bits_stored=int(vals.get("BitsStored") or vals.get("BitsAllocated")),
+        pixel_representation=int(vals.get("PixelRepresentation", 0) or 0),
         n_frames=n_frames,
         mosaic=mosaic,
         pixel_offset=pixel_offset,
