@@ -6,6 +6,8 @@ Tables
                reason it was rejected; the cache that makes re-runs incremental.
 ``patients``, ``studies``, ``series``, ``instances``
                the DICOM hierarchy of the usable image files (rebuilt from ``files`` each run).
+``objects``    non-image DICOM objects (SEG, SR, RT structure sets, ...) with the series they
+               reference, so label and report objects can be found per study.
 ``volumes``    one row per output volume (a series or a part of a split series), with status,
                reasons, the NIfTI path and the hash of its inputs (unchanged inputs are not rebuilt).
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from medpipe.dicom.header import InstanceHeader
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -40,6 +42,9 @@ CREATE TABLE IF NOT EXISTS series(
 CREATE TABLE IF NOT EXISTS instances(
     sop_uid TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, series_uid TEXT,
     instance_number INTEGER, position TEXT, n_frames INTEGER);
+CREATE TABLE IF NOT EXISTS objects(
+    path TEXT PRIMARY KEY, sop_uid TEXT, sop_class TEXT, kind TEXT, modality TEXT, patient_id TEXT,
+    study_uid TEXT, series_uid TEXT, series_description TEXT, referenced_series TEXT);
 CREATE TABLE IF NOT EXISTS volumes(
     stack_id TEXT PRIMARY KEY, series_uid TEXT, study_uid TEXT, patient_id TEXT, modality TEXT,
     series_number INTEGER, series_description TEXT, part TEXT, n_files INTEGER, shape TEXT,
@@ -161,6 +166,26 @@ class Catalog:
         with self.transaction() as db:
             for table in ("patients", "studies", "series", "instances"):
                 db.execute(f"DELETE FROM {table}")
+
+    def rebuild_objects(self) -> None:
+        """Refill ``objects`` from the non-image files the scan catalogued."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM objects")
+            rows = db.execute(
+                "SELECT key, header FROM files WHERE reason IS NOT NULL AND header IS NOT NULL"
+            ).fetchall()
+            for key, doc in rows:
+                o = json.loads(doc)
+                db.execute(
+                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, o["sop_uid"], o["sop_class"], o["kind"], o["modality"], o["patient_id"],
+                     o["study_uid"], o["series_uid"], o["series_description"], "\\".join(o["referenced_series"])),
+                )
+
+    def objects(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM objects ORDER BY patient_id, study_uid, path")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
 
     def add_hierarchy(self, used: list[tuple[str, int, int, InstanceHeader]]) -> None:
         """Add the usable files ``used`` (one series) to patients / studies / series / instances."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from medpipe.catalog import Catalog, FileRow
-from medpipe.dicom.header import Rejected, read_header
+from medpipe.dicom.header import NonImage, Rejected, read_header
 from medpipe.dicom.series import Stack, group_stacks
 from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
 from medpipe.errors import SourceError
@@ -84,6 +84,9 @@ def _scan_one(f: SourceFile) -> FileRow:
     try:
         with open_key(f.key) as fh:
             header = read_header(fh, f.size)
+    except NonImage as exc:  # explained like a rejection, and its identity kept for later stages
+        doc = json.dumps(exc.info, separators=(",", ":"))
+        return FileRow(f.key, f.size, f.mtime_ns, exc.info["sop_uid"] or None, None, str(exc), doc)
     except Rejected as exc:
         return rejected(str(exc))
     except OSError as exc:
@@ -306,6 +309,7 @@ def _assemble(
     series = catalog.series_uids()
     niftis = catalog.nifti_files()
     catalog.clear_hierarchy()
+    catalog.rebuild_objects()
     progress.start("Building volumes", len(series) + len(niftis))
 
     found: dict[str, dict[str, Any]] = {}  # stack_id -> manifest row (a retried series re-plans its parts)

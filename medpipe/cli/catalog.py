@@ -32,7 +32,15 @@ def catalog_command(
                 (v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else ""), v["modality"] or "",
                 str(v["n_files"]), v["shape"] or "", v["status"], v["volume"] or "",
             )
+        objects = cat.objects()
     console.print(table)
+    if objects:
+        otable = Table(title="Non-image objects (not converted)")
+        for col in ("patient", "kind", "description", "references series", "path"):
+            otable.add_column(col, overflow="fold")
+        for o in objects:
+            otable.add_row(o["patient_id"], o["kind"], o["series_description"], o["referenced_series"][-24:], o["path"])
+        console.print(otable)
     console.print(
         f"{counts['patients']} patients, {counts['studies']} studies, {counts['series']} series, "
         f"{counts['instances']} instances; {counts['volumes']} volumes; "

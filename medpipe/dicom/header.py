@@ -71,6 +71,32 @@ class Rejected(Exception):
     """A file that cannot be used; ``str(exc)`` is the one-line reason."""
 
 
+class NonImage(Rejected):
+    """A valid DICOM object that is not an image (SEG, SR, RT...): not a volume, but catalogued.
+
+    ``info`` holds what later stages need to find it: UIDs, kind and the series it references.
+    """
+
+    def __init__(self, reason: str, info: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.info = info
+
+
+def _referenced_series(ds: Dataset) -> list[str]:
+    """Series Instance UIDs a SEG / SR / RT object refers to (ReferencedSeriesSequence, RT references)."""
+    found: list[str] = []
+    for item in ds.get("ReferencedSeriesSequence") or []:
+        found.append(str(item.get("SeriesInstanceUID") or ""))
+    for frame in ds.get("ReferencedFrameOfReferenceSequence") or []:
+        for study in frame.get("RTReferencedStudySequence") or []:
+            for series in study.get("RTReferencedSeriesSequence") or []:
+                found.append(str(series.get("SeriesInstanceUID") or ""))
+    for item in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        for series in item.get("ReferencedSeriesSequence") or []:
+            found.append(str(series.get("SeriesInstanceUID") or ""))
+    return sorted({uid for uid in found if uid})
+
+
 @dataclass
 class FrameInfo:
     """Geometry and value mapping of one 2D frame."""
@@ -526,7 +552,19 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
     vals = _Values(ds)
     sop_class = str(vals.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
     if sop_class in NON_IMAGE_SOP_CLASSES:
-        raise Rejected(f"{NON_IMAGE_SOP_CLASSES[sop_class]}: not an image series")
+        kind = NON_IMAGE_SOP_CLASSES[sop_class]
+        info = {
+            "kind": kind,
+            "sop_class": sop_class,
+            "sop_uid": str(vals.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or ""),
+            "modality": str(vals.get("Modality") or ""),
+            "patient_id": str(vals.get("PatientID") or ""),
+            "study_uid": str(vals.get("StudyInstanceUID") or ""),
+            "series_uid": str(vals.get("SeriesInstanceUID") or ""),
+            "series_description": str(vals.get("SeriesDescription") or ""),
+            "referenced_series": _referenced_series(ds),
+        }
+        raise NonImage(f"{kind}: not an image series (catalogued in the objects table)", info)
     sop_uid = str(vals.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
     if not sop_uid:
         raise Rejected("no SOP Instance UID")
