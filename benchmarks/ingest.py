@@ -999,7 +999,8 @@ def main(argv: list[str] | None = None) -> int:
     d_lines = S["d_y"].extra.get("compressor_lines") or []
     p(f"  dcm2niix -z y compressor: {'pigz (' + pigz + ')' if pigz else 'pigz not found -> internal zlib (level 6)'}"
       + (f"; it printed: {d_lines[0]!r}" if d_lines else ""))
-    p(f"  nibabel (medpipe) gzip level: 1 (nibabel default); dcm2niix default level 6; -z i -1 matches nibabel's level")
+    p("  medpipe gzip: level 1, deflated in parallel chunks (medpipe.io.gzip_file); dcm2niix default level 6; "
+      "-z i -1 is the same level")
 
     p(f"\nB. PACS export: {n_export} files, {export_bytes / MB:.0f} MB, {export_patients} patients / {export_studies} studies / "
       f"{export_series} series (128/256 matrix, 20-80 slices), largest array {largest_export_mb:.1f} MB, all arrays {export_pixels / MB:.0f} MB")

@@ -18,11 +18,13 @@ from medpipe.io import atomic_path
 PANEL = 256
 
 
-def _window(a: np.ndarray) -> np.ndarray:
-    finite = a[np.isfinite(a)]
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
     lo, hi = (np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0))
-    if hi <= lo:
-        hi = lo + 1
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _window(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip((a - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
@@ -40,18 +42,21 @@ def write_preview(data: np.ndarray, affine: np.ndarray, path: Path, title: str =
     import nibabel as nib
     from PIL import Image, ImageDraw
 
-    vol = np.asarray(data[..., 0] if data.ndim == 4 else data, dtype=np.float32)
+    vol = data[..., 0] if data.ndim == 4 else data
     ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.apply_orientation(vol, ornt)  # axes now point R, A, S
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int)]
-    ras = _window(ras)
+    ras = nib.orientations.apply_orientation(vol, ornt)  # a view whose axes point R, A, S
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[np.argsort(ornt[:, 0])]
     x, y, z = (s // 2 for s in ras.shape)
+    # only the three middle slices are copied (and windowed together): a volume may be GBs
+    planes = [np.asarray(p, dtype=np.float32) for p in (ras[::-1, :, z], ras[::-1, y, :], ras[x, ::-1, :])]
+    lo, hi = _limits(np.concatenate([p.ravel() for p in planes]))
+    axial, coronal, sagittal = (_window(p, lo, hi) for p in planes)
     scale = PANEL / float(max(n * d for n, d in zip(ras.shape, zooms, strict=True)))  # one mm-to-pixel scale
-    # radiological display: the patient's right (+R, high x) on the viewer's left -> flip x
+    # radiological display: the patient's right (+R, high x) on the viewer's left, hence the flips
     panels = [
-        ("axial", _panel(ras[::-1, :, z], (zooms[0], zooms[1]), scale), ("R", "L", "A", "P")),
-        ("coronal", _panel(ras[::-1, y, :], (zooms[0], zooms[2]), scale), ("R", "L", "S", "I")),
-        ("sagittal", _panel(ras[x, ::-1, :], (zooms[1], zooms[2]), scale), ("A", "P", "S", "I")),
+        ("axial", _panel(axial, (zooms[0], zooms[1]), scale), ("R", "L", "A", "P")),
+        ("coronal", _panel(coronal, (zooms[0], zooms[2]), scale), ("R", "L", "S", "I")),
+        ("sagittal", _panel(sagittal, (zooms[1], zooms[2]), scale), ("A", "P", "S", "I")),
     ]
     pad, top = 6, 18
     width = sum(p.width for _, p, _ in panels) + pad * (len(panels) + 1)
