@@ -28,7 +28,8 @@ class _MedpipeGroup(TyperGroup):
         except MedpipeError as exc:
             if _state["verbose"]:
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            for line in str(exc).splitlines() or [""]:
+                typer.echo(f"error: {line}", err=True)
             if exc.hint:
                 typer.echo(f"hint: {exc.hint}", err=True)
             raise typer.Exit(2) from None
@@ -55,11 +56,12 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, ingest, sample
+    from medpipe.cli import catalog, ingest, run, sample
 
     ingest.register(app)
     catalog.register(app)
     sample.register(app)
+    run.register(app)
 
 
 _register()

@@ -1,0 +1,250 @@
+"""Pipeline files: YAML -> typed, validated stages, with errors that name the YAML line.
+
+A pipeline file has a few top-level keys and a list of stages::
+
+    name: brain_tumor
+    seed: 0
+    device: auto            # auto | cpu | cuda
+    stages:
+      - stage: ingest
+        source: sample_data/brain_tumor
+      - stage: train_segmenter
+        roi_size: [64, 64, 32]
+
+Validation runs in two phases: the top level, then each stage's parameters against the pydantic
+model its kind registered (``extra="forbid"``: a typo is an error). Every problem becomes one line
+such as ``stages[3] (train_segmenter).roi_size: expected 3 items, got 2 (pipelines/x.yaml line 31)``.
+MONAI transforms are named by class and built during validation, so a wrong name or argument fails
+before any data is read. There is no ``eval`` and no way to run code from a pipeline file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from medpipe.errors import ConfigError
+
+
+class StageParams(BaseModel):
+    """Base of every stage's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_transform(item: dict[str, Any]) -> dict[str, Any]:
+    from medpipe.data.transforms import check_transform
+
+    check_transform(item)
+    return item
+
+
+#: one MONAI dictionary transform: ``{ClassName: {arg: value, ...}}``, checked by building it
+TransformSpec = Annotated[dict[str, dict[str, Any] | None], AfterValidator(_check_transform)]
+TransformList = list[TransformSpec]
+
+
+class PipelineConfig(BaseModel):
+    """The top level of a pipeline file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False
+    stages: list[dict[str, Any]]
+
+
+@dataclass
+class Stage:
+    index: int
+    kind: str
+    params: StageParams
+    line: int | None
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    config: PipelineConfig
+    stages: list[Stage]
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole pipeline with every default filled in (what ``resolved.yaml`` holds)."""
+        top = self.config.model_dump(mode="json", exclude={"stages"})
+        top["stages"] = [{"stage": s.kind, **s.params.model_dump(mode="json")} for s in self.stages]
+        return top
+
+
+# -- YAML with line numbers ---------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None
+              ) -> dict[tuple[Any, ...], int]:
+    """``path -> 1-based line`` for every key and item of a composed YAML document."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def _line_for(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int | None:
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+# -- overrides (--set key=value) -----------------------------------------------------------------
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> tuple[Any, ...]:
+    """Apply ``key.path=value`` to the raw pipeline dict; return the path that was set.
+
+    ``key.path`` is dotted; numbers index lists; a stage kind may stand for its stage when only one
+    stage has that kind (``train_segmenter.epochs=2`` = ``stages.3.epochs=2``). ``value`` is YAML.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set seed=3")
+    key, _, text = assignment.partition("=")
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".") if p]
+    stages: list[Any] = raw["stages"] if isinstance(raw.get("stages"), list) else []
+    if parts and isinstance(parts[0], str) and parts[0] not in raw and parts[0] != "stages":
+        matches = [i for i, s in enumerate(stages) if isinstance(s, dict) and s.get("stage") == parts[0]]
+        if len(matches) == 1:
+            parts = ["stages", matches[0], *parts[1:]]
+        elif len(matches) > 1:
+            raise ConfigError(f"--set {key}: {len(matches)} stages are {parts[0]!r}; use stages.N.{'.'.join(map(str, parts[1:]))}")
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from exc
+    target: Any = raw
+    for p in parts[:-1]:
+        try:
+            target = target[p]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ConfigError(f"--set {key}: no {p!r} in the pipeline") from exc
+    try:
+        target[parts[-1]] = value
+    except (IndexError, TypeError) as exc:
+        raise ConfigError(f"--set {key}: cannot set {parts[-1]!r}") from exc
+    return tuple(parts)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _message(err: Mapping[str, Any], known: list[str]) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        close = difflib.get_close_matches(name, known, n=1)
+        return f"unknown parameter {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + (
+            f"; known: {', '.join(known)}" if not close and known else "")
+    if kind == "missing":
+        return "missing (required)"
+    if kind.startswith("value_error"):
+        return msg.removeprefix("Value error, ")
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
+    return f"{msg[0].lower()}{msg[1:]}, got {shown}"
+
+
+def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipeline:
+    """Read and fully validate a pipeline file. Nothing runs.
+
+    Raises:
+        ConfigError: with one line per problem, each naming the stage, field and YAML line.
+    """
+    from medpipe.registry import REGISTRY, load_stages
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file ({exc.strerror or exc})") from exc
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a pipeline file is a mapping with 'name' and 'stages'")
+    lines = _line_map(node) if node is not None else {}
+    overridden: set[tuple[Any, ...]] = set()
+    for assignment in overrides or []:
+        overridden.add(apply_override(raw, assignment))
+
+    def where(p: tuple[Any, ...]) -> str:
+        if any(p[: len(o)] == o for o in overridden):
+            return "(--set)"
+        line = _line_for(lines, p)
+        return f"({path} line {line})" if line else f"({path})"
+
+    errors: list[str] = []
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if loc[:1] == ("stages",) and len(loc) > 1:
+                continue  # reported per stage below
+            errors.append(f"{_field_path(loc)}: {_message(err, list(PipelineConfig.model_fields))} {where(loc)}")
+        if errors:
+            raise ConfigError("\n".join(errors)) from None
+        raise  # pragma: no cover - only stage errors, which cannot come from the top-level model
+
+    load_stages()
+    stages: list[Stage] = []
+    for i, item in enumerate(config.stages):
+        base = ("stages", i)
+        if not isinstance(item, dict) or "stage" not in item:
+            errors.append(f"stages[{i}]: each stage needs 'stage: <kind>' {where(base)}")
+            continue
+        kind = str(item["stage"])
+        if kind not in REGISTRY:
+            close = difflib.get_close_matches(kind, list(REGISTRY), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(REGISTRY))}"
+            errors.append(f"stages[{i}]: unknown stage kind {kind!r} ({hint}) {where(base + ('stage',))}")
+            continue
+        model = REGISTRY[kind].params
+        params = {k: v for k, v in item.items() if k != "stage"}
+        try:
+            stages.append(Stage(i, kind, model.model_validate(params), _line_for(lines, base)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                errors.append(f"stages[{i}] ({kind}).{_field_path(loc)}: "
+                              f"{_message(err, list(model.model_fields))} {where(base + loc)}")
+    if not stages and not errors:
+        errors.append(f"stages: a pipeline needs at least one stage {where(('stages',))}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Pipeline(path, config, stages)

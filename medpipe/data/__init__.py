@@ -1,0 +1,1 @@
+"""Datasets, transforms and samplers on MONAI (imports torch / MONAI: never from ``medpipe ingest``)."""

@@ -1,0 +1,299 @@
+"""Run a validated pipeline: one run directory, stages in order, resume, provenance, metrics.
+
+The run directory holds::
+
+    resolved.yaml      the pipeline with every default filled in
+    provenance.json    package versions, git commit, seed, device, command, input checksums
+    state.json         per stage: its hash, status, outputs, metrics, seconds
+    metrics.json       every stage's metrics (``stages``) and, merged at the top level, the latest
+                       value of each metric (e.g. ``dice`` from ``evaluate``)
+    run.log            the log
+    stages/NN_kind/    each stage's own outputs
+
+A stage's hash covers its kind, its parameters, the seed / determinism settings and the hash of
+the stage before it, so ``--resume`` skips exactly the stages whose inputs and parameters did not
+change (and everything after a changed stage runs again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medpipe.config import Pipeline, Stage
+from medpipe.errors import ConfigError, MedpipeError, StageError
+from medpipe.io import write_text_atomic
+
+log = logging.getLogger("medpipe")
+
+STATE_VERSION = 1
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, Any] = field(default_factory=dict)  # merged into artifacts for later stages
+    metrics: dict[str, Any] = field(default_factory=dict)  # merged into metrics.json
+    inputs: dict[str, str] = field(default_factory=dict)  # input file -> sha256, for provenance.json
+
+
+ProgressFn = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+def _ignore(n: int = 1) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield _ignore
+
+
+@dataclass
+class RunContext:
+    """What a stage gets besides its parameters."""
+
+    run_dir: Path
+    stage_dir: Path
+    seed: int
+    device: str
+    amp: bool
+    deterministic: bool
+    artifacts: dict[str, Any]
+    log: logging.Logger
+    progress_factory: ProgressFn = _no_progress
+
+    def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        """A progress bar; the yielded function advances it by ``n``."""
+        return self.progress_factory(description, total)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    metrics: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def resolve_device(requested: str) -> tuple[str, bool]:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; returns (device, mixed precision)."""
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but no CUDA device is available", hint="use --device auto or cpu")
+    device = "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    return device, device == "cuda"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from monai.utils import set_determinism
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)  # also makes cuDNN deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _stage_key(stage: Stage) -> str:
+    return f"{stage.index:02d}_{stage.kind}"
+
+
+def _stage_hash(stage: Stage, previous: str, pipeline: Pipeline) -> str:
+    doc = {
+        "kind": stage.kind,
+        "params": stage.params.model_dump(mode="json"),
+        "previous": previous,
+        "seed": pipeline.config.seed,
+        "deterministic": pipeline.config.deterministic,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("medpipe", "torch", "monai", "numpy", "pydicom", "highdicom", "nibabel", "SimpleITK", "pydantic"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "state.json"
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return state if state.get("version") == STATE_VERSION else {}
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    progress_factory: ProgressFn = _no_progress,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> RunSummary:
+    """Run every stage of ``pipeline`` in ``run_dir``.
+
+    Raises:
+        ConfigError: the run directory holds another run and ``resume`` is not set.
+        StageError: a stage failed on user input (wrapped once, with the stage named).
+    """
+    cfg = pipeline.config
+    run_dir = run_dir.resolve()
+    state = _read_state(run_dir)
+    if state and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run",
+            hint="add --resume to continue it (unchanged stages are skipped), or choose another --out",
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(
+    pipeline: Pipeline,
+    run_dir: Path,
+    state: dict[str, Any],
+    requested_device: str,
+    progress_factory: ProgressFn,
+    on_stage: Callable[[str, str], None] | None,
+) -> RunSummary:
+    cfg = pipeline.config
+    device, amp = resolve_device(requested_device)
+    write_text_atomic(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.resolved(), sort_keys=False))
+    started = datetime.now(timezone.utc).isoformat()
+    provenance: dict[str, Any] = {
+        "pipeline": str(pipeline.path),
+        "pipeline_sha256": hashlib.sha256(pipeline.path.read_bytes()).hexdigest(),
+        "command": sys.argv,
+        "started": started,
+        "seed": cfg.seed,
+        "deterministic": cfg.deterministic,
+        "device": device,
+        "mixed_precision": amp,
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "host": platform.node(),
+        "inputs": {},
+    }
+    log.info("run %s in %s on %s (seed %d)", cfg.name, run_dir, device, cfg.seed)
+    old_stages: dict[str, Any] = state.get("stages", {})
+    new_state: dict[str, Any] = {"version": STATE_VERSION, "pipeline": cfg.name, "stages": {}}
+    artifacts: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"stages": {}}
+    ran: list[str] = []
+    skipped: list[str] = []
+    seconds: dict[str, float] = {}
+    previous = ""
+    for stage in pipeline.stages:
+        key = _stage_key(stage)
+        digest = _stage_hash(stage, previous, pipeline)
+        previous = digest
+        old = old_stages.get(key)
+        if old and old.get("hash") == digest and old.get("status") == "done":
+            artifacts.update(old.get("outputs", {}))
+            metrics["stages"][key] = old.get("metrics", {})
+            metrics.update(old.get("metrics", {}))
+            provenance["inputs"].update(old.get("inputs", {}))
+            new_state["stages"][key] = old
+            skipped.append(key)
+            seconds[key] = float(old.get("seconds", 0.0))
+            log.info("%s: unchanged, skipped (--resume)", key)
+            if on_stage:
+                on_stage(key, "skipped")
+            continue
+        stage_dir = run_dir / "stages" / key
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed, cfg.deterministic)
+        ctx = RunContext(run_dir, stage_dir, cfg.seed, device, amp, cfg.deterministic, dict(artifacts),
+                         logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory)
+        from medpipe.registry import REGISTRY
+
+        if on_stage:
+            on_stage(key, "running")
+        new_state["stages"][key] = {"hash": digest, "status": "running"}
+        _write_json(run_dir / "state.json", {**new_state, "stages": {**old_stages, **new_state["stages"]}})
+        t0 = time.perf_counter()
+        try:
+            result = REGISTRY[stage.kind].fn(ctx, stage.params)
+        except MedpipeError as exc:
+            new_state["stages"][key] = {"hash": digest, "status": "failed", "error": str(exc)}
+            _write_json(run_dir / "state.json", new_state)
+            log.error("%s failed: %s", key, exc)
+            raise StageError(f"stages[{stage.index}] ({stage.kind}): {exc}", hint=exc.hint) from exc
+        except BaseException:
+            new_state["stages"][key] = {"hash": digest, "status": "failed"}
+            _write_json(run_dir / "state.json", new_state)
+            log.exception("%s crashed", key)
+            raise
+        elapsed = time.perf_counter() - t0
+        seconds[key] = elapsed
+        artifacts.update(result.outputs)
+        metrics["stages"][key] = result.metrics
+        metrics.update(result.metrics)
+        provenance["inputs"].update(result.inputs)
+        new_state["stages"][key] = {
+            "hash": digest, "status": "done", "outputs": result.outputs, "metrics": result.metrics,
+            "inputs": result.inputs, "seconds": round(elapsed, 3),
+        }
+        _write_json(run_dir / "state.json", new_state)
+        _write_json(run_dir / "metrics.json", metrics)
+        ran.append(key)
+        log.info("%s done in %.1f s", key, elapsed)
+        if on_stage:
+            on_stage(key, "done")
+    provenance["finished"] = datetime.now(timezone.utc).isoformat()
+    provenance["stage_seconds"] = seconds
+    _write_json(run_dir / "metrics.json", metrics)
+    _write_json(run_dir / "provenance.json", provenance)
+    return RunSummary(run_dir, ran, skipped, metrics, seconds)
