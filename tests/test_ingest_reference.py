@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from medpipe.ingest import ingest
-from tests.conftest import world_compare
+from tests.conftest import DATA, world_compare
 
 
 def _ref_series_number(ref: Path) -> int:
@@ -58,7 +58,7 @@ def _matches(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> bool:
     return mapped.shape == r.shape and np.allclose(mapped, r, rtol=1e-6, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", [p.name for p in sorted((Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dcm_qa" / "Ref").glob("*.nii"))] or ["none"])
+@pytest.mark.parametrize("name", [p.name for p in sorted((DATA / "dcm_qa" / "Ref").glob("*.nii"))] or ["none"])
 def test_dcm_qa_reference(dcm_qa, shared_data: Path, name: str) -> None:
     report, out = dcm_qa
     ref_path = shared_data / "dcm_qa" / "Ref" / name
