@@ -1,3 +1,7 @@
 """Pipeline stages, one module per kind. Listed explicitly: nothing is discovered by scanning."""
 
-STAGE_MODULES: tuple[str, ...] = ()
+STAGE_MODULES: tuple[str, ...] = (
+    "medpipe.stages.sample",
+    "medpipe.stages.ingest",
+    "medpipe.stages.dataset",
+)
