@@ -53,6 +53,8 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:  # the console; run.log keeps INFO (see runner)
+        handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _register() -> None:

@@ -4,4 +4,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.sample",
     "medpipe.stages.ingest",
     "medpipe.stages.dataset",
+    "medpipe.stages.train_segmenter",
+    "medpipe.stages.evaluate",
+    "medpipe.stages.predict",
 )

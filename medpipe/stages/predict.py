@@ -1,0 +1,158 @@
+"""Stage ``predict``: segment new series with a trained segmenter; masks as NIfTI on the source grid.
+
+Inputs, one of:
+
+* a datalist split (default: the dataset stage's datalist, split ``test``); labels are ignored;
+* ``ingest_dir``: every study of an ingest folder whose series match the channel rules (the dataset
+  stage's rules and code: ``channels``, ``reference``; default: the dataset stage's defaults), e.g. a
+  new PACS export ingested with ``medpipe ingest``.
+
+Each study goes through the eval transforms stored in the checkpoint, sliding-window inference
+(optional flip test-time augmentation, ``tta``), and its class probabilities are resampled back onto
+the reference series' volume (the grid and affine of the NIfTI that ingest wrote), where the argmax
+is taken. Output: ``predictions/<patient>_<study hash>.nii.gz`` (uint8 class map, same shape and
+affine as the reference volume) and ``predictions.csv`` (one row per study: UIDs, reference volume,
+mask, predicted volume per class in mL). Optionally ``*_prob.nii.gz`` (float32 foreground probability).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from medpipe.config import StageParams, TransformList
+from medpipe.errors import StageError
+from medpipe.io import write_text_atomic
+from medpipe.registry import stage
+from medpipe.runner import RunContext, StageResult
+from medpipe.stages._segmentation import (
+    case_name,
+    grid_of,
+    load_checkpoint,
+    load_datalist,
+    resolve_input,
+    segment_item,
+    sha256,
+    split_items,
+    tolerate_missing_keys,
+)
+from medpipe.stages.dataset import ChannelRule
+
+
+class PredictParams(StageParams):
+    checkpoint: str | None = Field(None, description="None: the train_segmenter stage's checkpoint")
+    datalist: str | None = Field(None, description="None: the dataset stage's datalist (unless ingest_dir is set)")
+    split: Literal["train", "val", "test", "all"] = "test"
+    ingest_dir: str | None = Field(None, description="predict every matching study of this ingest folder instead")
+    channels: dict[str, ChannelRule] | None = Field(None, description="with ingest_dir; None: the dataset defaults")
+    reference: str | None = Field(None, description="with ingest_dir: the grid channel; None: FLAIR / the last one")
+    eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
+    tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")
+    probabilities: bool = Field(False, description="also write the foreground probability map")
+
+
+def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, channel_names: list[str]
+                       ) -> tuple[list[dict[str, Any]], Path]:
+    """Unlabelled items of every usable study in ``ingest_dir``, built by the dataset stage's code."""
+    from medpipe.stages.dataset import (
+        DEFAULT_CHANNELS,
+        DatasetParams,
+        SplitParams,
+        dataset,
+    )
+
+    rules = p.channels if p.channels is not None else {n: DEFAULT_CHANNELS[n] for n in channel_names
+                                                       if n in DEFAULT_CHANNELS}
+    if list(rules) != channel_names:
+        raise StageError(f"channels: the checkpoint expects channels {channel_names} in this order; "
+                         f"give a rule for each ({list(rules)} given)")
+    reference = p.reference or ("FLAIR" if "FLAIR" in rules else channel_names[-1])
+    params = DatasetParams(ingest_dir=str(ingest_dir), channels=rules, reference=reference, labels=None,
+                           split=SplitParams(val=0.0, test=0.0, stratify=False))
+    sub = ctx.stage_dir / "inputs"
+    sub.mkdir(parents=True, exist_ok=True)
+    sub_ctx = type(ctx)(ctx.run_dir, sub, ctx.seed, ctx.device, ctx.amp, ctx.deterministic, ctx.artifacts, ctx.log,
+                        ctx.progress_factory)
+    result = dataset(sub_ctx, params)
+    path = Path(result.outputs["datalist"])
+    return split_items(load_datalist(path), "all", need_labels=False, path=path), path
+
+
+@stage("predict", PredictParams)
+def predict(ctx: RunContext, p: PredictParams) -> StageResult:
+    from medpipe.data.datasets import make_dataset
+    from medpipe.data.volumes import write_nifti
+
+    ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")
+    net, ck = load_checkpoint(ckpt_path, ctx.device)
+    channel_names = list(ck.get("channels") or [])
+    inputs = {str(ckpt_path): sha256(ckpt_path)}
+    if p.ingest_dir is not None:
+        src = Path(p.ingest_dir).expanduser().resolve()
+        if not src.is_dir():
+            raise StageError(f"ingest_dir: {src} is not a folder")
+        items, source = _items_from_ingest(ctx, p, src, channel_names)
+    else:
+        source = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+        doc = load_datalist(source)
+        if channel_names and doc.get("channels") and list(doc["channels"]) != channel_names:
+            raise StageError(f"the checkpoint was trained on channels {channel_names}, "
+                             f"the datalist has {doc['channels']}")
+        items = split_items(doc, p.split, need_labels=False, path=source)
+        inputs[str(source)] = sha256(source)
+    spec = tolerate_missing_keys(p.eval_transforms if p.eval_transforms is not None else ck["eval_transforms"])
+    unlabelled = [{k: v for k, v in it.items() if k not in ("label", "class")} for it in items]
+    ds = make_dataset(unlabelled, spec, "none")
+    roi = tuple(ck["roi_size"])
+    classes = {int(k): v for k, v in ck["labels"]["classes"].items()}
+
+    out_dir = ctx.stage_dir / "predictions"
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with ctx.progress("Predicting", len(items)) as advance:
+        for i, item in enumerate(items):
+            ref = item.get("reference_volume") or (item["image"][-1] if isinstance(item["image"], list) else item["image"])
+            try:
+                data = ds[i]
+                grid = grid_of(ref)
+            except Exception as exc:
+                raise StageError(f"study {item.get('study_uid')} of {item.get('patient_id')}: cannot be loaded "
+                                 f"({type(exc).__name__}: {exc})") from exc
+            mask, prob = segment_item(net, data, grid, roi, device=ctx.device, amp=ctx.amp, tta=p.tta,
+                                      sw_batch_size=int(ck.get("sw_batch_size", 4)),
+                                      overlap=float(ck.get("overlap", 0.25)))
+            name = case_name(item)
+            mask_path = out_dir / f"{name}.nii.gz"
+            write_nifti(mask, grid.affine, mask_path)
+            voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+            row: dict[str, Any] = {
+                "patient_id": item.get("patient_id"), "study_uid": item.get("study_uid"),
+                "reference_series_uid": item.get("reference_series_uid"), "reference_volume": str(ref),
+                "mask": str(mask_path),
+                "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
+            }
+            if len(classes) > 1:
+                for c, cname in classes.items():
+                    row[f"{cname.replace(' ', '_')}_ml"] = round(float((mask == c).sum()) * voxel_ml, 3)
+            if p.probabilities:
+                prob_path = out_dir / f"{name}_prob.nii.gz"
+                write_nifti((1.0 - prob[0]).astype(np.float32), grid.affine, prob_path)
+                row["probability"] = str(prob_path)
+            rows.append(row)
+            ctx.log.info("%s: %.1f mL predicted -> %s", item.get("patient_id"), row["foreground_ml"], mask_path)
+            advance(1)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(ctx.stage_dir / "predictions.csv", buf.getvalue())
+    seconds = time.perf_counter() - t0
+    ctx.log.info("%d studies segmented in %.1f s -> %s", len(rows), seconds, out_dir)
+    return StageResult(outputs={"predictions": str(out_dir)},
+                       metrics={"n_predicted": len(rows), "predict_seconds": round(seconds, 2)}, inputs=inputs)

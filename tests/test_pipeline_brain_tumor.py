@@ -1,0 +1,94 @@
+"""End to end: ``medpipe run pipelines/brain_tumor.yaml`` at a small size (the real file, shrunk with --set)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import medpipe.stages.evaluate
+import medpipe.stages.predict
+import medpipe.stages.train_segmenter  # noqa: F401  (registered even before STAGE_MODULES lists them)
+from medpipe.cli import app
+from medpipe.runner import RunContext
+from medpipe.stages.predict import PredictParams, predict
+
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_tumor.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(tmp_path: Path) -> list[str]:
+    """Six small studies (all with tumour, so the one test case has a Dice), a tiny U-Net, 2 epochs."""
+    sets = {
+        "sample.out": str(tmp_path / "sample"), "sample.cases": 6, "sample.tumor_fraction": 1.0,
+        "sample.matrix": 64, "sample.pixel_spacing": 3.0, "sample.slices": 16, "sample.slice_thickness": 8.0,
+        "train_segmenter.channels": [4, 8], "train_segmenter.strides": [2], "train_segmenter.epochs": 2,
+        "train_segmenter.val_every": 1, "evaluate.tta": False, "evaluate.bootstrap": 100,
+    }
+    out: list[str] = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={json.dumps(v)}"]
+    return out
+
+
+@pytest.mark.slow
+def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(PIPELINE), "--out", str(run_dir), "--device", "cpu", *small(tmp_path)])
+    assert result.exit_code == 0, result.output
+
+    resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
+    assert [s["stage"] for s in resolved["stages"]] == ["sample", "ingest", "dataset", "train_segmenter", "evaluate",
+                                                          "predict"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert isinstance(metrics["dice"], float) and 0.0 <= metrics["dice"] <= 1.0
+    lo, hi = metrics["dice_ci95"]
+    assert lo <= metrics["dice"] <= hi
+    assert metrics["epochs_run"] == 2 and "best_val_dice" in metrics and metrics["n_predicted"] >= 1
+
+    stages = run_dir / "stages"
+    train = next(stages.glob("*_train_segmenter"))
+    assert (train / "checkpoint.pt").is_file() and (train / "curve.png").is_file()
+    ck = torch.load(train / "checkpoint.pt", weights_only=True)
+    assert ck["channels"] == ["T1", "T1c", "T2", "FLAIR"] and ck["model"]["in_channels"] == 4
+    evaluation = next(stages.glob("*_evaluate"))
+    assert list((evaluation / "overlays").glob("*.png")) and (evaluation / "cases.csv").is_file()
+
+    datalist = json.loads(Path(json.loads((run_dir / "state.json").read_text())["stages"]["02_dataset"]["outputs"]
+                               ["datalist"]).read_text())
+    pred = next(stages.glob("*_predict"))
+    masks = sorted((pred / "predictions").glob("*.nii.gz"))
+    assert len(masks) == len(datalist["test"]) >= 1
+    for item in datalist["test"]:
+        ref = nib.load(item["reference_volume"])
+        mask = nib.load(next(m for m in masks if m.name.startswith(item["patient_id"] + "_")))
+        assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
+
+    again = CliRunner().invoke(app, ["run", str(PIPELINE), "--out", str(run_dir), "--resume", *small(tmp_path)])
+    assert again.exit_code == 0, again.output
+    state = json.loads((run_dir / "state.json").read_text())
+    assert all(s["status"] == "done" for s in state["stages"].values())
+
+    # predict straight from an ingest folder (new series, no datalist): the dataset stage's channel rules
+    ctx = RunContext(tmp_path, tmp_path / "predict_ingest", 0, "cpu", False, False, {}, logging.getLogger("test"))
+    ctx.stage_dir.mkdir()
+    out = predict(ctx, PredictParams(checkpoint=str(train / "checkpoint.pt"), ingest_dir=str(stages / "01_ingest")))
+    masks = sorted(Path(out.outputs["predictions"]).glob("*.nii.gz"))
+    assert len(masks) == out.metrics["n_predicted"] == 6
+    flair = sorted(Path(stages / "01_ingest" / "volumes").glob("*/*FLAIR*.nii.gz"))
+    assert [nib.load(m).shape for m in masks] == [nib.load(f).shape for f in flair]
