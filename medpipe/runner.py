@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -265,7 +266,12 @@ def _run(
         _write_json(run_dir / "state.json", {**new_state, "stages": {**old_stages, **new_state["stages"]}})
         t0 = time.perf_counter()
         try:
-            result = REGISTRY[stage.kind].fn(ctx, stage.params)
+            with warnings.catch_warnings():
+                # expected, not actionable: tumour-free cases under pos/neg patch sampling, and
+                # MONAI's own deprecation notices; they would drown the progress bars
+                warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+                result = REGISTRY[stage.kind].fn(ctx, stage.params)
         except MedpipeError as exc:
             new_state["stages"][key] = {"hash": digest, "status": "failed", "error": str(exc)}
             _write_json(run_dir / "state.json", new_state)

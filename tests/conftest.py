@@ -18,6 +18,17 @@ def shared_data() -> Path:
     return DATA
 
 
+@pytest.fixture
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """Tiny networks: one torch thread is faster, and far faster when other processes share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def world_compare(data: np.ndarray, affine: np.ndarray, ref_data: np.ndarray, ref_affine: np.ndarray) -> np.ndarray:
     """Map ``data`` onto the reference grid through both affines; return it in the reference's index order.
 

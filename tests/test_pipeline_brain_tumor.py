@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -24,12 +23,7 @@ from medpipe.stages.predict import PredictParams, predict
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_tumor.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(tmp_path: Path) -> list[str]:

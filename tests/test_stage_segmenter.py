@@ -41,13 +41,7 @@ EXACT_EVAL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny networks: one torch thread is faster, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(path: Path, data: np.ndarray) -> str:

@@ -104,6 +104,10 @@ class TrainSegmenterParams(StageParams):
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
     sw_batch_size: int = Field(4, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while training; None: torch's default (one per core). "
+        "1 is the safe choice on a small shared machine: busy-waiting OpenMP threads slow down many-fold "
+        "when another process wants the same cores")
 
     @model_validator(mode="after")
     def _fill(self) -> TrainSegmenterParams:
@@ -180,6 +184,18 @@ def _curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 @stage("train_segmenter", TrainSegmenterParams)
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
+    import torch
+
+    threads = torch.get_num_threads()
+    if p.cpu_threads is not None:
+        torch.set_num_threads(p.cpu_threads)
+    try:
+        return _train(ctx, p)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     import numpy as np
     import torch
     from monai.data import DataLoader
@@ -209,9 +225,9 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     amp = ctx.amp if p.amp == "auto" else bool(p.amp) and device.startswith("cuda")
     net.to(device)
     n_params = sum(t.numel() for t in net.parameters())
-    ctx.log.info("%s %s: %d inputs (%s), %d classes (%s), %.2fM parameters, on %s%s", p.model, cfg["channels"],
-                 in_channels, ", ".join(channels), n_classes(info), info["target"], n_params / 1e6, device,
-                 " with mixed precision" if amp else "")
+    ctx.log.info("%s %s: %d inputs (%s), %d classes (%s), %.2fM parameters, on %s%s (%d CPU threads)", p.model,
+                 cfg["channels"], in_channels, ", ".join(channels), n_classes(info), info["target"], n_params / 1e6,
+                 device, " with mixed precision" if amp else "", torch.get_num_threads())
 
     cache_dir = Path(p.cache_dir).expanduser().resolve() if p.cache_dir else ctx.run_dir / "cache"
     t0 = time.perf_counter()
