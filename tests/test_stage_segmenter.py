@@ -303,3 +303,20 @@ def test_predict_needs_a_checkpoint(tmp_path: Path, datalist: Path) -> None:
     ctx = _ctx(tmp_path, "04_predict", {"datalist": str(datalist)})
     with pytest.raises(StageError, match="checkpoint: not given and no train_segmenter stage"):
         predict(ctx, PredictParams())
+
+
+def test_cpu_threads_apply_inside_the_stage_only(tmp_path: Path, datalist: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with seg.torch_threads(1):
+            seen.append(torch.get_num_threads())
+        with seg.torch_threads(None):
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        ctx = _ctx(tmp_path, "02_train_segmenter", {"datalist": str(datalist)})
+        train_segmenter(ctx, TrainSegmenterParams(**TINY, epochs=1, cpu_threads=1, eval_transforms=EXACT_EVAL))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

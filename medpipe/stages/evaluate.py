@@ -40,6 +40,7 @@ from medpipe.io import atomic_path, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._segmentation import (
+    CPU_THREADS_HELP,
     case_name,
     grid_of,
     load_checkpoint,
@@ -49,6 +50,7 @@ from medpipe.stages._segmentation import (
     segment_item,
     sha256,
     split_items,
+    torch_threads,
 )
 
 
@@ -58,6 +60,7 @@ class EvaluateParams(StageParams):
     split: Literal["train", "val", "test"] = "test"
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
     tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")
+    cpu_threads: int | None = Field(None, ge=1, description=CPU_THREADS_HELP)
     hd95: bool = True
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the 95 % confidence intervals")
     overlays: int = Field(4, ge=0, description="how many cases get a PNG overlay")
@@ -198,6 +201,11 @@ def nib_axes(affine: np.ndarray) -> np.ndarray:
 
 @stage("evaluate", EvaluateParams)
 def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
+    with torch_threads(p.cpu_threads):
+        return _evaluate(ctx, p)
+
+
+def _evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
 
     ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")

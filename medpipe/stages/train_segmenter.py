@@ -37,6 +37,7 @@ from medpipe.runner import RunContext, StageResult
 from medpipe.stages._segmentation import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    CPU_THREADS_HELP,
     Target,
     label_info,
     load_datalist,
@@ -47,6 +48,7 @@ from medpipe.stages._segmentation import (
     set_random_state,
     sha256,
     split_items,
+    torch_threads,
 )
 
 KEYS = ["image", "label"]
@@ -104,10 +106,7 @@ class TrainSegmenterParams(StageParams):
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
     sw_batch_size: int = Field(4, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    cpu_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads while training; None: torch's default (one per core). "
-        "1 is the safe choice on a small shared machine: busy-waiting OpenMP threads slow down many-fold "
-        "when another process wants the same cores")
+    cpu_threads: int | None = Field(None, ge=1, description=CPU_THREADS_HELP)
 
     @model_validator(mode="after")
     def _fill(self) -> TrainSegmenterParams:
@@ -184,15 +183,8 @@ def _curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 @stage("train_segmenter", TrainSegmenterParams)
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
-    import torch
-
-    threads = torch.get_num_threads()
-    if p.cpu_threads is not None:
-        torch.set_num_threads(p.cpu_threads)
-    try:
+    with torch_threads(p.cpu_threads):
         return _train(ctx, p)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
