@@ -11,12 +11,17 @@ import difflib
 import hashlib
 import inspect
 import json
+import warnings
 from functools import lru_cache
 from typing import Any
 
 
 @lru_cache(maxsize=1)
 def _transform_classes() -> dict[str, type]:
+    import logging
+
+    # MONAI announces at import that an optional GPU DICOM decoder is missing: not actionable here
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     import monai.transforms as mt
     from monai.transforms import Transform
 
@@ -44,7 +49,10 @@ def _instantiate(item: Any) -> Any:
         close = difflib.get_close_matches(name, list(classes), n=1)
         raise ValueError(f"unknown MONAI transform {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     try:
-        return classes[name](**args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="monai")  # MONAI's own deprecations
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return classes[name](**args)
     except TypeError as exc:  # unexpected / missing arguments
         raise ValueError(f"{name}: {exc}") from None
     except Exception as exc:  # MONAI validates values in constructors
