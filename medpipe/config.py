@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from medpipe.errors import ConfigError
 
@@ -60,6 +60,11 @@ class PipelineConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
+    cpu_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads for every stage; None: torch's default (one per core). 1 is the safe "
+                    "choice on a small shared machine (busy-waiting threads slow down many-fold when other "
+                    "processes want the same cores)")
     stages: list[dict[str, Any]]
 
 

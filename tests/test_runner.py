@@ -80,3 +80,23 @@ def test_cli_run_and_resume(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "--resume" in again.output
     resumed = runner.invoke(app, ["run", str(path), "--out", str(out), "--resume"])
     assert resumed.exit_code == 0 and "skipped" in resumed.output
+
+
+def test_cpu_threads_apply_to_every_stage_and_are_restored(tmp_path: Path) -> None:
+    import torch
+
+    from medpipe.runner import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            inside = torch.get_num_threads()
+        with torch_threads(None):
+            untouched = torch.get_num_threads()
+        assert (inside, untouched) == (1, 2)
+        summary = run(tmp_path, ["cpu_threads=1"])
+        assert summary.metrics["torch_threads"] == 1 and torch.get_num_threads() == 2
+        assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(before)

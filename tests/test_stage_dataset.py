@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from medpipe.data.splits import split_patients
 from medpipe.data.volumes import _in_world_space, read_grid, read_seg
 from medpipe.errors import StageError
 from medpipe.runner import RunContext
-from medpipe.stages.dataset import DatasetParams, split_patients
+from medpipe.stages.dataset import DatasetParams
 from medpipe.stages.dataset import dataset as dataset_stage
 from medpipe.stages.ingest import IngestParams
 from medpipe.stages.ingest import ingest as ingest_stage
@@ -200,7 +201,9 @@ def test_nifti_label_maps_are_put_on_the_reference_grid(ingested: dict[str, Any]
 
 
 def test_csv_class_labels(ingested: dict[str, Any]) -> None:
-    doc, _ = run_dataset(ingested, "14_dataset", labels={"source": "csv", "column": "has_tumor"})
+    doc, _ = run_dataset(ingested, "14_dataset", labels={"source": "csv", "column": "has_tumor",
+                                                         "class_names": {0: "no tumour", 1: "tumour"}})
+    assert doc["class_names"] == {"0": "no tumour", "1": "tumour"}
     for it in all_items(doc):
         assert it["label"] is None
         assert it["class"] == int(ingested["cases"][it["patient_id"]]["has_tumor"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from medpipe.metrics.bootstrap import bootstrap_ci
 from medpipe.models.segmentation import (
     build_from_config,
     build_segmenter,
@@ -23,7 +24,7 @@ from medpipe.runner import RunContext, seed_everything
 from medpipe.stages import _segmentation as seg
 from medpipe.stages import evaluate as evaluate_mod
 from medpipe.stages import predict as predict_mod
-from medpipe.stages.evaluate import EvaluateParams, bootstrap_ci, dice_hd95, evaluate
+from medpipe.stages.evaluate import EvaluateParams, dice_hd95, evaluate
 from medpipe.stages.predict import PredictParams, predict
 from medpipe.stages.train_segmenter import TrainSegmenterParams, train_segmenter
 
@@ -303,20 +304,3 @@ def test_predict_needs_a_checkpoint(tmp_path: Path, datalist: Path) -> None:
     ctx = _ctx(tmp_path, "04_predict", {"datalist": str(datalist)})
     with pytest.raises(StageError, match="checkpoint: not given and no train_segmenter stage"):
         predict(ctx, PredictParams())
-
-
-def test_cpu_threads_apply_inside_the_stage_only(tmp_path: Path, datalist: Path) -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
-        with seg.torch_threads(1):
-            seen.append(torch.get_num_threads())
-        with seg.torch_threads(None):
-            seen.append(torch.get_num_threads())
-        assert seen == [1, 2] and torch.get_num_threads() == 2
-        ctx = _ctx(tmp_path, "02_train_segmenter", {"datalist": str(datalist)})
-        train_segmenter(ctx, TrainSegmenterParams(**TINY, epochs=1, cpu_threads=1, eval_transforms=EXACT_EVAL))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -45,4 +45,7 @@ def toy_train(ctx: RunContext, p: ToyTrainParams) -> StageResult:
     with ctx.progress("toy epochs", p.epochs) as advance:
         for _ in range(p.epochs):
             advance(1)
-    return StageResult(metrics={"dice": sum(numbers) / 10 + p.epochs / 100, "device": ctx.device})
+    import torch
+
+    return StageResult(metrics={"dice": sum(numbers) / 10 + p.epochs / 100, "device": ctx.device,
+                                "torch_threads": torch.get_num_threads()})

@@ -15,19 +15,12 @@ field of view, and the argmax is taken there. So masks and scores are always on 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import inspect
-import json
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from medpipe.errors import StageError
-from medpipe.io import atomic_path
 
 CHECKPOINT_FORMAT = "medpipe-segmenter"
 CHECKPOINT_VERSION = 1
@@ -95,37 +88,6 @@ def map_labels(label: Any, info: dict[str, Any]) -> Any:
 # -- inputs -------------------------------------------------------------------------------------------
 
 
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_input(value: str | None, artifacts: dict[str, Any], key: str, producer: str, field: str) -> Path:
-    """A path parameter, or the artifact ``key`` of an earlier stage when the parameter is None."""
-    if value is not None:
-        path = Path(value).expanduser().resolve()
-    elif key in artifacts:
-        path = Path(artifacts[key])
-    else:
-        raise StageError(f"{field}: not given and no {producer} stage before this one")
-    if not path.exists():
-        raise StageError(f"{field}: {path} does not exist")
-    return path
-
-
-def load_datalist(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StageError(f"datalist {path} cannot be read ({exc}); re-run the dataset stage") from exc
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(s, []), list) for s in ("train", "val", "test")):
-        raise StageError(f"datalist {path} is not a medpipe datalist (train / val / test lists)")
-    return doc
-
-
 def split_items(doc: dict[str, Any], split: str, *, need_labels: bool, path: Path) -> list[dict[str, Any]]:
     items = doc.get(split, []) if split != "all" else [*doc.get("train", []), *doc.get("val", []), *doc.get("test", [])]
     if need_labels:
@@ -136,63 +98,7 @@ def split_items(doc: dict[str, Any], split: str, *, need_labels: bool, path: Pat
     return items
 
 
-# -- transforms ---------------------------------------------------------------------------------------
-
-
-def tolerate_missing_keys(spec: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``spec`` with ``allow_missing_keys: true`` on every dictionary transform (for items without labels)."""
-    from medpipe.data.transforms import _transform_classes
-
-    classes = _transform_classes()
-    out = []
-    for item in spec:
-        name, args = next(iter(item.items()))
-        args = dict(args or {})
-        cls = classes.get(name)
-        if cls is not None and "allow_missing_keys" in inspect.signature(cls).parameters:
-            args.setdefault("allow_missing_keys", True)
-        out.append({name: args})
-    return out
-
-
-def set_random_state(transform: Any, seed: int) -> None:
-    """Seed every random transform of a Compose (reproducible augmentation)."""
-    if hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=seed % (2**32))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads (None: leave torch's setting), then restore it.
-
-    Why a knob at all: torch's OpenMP threads busy-wait, so on a small machine whose cores another
-    process also wants, 2 threads can run many times slower than 1 (measured on 2 cores: an epoch
-    went from 0.2 s to 8 s); 1 thread is only ~20 % slower than 2 on an idle 2-core machine.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-CPU_THREADS_HELP = ("torch CPU threads in this stage; None: torch's default (one per core). 1 is the safe "
-                    "choice on a small shared machine (busy-waiting threads slow down many-fold when other "
-                    "processes want the same cores)")
-
-
 # -- checkpoints --------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(doc, tmp)
 
 
 def load_checkpoint(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
@@ -258,12 +164,3 @@ def segment_item(net: Any, data: dict[str, Any], grid: Any, roi_size: tuple[int,
     native = probabilities_on_grid(prob, affine, grid)
     return native.argmax(0).astype(np.uint8), native
 
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:48] or "unknown"
-
-
-def case_name(item: dict[str, Any]) -> str:
-    """A file-name stem for an item: patient ID + a short hash of the study UID."""
-    study = str(item.get("study_uid") or item.get("reference_volume") or item.get("image"))
-    return f"{safe_name(str(item.get('patient_id') or 'case'))}_{hashlib.sha1(study.encode()).hexdigest()[:8]}"

@@ -50,6 +50,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from medpipe.config import StageParams
+from medpipe.data.splits import split_patients
 from medpipe.errors import StageError
 from medpipe.io import write_text_atomic
 from medpipe.registry import stage
@@ -122,6 +123,7 @@ class CsvLabels(StageParams):
     key: Literal["auto", "study_uid", "patient_id"] = Field(
         default="auto", description="column joining rows to studies; auto: study_uid when the CSV has it")
     required: bool = True
+    class_names: dict[int, str] | None = Field(default=None, description="class -> name (datalist class_names)")
 
 
 LabelSpec = Annotated[SegLabels | NiftiLabels | CsvLabels, Field(discriminator="source")]
@@ -240,56 +242,6 @@ def _candidates(ingest_dir: Path, volumes: list[dict[str, Any]]) -> dict[tuple[s
     return studies
 
 
-# -- splitting ----------------------------------------------------------------------------------------
-
-
-def split_patients(
-    strata: dict[str, int], *, val: float, test: float, seed: int, stratify: bool = True,
-    folds: int | None = None, fold: int = 0,
-) -> dict[str, list[str]]:
-    """Assign patients to ``train`` / ``val`` / ``test``; deterministic from ``seed``.
-
-    ``strata``: patient -> stratum (e.g. class). Patients are put in a random order in which every
-    stratum is spread evenly (each stratum's shuffled members at evenly spaced, randomly offset
-    positions), so any leading block holds the strata in proportion. The first
-    ``round(test * n)`` patients form the test split, the next ``round(val * n)`` the validation
-    split (each at least one when its fraction is above 0), the rest train. With ``folds`` = k the
-    non-test patients, in the same order, are dealt into k folds and fold ``fold`` is validation.
-    """
-    rng = np.random.default_rng([seed, 0x5B117])
-    patients = sorted(strata)
-    n = len(patients)
-    groups: dict[int, list[str]] = defaultdict(list)
-    for p in patients:
-        groups[strata[p] if stratify else 0].append(p)
-    position: dict[str, float] = {}
-    for g in sorted(groups):
-        members = [groups[g][i] for i in rng.permutation(len(groups[g]))]
-        offset = float(rng.random())
-        for j, p in enumerate(members):
-            position[p] = (j + offset) / len(members)
-    order = sorted(patients, key=lambda p: (position[p], strata[p] if stratify else 0, p))
-
-    def count(fraction: float) -> int:
-        return max(1, round(fraction * n)) if fraction > 0 else 0
-
-    n_test = count(test)
-    rest = order[n_test:]
-    if folds is not None:
-        if len(rest) < folds:
-            raise StageError(f"{len(rest)} patients outside the test split cannot form {folds} folds")
-        fold_of = {p: j % folds for j, p in enumerate(rest)}
-        split = {"train": [p for p in rest if fold_of[p] != fold], "val": [p for p in rest if fold_of[p] == fold]}
-    else:
-        n_val = count(val)
-        split = {"train": rest[n_val:], "val": rest[:n_val]}
-    if not split["train"]:
-        raise StageError(f"{n} patient(s) are too few for val={val}, test={test}"
-                         + (f", {folds} folds" if folds else "") + ": no patient is left for training")
-    split["test"] = order[:n_test]
-    return {k: sorted(split[k]) for k in ("train", "val", "test")}
-
-
 # -- the stage ----------------------------------------------------------------------------------------
 
 
@@ -347,7 +299,12 @@ class _Builder:
 
     # -- images
     def images(self, chosen: dict[str, Candidate], tag: str) -> list[str]:
-        from medpipe.data.volumes import file_key, read_grid, resample_to_grid, write_nifti
+        from medpipe.data.volumes import (
+            file_key,
+            read_grid,
+            resample_to_grid,
+            write_nifti,
+        )
 
         ref = chosen[self.p.reference]
         self.ref_grid = read_grid(ref.path)
@@ -386,7 +343,13 @@ class _Builder:
         return None, self._class(spec, patient, study)
 
     def _seg(self, spec: SegLabels, ref: Candidate, tag: str) -> str | None:
-        from medpipe.data.volumes import SegMismatch, file_key, read_seg, seg_to_labelmap, write_nifti
+        from medpipe.data.volumes import (
+            SegMismatch,
+            file_key,
+            read_seg,
+            seg_to_labelmap,
+            write_nifti,
+        )
 
         series = ref.row["series_uid"]
         segs = [o for o in self.objects if o["modality"] == "SEG" and series in (o["referenced_series"] or "").split("\\")
@@ -427,7 +390,13 @@ class _Builder:
     def _nifti(self, spec: NiftiLabels, ref: Candidate, tag: str, patient: str, study: str) -> str | None:
         import nibabel as nib
 
-        from medpipe.data.volumes import file_key, label_dtype, read_grid, resample_to_grid, write_nifti
+        from medpipe.data.volumes import (
+            file_key,
+            label_dtype,
+            read_grid,
+            resample_to_grid,
+            write_nifti,
+        )
 
         path = Path(spec.pattern.format(patient_id=patient, study_uid=study, series_uid=ref.row["series_uid"]))
         path = path.expanduser().resolve()
@@ -551,6 +520,8 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
         "channels": list(p.channels),
         "reference": p.reference,
         "label_names": {str(k): v for k, v in sorted(label_names.items())},
+        "class_names": {str(k): v for k, v in sorted(p.labels.class_names.items())}
+        if isinstance(p.labels, CsvLabels) and p.labels.class_names else None,
         "train": [it for it in items if where[it["patient_id"]] == "train"],
         "val": [it for it in items if where[it["patient_id"]] == "val"],
         "test": [it for it in items if where[it["patient_id"]] == "test"],

@@ -37,20 +37,21 @@ from pydantic import Field
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, write_text_atomic
+from medpipe.metrics.bootstrap import bootstrap_ci
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
-from medpipe.stages._segmentation import (
-    CPU_THREADS_HELP,
+from medpipe.stages._common import (
     case_name,
+    load_datalist,
+    resolve_input,
+    sha256,
+)
+from medpipe.stages._segmentation import (
     grid_of,
     load_checkpoint,
-    load_datalist,
     map_labels,
-    resolve_input,
     segment_item,
-    sha256,
     split_items,
-    torch_threads,
 )
 
 
@@ -60,7 +61,6 @@ class EvaluateParams(StageParams):
     split: Literal["train", "val", "test"] = "test"
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
     tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")
-    cpu_threads: int | None = Field(None, ge=1, description=CPU_THREADS_HELP)
     hd95: bool = True
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the 95 % confidence intervals")
     overlays: int = Field(4, ge=0, description="how many cases get a PNG overlay")
@@ -96,22 +96,6 @@ def dice_hd95(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: 
                                                  spacing=[float(s) for s in spacing]).reshape(-1)[0])
         out[c] = (d, h)
     return out
-
-
-def bootstrap_ci(values: list[float] | np.ndarray, *, seed: int, n: int = 2000, level: float = 0.95
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of ``values`` (NaNs dropped; seeded)."""
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if v.size == 0:
-        return (math.nan, math.nan)
-    if v.size == 1 or n == 0:
-        m = float(v.mean())
-        return (m, m)
-    rng = np.random.default_rng([seed, 0xB007])
-    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return (float(lo), float(hi))
 
 
 def _voxels(path: str | Path) -> np.ndarray:
@@ -201,11 +185,6 @@ def nib_axes(affine: np.ndarray) -> np.ndarray:
 
 @stage("evaluate", EvaluateParams)
 def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
-    with torch_threads(p.cpu_threads):
-        return _evaluate(ctx, p)
-
-
-def _evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
 
     ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")

@@ -31,18 +31,18 @@ from medpipe.errors import StageError
 from medpipe.io import write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
-from medpipe.stages._segmentation import (
-    CPU_THREADS_HELP,
+from medpipe.stages._common import (
     case_name,
-    grid_of,
-    load_checkpoint,
     load_datalist,
     resolve_input,
-    segment_item,
     sha256,
-    split_items,
     tolerate_missing_keys,
-    torch_threads,
+)
+from medpipe.stages._segmentation import (
+    grid_of,
+    load_checkpoint,
+    segment_item,
+    split_items,
 )
 from medpipe.stages.dataset import ChannelRule
 
@@ -56,7 +56,6 @@ class PredictParams(StageParams):
     reference: str | None = Field(None, description="with ingest_dir: the grid channel; None: FLAIR / the last one")
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
     tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")
-    cpu_threads: int | None = Field(None, ge=1, description=CPU_THREADS_HELP)
     probabilities: bool = Field(False, description="also write the foreground probability map")
 
 
@@ -89,11 +88,6 @@ def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, chan
 
 @stage("predict", PredictParams)
 def predict(ctx: RunContext, p: PredictParams) -> StageResult:
-    with torch_threads(p.cpu_threads):
-        return _predict(ctx, p)
-
-
-def _predict(ctx: RunContext, p: PredictParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
     from medpipe.data.volumes import write_nifti
 

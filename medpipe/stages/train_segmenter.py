@@ -34,21 +34,21 @@ from medpipe.errors import StageError
 from medpipe.io import atomic_path, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
-from medpipe.stages._segmentation import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    CPU_THREADS_HELP,
-    Target,
-    label_info,
+from medpipe.stages._common import (
     load_datalist,
-    map_labels,
-    n_classes,
     resolve_input,
     save_checkpoint,
     set_random_state,
     sha256,
+)
+from medpipe.stages._segmentation import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    Target,
+    label_info,
+    map_labels,
+    n_classes,
     split_items,
-    torch_threads,
 )
 
 KEYS = ["image", "label"]
@@ -106,7 +106,6 @@ class TrainSegmenterParams(StageParams):
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
     sw_batch_size: int = Field(4, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    cpu_threads: int | None = Field(None, ge=1, description=CPU_THREADS_HELP)
 
     @model_validator(mode="after")
     def _fill(self) -> TrainSegmenterParams:
@@ -183,11 +182,6 @@ def _curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 @stage("train_segmenter", TrainSegmenterParams)
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
-    with torch_threads(p.cpu_threads):
-        return _train(ctx, p)
-
-
-def _train(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     import numpy as np
     import torch
     from monai.data import DataLoader
