@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 
-
 import typer
 from typer.core import TyperGroup
 
@@ -58,12 +57,13 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, ingest, run, sample
+    from medpipe.cli import catalog, imports, ingest, run, sample
 
     ingest.register(app)
     catalog.register(app)
     sample.register(app)
     run.register(app)
+    imports.register(app)
 
 
 _register()

@@ -7,4 +7,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.train_segmenter",
     "medpipe.stages.evaluate",
     "medpipe.stages.predict",
+    "medpipe.stages.medmnist",
+    "medpipe.stages.train_classifier",
+    "medpipe.stages.evaluate_classifier",
+    "medpipe.stages.explain",
 )

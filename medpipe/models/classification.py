@@ -1,0 +1,181 @@
+"""Classification networks (pure torch / MONAI: no file I/O).
+
+:func:`classifier_config` makes a small JSON-able configuration (stored in checkpoints) and
+:func:`build_classifier` the network from it alone:
+
+* ``densenet121``, ``resnet18`` / ``resnet34`` / ``resnet50``, ``efficientnet-b0``: MONAI's networks,
+  2D or 3D (``spatial_dims``), never with downloaded weights. ``stem: small`` replaces the ResNet
+  stem (7x7 convolution with stride 2 + max pooling, made for 224 px photographs) by a 3x3 convolution
+  with stride ``stem_stride`` and no pooling, as the MedMNIST and CIFAR ResNets do for 28-32 px
+  images; ``widen_factor`` scales the ResNet's widths.
+* ``cnn_rnn`` (:class:`SliceSequenceClassifier`): a 2D ResNet encoder applied to every slice of a
+  volume, a bidirectional GRU or LSTM over the slice sequence, attention pooling over slices and a
+  linear head: a study-level label from a volume without a 3D CNN's memory.
+
+Every network returns class logits ``(B, num_classes)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+ClassifierName = Literal["densenet121", "resnet18", "resnet34", "resnet50", "efficientnet-b0", "cnn_rnn"]
+CLASSIFIERS: tuple[str, ...] = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet-b0", "cnn_rnn")
+
+_RESNET_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+_RESNET_BLOCK = {"resnet10": "basic", "resnet18": "basic", "resnet34": "basic", "resnet50": "bottleneck"}
+_RESNET_WIDTHS = [64, 128, 256, 512]
+
+#: the layer whose activations Grad-CAM explains, per network (``named_modules`` name)
+CAM_LAYERS = {"densenet121": "class_layers.relu", "resnet18": "layer4", "resnet34": "layer4",
+              "resnet50": "layer4", "efficientnet-b0": "_swish", "cnn_rnn": "encoder.layer4"}
+
+
+def classifier_config(
+    name: str,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    *,
+    stem: Literal["standard", "small"] = "standard",
+    stem_stride: int = 1,
+    widen_factor: float = 1.0,
+    dropout: float = 0.0,
+    norm: Literal["batch", "instance", "group"] = "batch",
+    encoder: Literal["resnet10", "resnet18", "resnet34"] = "resnet18",
+    rnn: Literal["gru", "lstm"] = "gru",
+    rnn_hidden: int = 64,
+    rnn_layers: int = 1,
+) -> dict[str, Any]:
+    """The JSON-able configuration :func:`build_classifier` accepts (checked, defaults filled in)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if name == "cnn_rnn" and spatial_dims != 3:
+        raise ValueError("cnn_rnn reads a volume as a sequence of 2D slices: it needs 3D inputs")
+    if in_channels < 1 or num_classes < 2:
+        raise ValueError(f"need at least 1 input channel and 2 classes (got {in_channels}, {num_classes})")
+    cfg: dict[str, Any] = {"name": name, "spatial_dims": spatial_dims, "in_channels": in_channels,
+                           "num_classes": num_classes, "dropout": float(dropout), "norm": norm}
+    if name.startswith("resnet") or name == "cnn_rnn":
+        cfg.update(stem=stem, stem_stride=int(stem_stride), widen_factor=float(widen_factor))
+    if name == "cnn_rnn":
+        cfg.update(encoder=encoder, rnn=rnn, rnn_hidden=int(rnn_hidden), rnn_layers=int(rnn_layers))
+    return cfg
+
+
+def norm_spec(norm: str) -> str | tuple[str, dict[str, Any]]:
+    """MONAI's norm argument for ``batch`` / ``instance`` (with affine) / ``group`` (8 groups).
+
+    Batch norm needs batches of more than a few items to estimate its statistics; 3D classifiers
+    trained with 2-4 volumes per batch learn the training set yet score near chance in eval mode
+    with it, and instance or group norm does not have that problem.
+    """
+    if norm == "instance":
+        return ("instance", {"affine": True})
+    if norm == "group":
+        return ("group", {"num_groups": 8})
+    return "batch"
+
+
+def _resnet(kind: str, spatial_dims: int, in_channels: int, num_classes: int, stem: str, stem_stride: int,
+            widen_factor: float, feed_forward: bool = True, norm: str = "batch") -> nn.Module:
+    from monai.networks.nets import ResNet
+
+    small = stem == "small"
+    return ResNet(
+        _RESNET_BLOCK[kind], _RESNET_LAYERS[kind], _RESNET_WIDTHS, spatial_dims=spatial_dims,
+        n_input_channels=in_channels, conv1_t_size=3 if small else 7, conv1_t_stride=stem_stride if small else 2,
+        no_max_pool=small, widen_factor=widen_factor, num_classes=num_classes, feed_forward=feed_forward,
+        norm=norm_spec(norm),
+    )
+
+
+def build_classifier(cfg: dict[str, Any]) -> nn.Module:
+    """The network of a :func:`classifier_config` dictionary (random weights; nothing is downloaded)."""
+    name, dims, cin, ncls = cfg["name"], int(cfg["spatial_dims"]), int(cfg["in_channels"]), int(cfg["num_classes"])
+    dropout = float(cfg.get("dropout", 0.0))
+    norm = str(cfg.get("norm", "batch"))
+    if name == "densenet121":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(spatial_dims=dims, in_channels=cin, out_channels=ncls, dropout_prob=dropout,
+                           norm=norm_spec(norm))
+    if name == "efficientnet-b0":
+        from monai.networks.nets import EfficientNetBN
+
+        eff_norm = ("batch", {"eps": 0.001, "momentum": 0.01}) if norm == "batch" else norm_spec(norm)
+        net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=cin, num_classes=ncls,
+                             norm=eff_norm)
+        if dropout:
+            net._dropout = nn.Dropout(dropout)
+        return net
+    if name == "cnn_rnn":
+        return SliceSequenceClassifier(cfg)
+    net = _resnet(name, dims, cin, ncls, cfg.get("stem", "standard"), int(cfg.get("stem_stride", 1)),
+                  float(cfg.get("widen_factor", 1.0)), norm=norm)
+    if dropout:
+        fc = net.fc
+        net.fc = nn.Sequential(nn.Dropout(dropout), fc)  # type: ignore[assignment]
+    return net
+
+
+def check_input_size(net: nn.Module, input_shape: Sequence[int]) -> None:
+    """Run one zero input of ``(C, *spatial)`` through ``net`` (eval mode) to catch too-small images.
+
+    Raises:
+        ValueError: the network cannot take this size (the message says what to change).
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *[int(s) for s in input_shape]))
+    except RuntimeError as exc:
+        raise ValueError(f"the network cannot take inputs of size {list(input_shape)[1:]} ({str(exc).splitlines()[0]}); "
+                         "make the images larger (e.g. a Resized transform to 32 px or more) or use a "
+                         "small stem (resnet*, stem: small)") from None
+    finally:
+        net.train(was_training)
+
+
+class SliceSequenceClassifier(nn.Module):
+    """2D CNN per slice -> bidirectional GRU/LSTM over slices -> attention pooling -> logits.
+
+    Input ``(B, C, H, W, D)``: slices are taken along the last spatial axis (the superior-inferior
+    axis after ``Orientationd(axcodes="RAS")``). The attention weights of the last forward pass
+    (``(B, D)``, summing to 1 over slices) are kept in :attr:`last_attention`: which slices the
+    model based its decision on.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.encoder = _resnet(cfg.get("encoder", "resnet18"), 2, int(cfg["in_channels"]), 1, cfg.get("stem", "small"),
+                               int(cfg.get("stem_stride", 1)), float(cfg.get("widen_factor", 1.0)), feed_forward=False,
+                               norm=str(cfg.get("norm", "batch")))
+        expansion = 4 if _RESNET_BLOCK[cfg.get("encoder", "resnet18")] == "bottleneck" else 1
+        features = int(_RESNET_WIDTHS[-1] * float(cfg.get("widen_factor", 1.0))) * expansion
+        hidden = int(cfg.get("rnn_hidden", 64))
+        rnn_cls = nn.LSTM if cfg.get("rnn", "gru") == "lstm" else nn.GRU
+        self.rnn = rnn_cls(features, hidden, num_layers=int(cfg.get("rnn_layers", 1)), batch_first=True,
+                           bidirectional=True)
+        self.attention = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.head = nn.Sequential(nn.Dropout(float(cfg.get("dropout", 0.0))), nn.Linear(2 * hidden, int(cfg["num_classes"])))
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"cnn_rnn expects (batch, channels, H, W, slices), got shape {tuple(x.shape)}")
+        b, c, h, w, d = x.shape
+        slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+        feats = self.encoder(slices).reshape(b, d, -1)
+        seq, _ = self.rnn(feats)
+        weights = torch.softmax(self.attention(seq).squeeze(-1), dim=1)
+        self.last_attention = weights.detach()
+        pooled = (weights.unsqueeze(-1) * seq).sum(dim=1)
+        return self.head(pooled)

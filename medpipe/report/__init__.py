@@ -1,0 +1,1 @@
+"""Report figures (matplotlib, Agg backend), each written atomically as a PNG."""

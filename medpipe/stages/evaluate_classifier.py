@@ -1,0 +1,127 @@
+"""Stage ``evaluate_classifier``: a trained classifier (or k-fold ensemble) on a held-out split.
+
+Probabilities are the softmax averaged over the ensemble's members and, with ``tta: true``, over
+flips along ``tta_axes`` (default: the first spatial axis, left-right for RAS volumes and for 2D
+images as MONAI loads them). Metrics (:mod:`medpipe.metrics.classification`): ROC AUC, accuracy,
+sensitivity, specificity, F1, PPV / NPV (binary), expected calibration error, each with a seeded
+percentile-bootstrap 95 % confidence interval over cases. For binary problems ``positive_class``
+says which class is "positive" (sensitivity = its recall; for BreastMNIST the malignant class 0);
+a case is called positive when its probability reaches ``threshold``.
+
+Writes ``predictions.csv`` (one row per case: truth, probabilities, prediction), ``roc.png``,
+``confusion.png``, ``calibration.png`` (reliability diagram with ECE) and ``metrics.json``; the
+run's ``metrics.json`` gets ``auc``, ``accuracy``, ... at its top level (and ``*_ci95``).
+Outputs ``{"predictions": path}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from medpipe.config import StageParams
+from medpipe.io import write_text_atomic
+from medpipe.registry import stage
+from medpipe.runner import RunContext, StageResult
+from medpipe.stages._classification import checkpoints_of, class_items, load_ensemble, predict_proba, valid_tta_axes
+from medpipe.stages._common import case_name, load_datalist, resolve_input, sha256
+
+REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
+
+
+class EvaluateClassifierParams(StageParams):
+    checkpoints: list[str] | None = Field(None, description="None: the train_classifier stage's checkpoint(s)")
+    datalist: str | None = Field(None, description="None: the datalist the previous stages used")
+    split: Literal["test", "val", "train"] = "test"
+    tta: bool = Field(False, description="average the probabilities over flips (test-time augmentation)")
+    tta_axes: list[int] = Field(default_factory=lambda: [0], description="spatial axes flipped when tta is on")
+    positive_class: int | None = Field(None, ge=0, description="binary: the positive class (default 1)")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="binary: positive when its probability >= this")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the 95 % confidence intervals")
+    batch_size: int = Field(64, ge=1)
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), nd)
+
+
+@stage("evaluate_classifier", EvaluateClassifierParams)
+def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageResult:
+    import numpy as np
+
+    from medpipe.data.datasets import make_dataset
+    from medpipe.errors import StageError
+    from medpipe.metrics.classification import metrics_with_ci, predict_labels
+    from medpipe.report.classification_plots import calibration_png, confusion_png, roc_png
+
+    paths = checkpoints_of(p.checkpoints, ctx.artifacts)
+    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    doc = load_datalist(dl_path)
+    items = class_items(doc, p.split, path=dl_path)
+    nets, ck = load_ensemble(paths, ctx.device)
+    names = {int(k): str(v) for k, v in ck["class_names"].items()}
+    n_cls = len(names)
+    dims = int(ck["model"]["spatial_dims"])
+    if n_cls != 2 and p.positive_class is not None:
+        raise StageError(f"positive_class applies to binary problems; this one has {n_cls} classes")
+    if p.positive_class is not None and p.positive_class >= n_cls:
+        raise StageError(f"positive_class {p.positive_class} is not a class (0..{n_cls - 1})")
+    bad = sorted({int(it["class"]) for it in items if not 0 <= int(it["class"]) < n_cls})
+    if bad:
+        raise StageError(f"classes {bad} of the {p.split} split are unknown to the classifier ({n_cls} classes)")
+    tta = valid_tta_axes(p.tta_axes, dims) if p.tta else None
+    try:
+        ds = make_dataset(items, ck["eval_transforms"], "none")
+        prob = predict_proba(nets, ds, device=ctx.device, amp=ctx.amp, tta_axes=tta, batch_size=p.batch_size)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise StageError(f"cannot run the classifier on the {p.split} split ({type(exc).__name__}: {exc})") from exc
+    y = np.asarray([int(it["class"]) for it in items])
+    positive = p.positive_class if n_cls == 2 else None
+    threshold = p.threshold if n_cls == 2 else None
+    results = metrics_with_ci(y, prob, positive=positive, threshold=threshold, seed=ctx.seed, n_boot=p.bootstrap)
+    pred = predict_labels(prob, positive=positive, threshold=threshold)
+
+    # predictions.csv
+    buf = io.StringIO()
+    fields = ["case", "patient_id", "study_uid", "image", "true", "true_name", "predicted", "predicted_name",
+              *[f"prob_{c}" for c in range(n_cls)], "correct"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for it, yt, yp, pr in zip(items, y, pred, prob, strict=True):
+        image = it["image"]
+        w.writerow({"case": case_name(it), "patient_id": it.get("patient_id", ""), "study_uid": it.get("study_uid", ""),
+                    "image": image[0] if isinstance(image, list) else image, "true": int(yt),
+                    "true_name": names[int(yt)], "predicted": int(yp), "predicted_name": names[int(yp)],
+                    **{f"prob_{c}": f"{float(pr[c]):.6f}" for c in range(n_cls)}, "correct": int(yt == yp)})
+    pred_path = ctx.stage_dir / "predictions.csv"
+    write_text_atomic(pred_path, buf.getvalue())
+
+    auc = results["auc"]
+    members = f"{len(nets)}-model ensemble" if len(nets) > 1 else "1 model"
+    title = f"{p.split} split, n={len(y)}, {members}" + (", flip TTA" if tta else "")
+    roc_png(y, prob, ctx.stage_dir / "roc.png", class_names=names, positive=positive, title=f"ROC: {title}",
+            ci=auc["ci95"])
+    confusion_png(y, pred, n_cls, ctx.stage_dir / "confusion.png", class_names=names, title=f"Confusion: {title}")
+    calibration_png(y, prob, ctx.stage_dir / "calibration.png", title=f"Calibration: {title}", positive=positive,
+                    threshold=threshold)
+
+    metrics: dict[str, Any] = {}
+    for key in REPORTED:
+        if key in results:
+            metrics[key] = _r(results[key]["value"])
+            metrics[f"{key}_ci95"] = [_r(v) for v in results[key]["ci95"]]
+    metrics.update(n_cases=len(y), n_per_class=np.bincount(y, minlength=n_cls).tolist(), ensemble_size=len(nets),
+                   tta=bool(tta))
+    if n_cls == 2:
+        metrics["positive_class"] = names[1 if positive is None else positive]
+    write_text_atomic(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    ctx.log.info("%s split (%d cases, %s): AUC %.4f (95%% CI %s), accuracy %.4f, sensitivity %s, specificity %s",
+                 p.split, len(y), members, metrics["auc"] or math.nan, metrics["auc_ci95"], metrics["accuracy"],
+                 metrics.get("sensitivity"), metrics.get("specificity"))
+    inputs = {str(c): sha256(c) for c in paths}
+    return StageResult(outputs={"predictions": str(pred_path)}, metrics=metrics, inputs=inputs)

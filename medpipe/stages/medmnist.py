@@ -1,0 +1,39 @@
+"""Stage ``medmnist``: import a MedMNIST ``.npz`` (official split) and hand its datalist on.
+
+The same import as ``medpipe import medmnist FILE --out DIR`` (:mod:`medpipe.data.medmnist`);
+``out`` defaults to this stage's folder. Outputs ``{"datalist": ...}`` for the classifier stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from medpipe.config import StageParams
+from medpipe.registry import stage
+from medpipe.runner import RunContext, StageResult
+
+
+class MedmnistParams(StageParams):
+    path: str = Field(description="the MedMNIST .npz file (relative paths: from the current folder)")
+    out: str | None = Field(None, description="where the images go; None: this stage's folder")
+    name: str | None = Field(None, description="dataset name; None: from the file name")
+
+
+@stage("medmnist", MedmnistParams)
+def medmnist(ctx: RunContext, p: MedmnistParams) -> StageResult:
+    from medpipe.data.medmnist import import_medmnist
+
+    out = Path(p.out).expanduser().resolve() if p.out else ctx.stage_dir / "data"
+    s = import_medmnist(p.path, out, name=p.name)
+    ctx.log.info("%s: %s %s", s.name, "imported" if s.written else "already imported in", s.out)
+    metrics = {f"n_{k}": v for k, v in s.counts.items()}
+    return StageResult(outputs={"datalist": str(s.datalist)}, metrics=metrics,
+                       inputs={str(Path(p.path).expanduser().resolve()): _digest(s.datalist)})
+
+
+def _digest(datalist: Path) -> str:
+    import json
+
+    return str(json.loads(datalist.read_text(encoding="utf-8"))["source"]["sha256"])
