@@ -6,6 +6,7 @@ A killed process therefore never leaves a half-written file under the final name
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -109,3 +110,12 @@ def gzip_file(src: Path | str, dst: Path | str, level: int = 1, threads: int | N
         finally:
             if size:
                 mm.close()  # type: ignore[union-attr]
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -182,7 +182,7 @@ def test_train_and_evaluate_on_real_breastmnist(tmp_path: Path, breastmnist: Pat
     assert result.metrics["n_train"] == 64 and result.metrics["epochs_trained"] == 3
     for f in ("history.csv", "curve.png"):
         assert (ctx.stage_dir / f).stat().st_size > 0
-    nets, doc = load_ensemble([ckpt], "cpu")
+    _nets, doc = load_ensemble([ckpt], "cpu")
     assert doc["class_names"] == {"0": "malignant", "1": "normal, benign"} and doc["input_shape"] == [1, 28, 28]
     assert doc["imbalance"] == "weighted_sampler" and doc["n_synthetic"] == 0
 
@@ -268,3 +268,15 @@ def test_cnn_rnn_refuses_2d_images(tmp_path: Path, breastmnist: Path) -> None:
     ctx = _ctx(tmp_path, "01_train_classifier", {"datalist": str(breastmnist)})
     with pytest.raises(StageError, match="cnn_rnn needs volumes"):
         train_classifier(ctx, TrainClassifierParams(model="cnn_rnn", epochs=1))
+
+
+def test_items_with_different_extra_keys_train_together(tmp_path: Path, breastmnist: Path) -> None:
+    """Synthetic items carry keys real ones lack; MONAI's collate must not see them (it keys on the first item)."""
+    doc = json.loads(breastmnist.read_text())
+    doc["train"] = [{**it, "synthetic": True, "generator": "g.pt"} if i % 3 == 0 else it
+                    for i, it in enumerate(doc["train"])]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(doc))
+    ctx = _ctx(tmp_path, "01_train_classifier", {"datalist": str(mixed)})
+    result = train_classifier(ctx, TrainClassifierParams(**{**TINY, "epochs": 1}))
+    assert result.metrics["n_synthetic_train"] == 22

@@ -22,7 +22,6 @@ source, and the npz keeps no patient identifiers.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import SourceError
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -63,12 +62,6 @@ class ImportSummary:
     written: bool  # False: the folder already held this import
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_name(path: Path) -> str:
@@ -146,7 +139,7 @@ def import_medmnist(npz: Path | str, out: Path | str, *, name: str | None = None
     name = name or dataset_name(npz)
     if name in MULTI_LABEL:
         raise SourceError(f"{npz}: {name} is multi-label; only single-label MedMNIST datasets can be imported")
-    digest = _sha256(npz)
+    digest = sha256_file(npz)
     stamp = out / "import.json"
     previous: dict[str, Any] = {}
     if stamp.is_file():

@@ -110,19 +110,18 @@ def build_classifier(cfg: dict[str, Any]) -> nn.Module:
         from monai.networks.nets import EfficientNetBN
 
         eff_norm = ("batch", {"eps": 0.001, "momentum": 0.01}) if norm == "batch" else norm_spec(norm)
-        net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=cin, num_classes=ncls,
+        net: Any = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=cin, num_classes=ncls,
                              norm=eff_norm)
         if dropout:
             net._dropout = nn.Dropout(dropout)
         return net
     if name == "cnn_rnn":
         return SliceSequenceClassifier(cfg)
-    net = _resnet(name, dims, cin, ncls, cfg.get("stem", "standard"), int(cfg.get("stem_stride", 1)),
-                  float(cfg.get("widen_factor", 1.0)), norm=norm)
+    resnet: Any = _resnet(name, dims, cin, ncls, cfg.get("stem", "standard"), int(cfg.get("stem_stride", 1)),
+                          float(cfg.get("widen_factor", 1.0)), norm=norm)
     if dropout:
-        fc = net.fc
-        net.fc = nn.Sequential(nn.Dropout(dropout), fc)  # type: ignore[assignment]
-    return net
+        resnet.fc = nn.Sequential(nn.Dropout(dropout), resnet.fc)
+    return resnet
 
 
 def check_input_size(net: nn.Module, input_shape: Sequence[int]) -> None:

@@ -11,4 +11,6 @@ STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.train_classifier",
     "medpipe.stages.evaluate_classifier",
     "medpipe.stages.explain",
+    "medpipe.stages.train_gan",
+    "medpipe.stages.augment",
 )

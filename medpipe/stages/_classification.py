@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import StageError
-from medpipe.stages._common import save_checkpoint
+from medpipe.stages._common import read_checkpoint, save_checkpoint
 
 CHECKPOINT_FORMAT = "medpipe-classifier"
 CHECKPOINT_VERSION = 1
@@ -46,6 +46,15 @@ def class_items(doc: dict[str, Any], split: str, *, path: Path) -> list[dict[str
         raise StageError(f"the {split} split of {path} has no items with a class; check the dataset stage's "
                          "labels and split")
     return out
+
+
+def model_inputs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``{"image", "class"}`` of each item: what the networks see.
+
+    Items of one split can carry different extra keys (real items their source index, synthetic ones
+    ``synthetic`` and ``generator``), and MONAI's collate builds a batch from the first item's keys.
+    """
+    return [{"image": it["image"], "class": int(it["class"])} for it in items]
 
 
 def class_names(doc: dict[str, Any], items: list[dict[str, Any]]) -> dict[int, str]:
@@ -105,7 +114,7 @@ def spatial_dims_of(items: list[dict[str, Any]]) -> int:
         import nibabel as nib
 
         shape = nib.load(first).shape  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which one
+    except Exception as exc:  # any unreadable file: say which one
         raise StageError(f"cannot read {first} to tell 2D from 3D ({type(exc).__name__}: {exc}); "
                          "set spatial_dims") from exc
     return 2 if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1) else 3
@@ -143,18 +152,9 @@ def write_checkpoint(path: Path, *, net: Any, model: dict[str, Any], names: dict
 
 def load_classifier(path: Path | str, device: str) -> tuple[Any, dict[str, Any]]:
     """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
-    import torch
-
     from medpipe.models.classification import build_classifier
 
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user problem here
-        raise StageError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise StageError(f"{path} is not a medpipe classifier checkpoint")
-    if int(doc.get("version", 0)) > CHECKPOINT_VERSION:
-        raise StageError(f"checkpoint {path} was written by a newer medpipe (format {doc.get('version')})")
+    doc = read_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "medpipe classifier checkpoint")
     net = build_classifier(doc["model"])
     net.load_state_dict(doc["state_dict"])
     net.to(device).eval()
@@ -174,10 +174,10 @@ def load_ensemble(paths: list[str] | list[Path], device: str) -> tuple[list[Any]
         net, doc = load_classifier(p, device)
         nets.append(net)
         docs.append(doc)
-    for p, d in zip(paths[1:], docs[1:], strict=True):
+    for member, d in zip(paths[1:], docs[1:], strict=True):
         for key in ("class_names", "input_shape", "eval_transforms"):
             if d.get(key) != docs[0].get(key):
-                raise StageError(f"ensemble member {p} differs from {paths[0]} in {key}; train them in one stage")
+                raise StageError(f"ensemble member {member} differs from {paths[0]} in {key}; train them in one stage")
     return nets, docs[0]
 
 

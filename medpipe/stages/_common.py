@@ -17,14 +17,6 @@ from medpipe.errors import StageError
 from medpipe.io import atomic_path
 
 
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_input(value: str | None, artifacts: dict[str, Any], key: str, producer: str, field: str) -> Path:
     """A path parameter, or the artifact ``key`` of an earlier stage when the parameter is None."""
     if value is not None:
@@ -85,3 +77,22 @@ def case_name(item: dict[str, Any]) -> str:
     """A file-name stem for an item: patient ID + a short hash of the study UID."""
     study = str(item.get("study_uid") or item.get("reference_volume") or item.get("image"))
     return f"{safe_name(str(item.get('patient_id') or 'case'))}_{hashlib.sha1(study.encode()).hexdigest()[:8]}"
+
+
+def read_checkpoint(path: Path | str, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The document of a medpipe checkpoint of format ``fmt`` (tensors only: ``weights_only=True``).
+
+    Raises:
+        StageError: unreadable, another kind of file (``what`` names the expected one), or newer than ``version``.
+    """
+    import torch
+
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is a user problem here
+        raise StageError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise StageError(f"{path} is not a {what}")
+    if int(doc.get("version", 0)) > version:
+        raise StageError(f"{what} {path} was written by a newer medpipe (format {doc.get('version')})")
+    return doc

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medpipe.errors import StageError
+from medpipe.stages._common import read_checkpoint
 
 CHECKPOINT_FORMAT = "medpipe-segmenter"
 CHECKPOINT_VERSION = 1
@@ -103,18 +104,10 @@ def split_items(doc: dict[str, Any], split: str, *, need_labels: bool, path: Pat
 
 def load_checkpoint(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
     """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
-    import torch
 
     from medpipe.models.segmentation import build_from_config
 
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise StageError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise StageError(f"{path} is not a medpipe segmenter checkpoint")
-    if int(doc.get("version", 0)) > CHECKPOINT_VERSION:
-        raise StageError(f"checkpoint {path} was written by a newer medpipe (format {doc.get('version')})")
+    doc = read_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "medpipe segmenter checkpoint")
     net = build_from_config(doc["model"])
     net.load_state_dict(doc["state_dict"])
     net.to(device).eval()

@@ -52,7 +52,7 @@ from pydantic import Field, field_validator, model_validator
 from medpipe.config import StageParams
 from medpipe.data.splits import split_patients
 from medpipe.errors import StageError
-from medpipe.io import write_text_atomic
+from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 
@@ -253,12 +253,6 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:48] or "unknown"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _select(cands: list[Candidate], channels: dict[str, ChannelRule]) -> dict[str, Candidate]:
@@ -440,7 +434,7 @@ class _Builder:
                 raise StageError(f"labels: {path} has no column {needed!r} (columns: {', '.join(columns)})")
         self.csv_key = key
         self.csv_rows = {r[key]: r for r in rows}
-        self.inputs[str(path)] = _sha256(path)
+        self.inputs[str(path)] = sha256_file(path)
 
     def _class(self, spec: CsvLabels, patient: str, study: str) -> int | None:
         assert self.csv_rows is not None
@@ -472,7 +466,7 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
     builder = _Builder(ctx, p, ingest_dir, objects)
     manifest = ingest_dir / "manifest.csv"
     if manifest.is_file():
-        builder.inputs[str(manifest)] = _sha256(manifest)
+        builder.inputs[str(manifest)] = sha256_file(manifest)
 
     items: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_text_atomic
 from medpipe.metrics.bootstrap import bootstrap_ci
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
@@ -44,7 +44,6 @@ from medpipe.stages._common import (
     case_name,
     load_datalist,
     resolve_input,
-    sha256,
 )
 from medpipe.stages._segmentation import (
     grid_of,
@@ -297,4 +296,4 @@ def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
                  metrics["dice_ci95"], len(tumour), metrics["hd95"], metrics["false_positive_cases"], len(free),
                  seconds)
     return StageResult(metrics=metrics, outputs={"evaluation": str(ctx.stage_dir / "cases.csv")},
-                       inputs={str(ckpt_path): sha256(ckpt_path)})
+                       inputs={str(ckpt_path): sha256_file(ckpt_path)})

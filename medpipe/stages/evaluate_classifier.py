@@ -25,11 +25,18 @@ from typing import Any, Literal
 from pydantic import Field
 
 from medpipe.config import StageParams
-from medpipe.io import write_text_atomic
+from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
-from medpipe.stages._classification import checkpoints_of, class_items, load_ensemble, predict_proba, valid_tta_axes
-from medpipe.stages._common import case_name, load_datalist, resolve_input, sha256
+from medpipe.stages._classification import (
+    checkpoints_of,
+    class_items,
+    load_ensemble,
+    model_inputs,
+    predict_proba,
+    valid_tta_axes,
+)
+from medpipe.stages._common import case_name, load_datalist, resolve_input
 
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
 
@@ -76,7 +83,7 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
         raise StageError(f"classes {bad} of the {p.split} split are unknown to the classifier ({n_cls} classes)")
     tta = valid_tta_axes(p.tta_axes, dims) if p.tta else None
     try:
-        ds = make_dataset(items, ck["eval_transforms"], "none")
+        ds = make_dataset(model_inputs(items), ck["eval_transforms"], "none")
         prob = predict_proba(nets, ds, device=ctx.device, amp=ctx.amp, tta_axes=tta, batch_size=p.batch_size)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot run the classifier on the {p.split} split ({type(exc).__name__}: {exc})") from exc
@@ -123,5 +130,5 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     ctx.log.info("%s split (%d cases, %s): AUC %.4f (95%% CI %s), accuracy %.4f, sensitivity %s, specificity %s",
                  p.split, len(y), members, metrics["auc"] or math.nan, metrics["auc_ci95"], metrics["accuracy"],
                  metrics.get("sensitivity"), metrics.get("specificity"))
-    inputs = {str(c): sha256(c) for c in paths}
+    inputs = {str(c): sha256_file(c) for c in paths}
     return StageResult(outputs={"predictions": str(pred_path)}, metrics=metrics, inputs=inputs)

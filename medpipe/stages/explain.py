@@ -39,11 +39,11 @@ from pydantic import Field, field_validator
 
 from medpipe.config import StageParams
 from medpipe.errors import StageError
-from medpipe.io import write_text_atomic
+from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
-from medpipe.stages._classification import checkpoints_of, class_items, load_ensemble, predict_proba
-from medpipe.stages._common import case_name, load_datalist, resolve_input, sha256
+from medpipe.stages._classification import checkpoints_of, class_items, load_ensemble, model_inputs, predict_proba
+from medpipe.stages._common import case_name, load_datalist, resolve_input
 
 Method = Literal["gradcam", "gradcampp", "occlusion"]
 ALL_METHODS: list[Method] = ["gradcam", "gradcampp", "occlusion"]
@@ -136,7 +136,7 @@ def explain(ctx: RunContext, p: ExplainParams) -> StageResult:
     if truth.min() < 0 or truth.max() >= n_classes:
         raise StageError(f"the {p.split} split has classes {sorted(set(truth.tolist()))}; the classifier knows "
                          f"{n_classes} (0..{n_classes - 1})")
-    ds = make_dataset(items, ck["eval_transforms"], "none")
+    ds = make_dataset(model_inputs(items), ck["eval_transforms"], "none")
     try:
         probs = predict_proba(nets, ds, device=ctx.device, amp=ctx.amp, batch_size=32 if dims == 2 else 1)
     except (RuntimeError, ValueError, OSError) as exc:
@@ -220,6 +220,6 @@ def explain(ctx: RunContext, p: ExplainParams) -> StageResult:
     ctx.log.info("explained %d case(s) in %.1f s; seconds per case by method: %s", len(rows), seconds, per_method)
     metrics = {"n_explained": len(rows), "n_misclassified": wrong,
                "seconds_per_case": round(seconds / len(rows), 3) if rows else 0.0}
-    inputs = {str(q): sha256(q) for q in [*paths, dl_path]}
+    inputs = {str(q): sha256_file(q) for q in [*paths, dl_path]}
     return StageResult(metrics=metrics, outputs={"explanations": str(out_dir)}, inputs=inputs)
 

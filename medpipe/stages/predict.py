@@ -28,14 +28,13 @@ from pydantic import Field
 
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
-from medpipe.io import write_text_atomic
+from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._common import (
     case_name,
     load_datalist,
     resolve_input,
-    sha256,
     tolerate_missing_keys,
 )
 from medpipe.stages._segmentation import (
@@ -94,7 +93,7 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")
     net, ck = load_checkpoint(ckpt_path, ctx.device)
     channel_names = list(ck.get("channels") or [])
-    inputs = {str(ckpt_path): sha256(ckpt_path)}
+    inputs = {str(ckpt_path): sha256_file(ckpt_path)}
     if p.ingest_dir is not None:
         src = Path(p.ingest_dir).expanduser().resolve()
         if not src.is_dir():
@@ -107,7 +106,7 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
             raise StageError(f"the checkpoint was trained on channels {channel_names}, "
                              f"the datalist has {doc['channels']}")
         items = split_items(doc, p.split, need_labels=False, path=source)
-        inputs[str(source)] = sha256(source)
+        inputs[str(source)] = sha256_file(source)
     spec = tolerate_missing_keys(p.eval_transforms if p.eval_transforms is not None else ck["eval_transforms"])
     unlabelled = [{k: v for k, v in it.items() if k not in ("label", "class")} for it in items]
     ds = make_dataset(unlabelled, spec, "none")

@@ -53,6 +53,7 @@ from medpipe.stages._classification import (
     default_eval_transforms,
     default_train_transforms,
     inverse_frequency_weights,
+    model_inputs,
     predict_proba,
     sample_weights,
     spatial_dims_of,
@@ -136,7 +137,7 @@ def make_sampler(kind: Imbalance, classes: list[int], counts: Any, seed: int) ->
 
     if kind != "weighted_sampler":
         return None
-    weights = torch.as_tensor(sample_weights(classes, counts), dtype=torch.double)
+    weights = sample_weights(classes, counts).tolist()
     return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(classes), replacement=True,
                                                   generator=torch.Generator().manual_seed(seed))
 
@@ -277,8 +278,8 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
         ctx.log.warning("fold %d: no training item of class %s", fold, ", ".join(missing))
     cache_dir = Path(p.cache_dir).expanduser().resolve() if p.cache_dir else ctx.run_dir / "cache"
     try:
-        train_ds = make_dataset(train, train_spec, p.cache, cache_dir)
-        val_ds = make_dataset(val, eval_spec, p.cache, cache_dir)
+        train_ds = make_dataset(model_inputs(train), train_spec, p.cache, cache_dir)
+        val_ds = make_dataset(model_inputs(val), eval_spec, p.cache, cache_dir)
         first = val_ds[0]["image"]
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot load the images ({type(exc).__name__}: {exc}); check the transforms "

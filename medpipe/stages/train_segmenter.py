@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._common import (
@@ -39,7 +39,6 @@ from medpipe.stages._common import (
     resolve_input,
     save_checkpoint,
     set_random_state,
-    sha256,
 )
 from medpipe.stages._segmentation import (
     CHECKPOINT_FORMAT,
@@ -301,5 +300,5 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
         metrics={"best_val_dice": round(best, 6), "best_epoch": best_epoch, "epochs_run": epoch,
                  "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
                  "train_stage_seconds": round(time.perf_counter() - t_start, 2)},
-        inputs={str(dl_path): sha256(dl_path)},
+        inputs={str(dl_path): sha256_file(dl_path)},
     )
