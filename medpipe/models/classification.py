@@ -72,9 +72,8 @@ def classifier_config(
 def norm_spec(norm: str) -> str | tuple[str, dict[str, Any]]:
     """MONAI's norm argument for ``batch`` / ``instance`` (with affine) / ``group`` (8 groups).
 
-    Batch norm needs batches of more than a few items to estimate its statistics; 3D classifiers
-    trained with 2-4 volumes per batch learn the training set yet score near chance in eval mode
-    with it, and instance or group norm does not have that problem.
+    Batch norm estimates its statistics from the batch, which is noisy for 3D classifiers trained
+    with 2-4 volumes per batch; instance and group norm do not depend on the batch size.
     """
     if norm == "instance":
         return ("instance", {"affine": True})

@@ -166,7 +166,7 @@ def calibration_png(y_true: ArrayLike, prob: ArrayLike, path: Path | str, *, tit
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{title} (ECE {_fmt(rel['ece'])}, n = {int(count.sum())})", fontsize=10)
+        ax.set_title(f"{title}\nECE {_fmt(rel['ece'])}, n = {int(count.sum())}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=7)
         hist.bar(left, count, width=width, align="edge", color="0.5", edgecolor="black", linewidth=0.5)

@@ -111,10 +111,11 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     auc = results["auc"]
     members = f"{len(nets)}-model ensemble" if len(nets) > 1 else "1 model"
     title = f"{p.split} split, n={len(y)}, {members}" + (", flip TTA" if tta else "")
-    roc_png(y, prob, ctx.stage_dir / "roc.png", class_names=names, positive=positive, title=f"ROC: {title}",
+    roc_png(y, prob, ctx.stage_dir / "roc.png", class_names=names, positive=positive, title=f"ROC\n{title}",
             ci=auc["ci95"])
-    confusion_png(y, pred, n_cls, ctx.stage_dir / "confusion.png", class_names=names, title=f"Confusion: {title}")
-    calibration_png(y, prob, ctx.stage_dir / "calibration.png", title=f"Calibration: {title}", positive=positive,
+    confusion_png(y, pred, n_cls, ctx.stage_dir / "confusion.png", class_names=names,
+                  title=f"Confusion matrix\n{title}")
+    calibration_png(y, prob, ctx.stage_dir / "calibration.png", title=f"Calibration\n{title}", positive=positive,
                     threshold=threshold)
 
     metrics: dict[str, Any] = {}
