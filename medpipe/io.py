@@ -119,3 +119,15 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_csv_atomic(path: Path | str, rows: list[dict[str, object]], fieldnames: list[str]) -> None:
+    """``rows`` as a CSV file with a header line (``\n`` line ends), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())

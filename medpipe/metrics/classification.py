@@ -266,6 +266,17 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np
     return np.bincount(t * n_classes + q, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def _binary_inputs(y_true_binary: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(truth as bool, score as float64)``, both 1-D and of one length; ValueError otherwise."""
+    t = np.asarray(y_true_binary)
+    s = np.asarray(score, dtype=np.float64)
+    if t.ndim != 1 or s.ndim != 1 or t.shape != s.shape:
+        raise ValueError(f"y_true_binary and score must be 1-D of the same length, got {t.shape} and {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("score has non-finite values (NaN or inf)")
+    return _check_labels(t, 2, "y_true_binary").astype(bool), s
+
+
 def roc_curve(y_true_binary: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve points ``(fpr, tpr, thresholds)``, one per distinct score plus the origin.
 
@@ -273,13 +284,7 @@ def roc_curve(y_true_binary: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, n
     point ``i`` counts ``score >= thresholds[i]`` as positive (scikit-learn's ``roc_curve`` with
     ``drop_intermediate=False``). ``tpr`` is NaN without positives, ``fpr`` NaN without negatives.
     """
-    t = np.asarray(y_true_binary)
-    s = np.asarray(score, dtype=np.float64)
-    if t.ndim != 1 or s.ndim != 1 or t.shape != s.shape:
-        raise ValueError(f"y_true_binary and score must be 1-D of the same length, got {t.shape} and {s.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("score has non-finite values (NaN or inf)")
-    t = _check_labels(t, 2, "y_true_binary").astype(bool)
+    t, s = _binary_inputs(y_true_binary, score)
     order = np.argsort(-s, kind="stable")
     s, t = s[order], t[order]
     last = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if s.size else np.zeros(0, dtype=np.int64)
@@ -293,13 +298,7 @@ def roc_curve(y_true_binary: ArrayLike, score: ArrayLike) -> tuple[np.ndarray, n
 
 def roc_auc(y_true_binary: ArrayLike, score: ArrayLike) -> float:
     """ROC AUC of ``score`` for the binary truth ``y_true_binary`` (ties count 1/2); NaN without both classes."""
-    t = np.asarray(y_true_binary)
-    s = np.asarray(score, dtype=np.float64)
-    if t.ndim != 1 or s.ndim != 1 or t.shape != s.shape:
-        raise ValueError(f"y_true_binary and score must be 1-D of the same length, got {t.shape} and {s.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("score has non-finite values (NaN or inf)")
-    t = _check_labels(t, 2, "y_true_binary").astype(bool)
+    t, s = _binary_inputs(y_true_binary, score)
     return float(_weighted_auc(s, t, np.ones((1, s.size)))[0])
 
 

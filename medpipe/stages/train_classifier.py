@@ -32,8 +32,6 @@ Outputs ``{"classifier": [checkpoint paths]}``.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from pydantic import Field, model_validator
 
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
-from medpipe.io import atomic_path, write_text_atomic
+from medpipe.io import atomic_path, write_csv_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._classification import (
@@ -234,12 +232,8 @@ def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
             oof_true += [int(it["class"]) for it in fold_val]
             oof_prob.append(prob)
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["fold", "epoch", "loss", "val_loss", "val_auc", "lr", "seconds"],
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(ctx.stage_dir / "history.csv", buf.getvalue())
+    write_csv_atomic(ctx.stage_dir / "history.csv", history,
+                     ["fold", "epoch", "loss", "val_loss", "val_auc", "lr", "seconds"])
     _curve_png(history, ctx.stage_dir / "curve.png", f"{p.model}: training loss and validation AUC")
 
     metrics: dict[str, Any] = {

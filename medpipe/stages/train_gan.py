@@ -46,8 +46,6 @@ generator's weights, its configuration, the classes, image size, target class, s
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -58,7 +56,7 @@ from pydantic import Field
 
 from medpipe.config import StageParams
 from medpipe.errors import StageError
-from medpipe.io import atomic_path, sha256_file, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_csv_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._classification import class_items, class_names, default_eval_transforms, spatial_dims_of
@@ -459,12 +457,8 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     samples_png(ctx.stage_dir / "samples.png", grid_rows,
                 f"train_gan: {p.epochs} epochs, FID (class {target}) {_round(gan_fid)}, "
                 f"real-vs-real {_round(reference)}")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "d_loss", "g_loss", "d_real", "d_fake", "fid", "seconds"],
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(ctx.stage_dir / "history.csv", buf.getvalue())
+    write_csv_atomic(ctx.stage_dir / "history.csv", history,
+                     ["epoch", "d_loss", "g_loss", "d_real", "d_fake", "fid", "seconds"])
     curve_png(history, ctx.stage_dir / "curve.png",
               f"{'conditional ' if len(classes) > 1 else ''}DCGAN on {len(gx)} train images: FID (class {target}) "
               f"{_round(gan_fid)}, real-vs-real {_round(reference)}")

@@ -20,8 +20,6 @@ case has any foreground, an empty prediction on an empty truth counts as 1.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from pydantic import Field, model_validator
 
 from medpipe.config import StageParams, TransformList
 from medpipe.errors import StageError
-from medpipe.io import atomic_path, sha256_file, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_csv_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
 from medpipe.stages._common import (
@@ -286,11 +284,7 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     if not ckpt.is_file():
         raise StageError("validation never gave a Dice score (NaN); check the val split's labels")
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "loss", "val_dice", "lr", "seconds"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(ctx.stage_dir / "history.csv", buf.getvalue())
+    write_csv_atomic(ctx.stage_dir / "history.csv", history, ["epoch", "loss", "val_dice", "lr", "seconds"])
     _curve_png(history, ctx.stage_dir / "curve.png",
                f"{p.model} {list(p.channels)}: best val Dice {best:.3f} (epoch {best_epoch})")
     ctx.log.info("trained %d epochs in %.0f s; best val Dice %.4f at epoch %d -> %s", epoch, train_seconds, best,
