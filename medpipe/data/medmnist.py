@@ -57,6 +57,7 @@ class ImportSummary:
     out: Path
     datalist: Path
     name: str
+    sha256: str  # of the .npz file
     counts: dict[str, int]  # split -> images
     class_counts: dict[str, list[int]]  # split -> images per class
     written: bool  # False: the folder already held this import
@@ -193,7 +194,7 @@ def import_medmnist(npz: Path | str, out: Path | str, *, name: str | None = None
         write_text_atomic(stamp, json.dumps({"name": name, "file": str(npz), "sha256": digest, "kind": kind,
                                              "counts": {s: len(items[s]) for s in SPLITS}}, indent=1) + "\n")
     return ImportSummary(
-        out=out, datalist=out / "datalist.json", name=name, counts={s: len(items[s]) for s in SPLITS},
+        out=out, datalist=out / "datalist.json", name=name, sha256=digest, counts={s: len(items[s]) for s in SPLITS},
         class_counts={s: np.bincount(labels[s], minlength=n_classes).tolist() for s in SPLITS},
         written=not complete,
     )

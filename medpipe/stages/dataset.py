@@ -55,6 +55,7 @@ from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
+from medpipe.stages._common import safe_name
 
 # -- parameters ---------------------------------------------------------------------------------------
 
@@ -247,10 +248,6 @@ def _candidates(ingest_dir: Path, volumes: list[dict[str, Any]]) -> dict[tuple[s
 
 class Skip(Exception):
     """This study cannot be used (one-line reason)."""
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:48] or "unknown"
 
 
 
@@ -472,7 +469,7 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
     skipped: list[dict[str, str]] = []
     with ctx.progress("Building the datalist", len(studies)) as advance:
         for (patient, study), cands in sorted(studies.items()):
-            tag = f"{_safe(patient)}/{hashlib.sha1(study.encode()).hexdigest()[:8]}"
+            tag = _tag(patient, study)
             try:
                 chosen = _select(cands, p.channels)
                 images = builder.images(chosen, tag)
@@ -500,7 +497,7 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
         if it["class"] is not None:
             s = int(it["class"])
         elif it["label"] is not None:
-            s = int(builder.foreground.get(_tag_of(it), False))
+            s = int(builder.foreground.get(_tag(it["patient_id"], it["study_uid"]), False))
         else:
             s = 0
         strata[it["patient_id"]] = max(strata.get(it["patient_id"], s), s)
@@ -533,5 +530,6 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
     return StageResult(outputs={"datalist": str(path)}, metrics=metrics, inputs=builder.inputs)
 
 
-def _tag_of(item: dict[str, Any]) -> str:
-    return f"{_safe(item['patient_id'])}/{hashlib.sha1(item['study_uid'].encode()).hexdigest()[:8]}"
+def _tag(patient: str, study: str) -> str:
+    """``<patient>/<study hash>``: the sub-folder of a study's resampled channels and label map."""
+    return f"{safe_name(patient)}/{hashlib.sha1(study.encode()).hexdigest()[:8]}"

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from medpipe.config import StageParams
+from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
 from medpipe.registry import stage
 from medpipe.runner import RunContext, StageResult
@@ -62,7 +63,6 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     import numpy as np
 
     from medpipe.data.datasets import make_dataset
-    from medpipe.errors import StageError
     from medpipe.metrics.classification import metrics_with_ci, predict_labels
     from medpipe.report.classification_plots import calibration_png, confusion_png, roc_png
 

@@ -30,10 +30,4 @@ def medmnist(ctx: RunContext, p: MedmnistParams) -> StageResult:
     ctx.log.info("%s: %s %s", s.name, "imported" if s.written else "already imported in", s.out)
     metrics = {f"n_{k}": v for k, v in s.counts.items()}
     return StageResult(outputs={"datalist": str(s.datalist)}, metrics=metrics,
-                       inputs={str(Path(p.path).expanduser().resolve()): _digest(s.datalist)})
-
-
-def _digest(datalist: Path) -> str:
-    import json
-
-    return str(json.loads(datalist.read_text(encoding="utf-8"))["source"]["sha256"])
+                       inputs={str(Path(p.path).expanduser().resolve()): s.sha256})

@@ -254,7 +254,7 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
                val: list[dict[str, Any]], names: dict[int, str], dims: int, train_spec: list[dict[str, Any]],
                eval_spec: list[dict[str, Any]], ckpt: Path, fold: int, advance: Any
                ) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """Train one model; return (metrics, history rows, best model's validation probabilities)."""
+    """Train one model; return (metrics, history rows, the kept checkpoint's validation probabilities)."""
     import numpy as np
     import torch
     from monai.data import DataLoader
@@ -263,7 +263,6 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
     from medpipe.metrics.classification import classification_metrics
     from medpipe.models.classification import build_classifier, check_input_size, classifier_config
     from medpipe.models.segmentation import autocast
-    from medpipe.stages._classification import load_classifier
 
     n_cls = len(names)
     counts = class_counts(train, n_cls)
@@ -317,6 +316,7 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
 
     rows: list[dict[str, Any]] = []
     best_auc, best_loss, best_epoch, epoch = -1.0, math.inf, 0, 0
+    best_prob = np.zeros((len(val), len(names)))
     t0 = time.perf_counter()
     for epoch in range(1, p.epochs + 1):
         net.train()
@@ -346,7 +346,7 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
             better = vloss < best_loss if p.select == "loss" else \
                 score > best_auc or (score == best_auc and vloss < best_loss)
             if better:
-                best_auc, best_loss, best_epoch = score, vloss, epoch
+                best_auc, best_loss, best_epoch, best_prob = score, vloss, epoch, prob
                 write_checkpoint(ckpt, net=net, model=cfg, names=names, input_shape=input_shape,
                                  eval_transforms=eval_spec, record={
                                      "epoch": epoch, "val_auc": auc, "val_loss": vloss, "fold": fold,
@@ -361,6 +361,4 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
             ctx.log.info("fold %d: early stop at epoch %d (no better checkpoint for %d epochs)", fold, epoch, p.patience)
             advance(p.epochs - epoch)
             break
-    best_net, _ = load_classifier(ckpt, device)
-    best_prob = predict_proba([best_net], val_ds, device=device, amp=amp, tta_axes=tta)
     return ({"best_val_auc": best_auc, "best_epoch": best_epoch, "epochs": epoch}, rows, best_prob)
