@@ -57,15 +57,15 @@ class PipelineConfig(BaseModel):
 
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and torch take 0 .. 2**32-1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     cpu_threads: int | None = Field(
-        default=None, ge=1,
+        default=None, ge=1, le=1024,
         description="torch CPU threads for every stage; None: torch's default (one per core). 1 is the safe "
                     "choice on a small shared machine (busy-waiting threads slow down many-fold when other "
                     "processes want the same cores)")
-    stages: list[dict[str, Any]]
+    stages: list[Any]  # each checked below: a mapping with 'stage: <kind>'
 
 
 @dataclass
@@ -90,6 +90,43 @@ class Pipeline:
 
 
 # -- YAML with line numbers ---------------------------------------------------------------------
+
+#: a pipeline file is a few kB; these bounds stop hostile files before they cost memory
+MAX_PIPELINE_BYTES = 1_000_000
+#: values a document may expand to once YAML aliases are followed ("billion laughs" stops here)
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, path: str = "") -> int:
+    """How many values ``node`` becomes once every alias is expanded.
+
+    Raises:
+        ConfigError: the document refers to itself (an alias inside its own anchor) or expands past
+            :data:`MAX_YAML_VALUES`.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("the YAML refers to itself (an alias inside its own anchor); remove the alias")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(v) for v in n.value)
+        active.discard(key)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_VALUES} values through its aliases; "
+                              "a pipeline file is a few dozen lines: write the values out")
+        sizes[key] = total
+        return total
+
+    return size(node)
 
 
 def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None
@@ -180,6 +217,19 @@ def _message(err: Mapping[str, Any], known: list[str]) -> str:
     return f"{msg[0].lower()}{msg[1:]}, got {shown}"
 
 
+def _read_bounded(path: Path) -> bytes:
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give a pipeline .yaml file")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PIPELINE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file ({exc.strerror or exc})") from exc
+    if len(data) > MAX_PIPELINE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PIPELINE_BYTES // 1000} kB; not a pipeline file")
+    return data
+
+
 def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipeline:
     """Read and fully validate a pipeline file. Nothing runs.
 
@@ -189,17 +239,28 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
     from medpipe.registry import REGISTRY, load_stages
 
     path = Path(path)
+    raw_bytes = _read_bounded(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read pipeline file ({exc.strerror or exc})") from exc
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {exc.start}); save the pipeline file as UTF-8"
+                          ) from None
     try:
         node = yaml.compose(text)
+        if node is not None:
+            try:
+                _expanded_size(node)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a pipeline file is a mapping with 'name' and 'stages'")
     lines = _line_map(node) if node is not None else {}

@@ -3,6 +3,19 @@
 Nothing is evaluated: a name must be a transform class exported by ``monai.transforms``, its
 arguments are plain YAML values, and the class is instantiated during validation so that a bad
 name or argument fails before any data is read.
+
+**No code from a pipeline file.** Some MONAI arguments are not plain data: ``LoadImage(d)``'s
+``reader`` and ``SaveImage(d)``'s ``writer`` accept any dotted Python name, which MONAI resolves with
+``pydoc.locate`` and *calls* (``reader: os.system`` would run a shell command while the transform is
+built, i.e. during ``medpipe validate``). :func:`check_safe` runs before anything is instantiated:
+
+* ``reader`` / ``writer`` (in any transform, at any depth of a list) must be one of MONAI's own
+  reader / writer names (:data:`SAFE_READERS`, :data:`SAFE_WRITERS`);
+* an argument whose type is only a function or class (``func``, ``select_fn``, ``output_name_formatter``,
+  ``additional_info``, ``transforms``, ...) cannot be given at all: YAML has no functions, and a
+  string there would be a name for something to resolve;
+* transforms whose purpose is to call user functions or resolve names in other packages
+  (``Lambda``, ``TorchVision``, ``TorchIO``, ``CuCIM`` and their variants) are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +44,84 @@ def _transform_classes() -> dict[str, type]:
     }
 
 
+#: MONAI's own image readers (class names, and the lower-case keys of ``monai.transforms.io.array.SUPPORTED_READERS``)
+SAFE_READERS: frozenset[str] = frozenset({
+    "ITKReader", "NibabelReader", "NumpyReader", "PILReader", "PydicomReader", "NrrdReader",
+    "itkreader", "nibabelreader", "numpyreader", "pilreader", "pydicomreader", "nrrdreader",
+})
+#: MONAI's own image writers
+SAFE_WRITERS: frozenset[str] = frozenset({"ITKWriter", "NibabelWriter", "PILWriter"})
+#: arguments MONAI resolves to a Python object by name, and the names allowed in each
+NAMED_OBJECTS: dict[str, frozenset[str]] = {"reader": SAFE_READERS, "writer": SAFE_WRITERS}
+#: transforms (and their d / D / Dict variants) that call user functions or import from other packages by name
+FORBIDDEN_TRANSFORMS: tuple[str, ...] = ("Lambda", "RandLambda", "TorchVision", "RandTorchVision", "TorchIO",
+                                         "RandTorchIO", "CuCIM", "RandCuCIM")
+_PLAIN_TYPES = ("str", "int", "float", "bool", "dict", "list", "tuple", "NdarrayOrTensor", "Number")
+
+
+def _forbidden_classes() -> set[type]:
+    classes = _transform_classes()
+    return {classes[n + suffix] for n in FORBIDDEN_TRANSFORMS for suffix in ("", "d", "D", "Dict")
+            if n + suffix in classes}
+
+
+def _function_only(annotation: Any) -> bool:
+    """True for an argument typed as a function or class only (no plain-data alternative)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if not any(t in text for t in ("Callable", "type[", "Type[")):
+        return False
+    rest = _strip_brackets(text, ("Callable", "type", "Type"))
+    return not any(t in rest for t in _PLAIN_TYPES)
+
+
+def _strip_brackets(text: str, heads: tuple[str, ...]) -> str:
+    """``text`` without each ``Head[...]`` (balanced brackets) of the given heads."""
+    out, i = "", 0
+    while i < len(text):
+        head = next((h for h in heads if text.startswith(h + "[", i)), None)
+        if head is None:
+            if any(text.startswith(h, i) and not text[i + len(h): i + len(h) + 1].isalnum() for h in heads):
+                i += len(next(h for h in heads if text.startswith(h, i)))
+                continue
+            out += text[i]
+            i += 1
+            continue
+        depth, i = 0, i + len(head)
+        while i < len(text):
+            depth += {"[": 1, "]": -1}.get(text[i], 0)
+            i += 1
+            if depth == 0:
+                break
+    return out
+
+
+def check_safe(name: str, cls: type, args: dict[str, Any]) -> None:
+    """Refuse arguments that MONAI would resolve to code (see the module docstring); ``ValueError`` (one line)."""
+    if cls in _forbidden_classes():
+        raise ValueError(f"{name} runs Python functions or imports transforms from other packages by name, which "
+                         "a pipeline file cannot do (pipeline files hold data only); use MONAI's own transforms")
+    for arg, value in args.items():
+        allowed = NAMED_OBJECTS.get(arg)
+        if allowed is not None:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if v is None:
+                    continue
+                if not isinstance(v, str) or v not in allowed:
+                    raise ValueError(
+                        f"{name}.{arg}: {v!r} is not one of MONAI's {arg}s ({', '.join(sorted(a for a in allowed if a[0].isupper()))}); "
+                        f"other names would be resolved and run as Python code")
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover - every MONAI transform has an inspectable __init__
+        return
+    for arg, value in args.items():
+        p = params.get(arg)
+        if p is not None and arg not in NAMED_OBJECTS and value is not None and _function_only(p.annotation):
+            raise ValueError(f"{name}.{arg}: takes a Python function or class, which a pipeline file cannot give "
+                             "(pipeline files hold data only); leave it out")
+
+
 def _parse(item: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(item, dict) or len(item) != 1:
         raise ValueError("each transform is one mapping {TransformName: {arguments}}")
@@ -48,6 +139,7 @@ def _instantiate(item: Any) -> Any:
     if name not in classes:
         close = difflib.get_close_matches(name, list(classes), n=1)
         raise ValueError(f"unknown MONAI transform {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    check_safe(name, classes[name], args)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module="monai")  # MONAI's own deprecations
@@ -56,7 +148,8 @@ def _instantiate(item: Any) -> Any:
     except TypeError as exc:  # unexpected / missing arguments
         raise ValueError(f"{name}: {exc}") from None
     except Exception as exc:  # MONAI validates values in constructors
-        raise ValueError(f"{name}: {type(exc).__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{name}: {type(exc).__name__}: {first}") from None
 
 
 def check_transform(item: Any) -> None:
