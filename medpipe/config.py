@@ -24,30 +24,13 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medpipe.errors import ConfigError
-
-
-class StageParams(BaseModel):
-    """Base of every stage's parameter model: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def _check_transform(item: dict[str, Any]) -> dict[str, Any]:
-    from medpipe.data.transforms import check_transform
-
-    check_transform(item)
-    return item
-
-
-#: one MONAI dictionary transform: ``{ClassName: {arg: value, ...}}``, checked by building it
-TransformSpec = Annotated[dict[str, dict[str, Any] | None], AfterValidator(_check_transform)]
-TransformList = list[TransformSpec]
+from medpipe.stage import REGISTRY, StageParams, check_wiring
 
 
 class PipelineConfig(BaseModel):
@@ -236,7 +219,7 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
     Raises:
         ConfigError: with one line per problem, each naming the stage, field and YAML line.
     """
-    from medpipe.registry import REGISTRY, load_stages
+    from medpipe.stages import load_stages
 
     path = Path(path)
     raw_bytes = _read_bounded(path)
@@ -311,6 +294,12 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
                               f"{_message(err, list(model.model_fields))} {where(base + loc)}")
     if not stages and not errors:
         errors.append(f"stages: a pipeline needs at least one stage {where(('stages',))}")
+    if not errors:
+        for problem in check_wiring([(s.kind, s.params) for s in stages]):
+            st = stages[problem.index]
+            loc = ("stages", st.index) + ((problem.field,) if problem.field and problem.field in
+                                          config.stages[st.index] else ("stage",))
+            errors.append(f"stages[{st.index}] ({st.kind}): {problem.message} {where(loc)}")
     if errors:
         raise ConfigError("\n".join(errors))
     return Pipeline(path, config, stages)

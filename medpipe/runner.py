@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,48 +37,11 @@ import yaml
 from medpipe.config import Pipeline, Stage
 from medpipe.errors import ConfigError, MedpipeError, StageError
 from medpipe.io import write_text_atomic
+from medpipe.stage import REGISTRY, ProgressFn, RunContext, no_progress
 
 log = logging.getLogger("medpipe")
 
 STATE_VERSION = 1
-
-
-@dataclass
-class StageResult:
-    outputs: dict[str, Any] = field(default_factory=dict)  # merged into artifacts for later stages
-    metrics: dict[str, Any] = field(default_factory=dict)  # merged into metrics.json
-    inputs: dict[str, str] = field(default_factory=dict)  # input file -> sha256, for provenance.json
-
-
-ProgressFn = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
-
-
-def _ignore(n: int = 1) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield _ignore
-
-
-@dataclass
-class RunContext:
-    """What a stage gets besides its parameters."""
-
-    run_dir: Path
-    stage_dir: Path
-    seed: int
-    device: str
-    amp: bool
-    deterministic: bool
-    artifacts: dict[str, Any]
-    log: logging.Logger
-    progress_factory: ProgressFn = _no_progress
-
-    def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
-        """A progress bar; the yielded function advances it by ``n``."""
-        return self.progress_factory(description, total)
 
 
 @dataclass
@@ -194,7 +157,7 @@ def run_pipeline(
     *,
     resume: bool = False,
     device: str | None = None,
-    progress_factory: ProgressFn = _no_progress,
+    progress_factory: ProgressFn = no_progress,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> RunSummary:
     """Run every stage of ``pipeline`` in ``run_dir``.
@@ -280,8 +243,6 @@ def _run(
         seed_everything(cfg.seed, cfg.deterministic)
         ctx = RunContext(run_dir, stage_dir, cfg.seed, device, amp, cfg.deterministic, dict(artifacts),
                          logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory)
-        from medpipe.registry import REGISTRY
-
         if on_stage:
             on_stage(key, "running")
         new_state["stages"][key] = {"hash": digest, "status": "running"}
@@ -306,6 +267,9 @@ def _run(
             log.exception("%s crashed", key)
             raise
         elapsed = time.perf_counter() - t0
+        undeclared = sorted(set(result.outputs) - set(REGISTRY[stage.kind].gives))
+        if undeclared:  # a bug in the stage module, not a user problem
+            raise RuntimeError(f"stage {stage.kind} gave {undeclared}, which it does not declare in gives=")
         seconds[key] = elapsed
         artifacts.update(result.outputs)
         metrics["stages"][key] = result.metrics

@@ -106,3 +106,80 @@ def test_cli_validate_ok_and_error_without_traceback(tmp_path: Path) -> None:
     assert bad.exit_code == 2
     assert bad.output.startswith("error: stages[1] (toy_train).epochz: unknown parameter")
     assert "Traceback" not in bad.output
+
+
+# -- wiring: what a stage needs must be given by a parameter or an earlier stage -------------------------
+
+
+def test_evaluate_without_a_checkpoint_fails_validation(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        name: no_model
+        stages:
+          - stage: dataset
+            ingest_dir: /data/ingested
+          - stage: evaluate
+            split: test
+        """)
+    assert error_of(path) == (
+        "stages[1] (evaluate): needs 'checkpoint' (a trained segmenter checkpoint) but no earlier stage gives it; "
+        f"set checkpoint, or put a train_segmenter stage before it ({path} line 5)")
+
+
+def test_a_parameter_or_an_earlier_stage_meets_the_need(tmp_path: Path) -> None:
+    by_param = write(tmp_path, """\
+        name: given
+        stages:
+          - stage: evaluate
+            checkpoint: model.pt
+            datalist: datalist.json
+        """)
+    load_pipeline(by_param)
+    wired = write(tmp_path, """\
+        name: wired
+        stages:
+          - stage: ingest
+            source: /data/export
+          - stage: dataset
+          - stage: train_segmenter
+          - stage: evaluate
+          - stage: predict
+        """)
+    assert [s.kind for s in load_pipeline(wired).stages][-1] == "predict"
+
+
+def test_every_missing_need_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        name: nothing_given
+        stages:
+          - stage: train_classifier
+            epochs: 1
+          - stage: explain
+            checkpoints: [a.pt]
+        """)
+    lines = error_of(path).splitlines()
+    assert lines == [
+        "stages[0] (train_classifier): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
+        f"stage gives it; set datalist, or put an augment / dataset / medmnist stage before it ({path} line 3)",
+        "stages[1] (explain): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
+        f"stage gives it; set datalist, or put an augment / dataset / medmnist stage before it ({path} line 5)",
+    ]  # explain's checkpoints are set: no line for them
+
+
+def test_stage_declarations_are_checked_at_registration() -> None:
+    from medpipe.stage import Need, StageParams, stage
+
+    class P(StageParams):
+        x: int = 0
+
+    with pytest.raises(RuntimeError, match="artifact 'nonexistent' is not declared"):
+        stage("bad_kind", P, gives=("nonexistent",))
+    with pytest.raises(RuntimeError, match="names parameter 'datalist', which P lacks"):
+        stage("bad_kind", P, needs=(Need("datalist", params=("datalist",)),))
+
+
+def test_one_artifact_name_has_one_meaning() -> None:
+    from medpipe.stage import artifact
+
+    artifact("datalist", "file", "a datalist.json (train / val / test items)")  # the same declaration again: fine
+    with pytest.raises(RuntimeError, match="declared twice with different meanings"):
+        artifact("datalist", "folder", "a folder of CSV files")

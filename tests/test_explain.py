@@ -309,7 +309,7 @@ def test_explain_stage_2d_end_to_end(tmp_path: Path, png_datalist: Path) -> None
     with pytest.raises(StageError, match="P99 not in the test split"):
         explain_stage(_ctx(tmp_path, "06_explain", {"datalist": str(png_datalist)}),
                       ExplainParams(checkpoints=[str(ck[0])], cases=["P99"]))
-    with pytest.raises(StageError, match="no train_classifier stage"):
+    with pytest.raises(StageError, match="no earlier stage gives .classifier."):
         explain_stage(_ctx(tmp_path, "07_explain", {"datalist": str(png_datalist)}), ExplainParams())
 
 

@@ -251,7 +251,7 @@ def test_augment_refuses_bad_inputs(trained: tuple[Path, Any], datalist: Path, t
         augment(_ctx(tmp_path, "a", {"datalist": str(bad), "generator": gen}), AugmentParams(n=1))
     with pytest.raises(StageError, match="makes classes"):
         augment(_ctx(tmp_path, "b", {"datalist": str(datalist), "generator": gen}), AugmentParams(n=1, target_class=4))
-    with pytest.raises(StageError, match="no train_gan stage"):
+    with pytest.raises(StageError, match="no earlier stage gives .generator."):
         augment(_ctx(tmp_path, "c", {"datalist": str(datalist)}), AugmentParams(n=1))
     not_a_gan = tmp_path / "x.pt"
     torch.save({"format": "something else"}, not_a_gan)

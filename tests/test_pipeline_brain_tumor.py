@@ -82,7 +82,7 @@ def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
     ctx = RunContext(tmp_path, tmp_path / "predict_ingest", 0, "cpu", False, False, {}, logging.getLogger("test"))
     ctx.stage_dir.mkdir()
     out = predict(ctx, PredictParams(checkpoint=str(train / "checkpoint.pt"), ingest_dir=str(stages / "01_ingest")))
-    masks = sorted(Path(out.outputs["predictions"]).glob("*.nii.gz"))
+    masks = sorted(Path(out.outputs["masks"]).glob("*.nii.gz"))
     assert len(masks) == out.metrics["n_predicted"] == 6
     flair = sorted(Path(stages / "01_ingest" / "volumes").glob("*/*FLAIR*.nii.gz"))
     assert [nib.load(m).shape for m in masks] == [nib.load(f).shape for f in flair]

@@ -186,7 +186,7 @@ def test_train_writes_checkpoint_curve_and_history(tmp_path: Path, datalist: Pat
     assert ck["eval_transforms"] == EXACT_EVAL and ck["roi_size"] == [16, 16, 8]
     net = build_from_config(ck["model"])
     net.load_state_dict(ck["state_dict"])
-    assert result.outputs["model"]["name"] == "unet"
+    assert ck["model"]["name"] == "unet"
     assert set(result.metrics) >= {"best_val_dice", "epochs_run", "train_seconds"}
     assert result.metrics["epochs_run"] == 2 and 0.0 <= result.metrics["best_val_dice"] <= 1.0
     assert (ctx.stage_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -278,7 +278,7 @@ def test_predict_writes_masks_on_the_reference_grid(tmp_path: Path, datalist: Pa
     ck = _oracle_checkpoint(monkeypatch, tmp_path, spec)
     ctx = _ctx(tmp_path, "04_predict", {"datalist": str(datalist), "checkpoint": str(ck)})
     result = predict(ctx, PredictParams(split="all"))
-    masks = sorted(Path(result.outputs["predictions"]).glob("*.nii.gz"))
+    masks = sorted(Path(result.outputs["masks"]).glob("*.nii.gz"))
     doc = json.loads(datalist.read_text())
     items = doc["train"] + doc["val"] + doc["test"]
     assert len(masks) == len(items) == result.metrics["n_predicted"]
@@ -302,5 +302,5 @@ def test_predict_needs_a_checkpoint(tmp_path: Path, datalist: Path) -> None:
     from medpipe.errors import StageError
 
     ctx = _ctx(tmp_path, "04_predict", {"datalist": str(datalist)})
-    with pytest.raises(StageError, match="checkpoint: not given and no train_segmenter stage"):
+    with pytest.raises(StageError, match="checkpoint: not given, and no earlier stage gives .checkpoint."):
         predict(ctx, PredictParams())

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from medpipe.config import StageParams, TransformList
+from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, artifact, stage
+
+artifact("toy_numbers", "file", "a JSON list of numbers (toy stages)")
 
 CALLS: list[str] = []
 
@@ -18,14 +19,14 @@ class ToyMakeParams(StageParams):
     fail: bool = False
 
 
-@stage("toy_make", ToyMakeParams)
+@stage("toy_make", ToyMakeParams, gives=("toy_numbers",))
 def toy_make(ctx: RunContext, p: ToyMakeParams) -> StageResult:
     CALLS.append("toy_make")
     if p.fail:
         raise StageError("asked to fail (fail: true)")
     path = ctx.stage_dir / "numbers.json"
     path.write_text(json.dumps(list(range(p.n))))
-    return StageResult(outputs={"numbers": str(path)}, metrics={"n": p.n})
+    return StageResult(outputs={"toy_numbers": str(path)}, metrics={"n": p.n})
 
 
 class ToyTrainParams(StageParams):
@@ -36,12 +37,12 @@ class ToyTrainParams(StageParams):
     crash: bool = False
 
 
-@stage("toy_train", ToyTrainParams)
+@stage("toy_train", ToyTrainParams, needs=(Need("toy_numbers"),))
 def toy_train(ctx: RunContext, p: ToyTrainParams) -> StageResult:
     CALLS.append("toy_train")
     if p.crash:
         raise KeyboardInterrupt  # what a kill looks like from inside
-    numbers = json.loads(open(ctx.artifacts["numbers"]).read())
+    numbers = json.loads(open(ctx.artifacts["toy_numbers"]).read())
     with ctx.progress("toy epochs", p.epochs) as advance:
         for _ in range(p.epochs):
             advance(1)

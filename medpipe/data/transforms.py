@@ -26,7 +26,9 @@ import inspect
 import json
 import warnings
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 
 @lru_cache(maxsize=1)
@@ -170,3 +172,14 @@ def transforms_hash(spec: list[dict[str, Any]]) -> str:
 
     text = json.dumps([_parse(i) for i in spec], sort_keys=True, default=str)
     return hashlib.sha256(f"monai {monai.__version__}\n{text}".encode()).hexdigest()[:16]
+
+
+def _checked(item: dict[str, Any]) -> dict[str, Any]:
+    check_transform(item)
+    return item
+
+
+#: a stage parameter holding one MONAI dictionary transform ``{ClassName: {arg: value, ...}}``, checked by
+#: building it during validation
+TransformSpec = Annotated[dict[str, dict[str, Any] | None], AfterValidator(_checked)]
+TransformList = list[TransformSpec]

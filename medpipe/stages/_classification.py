@@ -181,20 +181,6 @@ def load_ensemble(paths: list[str] | list[Path], device: str) -> tuple[list[Any]
     return nets, docs[0]
 
 
-def checkpoints_of(value: list[str] | None, artifacts: dict[str, Any]) -> list[Path]:
-    """Checkpoint paths from a parameter, else the ``classifier`` artifact of a ``train_classifier`` stage."""
-    if value is not None:
-        paths = [Path(v).expanduser().resolve() for v in value]
-    elif "classifier" in artifacts:
-        paths = [Path(v) for v in artifacts["classifier"]]
-    else:
-        raise StageError("checkpoints: not given and no train_classifier stage before this one")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise StageError(f"checkpoints: {', '.join(missing)} not found")
-    return paths
-
-
 # -- inference ----------------------------------------------------------------------------------------
 
 

@@ -17,19 +17,6 @@ from medpipe.errors import StageError
 from medpipe.io import atomic_path
 
 
-def resolve_input(value: str | None, artifacts: dict[str, Any], key: str, producer: str, field: str) -> Path:
-    """A path parameter, or the artifact ``key`` of an earlier stage when the parameter is None."""
-    if value is not None:
-        path = Path(value).expanduser().resolve()
-    elif key in artifacts:
-        path = Path(artifacts[key])
-    else:
-        raise StageError(f"{field}: not given and no {producer} stage before this one")
-    if not path.exists():
-        raise StageError(f"{field}: {path} does not exist")
-    return path
-
-
 def load_datalist(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

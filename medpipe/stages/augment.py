@@ -25,12 +25,10 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from medpipe.config import StageParams
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, sha256_file, write_text_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
-from medpipe.stages._common import load_datalist, read_checkpoint, resolve_input
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stages._common import load_datalist, read_checkpoint
 
 
 class AugmentParams(StageParams):
@@ -73,12 +71,14 @@ def write_png(array: np.ndarray, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-@stage("augment", AugmentParams)
+@stage("augment", AugmentParams,
+       needs=(Need("generator", params=("generator",)), Need("datalist", params=("datalist",))),
+       gives=("datalist",))
 def augment(ctx: RunContext, p: AugmentParams) -> StageResult:
     import torch
 
-    gen_path = resolve_input(p.generator, ctx.artifacts, "generator", "train_gan", "generator")
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "medmnist or dataset", "datalist")
+    gen_path = ctx.input("generator", p.generator)
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     for split in ("val", "test"):
         bad = [it for it in doc.get(split, []) if it.get("synthetic")]

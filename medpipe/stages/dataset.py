@@ -49,12 +49,10 @@ from typing import Annotated, Any, Literal, cast
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from medpipe.config import StageParams
 from medpipe.data.splits import split_patients
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._common import safe_name
 
 # -- parameters ---------------------------------------------------------------------------------------
@@ -415,10 +413,8 @@ class _Builder:
     def _load_csv(self, spec: CsvLabels) -> None:
         if spec.path is not None:
             path = Path(spec.path).expanduser().resolve()
-        elif "sample_dir" in self.ctx.artifacts:
-            path = Path(self.ctx.artifacts["sample_dir"]) / "labels.csv"
         else:
-            raise StageError("labels.path: no CSV given and no sample stage before this one")
+            path = self.ctx.input("sample_dir", None, "labels.path") / "labels.csv"
         try:
             with open(path, newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
@@ -450,14 +446,10 @@ class _Builder:
         return int(number)
 
 
-@stage("dataset", DatasetParams)
+@stage("dataset", DatasetParams, needs=(Need("ingest_dir", params=("ingest_dir",)), Need("sample_dir", optional=True)),
+       gives=("datalist",))
 def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
-    if p.ingest_dir is not None:
-        ingest_dir = Path(p.ingest_dir).expanduser().resolve()
-    elif "ingest_dir" in ctx.artifacts:
-        ingest_dir = Path(ctx.artifacts["ingest_dir"])
-    else:
-        raise StageError("no ingest folder: set 'ingest_dir:' or put an 'ingest' stage first")
+    ingest_dir = ctx.input("ingest_dir", p.ingest_dir)
     volumes, objects = _read_catalog(ingest_dir)
     studies = _candidates(ingest_dir, volumes)
     builder = _Builder(ctx, p, ingest_dir, objects)

@@ -34,16 +34,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from medpipe.config import StageParams, TransformList
+from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, sha256_file, write_text_atomic
 from medpipe.metrics.bootstrap import bootstrap_ci
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._common import (
     case_name,
     load_datalist,
-    resolve_input,
 )
 from medpipe.stages._segmentation import (
     grid_of,
@@ -182,12 +180,13 @@ def nib_axes(affine: np.ndarray) -> np.ndarray:
 # -- the stage ----------------------------------------------------------------------------------------
 
 
-@stage("evaluate", EvaluateParams)
+@stage("evaluate", EvaluateParams, needs=(Need("checkpoint", params=("checkpoint",)), Need("datalist", params=("datalist",))),
+       gives=("evaluation",))
 def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
 
-    ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    ckpt_path = ctx.input("checkpoint", p.checkpoint)
+    dl_path = ctx.input("datalist", p.datalist)
     net, ck = load_checkpoint(ckpt_path, ctx.device)
     doc = load_datalist(dl_path)
     items = split_items(doc, p.split, need_labels=True, path=dl_path)

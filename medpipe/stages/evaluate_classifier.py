@@ -24,20 +24,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from medpipe.config import StageParams
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._classification import (
-    checkpoints_of,
     class_items,
     load_ensemble,
     model_inputs,
     predict_proba,
     valid_tta_axes,
 )
-from medpipe.stages._common import case_name, load_datalist, resolve_input
+from medpipe.stages._common import case_name, load_datalist
 
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
 
@@ -58,7 +55,9 @@ def _r(x: float | None, nd: int = 6) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), nd)
 
 
-@stage("evaluate_classifier", EvaluateClassifierParams)
+@stage("evaluate_classifier", EvaluateClassifierParams,
+       needs=(Need("classifier", params=("checkpoints",)), Need("datalist", params=("datalist",))),
+       gives=("class_predictions",))
 def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageResult:
     import numpy as np
 
@@ -66,8 +65,8 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     from medpipe.metrics.classification import metrics_with_ci, predict_labels
     from medpipe.report.classification_plots import calibration_png, confusion_png, roc_png
 
-    paths = checkpoints_of(p.checkpoints, ctx.artifacts)
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    paths = ctx.inputs("classifier", p.checkpoints, "checkpoints")
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     items = class_items(doc, p.split, path=dl_path)
     nets, ck = load_ensemble(paths, ctx.device)
@@ -132,4 +131,4 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
                  p.split, len(y), members, metrics["auc"] or math.nan, metrics["auc_ci95"], metrics["accuracy"],
                  metrics.get("sensitivity"), metrics.get("specificity"))
     inputs = {str(c): sha256_file(c) for c in paths}
-    return StageResult(outputs={"predictions": str(pred_path)}, metrics=metrics, inputs=inputs)
+    return StageResult(outputs={"class_predictions": str(pred_path)}, metrics=metrics, inputs=inputs)

@@ -37,13 +37,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from medpipe.config import StageParams
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
-from medpipe.stages._classification import checkpoints_of, class_items, load_ensemble, model_inputs, predict_proba
-from medpipe.stages._common import case_name, load_datalist, resolve_input
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stages._classification import class_items, load_ensemble, model_inputs, predict_proba
+from medpipe.stages._common import case_name, load_datalist
 
 Method = Literal["gradcam", "gradcampp", "occlusion"]
 ALL_METHODS: list[Method] = ["gradcam", "gradcampp", "occlusion"]
@@ -117,15 +115,17 @@ def _spacing(x: Any, dims: int) -> list[float] | None:
     return [float(z) if z > 0 else 1.0 for z in zooms]
 
 
-@stage("explain", ExplainParams)
+@stage("explain", ExplainParams,
+       needs=(Need("classifier", params=("checkpoints",)), Need("datalist", params=("datalist",))),
+       gives=("explanations",))
 def explain(ctx: RunContext, p: ExplainParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
     from medpipe.models.explain import Explainer, occlusion_settings, slice_attention
     from medpipe.report.explanation_plots import explanation_png
 
-    paths = checkpoints_of(p.checkpoints, ctx.artifacts)
+    paths = ctx.inputs("classifier", p.checkpoints, "checkpoints")
     nets, ck = load_ensemble(paths, ctx.device)
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     items = class_items(doc, p.split, path=dl_path)
     cfg = ck["model"]

@@ -12,10 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from medpipe.config import StageParams
-from medpipe.errors import StageError
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 
 
 class IngestParams(StageParams):
@@ -44,18 +41,11 @@ class _ProgressSink:
         self.stack.close()
 
 
-@stage("ingest", IngestParams)
+@stage("ingest", IngestParams, needs=(Need("sample_dir", params=("source",)),), gives=("ingest_dir",))
 def ingest(ctx: RunContext, p: IngestParams) -> StageResult:
     from medpipe.ingest import ingest as run_ingest
 
-    if p.source is not None:
-        source = Path(p.source).expanduser().resolve()
-    elif "sample_dir" in ctx.artifacts:
-        source = Path(ctx.artifacts["sample_dir"])
-    else:
-        raise StageError("no source to ingest: set 'source:' (a folder, zip or DICOMDIR) or put a 'sample' stage first")
-    if not source.exists():
-        raise StageError(f"source {source} does not exist")
+    source = ctx.input("sample_dir", p.source, "source")
     out = Path(p.out).expanduser().resolve() if p.out is not None else ctx.stage_dir
     sink = _ProgressSink(ctx)
     try:

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from medpipe.config import StageParams
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import RunContext, StageParams, StageResult, stage
 
 
 class MedmnistParams(StageParams):
@@ -21,7 +19,7 @@ class MedmnistParams(StageParams):
     name: str | None = Field(None, description="dataset name; None: from the file name")
 
 
-@stage("medmnist", MedmnistParams)
+@stage("medmnist", MedmnistParams, gives=("datalist",))
 def medmnist(ctx: RunContext, p: MedmnistParams) -> StageResult:
     from medpipe.data.medmnist import import_medmnist
 

@@ -26,15 +26,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from medpipe.config import StageParams, TransformList
+from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._common import (
     case_name,
     load_datalist,
-    resolve_input,
     tolerate_missing_keys,
 )
 from medpipe.stages._segmentation import (
@@ -85,12 +83,14 @@ def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, chan
     return split_items(load_datalist(path), "all", need_labels=False, path=path), path
 
 
-@stage("predict", PredictParams)
+@stage("predict", PredictParams,
+       needs=(Need("checkpoint", params=("checkpoint",)), Need("datalist", params=("datalist", "ingest_dir"))),
+       gives=("masks",))
 def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
     from medpipe.data.volumes import write_nifti
 
-    ckpt_path = resolve_input(p.checkpoint, ctx.artifacts, "checkpoint", "train_segmenter", "checkpoint")
+    ckpt_path = ctx.input("checkpoint", p.checkpoint)
     net, ck = load_checkpoint(ckpt_path, ctx.device)
     channel_names = list(ck.get("channels") or [])
     inputs = {str(ckpt_path): sha256_file(ckpt_path)}
@@ -100,7 +100,7 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
             raise StageError(f"ingest_dir: {src} is not a folder")
         items, source = _items_from_ingest(ctx, p, src, channel_names)
     else:
-        source = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+        source = ctx.input("datalist", p.datalist)
         doc = load_datalist(source)
         if channel_names and doc.get("channels") and list(doc["channels"]) != channel_names:
             raise StageError(f"the checkpoint was trained on channels {channel_names}, "
@@ -155,5 +155,5 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     write_text_atomic(ctx.stage_dir / "predictions.csv", buf.getvalue())
     seconds = time.perf_counter() - t0
     ctx.log.info("%d studies segmented in %.1f s -> %s", len(rows), seconds, out_dir)
-    return StageResult(outputs={"predictions": str(out_dir)},
+    return StageResult(outputs={"masks": str(out_dir)},
                        metrics={"n_predicted": len(rows), "predict_seconds": round(seconds, 2)}, inputs=inputs)

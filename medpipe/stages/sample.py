@@ -11,9 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from medpipe.config import StageParams
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import RunContext, StageParams, StageResult, stage
 
 
 class SampleParams(StageParams):
@@ -27,7 +25,7 @@ class SampleParams(StageParams):
     slice_thickness: float = Field(default=4.0, gt=0)
 
 
-@stage("sample", SampleParams)
+@stage("sample", SampleParams, gives=("sample_dir",))
 def sample(ctx: RunContext, p: SampleParams) -> StageResult:
     from medpipe.sample import BrainTumorParams, existing_generation, generate_brain_tumor
 

@@ -39,11 +39,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medpipe.config import StageParams, TransformList
+from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, write_csv_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._classification import (
     class_counts,
     class_items,
@@ -58,7 +57,7 @@ from medpipe.stages._classification import (
     valid_tta_axes,
     write_checkpoint,
 )
-from medpipe.stages._common import load_datalist, resolve_input, set_random_state
+from medpipe.stages._common import load_datalist, set_random_state
 
 Imbalance = Literal["none", "weighted_sampler", "class_weights", "focal"]
 
@@ -193,14 +192,15 @@ def _folds(train: list[dict[str, Any]], val: list[dict[str, Any]], k: int | None
 # -- the stage ----------------------------------------------------------------------------------------
 
 
-@stage("train_classifier", TrainClassifierParams)
+@stage("train_classifier", TrainClassifierParams, needs=(Need("datalist", params=("datalist",)),),
+       gives=("classifier",))
 def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     import numpy as np
 
     from medpipe.metrics.classification import classification_metrics
 
     t_start = time.perf_counter()
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     train = class_items(doc, "train", path=dl_path)
     val = class_items(doc, "val", path=dl_path) if p.folds is None else [

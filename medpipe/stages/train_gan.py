@@ -54,13 +54,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from medpipe.config import StageParams
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, sha256_file, write_csv_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._classification import class_items, class_names, default_eval_transforms, spatial_dims_of
-from medpipe.stages._common import load_datalist, resolve_input, save_checkpoint
+from medpipe.stages._common import load_datalist, save_checkpoint
 
 
 class TrainGanParams(StageParams):
@@ -279,7 +277,7 @@ def _round(v: float | None) -> float | None:
 # -- the stage --------------------------------------------------------------------------------------------
 
 
-@stage("train_gan", TrainGanParams)
+@stage("train_gan", TrainGanParams, needs=(Need("datalist", params=("datalist",)),), gives=("generator",))
 def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     import copy
 
@@ -301,7 +299,7 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     )
 
     t_start = time.perf_counter()
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "medmnist or dataset", "datalist")
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     train_items = class_items(doc, "train", path=dl_path)
     synthetic = [it for it in train_items if it.get("synthetic")]

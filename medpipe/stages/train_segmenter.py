@@ -27,14 +27,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medpipe.config import StageParams, TransformList
+from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
 from medpipe.io import atomic_path, sha256_file, write_csv_atomic
-from medpipe.registry import stage
-from medpipe.runner import RunContext, StageResult
+from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages._common import (
     load_datalist,
-    resolve_input,
     save_checkpoint,
     set_random_state,
 )
@@ -177,7 +175,8 @@ def _curve_png(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-@stage("train_segmenter", TrainSegmenterParams)
+@stage("train_segmenter", TrainSegmenterParams, needs=(Need("datalist", params=("datalist",)),),
+       gives=("checkpoint",))
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     import numpy as np
     import torch
@@ -190,7 +189,7 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     train_spec = p.train_transforms or default_train_transforms(p.roi_size)  # both filled by the validator
     eval_spec = p.eval_transforms or default_eval_transforms()
     t_start = time.perf_counter()
-    dl_path = resolve_input(p.datalist, ctx.artifacts, "datalist", "dataset", "datalist")
+    dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     train_items = split_items(doc, "train", need_labels=True, path=dl_path)
     val_items = split_items(doc, "val", need_labels=True, path=dl_path)
@@ -290,7 +289,7 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     ctx.log.info("trained %d epochs in %.0f s; best val Dice %.4f at epoch %d -> %s", epoch, train_seconds, best,
                  best_epoch, ckpt)
     return StageResult(
-        outputs={"checkpoint": str(ckpt), "model": {**cfg, "roi_size": list(p.roi_size), "classes": info["classes"]}},
+        outputs={"checkpoint": str(ckpt)},
         metrics={"best_val_dice": round(best, 6), "best_epoch": best_epoch, "epochs_run": epoch,
                  "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
                  "train_stage_seconds": round(time.perf_counter() - t_start, 2)},
