@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from medpipe.data.datalist import class_items
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import load_ensemble
 from medpipe.models.classification import SliceSequenceClassifier, build_classifier, check_input_size, classifier_config
 from medpipe.runner import RunContext, seed_everything
-from medpipe.stages._classification import (
-    class_items,
-    inverse_frequency_weights,
-    load_ensemble,
-    sample_weights,
-)
 from medpipe.stages.evaluate_classifier import EvaluateClassifierParams, evaluate_classifier
 from medpipe.stages.train_classifier import TrainClassifierParams, _folds, make_loss, make_sampler, train_classifier
+from medpipe.training.imbalance import inverse_frequency_weights, sample_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from medpipe.data.transform_defaults import classifier_eval_transforms
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import write_classifier_checkpoint
 from medpipe.models.classification import build_classifier, classifier_config
 from medpipe.models.explain import METHODS, Explainer, explain, hooked_cams, normalize, occlusion_settings
 from medpipe.report.explanation_plots import choose_slices, explanation_png
 from medpipe.runner import RunContext, seed_everything
-from medpipe.stages._classification import default_eval_transforms, write_checkpoint
 from medpipe.stages.explain import ExplainParams
 from medpipe.stages.explain import explain as explain_stage
 
@@ -271,7 +272,7 @@ def _checkpoint(path: Path, cfg: dict[str, Any], input_shape: list[int], spec: l
                 names: dict[int, str], seed: int = 0) -> Path:
     torch.manual_seed(seed)
     net = build_classifier(cfg)
-    write_checkpoint(path, net=net, model=cfg, names=names, input_shape=input_shape, eval_transforms=spec,
+    write_classifier_checkpoint(path, net=net, model=cfg, names=names, input_shape=input_shape, eval_transforms=spec,
                      record={"epoch": 0, "fold": 0})
     return path
 
@@ -283,7 +284,7 @@ def _rows(folder: Path) -> list[dict[str, str]]:
 def test_explain_stage_2d_end_to_end(tmp_path: Path, png_datalist: Path) -> None:
     cfg = classifier_config("resnet18", 2, 1, 2, **SMALL)
     names = {0: "empty", 1: "square"}
-    ck = [_checkpoint(tmp_path / f"fold{k}.pt", cfg, [1, 20, 20], default_eval_transforms(2, None), names, seed=k)
+    ck = [_checkpoint(tmp_path / f"fold{k}.pt", cfg, [1, 20, 20], classifier_eval_transforms(2, None), names, seed=k)
           for k in range(2)]
     ctx = _ctx(tmp_path, "04_explain", {"classifier": [str(c) for c in ck], "datalist": str(png_datalist)})
     result = explain_stage(ctx, ExplainParams(max_cases=3))
@@ -340,7 +341,7 @@ def test_explain_stage_cnn_rnn_montage(tmp_path: Path) -> None:
     dl = tmp_path / "datalist.json"
     dl.write_text(json.dumps({"train": [], "val": [], "test": items}))
     cfg = classifier_config("cnn_rnn", 3, 2, 2, encoder="resnet10", **SMALL)
-    ck = _checkpoint(tmp_path / "cnn_rnn.pt", cfg, [2, *shape], default_eval_transforms(3, None),
+    ck = _checkpoint(tmp_path / "cnn_rnn.pt", cfg, [2, *shape], classifier_eval_transforms(3, None),
                      {0: "normal", 1: "abnormal"})
     ctx = _ctx(tmp_path, "03_explain", {"classifier": [str(ck)], "datalist": str(dl)})
     result = explain_stage(ctx, ExplainParams(cases="all", slices=3, slice_choice="even", channel=1))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from medpipe.data.datalist import class_items
 from medpipe.errors import StageError
 from medpipe.models.gan import (
     GAN_FORMAT,
@@ -22,7 +23,6 @@ from medpipe.models.gan import (
     gan_config,
 )
 from medpipe.runner import RunContext, seed_everything
-from medpipe.stages._classification import class_items
 from medpipe.stages.augment import AugmentParams, augment, to_uint8, write_png
 from medpipe.stages.train_gan import TrainGanParams, train_gan
 

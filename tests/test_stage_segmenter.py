@@ -14,6 +14,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from medpipe.data import labels as seg
+from medpipe.inference.checkpoint import SEGMENTER_FORMAT
 from medpipe.metrics.bootstrap import bootstrap_ci
 from medpipe.models.segmentation import (
     build_from_config,
@@ -21,7 +23,6 @@ from medpipe.models.segmentation import (
     segmenter_config,
 )
 from medpipe.runner import RunContext, seed_everything
-from medpipe.stages import _segmentation as seg
 from medpipe.stages import evaluate as evaluate_mod
 from medpipe.stages import predict as predict_mod
 from medpipe.stages.evaluate import EvaluateParams, dice_hd95, evaluate
@@ -181,7 +182,7 @@ def test_train_writes_checkpoint_curve_and_history(tmp_path: Path, datalist: Pat
     p = TrainSegmenterParams(**TINY, epochs=2, val_every=1, eval_transforms=EXACT_EVAL)
     result = train_segmenter(ctx, p)
     ck = torch.load(result.outputs["checkpoint"], weights_only=True)
-    assert ck["format"] == seg.CHECKPOINT_FORMAT and ck["channels"] == ["FLAIR", "T1"]
+    assert ck["format"] == SEGMENTER_FORMAT and ck["channels"] == ["FLAIR", "T1"]
     assert ck["labels"]["classes"] == {"1": "whole tumour"} and ck["model"]["out_channels"] == 2
     assert ck["eval_transforms"] == EXACT_EVAL and ck["roi_size"] == [16, 16, 8]
     net = build_from_config(ck["model"])
@@ -220,7 +221,7 @@ class _Oracle(torch.nn.Module):
 
 def _oracle_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eval_transforms: list, shift: int = 0,
                        roi: tuple[int, int, int] = (16, 16, 8)) -> Path:
-    doc = {"format": seg.CHECKPOINT_FORMAT, "version": 1, "model": {}, "channels": ["FLAIR", "T1"],
+    doc = {"format": SEGMENTER_FORMAT, "version": 1, "model": {}, "channels": ["FLAIR", "T1"],
            "labels": seg.label_info("whole_tumor", None, None), "roi_size": list(roi),
            "eval_transforms": eval_transforms}
     path = tmp_path / "oracle.pt"
@@ -229,8 +230,8 @@ def _oracle_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eval_tra
     def fake_load(p: Path, device: str) -> tuple[torch.nn.Module, dict]:
         return _Oracle(shift).eval(), doc
 
-    monkeypatch.setattr(evaluate_mod, "load_checkpoint", fake_load)
-    monkeypatch.setattr(predict_mod, "load_checkpoint", fake_load)
+    monkeypatch.setattr(evaluate_mod, "load_segmenter", fake_load)
+    monkeypatch.setattr(predict_mod, "load_segmenter", fake_load)
     return path
 
 

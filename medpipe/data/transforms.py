@@ -183,3 +183,25 @@ def _checked(item: dict[str, Any]) -> dict[str, Any]:
 #: building it during validation
 TransformSpec = Annotated[dict[str, dict[str, Any] | None], AfterValidator(_checked)]
 TransformList = list[TransformSpec]
+
+
+def tolerate_missing_keys(spec: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``spec`` with ``allow_missing_keys: true`` on every dictionary transform (for items without labels)."""
+    from medpipe.data.transforms import _transform_classes
+
+    classes = _transform_classes()
+    out = []
+    for item in spec:
+        name, args = next(iter(item.items()))
+        args = dict(args or {})
+        cls = classes.get(name)
+        if cls is not None and "allow_missing_keys" in inspect.signature(cls).parameters:
+            args.setdefault("allow_missing_keys", True)
+        out.append({name: args})
+    return out
+
+
+def set_random_state(transform: Any, seed: int) -> None:
+    """Seed every random transform of a Compose (reproducible augmentation)."""
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed % (2**32))

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from medpipe.data.datalist import load_datalist
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import read_checkpoint
 from medpipe.io import atomic_path, sha256_file, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._common import load_datalist, read_checkpoint
 
 
 class AugmentParams(StageParams):

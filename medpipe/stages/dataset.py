@@ -49,11 +49,11 @@ from typing import Annotated, Any, Literal, cast
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from medpipe.data.datalist import safe_name
 from medpipe.data.splits import split_patients
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._common import safe_name
 
 # -- parameters ---------------------------------------------------------------------------------------
 

@@ -34,22 +34,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from medpipe.data.datalist import case_name, load_datalist, split_items
+from medpipe.data.labels import map_labels
 from medpipe.data.transforms import TransformList
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import load_segmenter
+from medpipe.inference.segmentation import grid_of, segment_item
 from medpipe.io import atomic_path, sha256_file, write_text_atomic
 from medpipe.metrics.bootstrap import bootstrap_ci
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._common import (
-    case_name,
-    load_datalist,
-)
-from medpipe.stages._segmentation import (
-    grid_of,
-    load_checkpoint,
-    map_labels,
-    segment_item,
-    split_items,
-)
 
 
 class EvaluateParams(StageParams):
@@ -187,7 +180,7 @@ def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
 
     ckpt_path = ctx.input("checkpoint", p.checkpoint)
     dl_path = ctx.input("datalist", p.datalist)
-    net, ck = load_checkpoint(ckpt_path, ctx.device)
+    net, ck = load_segmenter(ckpt_path, ctx.device)
     doc = load_datalist(dl_path)
     items = split_items(doc, p.split, need_labels=True, path=dl_path)
     channels = list(doc.get("channels") or [])

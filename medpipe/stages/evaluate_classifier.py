@@ -24,17 +24,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from medpipe.data.datalist import case_name, class_items, load_datalist, model_inputs
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import load_ensemble
+from medpipe.inference.classification import predict_proba, valid_tta_axes
 from medpipe.io import sha256_file, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._classification import (
-    class_items,
-    load_ensemble,
-    model_inputs,
-    predict_proba,
-    valid_tta_axes,
-)
-from medpipe.stages._common import case_name, load_datalist
 
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
 

@@ -26,21 +26,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from medpipe.data.transforms import TransformList
+from medpipe.data.datalist import case_name, load_datalist, split_items
+from medpipe.data.transforms import TransformList, tolerate_missing_keys
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import load_segmenter
+from medpipe.inference.segmentation import grid_of, segment_item
 from medpipe.io import sha256_file, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._common import (
-    case_name,
-    load_datalist,
-    tolerate_missing_keys,
-)
-from medpipe.stages._segmentation import (
-    grid_of,
-    load_checkpoint,
-    segment_item,
-    split_items,
-)
 from medpipe.stages.dataset import ChannelRule
 
 
@@ -91,7 +83,7 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     from medpipe.data.volumes import write_nifti
 
     ckpt_path = ctx.input("checkpoint", p.checkpoint)
-    net, ck = load_checkpoint(ckpt_path, ctx.device)
+    net, ck = load_segmenter(ckpt_path, ctx.device)
     channel_names = list(ck.get("channels") or [])
     inputs = {str(ckpt_path): sha256_file(ckpt_path)}
     if p.ingest_dir is not None:

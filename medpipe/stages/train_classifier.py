@@ -39,25 +39,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medpipe.data.transforms import TransformList
+from medpipe.data.datalist import class_counts, class_items, class_names, load_datalist, model_inputs, spatial_dims_of
+from medpipe.data.transform_defaults import classifier_eval_transforms, classifier_train_transforms
+from medpipe.data.transforms import TransformList, set_random_state
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import write_classifier_checkpoint
+from medpipe.inference.classification import predict_proba, valid_tta_axes
 from medpipe.io import atomic_path, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._classification import (
-    class_counts,
-    class_items,
-    class_names,
-    default_eval_transforms,
-    default_train_transforms,
-    inverse_frequency_weights,
-    model_inputs,
-    predict_proba,
-    sample_weights,
-    spatial_dims_of,
-    valid_tta_axes,
-    write_checkpoint,
-)
-from medpipe.stages._common import load_datalist, set_random_state
+from medpipe.training.imbalance import inverse_frequency_weights, sample_weights
 
 Imbalance = Literal["none", "weighted_sampler", "class_weights", "focal"]
 
@@ -92,8 +82,8 @@ class TrainClassifierParams(StageParams):
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better checkpoint")
     folds: int | None = Field(None, ge=2, description="k-fold ensemble over the train + val patients")
     val_tta_axes: list[int] | None = Field(None, description="flip axes averaged when scoring validation")
-    train_transforms: TransformList | None = Field(None, description="None: default_train_transforms")
-    eval_transforms: TransformList | None = Field(None, description="None: default_eval_transforms")
+    train_transforms: TransformList | None = Field(None, description="None: classifier_train_transforms")
+    eval_transforms: TransformList | None = Field(None, description="None: classifier_eval_transforms")
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: str | None = Field(None, description="disk cache folder; None: <run dir>/cache")
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
@@ -209,8 +199,8 @@ def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     dims = p.spatial_dims or spatial_dims_of(train)
     if p.model == "cnn_rnn" and dims != 3:
         raise StageError("model cnn_rnn needs volumes (3D images); these are 2D")
-    eval_spec = p.eval_transforms or default_eval_transforms(dims, p.spatial_size)
-    train_spec = p.train_transforms or default_train_transforms(dims, p.spatial_size)
+    eval_spec = p.eval_transforms or classifier_eval_transforms(dims, p.spatial_size)
+    train_spec = p.train_transforms or classifier_train_transforms(dims, p.spatial_size)
     folds = _folds(train, val, p.folds, ctx.seed)
     ckpts: list[str] = []
     history: list[dict[str, Any]] = []
@@ -347,7 +337,7 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
                 score > best_auc or (score == best_auc and vloss < best_loss)
             if better:
                 best_auc, best_loss, best_epoch, best_prob = score, vloss, epoch, prob
-                write_checkpoint(ckpt, net=net, model=cfg, names=names, input_shape=input_shape,
+                write_classifier_checkpoint(ckpt, net=net, model=cfg, names=names, input_shape=input_shape,
                                  eval_transforms=eval_spec, record={
                                      "epoch": epoch, "val_auc": auc, "val_loss": vloss, "fold": fold,
                                      "datalist": str(doc_path), "seed": ctx.seed, "imbalance": p.imbalance,

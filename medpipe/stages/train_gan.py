@@ -54,11 +54,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from medpipe.data.datalist import class_items, class_names, load_datalist, spatial_dims_of
+from medpipe.data.transform_defaults import classifier_eval_transforms
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import save_checkpoint
 from medpipe.io import atomic_path, sha256_file, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._classification import class_items, class_names, default_eval_transforms, spatial_dims_of
-from medpipe.stages._common import load_datalist, save_checkpoint
 
 
 class TrainGanParams(StageParams):
@@ -115,7 +116,7 @@ def load_images(items: list[dict[str, Any]], size: int | None) -> tuple[Any, Any
 
     from medpipe.data.datasets import make_dataset
 
-    spec = default_eval_transforms(2, (size, size) if size else None)
+    spec = classifier_eval_transforms(2, (size, size) if size else None)
     try:
         ds = make_dataset(items, spec, "none")
         images = [ds[i]["image"] for i in range(len(ds))]
@@ -135,9 +136,10 @@ def train_extractor(x: Any, y: Any, n_classes: int, p: TrainGanParams, seed: int
     """A small ResNet classifier trained from scratch on ``(x, y)`` (class-weighted CE, DiffAugment as augmentation)."""
     import torch
 
+    from medpipe.data.datalist import class_counts
     from medpipe.models.classification import build_classifier, classifier_config
     from medpipe.models.gan import diff_augment
-    from medpipe.stages._classification import class_counts, inverse_frequency_weights
+    from medpipe.training.imbalance import inverse_frequency_weights
 
     cfg = classifier_config("resnet18", 2, int(x.shape[1]), max(n_classes, 2), stem="small",
                             widen_factor=p.extractor_width)

@@ -27,51 +27,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medpipe.data.transforms import TransformList
+from medpipe.data.datalist import load_datalist, split_items
+from medpipe.data.labels import Target, label_info, map_labels, n_classes
+from medpipe.data.transform_defaults import segmenter_eval_transforms, segmenter_train_transforms
+from medpipe.data.transforms import TransformList, set_random_state
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import SEGMENTER_FORMAT, SEGMENTER_VERSION, save_checkpoint
 from medpipe.io import atomic_path, sha256_file, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages._common import (
-    load_datalist,
-    save_checkpoint,
-    set_random_state,
-)
-from medpipe.stages._segmentation import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    Target,
-    label_info,
-    map_labels,
-    n_classes,
-    split_items,
-)
-
-KEYS = ["image", "label"]
-
-
-def default_eval_transforms() -> list[dict[str, Any]]:
-    """Load the channels, RAS orientation, per-channel z-score, crop to the head (voxels above the mean)."""
-    return [
-        {"LoadImaged": {"keys": KEYS}},
-        {"EnsureChannelFirstd": {"keys": KEYS}},
-        {"Orientationd": {"keys": KEYS, "axcodes": "RAS"}},
-        {"NormalizeIntensityd": {"keys": "image", "channel_wise": True}},
-        {"CropForegroundd": {"keys": KEYS, "source_key": "image", "margin": 4, "allow_smaller": True}},
-    ]
-
-
-def default_train_transforms(roi_size: tuple[int, int, int]) -> list[dict[str, Any]]:
-    """The eval transforms, then patches of ``roi_size`` (half centred on foreground) and light augmentation."""
-    roi = list(roi_size)
-    return [
-        *default_eval_transforms(),
-        {"SpatialPadd": {"keys": KEYS, "spatial_size": roi}},
-        {"RandCropByPosNegLabeld": {"keys": KEYS, "label_key": "label", "spatial_size": roi, "pos": 1, "neg": 1,
-                                    "num_samples": 2}},
-        {"RandFlipd": {"keys": KEYS, "prob": 0.5, "spatial_axis": 0}},
-        {"RandScaleIntensityd": {"keys": "image", "factors": 0.1, "prob": 0.5}},
-        {"RandShiftIntensityd": {"keys": "image", "offsets": 0.1, "prob": 0.5}},
-    ]
 
 
 class TrainSegmenterParams(StageParams):
@@ -92,8 +55,8 @@ class TrainSegmenterParams(StageParams):
                                                 "patches without foreground are sampled)")
     target: Target = Field("whole_tumor", description="whole_tumor: label > 0; multiclass: one class per label")
     label_map: dict[int, int] | None = Field(None, description="multiclass: label value -> class (others: 0)")
-    train_transforms: TransformList | None = Field(None, description="None: default_train_transforms(roi_size)")
-    eval_transforms: TransformList | None = Field(None, description="None: default_eval_transforms()")
+    train_transforms: TransformList | None = Field(None, description="None: segmenter_train_transforms(roi_size)")
+    eval_transforms: TransformList | None = Field(None, description="None: segmenter_eval_transforms()")
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: str | None = Field(None, description="disk cache folder; None: <run dir>/cache")
     val_every: int = Field(5, ge=1)
@@ -107,9 +70,9 @@ class TrainSegmenterParams(StageParams):
         if self.label_map is not None and self.target != "multiclass":
             raise ValueError("label_map is used with target: multiclass only")
         if self.train_transforms is None:
-            self.train_transforms = default_train_transforms(self.roi_size)
+            self.train_transforms = segmenter_train_transforms(self.roi_size)
         if self.eval_transforms is None:
-            self.eval_transforms = default_eval_transforms()
+            self.eval_transforms = segmenter_eval_transforms()
         return self
 
 
@@ -186,8 +149,8 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
     from medpipe.models.segmentation import autocast, build_segmenter, segmenter_config
 
-    train_spec = p.train_transforms or default_train_transforms(p.roi_size)  # both filled by the validator
-    eval_spec = p.eval_transforms or default_eval_transforms()
+    train_spec = p.train_transforms or segmenter_train_transforms(p.roi_size)  # both filled by the validator
+    eval_spec = p.eval_transforms or segmenter_eval_transforms()
     t_start = time.perf_counter()
     dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
@@ -263,7 +226,7 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
                 if not math.isnan(vd) and vd > best:
                     best, best_epoch = vd, epoch
                     save_checkpoint(ckpt, {
-                        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                        "format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION,
                         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                         "model": cfg, "labels": info, "channels": channels, "roi_size": list(p.roi_size),
                         "eval_transforms": eval_spec, "sw_batch_size": p.sw_batch_size, "overlap": p.overlap,

@@ -1,0 +1,106 @@
+"""medpipe checkpoints: ``torch.load(weights_only=True)``-readable dictionaries with everything to rebuild a model.
+
+A segmenter checkpoint holds the weights, the network configuration
+(:func:`medpipe.models.segmentation.segmenter_config`), the classes and label mapping
+(:func:`medpipe.data.labels.label_info`), the channel names, ``roi_size`` and the eval transforms. A
+classifier checkpoint holds the weights, the network configuration
+(:func:`medpipe.models.classification.classifier_config`), the class names, the input shape, the eval
+transforms and the training record; a k-fold run writes one per fold: the ensemble.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medpipe.errors import StageError
+from medpipe.io import atomic_path
+
+
+def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(doc, tmp)
+
+
+def read_checkpoint(path: Path | str, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The document of a medpipe checkpoint of format ``fmt`` (tensors only: ``weights_only=True``).
+
+    Raises:
+        StageError: unreadable, another kind of file (``what`` names the expected one), or newer than ``version``.
+    """
+    import torch
+
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is a user problem here
+        raise StageError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise StageError(f"{path} is not a {what}")
+    if int(doc.get("version", 0)) > version:
+        raise StageError(f"{what} {path} was written by a newer medpipe (format {doc.get('version')})")
+    return doc
+
+
+SEGMENTER_FORMAT = "medpipe-segmenter"
+SEGMENTER_VERSION = 1
+
+
+def load_segmenter(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
+    """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
+
+    from medpipe.models.segmentation import build_from_config
+
+    doc = read_checkpoint(path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "medpipe segmenter checkpoint")
+    net = build_from_config(doc["model"])
+    net.load_state_dict(doc["state_dict"])
+    net.to(device).eval()
+    return net, doc
+
+
+CLASSIFIER_FORMAT = "medpipe-classifier"
+
+
+CLASSIFIER_VERSION = 1
+
+
+def write_classifier_checkpoint(path: Path, *, net: Any, model: dict[str, Any], names: dict[int, str], input_shape: list[int],
+                     eval_transforms: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    save_checkpoint(path, {
+        "format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "model": model, "class_names": {str(k): v for k, v in names.items()}, "input_shape": input_shape,
+        "eval_transforms": eval_transforms, **record,
+    })
+
+
+def load_classifier(path: Path | str, device: str) -> tuple[Any, dict[str, Any]]:
+    """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
+    from medpipe.models.classification import build_classifier
+
+    doc = read_checkpoint(path, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "medpipe classifier checkpoint")
+    net = build_classifier(doc["model"])
+    net.load_state_dict(doc["state_dict"])
+    net.to(device).eval()
+    return net, doc
+
+
+def load_ensemble(paths: list[str] | list[Path], device: str) -> tuple[list[Any], dict[str, Any]]:
+    """The networks of one or more checkpoints (one per fold) and the first one's document.
+
+    Raises:
+        StageError: the members disagree on classes, input shape or eval transforms.
+    """
+    if not paths:
+        raise StageError("no classifier checkpoint given")
+    nets, docs = [], []
+    for p in paths:
+        net, doc = load_classifier(p, device)
+        nets.append(net)
+        docs.append(doc)
+    for member, d in zip(paths[1:], docs[1:], strict=True):
+        for key in ("class_names", "input_shape", "eval_transforms"):
+            if d.get(key) != docs[0].get(key):
+                raise StageError(f"ensemble member {member} differs from {paths[0]} in {key}; train them in one stage")
+    return nets, docs[0]
