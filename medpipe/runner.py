@@ -36,6 +36,7 @@ import yaml
 
 from medpipe.config import Pipeline, Stage
 from medpipe.errors import ConfigError, MedpipeError, StageError
+from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
 from medpipe.stage import REGISTRY, ProgressFn, RunContext, no_progress
 
@@ -51,16 +52,6 @@ class RunSummary:
     skipped: list[str]
     metrics: dict[str, Any]
     seconds: dict[str, float]
-
-
-def resolve_device(requested: str) -> tuple[str, bool]:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; returns (device, mixed precision)."""
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was requested but no CUDA device is available", hint="use --device auto or cpu")
-    device = "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    return device, device == "cuda"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

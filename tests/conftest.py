@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(os.environ.get("MEDPIPE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+
+
+def find_tool(name: str) -> str | None:
+    """An executable installed with the test extras: next to this Python (a venv that is not activated), else PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which(name)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from medpipe.data.datalist import class_items
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import load_ensemble
 from medpipe.models.classification import SliceSequenceClassifier, build_classifier, check_input_size, classifier_config
-from medpipe.runner import RunContext, seed_everything
+from medpipe.runner import seed_everything
+from medpipe.stage import RunContext
 from medpipe.stages.evaluate_classifier import EvaluateClassifierParams, evaluate_classifier
 from medpipe.stages.train_classifier import TrainClassifierParams, _folds, make_loss, make_sampler, train_classifier
 from medpipe.training.imbalance import inverse_frequency_weights, sample_weights

@@ -21,7 +21,8 @@ from medpipe.inference.checkpoint import write_classifier_checkpoint
 from medpipe.models.classification import build_classifier, classifier_config
 from medpipe.models.explain import METHODS, Explainer, explain, hooked_cams, normalize, occlusion_settings
 from medpipe.report.explanation_plots import choose_slices, explanation_png
-from medpipe.runner import RunContext, seed_everything
+from medpipe.runner import seed_everything
+from medpipe.stage import RunContext
 from medpipe.stages.explain import ExplainParams
 from medpipe.stages.explain import explain as explain_stage
 

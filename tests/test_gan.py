@@ -22,7 +22,8 @@ from medpipe.models.gan import (
     diff_augment,
     gan_config,
 )
-from medpipe.runner import RunContext, seed_everything
+from medpipe.runner import seed_everything
+from medpipe.stage import RunContext
 from medpipe.stages.augment import AugmentParams, augment, to_uint8, write_png
 from medpipe.stages.train_gan import TrainGanParams, train_gan
 

@@ -21,55 +21,30 @@ import numpy as np
 import pytest
 
 from medpipe.ingest import IngestReport, ingest
-
-try:
-    from tests.dicom_factory import (
-        AXIAL,
-        CORONAL,
-        SAGITTAL,
-        DeflatedExplicitVRLittleEndian,
-        ExplicitVRLittleEndian,
-        Geometry,
-        ImplicitVRLittleEndian,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-        RLELossless,
-        Written,
-        assert_world_equal,
-        ct_gantry_tilt,
-        load_nifti,
-        oblique_iop,
-        pattern,
-        sha256_tree,
-        strip_pixel_data,
-        truncate_copy,
-        uid,
-        write_series,
-    )
-except ImportError:  # tests/ on sys.path instead of the repository root
-    from dicom_factory import (  # type: ignore[no-redef]
-        AXIAL,
-        CORONAL,
-        SAGITTAL,
-        DeflatedExplicitVRLittleEndian,
-        ExplicitVRLittleEndian,
-        Geometry,
-        ImplicitVRLittleEndian,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-        RLELossless,
-        Written,
-        assert_world_equal,
-        ct_gantry_tilt,
-        load_nifti,
-        oblique_iop,
-        pattern,
-        sha256_tree,
-        strip_pixel_data,
-        truncate_copy,
-        uid,
-        write_series,
-    )
+from tests.conftest import find_tool
+from tests.dicom_factory import (
+    AXIAL,
+    CORONAL,
+    SAGITTAL,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    Geometry,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    Written,
+    assert_world_equal,
+    ct_gantry_tilt,
+    load_nifti,
+    oblique_iop,
+    pattern,
+    sha256_tree,
+    strip_pixel_data,
+    truncate_copy,
+    uid,
+    write_series,
+)
 
 SHAPE = (16, 12, 8)  # columns, rows, slices: non-square, so a transpose is caught
 
@@ -134,7 +109,7 @@ def all_sidecar_uids(out: Path, report: IngestReport) -> set[str]:
 
 def test_factory_geometry_matches_dcm2niix(tmp_path: Path) -> None:
     """The truth affine of the factory is the one dcm2niix derives from the files it writes."""
-    exe = shutil.which("dcm2niix")
+    exe = find_tool("dcm2niix")
     if exe is None:
         pytest.skip("dcm2niix not installed")
     w = write_series(tmp_path / "src", pattern(SHAPE), Geometry(iop=oblique_iop(20, -15), slice_sign=-1))
@@ -784,12 +759,8 @@ def test_dicomdir_with_missing_file(tmp_path: Path) -> None:
 
 
 def _cli_app() -> Any:
-    try:
-        from medpipe.cli import app
-    except ImportError as exc:
-        if "sample" in str(exc):
-            pytest.skip(f"medpipe.cli does not import yet (medpipe/cli/sample.py missing): {exc}")
-        raise
+    from medpipe.cli import app
+
     return app
 
 

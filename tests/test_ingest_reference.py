@@ -13,7 +13,6 @@ import csv
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from medpipe.ingest import ingest
-from tests.conftest import DATA, world_compare
+from tests.conftest import DATA, find_tool, world_compare
 
 
 def _ref_series_number(ref: Path) -> int:
@@ -162,7 +161,7 @@ def test_sources_are_never_modified(shared_data: Path, tmp_path: Path) -> None:
 
 
 def _dcm2niix(src: Path, out: Path) -> list[Path]:
-    exe = shutil.which("dcm2niix")
+    exe = find_tool("dcm2niix")
     if exe is None:
         pytest.skip("dcm2niix not installed (pip install -e '.[dev]')")
     out.mkdir()

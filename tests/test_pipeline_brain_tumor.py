@@ -17,7 +17,7 @@ import medpipe.stages.evaluate
 import medpipe.stages.predict
 import medpipe.stages.train_segmenter  # noqa: F401  (registered even before STAGE_MODULES lists them)
 from medpipe.cli import app
-from medpipe.runner import RunContext
+from medpipe.stage import RunContext
 from medpipe.stages.predict import PredictParams, predict
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_tumor.yaml"

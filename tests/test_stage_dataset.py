@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from medpipe.data.splits import split_patients
 from medpipe.data.volumes import _in_world_space, read_grid, read_seg
 from medpipe.errors import StageError
-from medpipe.runner import RunContext
+from medpipe.stage import RunContext
 from medpipe.stages.dataset import DatasetParams
 from medpipe.stages.dataset import dataset as dataset_stage
 from medpipe.stages.ingest import IngestParams

@@ -15,17 +15,18 @@ import torch
 from pydantic import ValidationError
 
 from medpipe.data import labels as seg
+from medpipe.inference import checkpoint as checkpoint_mod
 from medpipe.inference.checkpoint import SEGMENTER_FORMAT
 from medpipe.metrics.bootstrap import bootstrap_ci
+from medpipe.metrics.segmentation import dice_hd95
 from medpipe.models.segmentation import (
     build_from_config,
     build_segmenter,
     segmenter_config,
 )
-from medpipe.runner import RunContext, seed_everything
-from medpipe.stages import evaluate as evaluate_mod
-from medpipe.stages import predict as predict_mod
-from medpipe.stages.evaluate import EvaluateParams, dice_hd95, evaluate
+from medpipe.runner import seed_everything
+from medpipe.stage import RunContext
+from medpipe.stages.evaluate import EvaluateParams, evaluate
 from medpipe.stages.predict import PredictParams, predict
 from medpipe.stages.train_segmenter import TrainSegmenterParams, train_segmenter
 
@@ -230,8 +231,7 @@ def _oracle_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eval_tra
     def fake_load(p: Path, device: str) -> tuple[torch.nn.Module, dict]:
         return _Oracle(shift).eval(), doc
 
-    monkeypatch.setattr(evaluate_mod, "load_segmenter", fake_load)
-    monkeypatch.setattr(predict_mod, "load_segmenter", fake_load)
+    monkeypatch.setattr(checkpoint_mod, "load_segmenter", fake_load)
     return path
 
 

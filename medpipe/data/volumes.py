@@ -59,6 +59,14 @@ def read_grid(path: Path | str) -> GridSpec:
     return GridSpec((nx, ny, nz), np.asarray(img.affine, dtype=np.float64))
 
 
+def read_voxels(path: Path | str) -> np.ndarray:
+    """The voxel array of a NIfTI file as stored (no scaling applied beyond nibabel's ``dataobj``)."""
+    import nibabel as nib
+
+    img: Any = nib.load(str(path))
+    return np.asarray(img.dataobj)
+
+
 def resample_to_grid(data: np.ndarray, affine: np.ndarray, target: GridSpec, *, order: int,
                      cval: float | None = None) -> np.ndarray:
     """Resample ``data`` (3D, voxel -> RAS ``affine``) onto ``target`` in world space.

@@ -1,12 +1,18 @@
-"""Classifier inference: class probabilities averaged over ensemble members and flip views."""
+"""Classifier inference: a classifier (or a k-fold ensemble) loaded once; probabilities averaged over
+members and flip views (test-time augmentation). ``evaluate_classifier``, ``explain``, training's
+validation and ``medpipe score`` call it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
 from medpipe.errors import StageError
+from medpipe.inference.device import autocast
 
 
 def flip_views(x: Any, tta_axes: list[int] | None) -> list[Any]:
@@ -23,8 +29,6 @@ def predict_proba(nets: list[Any], dataset: Any, *, device: str, amp: bool = Fal
     import torch
     from monai.data import DataLoader
 
-    from medpipe.models.segmentation import autocast
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out: list[np.ndarray] = []
     with torch.no_grad():
@@ -39,7 +43,7 @@ def predict_proba(nets: list[Any], dataset: Any, *, device: str, amp: bool = Fal
                         p = torch.softmax(net(view).float(), dim=1)
                     total = p if total is None else total + p
                     n += 1
-            assert total is not None
+            assert total is not None  # nets is never empty
             out.append((total / n).cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
 
@@ -51,3 +55,46 @@ def valid_tta_axes(axes: list[int] | None, spatial_dims: int) -> list[int] | Non
     if bad:
         raise StageError(f"tta_axes: {bad} are not spatial axes of {spatial_dims}D images (0..{spatial_dims - 1})")
     return list(axes)
+
+
+class ClassificationModel:
+    """A trained classifier or the ensemble of a k-fold run, loaded once (:meth:`load`)."""
+
+    def __init__(self, nets: list[Any], doc: dict[str, Any], paths: list[Path], device: str, amp: bool) -> None:
+        self.nets = nets
+        self.doc = doc
+        self.paths = paths
+        self.device = device
+        self.amp = amp
+
+    @classmethod
+    def load(cls, paths: Path | str | Sequence[Path | str], device: str = "cpu", amp: bool = False
+             ) -> ClassificationModel:
+        """Raises: StageError: not medpipe classifier checkpoints, or members that disagree."""
+        from medpipe.inference.checkpoint import load_ensemble
+
+        plist = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        nets, doc = load_ensemble(plist, device)
+        return cls(nets, doc, plist, device, amp)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The network configuration (:func:`medpipe.models.classification.classifier_config`)."""
+        return cast(dict[str, Any], self.doc["model"])
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.config["spatial_dims"])
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in (self.doc.get("class_names") or {}).items()}
+
+    @property
+    def eval_transforms(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.doc["eval_transforms"])
+
+    def predict_proba(self, dataset: Any, *, tta_axes: list[int] | None = None, batch_size: int = 32) -> np.ndarray:
+        """``(N, C)`` probabilities of a dataset of ``{"image": ...}`` items after the eval transforms."""
+        return predict_proba(self.nets, dataset, device=self.device, amp=self.amp,
+                             tta_axes=valid_tta_axes(tta_axes, self.spatial_dims), batch_size=batch_size)

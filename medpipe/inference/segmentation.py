@@ -1,25 +1,64 @@
-"""Segmentation inference on the source grid.
+"""Segmentation inference: a segmenter (or an ensemble of fold segmenters) loaded once, applied per study.
 
-Inference runs on the eval transforms' output (e.g. reoriented, resampled, cropped); the class
-probabilities are resampled back onto the reference volume's grid through the affines that MONAI
-tracks (``MetaTensor.affine``, voxel -> RAS world), with zeros outside the transformed field of view,
-and the argmax is taken there. So masks and scores are always on the source grid.
+:class:`SegmentationModel` loads its checkpoint(s) once and holds what they say about the input (channel
+names, eval transforms, patch size) and output (classes). For each transformed study it runs
+sliding-window inference (Gaussian-weighted windows, ``monai.inferers``), optionally averaged over
+flips along each axis (test-time augmentation) and over ensemble members, and puts the class
+probabilities back on the **source grid**: inference runs on the eval transforms' output
+(reoriented, resampled, cropped), and the probabilities are resampled onto the reference volume's
+grid through the affines MONAI tracks (``MetaTensor.affine``, voxel -> RAS world), zero outside the
+transformed field of view; the argmax is taken there. So masks and scores are always on the grid
+of the volume ingest wrote. ``evaluate``, ``predict`` and ``medpipe score`` call it; training's
+validation uses :func:`infer_probabilities`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from medpipe.errors import StageError
+from medpipe.inference.device import autocast
+
+#: flips used by test-time augmentation (spatial axes of a ``(B, C, X, Y, Z)`` tensor)
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((2,), (3,), (4,))
 
 
-def grid_of(path: Path | str) -> Any:
-    from medpipe.data.volumes import read_grid
+def infer_probabilities(net: Any, image: Any, roi_size: Sequence[int], *, sw_batch_size: int = 4,
+                        overlap: float = 0.25, tta: bool = False, device: str = "cpu", amp: bool = False) -> Any:
+    """Softmax probabilities ``(B, classes, ...)`` of ``image`` ``(B, C, ...)`` by sliding windows.
 
-    return read_grid(path)
+    With ``tta`` the probabilities are averaged over the image and its flips along each spatial axis.
+    The result is a plain float32 tensor on the CPU; the network's train/eval mode is restored.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+
+    was_training = net.training
+    net.eval()
+    x = image.as_tensor() if isinstance(image, MetaTensor) else image
+    x = x.to(device)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            logits = cast(torch.Tensor, sliding_window_inference(t, list(roi_size), sw_batch_size, net,
+                                                                 overlap=overlap, mode="gaussian"))
+        return torch.softmax(logits.float(), dim=1)
+
+    with torch.no_grad():
+        prob = run(x)
+        if tta:
+            for axes in TTA_FLIPS:
+                prob += torch.flip(run(torch.flip(x, axes)), axes)
+            prob /= 1 + len(TTA_FLIPS)
+    if was_training:
+        net.train()
+    return prob.cpu()
 
 
 def probabilities_on_grid(prob: Any, affine: Any, grid: Any) -> np.ndarray:
@@ -38,20 +77,108 @@ def probabilities_on_grid(prob: Any, affine: Any, grid: Any) -> np.ndarray:
     return np.stack([resample_to_grid(c.astype(np.float32), a, grid, order=1, cval=0.0) for c in p])
 
 
-def segment_item(net: Any, data: dict[str, Any], grid: Any, roi_size: tuple[int, ...], *, device: str, amp: bool,
-                 tta: bool, sw_batch_size: int = 4, overlap: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
-    """``(class map, probabilities)`` on ``grid`` for one transformed item (``data["image"]``: ``(C, ...)``)."""
-    from monai.data import MetaTensor
+@dataclass
+class Segmentation:
+    """One study's result on the reference grid."""
 
-    from medpipe.models.segmentation import infer_probabilities
+    mask: np.ndarray  # uint8 class map, the grid's shape
+    probabilities: np.ndarray  # float32 (classes, *grid shape), background first
+    grid: Any  # medpipe.data.volumes.GridSpec
 
-    image = data["image"]
-    affine = image.affine if isinstance(image, MetaTensor) else None
-    if affine is None:
-        raise StageError("the eval transforms lost the image geometry (no affine); keep MONAI's metadata "
-                         "(do not end with ToNumpyd / EnsureTyped(track_meta=False))")
-    tensor = image.as_tensor() if isinstance(image, MetaTensor) else image
-    prob = infer_probabilities(net, tensor[None].float(), roi_size, sw_batch_size=sw_batch_size, overlap=overlap,
-                               tta=tta, device=device, amp=amp)[0]
-    native = probabilities_on_grid(prob, affine, grid)
-    return native.argmax(0).astype(np.uint8), native
+
+class SegmentationModel:
+    """A trained segmenter, or the mean of an ensemble of them (k-fold members), loaded once.
+
+    Members must agree on channels, classes, patch size and eval transforms (one training stage made
+    them). Use :meth:`load`; the networks stay on ``device`` in eval mode.
+    """
+
+    def __init__(self, nets: list[Any], doc: dict[str, Any], paths: list[Path], device: str, amp: bool) -> None:
+        self.nets = nets
+        self.doc = doc
+        self.paths = paths
+        self.device = device
+        self.amp = amp
+
+    @classmethod
+    def load(cls, paths: Path | str | Sequence[Path | str], device: str = "cpu", amp: bool = False
+             ) -> SegmentationModel:
+        """Load one checkpoint or the members of an ensemble.
+
+        Raises:
+            StageError: a file is not a medpipe segmenter checkpoint, or the members disagree.
+        """
+        from medpipe.inference.checkpoint import load_segmenter
+
+        plist = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        if not plist:
+            raise StageError("no segmenter checkpoint given")
+        nets, docs = [], []
+        for p in plist:
+            net, doc = load_segmenter(p, device)
+            nets.append(net)
+            docs.append(doc)
+        for member, d in zip(plist[1:], docs[1:], strict=True):
+            for key in ("channels", "labels", "roi_size", "eval_transforms"):
+                if d.get(key) != docs[0].get(key):
+                    raise StageError(f"ensemble member {member} differs from {plist[0]} in {key}; "
+                                     "train the members in one stage")
+        return cls(nets, docs[0], plist, device, amp)
+
+    # -- what the checkpoint says ---------------------------------------------------------------------
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.doc.get("channels") or [])
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        """The label mapping of :func:`medpipe.data.labels.label_info` (``classes``: class index -> name)."""
+        return cast(dict[str, Any], self.doc["labels"])
+
+    @property
+    def classes(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.labels["classes"].items()}
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.doc["roi_size"])
+
+    @property
+    def eval_transforms(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.doc["eval_transforms"])
+
+    def transforms(self, spec: list[dict[str, Any]] | None = None, *, labelled: bool = True) -> Any:
+        """The Compose of ``spec`` (default: the checkpoint's eval transforms); ``labelled=False`` tolerates
+        items without a ``label`` key."""
+        from medpipe.data.transforms import build_transforms, tolerate_missing_keys
+
+        chosen = self.eval_transforms if spec is None else spec
+        return build_transforms(chosen if labelled else tolerate_missing_keys(chosen))
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    def probabilities(self, image: Any, *, tta: bool = False) -> Any:
+        """Mean softmax ``(classes, ...)`` over members (and flips) of one transformed image ``(C, ...)``."""
+        total = None
+        for net in self.nets:
+            p = infer_probabilities(net, image[None].float(), self.roi_size,
+                                    sw_batch_size=int(self.doc.get("sw_batch_size", 4)),
+                                    overlap=float(self.doc.get("overlap", 0.25)), tta=tta, device=self.device,
+                                    amp=self.amp)[0]
+            total = p if total is None else total + p
+        assert total is not None  # load() refuses an empty ensemble
+        return total / len(self.nets)
+
+    def segment(self, data: dict[str, Any], grid: Any, *, tta: bool = False) -> Segmentation:
+        """Class map and probabilities on ``grid`` of one item after the eval transforms (``data["image"]``)."""
+        from monai.data import MetaTensor
+
+        image = data["image"]
+        affine = image.affine if isinstance(image, MetaTensor) else None
+        if affine is None:
+            raise StageError("the eval transforms lost the image geometry (no affine); keep MONAI's metadata "
+                             "(do not end with ToNumpyd / EnsureTyped(track_meta=False))")
+        tensor = image.as_tensor() if isinstance(image, MetaTensor) else image
+        native = probabilities_on_grid(self.probabilities(tensor, tta=tta), affine, grid)
+        return Segmentation(native.argmax(0).astype(np.uint8), native, grid)

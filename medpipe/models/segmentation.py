@@ -1,17 +1,15 @@
-"""Segmentation networks and sliding-window inference (pure torch / MONAI: no file I/O).
+"""Segmentation networks (pure torch / MONAI: no file I/O).
 
 ``build_segmenter`` makes a MONAI ``UNet`` or ``SegResNet`` from a small, JSON-able configuration
-(the same dictionary is stored in checkpoints, so a network can be rebuilt from it alone);
-``infer_logits`` runs sliding-window inference with optional flip test-time augmentation.
+(the same dictionary is stored in checkpoints, so a network can be rebuilt from it alone).
+Inference (sliding windows, test-time augmentation, ensembles) is in :mod:`medpipe.inference.segmentation`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import torch
 from torch import nn
 
 SegmenterName = Literal["unet", "segresnet"]
@@ -83,55 +81,3 @@ def build_from_config(cfg: dict[str, Any]) -> nn.Module:
     """Rebuild a network from a stored :func:`segmenter_config` dictionary."""
     kw = {k: v for k, v in cfg.items() if k in CONFIG_KEYS and k not in ("name", "in_channels", "out_channels")}
     return build_segmenter(cfg["name"], cfg["in_channels"], cfg["out_channels"], **kw)
-
-
-def autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision on CUDA when ``enabled``; a no-op elsewhere."""
-    if enabled and device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-#: flips used by test-time augmentation (spatial axes of a ``(B, C, X, Y, Z)`` tensor)
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((2,), (3,), (4,))
-
-
-@torch.no_grad()
-def infer_probabilities(
-    net: nn.Module,
-    image: torch.Tensor,
-    roi_size: Sequence[int],
-    *,
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-    tta: bool = False,
-    device: str = "cpu",
-    amp: bool = False,
-) -> torch.Tensor:
-    """Softmax probabilities ``(B, classes, ...)`` of ``image`` ``(B, C, ...)`` by sliding windows.
-
-    With ``tta`` the probabilities are averaged over the image and its flips along each spatial axis.
-    The result is a plain float32 tensor on the CPU.
-    """
-    from monai.data import MetaTensor
-    from monai.inferers import sliding_window_inference
-
-    was_training = net.training
-    net.eval()
-    x = image.as_tensor() if isinstance(image, MetaTensor) else image
-    x = x.to(device)
-
-    def run(t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            logits = cast(torch.Tensor, sliding_window_inference(t, list(roi_size), sw_batch_size, net, overlap=overlap,
-                                                                 mode="gaussian"))
-        return torch.softmax(logits.float(), dim=1)
-
-    prob = run(x)
-    if tta:
-        for axes in TTA_FLIPS:
-            prob += torch.flip(run(torch.flip(x, axes)), axes)
-        prob /= 1 + len(TTA_FLIPS)
-    if was_training:
-        net.train()
-    return prob.cpu()

@@ -16,8 +16,6 @@ Outputs ``{"predictions": path}``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from typing import Any, Literal
@@ -26,9 +24,8 @@ from pydantic import Field
 
 from medpipe.data.datalist import case_name, class_items, load_datalist, model_inputs
 from medpipe.errors import StageError
-from medpipe.inference.checkpoint import load_ensemble
-from medpipe.inference.classification import predict_proba, valid_tta_axes
-from medpipe.io import sha256_file, write_text_atomic
+from medpipe.inference.classification import ClassificationModel, valid_tta_axes
+from medpipe.io import sha256_file, write_csv_atomic, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
@@ -64,10 +61,10 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     items = class_items(doc, p.split, path=dl_path)
-    nets, ck = load_ensemble(paths, ctx.device)
-    names = {int(k): str(v) for k, v in ck["class_names"].items()}
+    model = ClassificationModel.load(paths, ctx.device, ctx.amp)
+    names = model.class_names
     n_cls = len(names)
-    dims = int(ck["model"]["spatial_dims"])
+    dims = model.spatial_dims
     if n_cls != 2 and p.positive_class is not None:
         raise StageError(f"positive_class applies to binary problems; this one has {n_cls} classes")
     if p.positive_class is not None and p.positive_class >= n_cls:
@@ -77,8 +74,8 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
         raise StageError(f"classes {bad} of the {p.split} split are unknown to the classifier ({n_cls} classes)")
     tta = valid_tta_axes(p.tta_axes, dims) if p.tta else None
     try:
-        ds = make_dataset(model_inputs(items), ck["eval_transforms"], "none")
-        prob = predict_proba(nets, ds, device=ctx.device, amp=ctx.amp, tta_axes=tta, batch_size=p.batch_size)
+        ds = make_dataset(model_inputs(items), model.eval_transforms, "none")
+        prob = model.predict_proba(ds, tta_axes=tta, batch_size=p.batch_size)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot run the classifier on the {p.split} split ({type(exc).__name__}: {exc})") from exc
     y = np.asarray([int(it["class"]) for it in items])
@@ -87,23 +84,20 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     results = metrics_with_ci(y, prob, positive=positive, threshold=threshold, seed=ctx.seed, n_boot=p.bootstrap)
     pred = predict_labels(prob, positive=positive, threshold=threshold)
 
-    # predictions.csv
-    buf = io.StringIO()
     fields = ["case", "patient_id", "study_uid", "image", "true", "true_name", "predicted", "predicted_name",
               *[f"prob_{c}" for c in range(n_cls)], "correct"]
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
+    rows: list[dict[str, object]] = []
     for it, yt, yp, pr in zip(items, y, pred, prob, strict=True):
         image = it["image"]
-        w.writerow({"case": case_name(it), "patient_id": it.get("patient_id", ""), "study_uid": it.get("study_uid", ""),
-                    "image": image[0] if isinstance(image, list) else image, "true": int(yt),
-                    "true_name": names[int(yt)], "predicted": int(yp), "predicted_name": names[int(yp)],
-                    **{f"prob_{c}": f"{float(pr[c]):.6f}" for c in range(n_cls)}, "correct": int(yt == yp)})
+        rows.append({"case": case_name(it), "patient_id": it.get("patient_id", ""), "study_uid": it.get("study_uid", ""),
+                     "image": image[0] if isinstance(image, list) else image, "true": int(yt),
+                     "true_name": names[int(yt)], "predicted": int(yp), "predicted_name": names[int(yp)],
+                     **{f"prob_{c}": f"{float(pr[c]):.6f}" for c in range(n_cls)}, "correct": int(yt == yp)})
     pred_path = ctx.stage_dir / "predictions.csv"
-    write_text_atomic(pred_path, buf.getvalue())
+    write_csv_atomic(pred_path, rows, fields)
 
     auc = results["auc"]
-    members = f"{len(nets)}-model ensemble" if len(nets) > 1 else "1 model"
+    members = f"{len(model.nets)}-model ensemble" if len(model.nets) > 1 else "1 model"
     title = f"{p.split} split, n={len(y)}, {members}" + (", flip TTA" if tta else "")
     roc_png(y, prob, ctx.stage_dir / "roc.png", class_names=names, positive=positive, title=f"ROC\n{title}",
             ci=auc["ci95"])
@@ -117,7 +111,7 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
         if key in results:
             metrics[key] = _r(results[key]["value"])
             metrics[f"{key}_ci95"] = [_r(v) for v in results[key]["ci95"]]
-    metrics.update(n_cases=len(y), n_per_class=np.bincount(y, minlength=n_cls).tolist(), ensemble_size=len(nets),
+    metrics.update(n_cases=len(y), n_per_class=np.bincount(y, minlength=n_cls).tolist(), ensemble_size=len(model.nets),
                    tta=bool(tta))
     if n_cls == 2:
         metrics["positive_class"] = names[1 if positive is None else positive]

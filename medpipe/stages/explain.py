@@ -29,8 +29,6 @@ position (see ``medpipe.models.explain.occlusion_settings``: ~121 passes for a 2
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from typing import Any, Literal
 
@@ -39,9 +37,8 @@ from pydantic import Field, field_validator
 
 from medpipe.data.datalist import case_name, class_items, load_datalist, model_inputs
 from medpipe.errors import StageError
-from medpipe.inference.checkpoint import load_ensemble
-from medpipe.inference.classification import predict_proba
-from medpipe.io import sha256_file, write_text_atomic
+from medpipe.inference.classification import ClassificationModel
+from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 
 Method = Literal["gradcam", "gradcampp", "occlusion"]
@@ -125,21 +122,22 @@ def explain(ctx: RunContext, p: ExplainParams) -> StageResult:
     from medpipe.report.explanation_plots import explanation_png
 
     paths = ctx.inputs("classifier", p.checkpoints, "checkpoints")
-    nets, ck = load_ensemble(paths, ctx.device)
+    model = ClassificationModel.load(paths, ctx.device, ctx.amp)
+    nets = model.nets
     dl_path = ctx.input("datalist", p.datalist)
     doc = load_datalist(dl_path)
     items = class_items(doc, p.split, path=dl_path)
-    cfg = ck["model"]
+    cfg = model.config
     n_classes = int(cfg["num_classes"])
     dims = int(cfg["spatial_dims"])
-    names = {int(k): str(v) for k, v in (ck.get("class_names") or {}).items()}
+    names = model.class_names
     truth = np.asarray([int(it["class"]) for it in items], dtype=np.int64)
     if truth.min() < 0 or truth.max() >= n_classes:
         raise StageError(f"the {p.split} split has classes {sorted(set(truth.tolist()))}; the classifier knows "
                          f"{n_classes} (0..{n_classes - 1})")
-    ds = make_dataset(model_inputs(items), ck["eval_transforms"], "none")
+    ds = make_dataset(model_inputs(items), model.eval_transforms, "none")
     try:
-        probs = predict_proba(nets, ds, device=ctx.device, amp=ctx.amp, batch_size=32 if dims == 2 else 1)
+        probs = model.predict_proba(ds, batch_size=32 if dims == 2 else 1)
     except (RuntimeError, ValueError, OSError) as exc:
         raise StageError(f"the {p.split} split cannot be classified ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
@@ -211,12 +209,8 @@ def explain(ctx: RunContext, p: ExplainParams) -> StageResult:
             advance(1)
     seconds = time.perf_counter() - t0
 
-    buf = io.StringIO()
-    fields = ["case", "patient_id", "study_uid", "true", "predicted", "probability", "target", "misclassified", "file"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out_dir / "explanations.csv", buf.getvalue())
+    write_csv_atomic(out_dir / "explanations.csv", rows, ["case", "patient_id", "study_uid", "true", "predicted",
+                                                          "probability", "target", "misclassified", "file"])
     per_method = {m: round(s / max(1, len(rows)), 3) for m, s in explainer.seconds.items()}
     ctx.log.info("explained %d case(s) in %.1f s; seconds per case by method: %s", len(rows), seconds, per_method)
     metrics = {"n_explained": len(rows), "n_misclassified": wrong,

@@ -17,8 +17,6 @@ mask, predicted volume per class in mL). Optionally ``*_prob.nii.gz`` (float32 f
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +27,8 @@ from pydantic import Field
 from medpipe.data.datalist import case_name, load_datalist, split_items
 from medpipe.data.transforms import TransformList, tolerate_missing_keys
 from medpipe.errors import StageError
-from medpipe.inference.checkpoint import load_segmenter
-from medpipe.inference.segmentation import grid_of, segment_item
-from medpipe.io import sha256_file, write_text_atomic
+from medpipe.inference.segmentation import SegmentationModel
+from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 from medpipe.stages.dataset import ChannelRule
 
@@ -80,11 +77,11 @@ def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, chan
        gives=("masks",))
 def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
-    from medpipe.data.volumes import write_nifti
+    from medpipe.data.volumes import read_grid, write_nifti
 
     ckpt_path = ctx.input("checkpoint", p.checkpoint)
-    net, ck = load_segmenter(ckpt_path, ctx.device)
-    channel_names = list(ck.get("channels") or [])
+    model = SegmentationModel.load(ckpt_path, ctx.device, ctx.amp)
+    channel_names = model.channels
     inputs = {str(ckpt_path): sha256_file(ckpt_path)}
     if p.ingest_dir is not None:
         src = Path(p.ingest_dir).expanduser().resolve()
@@ -99,11 +96,10 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
                              f"the datalist has {doc['channels']}")
         items = split_items(doc, p.split, need_labels=False, path=source)
         inputs[str(source)] = sha256_file(source)
-    spec = tolerate_missing_keys(p.eval_transforms if p.eval_transforms is not None else ck["eval_transforms"])
+    spec = tolerate_missing_keys(p.eval_transforms if p.eval_transforms is not None else model.eval_transforms)
     unlabelled = [{k: v for k, v in it.items() if k not in ("label", "class")} for it in items]
     ds = make_dataset(unlabelled, spec, "none")
-    roi = tuple(ck["roi_size"])
-    classes = {int(k): v for k, v in ck["labels"]["classes"].items()}
+    classes = model.classes
 
     out_dir = ctx.stage_dir / "predictions"
     rows: list[dict[str, Any]] = []
@@ -113,13 +109,12 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
             ref = item.get("reference_volume") or (item["image"][-1] if isinstance(item["image"], list) else item["image"])
             try:
                 data = ds[i]
-                grid = grid_of(ref)
+                grid = read_grid(ref)
             except Exception as exc:
                 raise StageError(f"study {item.get('study_uid')} of {item.get('patient_id')}: cannot be loaded "
                                  f"({type(exc).__name__}: {exc})") from exc
-            mask, prob = segment_item(net, data, grid, roi, device=ctx.device, amp=ctx.amp, tta=p.tta,
-                                      sw_batch_size=int(ck.get("sw_batch_size", 4)),
-                                      overlap=float(ck.get("overlap", 0.25)))
+            result = model.segment(data, grid, tta=p.tta)
+            mask = result.mask
             name = case_name(item)
             mask_path = out_dir / f"{name}.nii.gz"
             write_nifti(mask, grid.affine, mask_path)
@@ -135,16 +130,12 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
                     row[f"{cname.replace(' ', '_')}_ml"] = round(float((mask == c).sum()) * voxel_ml, 3)
             if p.probabilities:
                 prob_path = out_dir / f"{name}_prob.nii.gz"
-                write_nifti((1.0 - prob[0]).astype(np.float32), grid.affine, prob_path)
+                write_nifti((1.0 - result.probabilities[0]).astype(np.float32), grid.affine, prob_path)
                 row["probability"] = str(prob_path)
             rows.append(row)
             ctx.log.info("%s: %.1f mL predicted -> %s", item.get("patient_id"), row["foreground_ml"], mask_path)
             advance(1)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(ctx.stage_dir / "predictions.csv", buf.getvalue())
+    write_csv_atomic(ctx.stage_dir / "predictions.csv", rows, list(rows[0]))
     seconds = time.perf_counter() - t0
     ctx.log.info("%d studies segmented in %.1f s -> %s", len(rows), seconds, out_dir)
     return StageResult(outputs={"masks": str(out_dir)},

@@ -91,7 +91,7 @@ def _dice_scores(prob: Any, truth: Any, classes: int) -> list[float]:
 def _validate(net: Any, val_ds: Any, info: dict[str, Any], p: TrainSegmenterParams, device: str, amp: bool) -> float:
     import numpy as np
 
-    from medpipe.models.segmentation import infer_probabilities
+    from medpipe.inference.segmentation import infer_probabilities
 
     classes = n_classes(info)
     scores: list[float] = []
@@ -147,7 +147,8 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     from monai.losses import DiceCELoss
 
     from medpipe.data.datasets import make_dataset
-    from medpipe.models.segmentation import autocast, build_segmenter, segmenter_config
+    from medpipe.inference.device import autocast
+    from medpipe.models.segmentation import build_segmenter, segmenter_config
 
     train_spec = p.train_transforms or segmenter_train_transforms(p.roi_size)  # both filled by the validator
     eval_spec = p.eval_transforms or segmenter_eval_transforms()

@@ -1,0 +1,101 @@
+"""Segmentation metrics on class maps: Dice and the 95th-percentile Hausdorff distance (MONAI)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def dice_hd95(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: Any, hd95: bool = True
+              ) -> dict[int, tuple[float, float]]:
+    """``{class: (Dice, HD95 mm)}`` of two class maps on one grid (MONAI metrics).
+
+    Dice is NaN when the truth lacks the class (undefined, or 0 for any false positive: such cases are
+    counted separately); HD95 is NaN unless both have it.
+    """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    out: dict[int, tuple[float, float]] = {}
+    for c in classes:
+        p = torch.from_numpy(pred == c)[None, None]
+        t = torch.from_numpy(truth == c)[None, None]
+        yp = torch.cat([~p, p], 1).float()
+        yt = torch.cat([~t, t], 1).float()
+        if not bool(t.any()):
+            d = math.nan
+        else:
+            d = float(compute_dice(yp, yt, include_background=False, ignore_empty=True).reshape(-1)[0])
+        h = math.nan
+        if hd95 and bool(t.any()) and bool(p.any()):
+            h = float(compute_hausdorff_distance(yp, yt, include_background=False, percentile=95,
+                                                 spacing=[float(s) for s in spacing]).reshape(-1)[0])
+        out[c] = (d, h)
+    return out
+
+
+def finite_or_none(x: float | None, nd: int = 6) -> float | None:
+    """``x`` rounded for JSON, or None when undefined (NaN / inf)."""
+    return None if x is None or math.isnan(x) or math.isinf(x) else round(float(x), nd)
+
+
+def nanmean(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+@dataclass
+class CaseScores:
+    """One case: per class (Dice, HD95 mm) and the same for the whole foreground (every class > 0)."""
+
+    per_class: dict[int, tuple[float, float]]
+    whole: tuple[float, float]
+    truth_has: bool  # the truth has any foreground
+    pred_has: bool  # the prediction has any foreground
+    truth_ml: float
+    pred_ml: float
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: Any, hd95: bool = True
+               ) -> CaseScores:
+    """Score a predicted class map against the truth's class map (same grid, ``spacing`` in mm)."""
+    per_class = dice_hd95(pred, truth, classes, spacing, hd95)
+    whole = (dice_hd95((pred > 0).astype(np.uint8), (truth > 0).astype(np.uint8), [1], spacing, hd95)[1]
+             if len(classes) > 1 else per_class[classes[0]])
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    return CaseScores(per_class, whole, bool(truth.any()), bool(pred.any()),
+                      float((truth > 0).sum()) * voxel_ml, float((pred > 0).sum()) * voxel_ml)
+
+
+def summarise(cases: list[CaseScores], class_names: dict[int, str], *, seed: int, n_boot: int) -> dict[str, Any]:
+    """Metrics over cases (see :mod:`medpipe.stages.evaluate` for their definitions), bootstrap 95 % CIs."""
+    from medpipe.metrics.bootstrap import bootstrap_ci
+
+    tumour = [c for c in cases if c.truth_has]
+    dice_vals = [c.whole[0] for c in tumour]
+    hd_vals = [c.whole[1] for c in tumour if not math.isnan(c.whole[1])]
+    free = [c for c in cases if not c.truth_has]
+    dice_all = [c.whole[0] if c.truth_has else (1.0 if not c.pred_has else 0.0) for c in cases]
+    out: dict[str, Any] = {
+        "dice": finite_or_none(nanmean(dice_vals)),
+        "dice_ci95": [finite_or_none(x) for x in bootstrap_ci(dice_vals, seed=seed, n=n_boot)],
+        "hd95": finite_or_none(nanmean(hd_vals), 3),
+        "hd95_ci95": [finite_or_none(x, 3) for x in bootstrap_ci(hd_vals, seed=seed, n=n_boot)],
+        "dice_all_cases": finite_or_none(nanmean(dice_all)),
+        "n_cases": len(cases), "n_with_tumour": len(tumour),
+        "false_positive_cases": sum(1 for c in free if c.pred_has),
+        "missed_tumours": sum(1 for c in tumour if not c.pred_has),
+    }
+    per_label: dict[str, Any] = {}
+    for k, name in class_names.items():
+        vals = [c.per_class[k] for c in cases]
+        dices = [v[0] for v in vals if not math.isnan(v[0])]  # cases whose truth has the class
+        hds = [v[1] for v in vals if not math.isnan(v[1])]
+        per_label[name] = {"dice": finite_or_none(nanmean(dices)),
+                           "dice_ci95": [finite_or_none(x) for x in bootstrap_ci(dices, seed=seed, n=n_boot)],
+                           "hd95": finite_or_none(nanmean(hds), 3), "n": len(dices)}
+    out["per_label"] = per_label
+    return out

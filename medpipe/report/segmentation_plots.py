@@ -1,0 +1,72 @@
+"""Pictures of segmentations: axial overlays of truth and prediction on the image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medpipe.io import atomic_path
+
+
+def _axial(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``data`` reordered to RAS+ axes (so ``[..., k]`` is an axial slice)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(data, ornt)
+
+
+def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, affine: np.ndarray, path: Path,
+                title: str) -> int:
+    """Write an axial overlay (radiological: patient's right on the left) of the slice with most tumour.
+
+    Returns the slice index (RAS order) shown.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img, t, p = (_axial(a, affine) for a in (image, truth > 0, pred > 0))
+    area = t.sum(axis=(0, 1)) if t.any() else p.sum(axis=(0, 1))
+    k = int(np.argmax(area)) if area.any() else img.shape[2] // 2
+
+    def view(a: np.ndarray) -> np.ndarray:  # [row, col]: anterior up, patient's right on the left
+        return a[::-1, ::-1, k].T
+
+    vi = view(img).astype(np.float32)
+    lo, hi = np.percentile(vi, [1, 99.5]) if vi.size else (0, 1)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[nib_axes(affine)]  # along R, A, S
+    aspect = float(zooms[1] / zooms[0]) if zooms[0] else 1.0  # rows run along A, columns along R
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3), dpi=100)
+    for ax, contours in zip(axes, (False, True), strict=True):
+        ax.imshow(vi, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        if contours:
+            if view(t).any():
+                ax.contour(view(t).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+            if view(p).any():
+                ax.contour(view(p).astype(float), levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, va="center")
+        ax.text(0.96, 0.5, "L", color="yellow", transform=ax.transAxes, va="center")
+    axes[1].set_title("truth (green), prediction (red)", fontsize=9)
+    axes[0].set_title(f"axial slice {k}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return k
+
+
+def nib_axes(affine: np.ndarray) -> np.ndarray:
+    """For each RAS axis, the array axis that runs along it."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    order = np.empty(3, dtype=int)
+    for array_axis, (ras_axis, _) in enumerate(ornt):
+        order[int(ras_axis)] = array_axis
+    return order
