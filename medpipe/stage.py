@@ -78,6 +78,8 @@ artifact("evaluation", "file", "per-case segmentation metrics (cases.csv)")
 artifact("masks", "folder", "predicted masks as NIfTI on the source grids")
 artifact("class_predictions", "file", "per-case classifier predictions (predictions.csv)")
 artifact("explanations", "folder", "explanation maps (PNG) and explanations.csv")
+artifact("model", "folder", "a model package (model.json, weights, model card): what `medpipe score` takes")
+artifact("scores", "file", "per-study scoring results (scores.csv) beside the DICOM results")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,3 +38,18 @@ class RichProgress:
     def advance(self, n: int = 1) -> None:
         if self._task is not None:
             self._progress.advance(self._task, n)
+
+
+def bar_factory(progress: RichProgress) -> Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]:
+    """``factory(description, total)``: a context manager that shows a bar and yields ``advance(n)``."""
+
+    @contextlib.contextmanager
+    def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        task = progress._progress.add_task(description, total=max(total, 0))
+
+        def advance(n: int = 1) -> None:
+            progress._progress.advance(task, n)
+
+        yield advance
+
+    return bar

@@ -1,0 +1,84 @@
+"""``medpipe score SRC --model MODEL --out DIR`` and ``medpipe export RUN_DIR --out MODEL_DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def score_command(
+    src: Path = typer.Argument(..., help="DICOM folder / .zip / DICOMDIR, or an ingest output folder."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model package folder (a run's stages/NN_train_*/model, "
+                                                          "or one made by `medpipe export`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results/, scores.csv, ingest/."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    explain: bool = typer.Option(False, "--explain", help="Also a saliency / probability map as DICOM Parametric "
+                                                          "Map and an RGB Secondary Capture overlay."),
+    nifti: bool = typer.Option(False, "--nifti", help="Also the mask (or map) as NIfTI on the ingest grid."),
+    seg_type: str = typer.Option("binary", "--seg-type", help="binary (default) or labelmap (Label Map "
+                                                              "Segmentation; some PACS refuse its SOP class)."),
+    tta: bool = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation (default: the model's)."),
+    readers: int = typer.Option(1, "--readers", min=1, max=16, help="Threads reading studies ahead."),
+    writers: int = typer.Option(1, "--writers", min=1, max=16, help="Threads writing results."),
+    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, max=1024, help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry with `run`: every run resumes "
+                                                        "(studies scored with the same model and inputs are skipped)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+) -> None:
+    """Score every study of a DICOM export with a trained model: DICOM SEG / SR (and maps) plus scores.csv."""
+    from medpipe.cli.progress import RichProgress, bar_factory
+    from medpipe.errors import ConfigError
+    from medpipe.scoring.engine import ScoreOptions, score
+
+    if seg_type not in ("binary", "labelmap"):
+        raise ConfigError(f"--seg-type {seg_type}: expected binary or labelmap")
+    options = ScoreOptions(device=device, tta=tta, explain=explain, nifti=nifti, seg_type=seg_type,  # type: ignore[arg-type]
+                           readers=readers, writers=writers, cpu_threads=cpu_threads)
+    console = Console(quiet=quiet)
+    with RichProgress(console) as ingest_progress:
+        report = score(src, model, out, options, progress=bar_factory(ingest_progress),
+                       ingest_progress=ingest_progress)
+    if quiet:
+        return
+    table = Table(title=f"Scores in {escape(str(report.out))}")
+    for col in ("patient", "study", "status", "result", "seconds"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "skipped": "yellow", "failed": "red"}
+    for row in report.rows[:40]:
+        result = row.get("reason") or ", ".join(f"{k}={row[k]}" for k in row if k.endswith(("_ml", "_probability"))
+                                                or k == "decision")
+        table.add_row(escape(str(row["patient_id"])), escape(str(row["study_uid"])[-24:]),
+                      f"[{style.get(row['status'], '')}]{row['status']}[/]", escape(str(result))[:120],
+                      f"{float(row.get('seconds') or 0):.1f}")
+    console.print(table)
+    counts = report.counts
+    secs = report.seconds
+    parts = ", ".join(f"{k} {secs[k]:.1f} s" for k in ("read", "preprocess", "infer", "write") if k in secs)
+    console.print(f"{len(report.rows)} studies: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, "
+                  f"{counts.get('failed', 0)} failed ({report.n_reused} already scored); wall {secs['wall']:.1f} s"
+                  + (f" ({parts} summed over threads)" if parts else ""))
+    console.print(f"model {report.model_id[:16]}; results in {escape(str(report.out / 'results'))}, "
+                  f"table in {escape(str(report.out / 'scores.csv'))}")
+
+
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run folder of `medpipe run` (or a model package folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where the model package goes (a new or empty folder)."),
+    stage: str = typer.Option(None, "--stage", help="Which training stage's model (e.g. 03_train_segmenter); "
+                                                    "default: the only one, or the last."),
+) -> None:
+    """Copy a trained model out of a run as a self-contained package with its model card."""
+    from medpipe.scoring.export import export_model
+
+    pkg = export_model(run_dir, out, stage)
+    Console().print(f"model {pkg.id[:16]} ({pkg.kind}) -> {escape(str(pkg.path))}; card: "
+                    f"{escape(str(pkg.path / 'model_card.md'))}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score_command)
+    app.command("export")(export_command)

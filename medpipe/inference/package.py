@@ -1,0 +1,224 @@
+"""Model packages: a trained model as a self-contained folder that scores raw DICOM with no run present.
+
+::
+
+    model/
+      model.json       what the model is and needs (below); its sha256 over canonical JSON is the model id
+      weights/         the checkpoint(s), one per ensemble member (``torch.load(weights_only=True)``)
+      model_card.md    human-readable: data, splits, metrics with CIs, version, intended use
+      metrics.json     held-out metrics found in the run (written by ``medpipe export``)
+
+``model.json`` holds: ``kind`` (``segmenter`` / ``classifier``); ``members`` (weight files and their
+sha256); the network configuration; the inputs (channel names, the DICOM channel selection rules of
+the ``dataset`` stage that fed training, the reference channel, the eval transforms, patch size);
+the outputs (segmenter: classes with coded concepts, SNOMED CT category and type; classifier: class
+names, positive class and decision threshold); inference settings (TTA); and the training record
+(pipeline, seed, datalist sha256, split sizes, validation metric, medpipe version, git commit).
+
+The **model id** is the sha256 of ``model.json`` in canonical form (sorted keys, no spaces). Because
+``model.json`` lists every weight file's sha256, the id changes whenever anything that changes the
+outputs changes; the model card and held-out metrics can be rewritten without changing it. Every
+output of ``medpipe score`` cites the id, and new DICOM UIDs are derived from it.
+
+Loading (:meth:`ModelPackage.load`) checks every weight file against its sha256 before any tensor
+is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from medpipe.errors import MedpipeError
+from medpipe.io import atomic_path, sha256_file, write_text_atomic
+
+PACKAGE_FORMAT = "medpipe-model"
+PACKAGE_VERSION = 1
+MANIFEST = "model.json"
+
+Kind = Literal["segmenter", "classifier"]
+
+#: SNOMED CT codes (scheme, value, meaning) of the segment types medpipe knows by name; others fall
+#: back to :data:`FALLBACK_CODE` and should be given in ``segment_codes`` of the training stage.
+MORPHOLOGICALLY_ABNORMAL = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Abnormal Structure"}
+TISSUE = {"scheme": "SCT", "value": "85756007", "meaning": "Tissue"}
+KNOWN_SEGMENT_CODES: dict[str, dict[str, dict[str, str]]] = {
+    "whole tumour": {"category": MORPHOLOGICALLY_ABNORMAL,
+                     "type": {"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}},
+    "tumour": {"category": MORPHOLOGICALLY_ABNORMAL,
+               "type": {"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}},
+    "enhancing tumor": {"category": MORPHOLOGICALLY_ABNORMAL,
+                        "type": {"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}},
+    "necrotic core": {"category": MORPHOLOGICALLY_ABNORMAL,
+                      "type": {"scheme": "SCT", "value": "6574001", "meaning": "Necrosis"}},
+    "edema": {"category": MORPHOLOGICALLY_ABNORMAL,
+              "type": {"scheme": "SCT", "value": "79654002", "meaning": "Edema"}},
+}
+FALLBACK_CODE = {"category": TISSUE, "type": TISSUE}
+
+
+class PackageError(MedpipeError):
+    """A model folder that is missing, damaged or not a medpipe model package."""
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def model_id(manifest: dict[str, Any]) -> str:
+    """sha256 (hex) of the manifest in canonical form: the identity every output cites."""
+    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def segment_code(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"category": code, "type": code}`` for a class name (``given`` wins; then the known table)."""
+    if given:
+        return given
+    return KNOWN_SEGMENT_CODES.get(name.strip().lower(), FALLBACK_CODE)
+
+
+@dataclass
+class ModelPackage:
+    """A loaded-from-disk model package (manifest only; :meth:`load_model` loads the networks)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return model_id(self.manifest)
+
+    @property
+    def kind(self) -> Kind:
+        return cast(Kind, self.manifest["kind"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+    @property
+    def version(self) -> str:
+        """A short version string for DICOM (software versions, algorithm version): the id's first 16 hex."""
+        return self.id[:16]
+
+    @property
+    def members(self) -> list[Path]:
+        return [self.path / m["file"] for m in self.manifest["members"]]
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.manifest["inputs"])
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.manifest["outputs"])
+
+    @property
+    def inference(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.manifest.get("inference") or {})
+
+    @classmethod
+    def load(cls, path: Path | str) -> ModelPackage:
+        """Read and check a package folder (manifest, every weight file's sha256).
+
+        Raises:
+            PackageError: one line naming what is wrong.
+        """
+        folder = Path(path).expanduser()
+        if folder.is_file() and folder.name == MANIFEST:
+            folder = folder.parent
+        man_path = folder / MANIFEST
+        if not man_path.is_file():
+            hint = ("a training run's model folder is stages/NN_train_*/model; `medpipe export RUN_DIR --out DIR` "
+                    "copies it")
+            raise PackageError(f"{folder}: no {MANIFEST}; not a medpipe model package", hint=hint)
+        try:
+            manifest = json.loads(man_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{man_path}: cannot be read ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+            raise PackageError(f"{man_path}: not a medpipe model manifest")
+        if int(manifest.get("version", 0)) > PACKAGE_VERSION:
+            raise PackageError(f"{man_path}: written by a newer medpipe (format {manifest.get('version')})")
+        for m in manifest.get("members") or []:
+            f = folder / m["file"]
+            if not f.is_file():
+                raise PackageError(f"{folder}: weight file {m['file']} is missing")
+            if sha256_file(f) != m["sha256"]:
+                raise PackageError(f"{folder}: weight file {m['file']} does not match its sha256 in {MANIFEST} "
+                                   "(changed or damaged); export the model again")
+        if not manifest.get("members"):
+            raise PackageError(f"{man_path}: lists no weight files")
+        return cls(folder.resolve(), manifest)
+
+    def load_model(self, device: str = "cpu", amp: bool = False) -> Any:
+        """The networks, once: a :class:`SegmentationModel` or :class:`ClassificationModel`."""
+        if self.kind == "segmenter":
+            from medpipe.inference.segmentation import SegmentationModel
+
+            return SegmentationModel.load(self.members, device, amp)
+        from medpipe.inference.classification import ClassificationModel
+
+        return ClassificationModel.load(self.members, device, amp)
+
+
+def write_package(folder: Path, *, kind: Kind, name: str, checkpoints: list[Path], network: dict[str, Any],
+                  inputs: dict[str, Any], outputs: dict[str, Any], inference: dict[str, Any],
+                  training: dict[str, Any]) -> ModelPackage:
+    """Write a package into ``folder`` (replacing one there): copies the checkpoints, writes the manifest and card.
+
+    The weight files are copied under their member index (``weights/member0.pt``, ...), so the manifest
+    (and the id) depends on their content, not on where training put them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "weights").mkdir(exist_ok=True)
+    members = []
+    for i, ck in enumerate(checkpoints):
+        rel = f"weights/member{i}.pt"
+        with atomic_path(folder / rel) as tmp:
+            shutil.copyfile(ck, tmp)
+        members.append({"file": rel, "sha256": sha256_file(folder / rel)})
+    for stale in sorted((folder / "weights").glob("member*.pt")):
+        if stale.name not in {Path(m["file"]).name for m in members}:
+            stale.unlink()
+    manifest = {
+        "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "kind": kind, "name": name, "members": members,
+        "network": network, "inputs": inputs, "outputs": outputs, "inference": inference, "training": training,
+    }
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    pkg = ModelPackage(folder.resolve(), manifest)
+    write_card(pkg, held_out=None)
+    return pkg
+
+
+def write_card(pkg: ModelPackage, held_out: dict[str, Any] | None) -> None:
+    """``model_card.md`` (and ``metrics.json`` when ``held_out`` metrics are given)."""
+    from medpipe.report.model_card import model_card_markdown
+
+    if held_out is not None:
+        write_text_atomic(pkg.path / "metrics.json", json.dumps(held_out, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(pkg.path / "model_card.md", model_card_markdown(pkg.manifest, pkg.id, held_out))
+
+
+def export_package(src: ModelPackage, dest: Path, held_out: dict[str, Any] | None) -> ModelPackage:
+    """Copy a package to ``dest`` (a new or empty folder, or an older copy of the same model) with its card."""
+    dest = dest.expanduser()
+    if dest.exists() and any(dest.iterdir()):
+        existing = dest / MANIFEST
+        if not existing.is_file():
+            raise PackageError(f"{dest} exists and is not a model package; choose an empty or new folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "weights").mkdir(exist_ok=True)
+    for m in src.manifest["members"]:
+        with atomic_path(dest / m["file"]) as tmp:
+            shutil.copyfile(src.path / m["file"], tmp)
+    write_text_atomic(dest / MANIFEST, (src.path / MANIFEST).read_text(encoding="utf-8"))
+    out = ModelPackage.load(dest)
+    if out.id != src.id:  # pragma: no cover - a copy that changed would be a disk fault
+        raise PackageError(f"{dest}: the copy differs from {src.path}")
+    write_card(out, held_out)
+    return out
