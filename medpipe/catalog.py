@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from medpipe.dicom.header import InstanceHeader
 from medpipe.errors import CatalogError
@@ -386,7 +386,7 @@ class CatalogReader:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> CatalogReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
