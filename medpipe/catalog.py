@@ -64,6 +64,17 @@ CREATE TABLE IF NOT EXISTS volumes(
 """
 
 
+_COUNTS = {
+    "patients": "SELECT COUNT(*) FROM patients",
+    "studies": "SELECT COUNT(*) FROM studies",
+    "series": "SELECT COUNT(*) FROM series",
+    "instances": "SELECT COUNT(*) FROM instances",
+    "files": "SELECT COUNT(*) FROM files",
+    "rejected_files": "SELECT COUNT(*) FROM files WHERE reason IS NOT NULL",
+    "volumes": "SELECT COUNT(*) FROM volumes WHERE status != 'rejected'",
+}
+
+
 @dataclass
 class FileRow:
     """One scanned file: its parsed header (as JSON, made in the scanning worker) or why it is not used.
@@ -248,16 +259,7 @@ class Catalog:
         return [dict(zip(cols, r)) for r in cur]
 
     def counts(self) -> dict[str, int]:
-        q = {
-            "patients": "SELECT COUNT(*) FROM patients",
-            "studies": "SELECT COUNT(*) FROM studies",
-            "series": "SELECT COUNT(*) FROM series",
-            "instances": "SELECT COUNT(*) FROM instances",
-            "files": "SELECT COUNT(*) FROM files",
-            "rejected_files": "SELECT COUNT(*) FROM files WHERE reason IS NOT NULL",
-            "volumes": "SELECT COUNT(*) FROM volumes WHERE status != 'rejected'",
-        }
-        return {k: int(self.db.execute(sql).fetchone()[0]) for k, sql in q.items()}
+        return {k: int(self.db.execute(sql).fetchone()[0]) for k, sql in _COUNTS.items()}
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -436,6 +438,10 @@ class CatalogReader:
     def source_instances(self, series_uid: str) -> dict[str, str]:
         """SOP Instance UID -> file key of a series' instances (open a key with ``dicom.sources.open_key``)."""
         return {i.sop_uid: i.path for i in self.instances(series_uid)}
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table: patients, studies, series, instances, files, rejected_files, volumes (not rejected)."""
+        return {k: int(self._rows(sql)[0][0]) for k, sql in _COUNTS.items()}
 
 
 def open_catalog(path: Path | str) -> CatalogReader:
