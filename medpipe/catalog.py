@@ -10,6 +10,13 @@ Tables
                reference, so label and report objects can be found per study.
 ``volumes``    one row per output volume (a series or a part of a split series), with status,
                reasons, the NIfTI path and the hash of its inputs (unchanged inputs are not rebuilt).
+
+Two ways in: :class:`Catalog` is ingest's writer (it creates the file and rebuilds an old layout);
+everyone else reads through :func:`open_catalog`, a read-only connection (``mode=ro``) that returns
+typed rows (:class:`VolumeRow`, :class:`ObjectRow`, :class:`SeriesRow`, :class:`InstanceRow`), never
+creates the catalog, never writes it and never takes a write lock, so a reader cannot disturb a
+running ingest. (SQLite may still create the ``-wal`` / ``-shm`` companions of a WAL-mode catalog: its
+readers share that index with a writer.)
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from medpipe.dicom.header import InstanceHeader
+from medpipe.errors import CatalogError
+
+#: the catalog's file name in an ingest output folder
+CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA_VERSION = 4
 
@@ -51,6 +62,17 @@ CREATE TABLE IF NOT EXISTS volumes(
     spacing TEXT, status TEXT, reasons TEXT, volume TEXT, sidecar TEXT, preview TEXT, input_hash TEXT,
     files TEXT);
 """
+
+
+_COUNTS = {
+    "patients": "SELECT COUNT(*) FROM patients",
+    "studies": "SELECT COUNT(*) FROM studies",
+    "series": "SELECT COUNT(*) FROM series",
+    "instances": "SELECT COUNT(*) FROM instances",
+    "files": "SELECT COUNT(*) FROM files",
+    "rejected_files": "SELECT COUNT(*) FROM files WHERE reason IS NOT NULL",
+    "volumes": "SELECT COUNT(*) FROM volumes WHERE status != 'rejected'",
+}
 
 
 @dataclass
@@ -237,13 +259,206 @@ class Catalog:
         return [dict(zip(cols, r)) for r in cur]
 
     def counts(self) -> dict[str, int]:
-        q = {
-            "patients": "SELECT COUNT(*) FROM patients",
-            "studies": "SELECT COUNT(*) FROM studies",
-            "series": "SELECT COUNT(*) FROM series",
-            "instances": "SELECT COUNT(*) FROM instances",
-            "files": "SELECT COUNT(*) FROM files",
-            "rejected_files": "SELECT COUNT(*) FROM files WHERE reason IS NOT NULL",
-            "volumes": "SELECT COUNT(*) FROM volumes WHERE status != 'rejected'",
-        }
-        return {k: int(self.db.execute(sql).fetchone()[0]) for k, sql in q.items()}
+        return {k: int(self.db.execute(sql).fetchone()[0]) for k, sql in _COUNTS.items()}
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRow:
+    """One output volume of ingest (a series, or one part of a split series)."""
+
+    stack_id: str
+    series_uid: str | None
+    study_uid: str | None
+    patient_id: str | None
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    part: str | None  # "" for a whole series
+    n_files: int | None
+    shape: str  # e.g. "256x256x32"; "" when no volume was written
+    spacing: str  # e.g. "0.9x0.9x4"
+    status: str  # ok / warning / rejected
+    reasons: str  # "; "-joined
+    volume: str  # NIfTI path relative to the ingest folder; "" when none
+    sidecar: str  # JSON sidecar path relative to the ingest folder; "" when none
+    preview: str
+    input_hash: str | None
+    files: str  # the source file keys, one a line
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The volume's shape as integers (``()`` when none was written)."""
+        return tuple(int(s) for s in str(self.shape or "").split("x") if s)
+
+    @property
+    def source_keys(self) -> list[str]:
+        """The source file keys (paths, or ``archive.zip::member``) this volume was built from."""
+        return [k for k in (self.files or "").split("\n") if k]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRow:
+    """A non-image DICOM object (SEG, SR, RT structure set, ...) and the series it references."""
+
+    path: str  # the file key (a path, or ``archive.zip::member``; open it with dicom.sources.open_key)
+    sop_uid: str | None
+    sop_class: str | None
+    kind: str | None
+    modality: str | None
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    series_description: str | None
+    referenced_series: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRow:
+    """A DICOM image series of the catalogued hierarchy."""
+
+    series_uid: str
+    study_uid: str | None
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """A usable DICOM image instance (file) of a series."""
+
+    sop_uid: str
+    path: str  # the file key (a path, or ``archive.zip::member``; open it with dicom.sources.open_key)
+    size: int | None
+    mtime_ns: int | None
+    series_uid: str | None
+    instance_number: int | None
+    position: str | None  # ImagePositionPatient of the first frame, "\\"-joined
+    n_frames: int | None
+
+
+def _columns(row_type: type) -> str:
+    return ", ".join(row_type.__dataclass_fields__)
+
+
+_VOLUMES = f"SELECT {_columns(VolumeRow)} FROM volumes"
+_VOLUME_ORDER = " ORDER BY patient_id, study_uid, series_number, series_uid, part"
+_OBJECTS = (f"SELECT {_columns(ObjectRow)} FROM objects")
+_OBJECT_ORDER = " ORDER BY patient_id, study_uid, path"
+
+
+class CatalogReader:
+    """Read-only queries on an ingest catalog (see :func:`open_catalog`)."""
+
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        self.path = path / CATALOG_FILE if path.is_dir() else path
+        if not self.path.is_file():
+            where = path if path.is_dir() else self.path.parent
+            raise CatalogError(f"{where} has no {CATALOG_FILE}: run the ingest stage (or 'medpipe ingest') first",
+                               hint="run `medpipe ingest SRC --out DIR` first")
+        self.db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30)
+        try:
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError as exc:  # pragma: no cover - needs a read-only file system
+                if "unable to open" not in str(exc):
+                    raise
+                # a WAL catalog on a read-only folder or medium, where SQLite cannot create its -shm
+                # index: nobody can write there either, so read the file as it is
+                db.close()
+                db = sqlite3.connect(f"{uri}?immutable=1", uri=True)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error as exc:
+            db.close()
+            raise CatalogError(f"{self.path}: cannot read the ingest catalog ({exc}); re-run the ingest stage") from exc
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            db.close()
+            raise CatalogError(f"{self.path}: catalog schema {row[0] if row else 'unknown'}, this medpipe reads "
+                               f"{SCHEMA_VERSION}; re-run the ingest stage (or 'medpipe ingest') on this folder")
+        return db
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise CatalogError(f"{self.path}: cannot read the ingest catalog ({exc}); re-run the ingest stage") from exc
+
+    # -- queries
+    def volumes(self, *, patient_id: str | None = None, study_uid: str | None = None,
+                series_uid: str | None = None) -> list[VolumeRow]:
+        """Output volumes (every status), ordered by patient, study, series number, series, part."""
+        where, args = _where(patient_id=patient_id, study_uid=study_uid, series_uid=series_uid)
+        return [VolumeRow(*r) for r in self._rows(_VOLUMES + where + _VOLUME_ORDER, args)]
+
+    def objects(self, *, study_uid: str | None = None, modality: str | None = None) -> list[ObjectRow]:
+        """Non-image objects, ordered by patient, study, path."""
+        where, args = _where(study_uid=study_uid, modality=modality)
+        return [_object(r) for r in self._rows(_OBJECTS + where + _OBJECT_ORDER, args)]
+
+    def objects_referencing(self, series_uid: str, *, modality: str | None = None) -> list[ObjectRow]:
+        """Non-image objects (e.g. ``modality="SEG"``) that reference the series ``series_uid``."""
+        where, args = _where(modality=modality)
+        where += (" AND" if where else " WHERE") + " instr(referenced_series, ?) > 0"
+        rows = [_object(r) for r in self._rows(_OBJECTS + where + _OBJECT_ORDER, (*args, series_uid))]
+        return [o for o in rows if series_uid in o.referenced_series]
+
+    def series(self, series_uid: str) -> SeriesRow | None:
+        rows = self._rows(f"SELECT {_columns(SeriesRow)} FROM series WHERE series_uid = ?", (series_uid,))
+        return SeriesRow(*rows[0]) if rows else None
+
+    def study_series(self, study_uid: str) -> list[SeriesRow]:
+        """The image series of a study, by series number."""
+        return [SeriesRow(*r) for r in self._rows(
+            f"SELECT {_columns(SeriesRow)} FROM series WHERE study_uid = ? ORDER BY series_number, series_uid",
+            (study_uid,))]
+
+    def instances(self, series_uid: str) -> list[InstanceRow]:
+        """The usable image instances of a series, by instance number."""
+        return [InstanceRow(*r) for r in self._rows(
+            f"SELECT {_columns(InstanceRow)} FROM instances WHERE series_uid = ? ORDER BY instance_number, path",
+            (series_uid,))]
+
+    def source_instances(self, series_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> file key of a series' instances (open a key with ``dicom.sources.open_key``)."""
+        return {i.sop_uid: i.path for i in self.instances(series_uid)}
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table: patients, studies, series, instances, files, rejected_files, volumes (not rejected)."""
+        return {k: int(self._rows(sql)[0][0]) for k, sql in _COUNTS.items()}
+
+
+def open_catalog(path: Path | str) -> CatalogReader:
+    """Open an ingest catalog read-only: ``path`` is the ingest output folder or its ``catalog.sqlite``.
+
+    Raises:
+        CatalogError: there is no catalog (it is never created), or it cannot be read (one line).
+    """
+    return CatalogReader(path)
+
+
+def _where(**conditions: str | None) -> tuple[str, tuple[str, ...]]:
+    used = {k: v for k, v in conditions.items() if v is not None}
+    if not used:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{k} = ?" for k in used), tuple(used.values())
+
+
+def _object(r: tuple[Any, ...]) -> ObjectRow:
+    return ObjectRow(*r[:-1], referenced_series=tuple(s for s in (r[-1] or "").split("\\") if s))

@@ -30,3 +30,7 @@ class SourceError(MedpipeError):
 
 class StageError(MedpipeError):
     """A pipeline stage failed."""
+
+
+class CatalogError(MedpipeError):
+    """An ingest catalog (``catalog.sqlite``) that is missing or cannot be read."""

@@ -15,22 +15,22 @@ def catalog_command(
     out: Path = typer.Argument(..., help="An ingest output folder (holds catalog.sqlite)."),
 ) -> None:
     """List patients, studies and series in an ingest catalog."""
-    from medpipe.catalog import Catalog
+    from medpipe.catalog import open_catalog
 
     path = out / "catalog.sqlite"
     if not path.is_file():
         raise SourceError(f"{out}: no catalog.sqlite here", hint="run `medpipe ingest SRC --out DIR` first")
     console = Console()
-    with Catalog(path) as cat:
+    with open_catalog(path) as cat:  # read-only: never rewrites the catalog, never blocks an ingest
         counts = cat.counts()
         table = Table(title=str(out))
         for col in ("patient", "study", "#", "description", "modality", "files", "shape", "status", "volume"):
             table.add_column(col, overflow="fold")
         for v in cat.volumes():
             table.add_row(
-                v["patient_id"] or "", (v["study_uid"] or "")[-12:], str(v["series_number"] or ""),
-                (v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else ""), v["modality"] or "",
-                str(v["n_files"]), v["shape"] or "", v["status"], v["volume"] or "",
+                v.patient_id or "", (v.study_uid or "")[-12:], str(v.series_number or ""),
+                (v.series_description or "") + (f" [{v.part}]" if v.part else ""), v.modality or "",
+                str(v.n_files), v.shape or "", v.status, v.volume or "",
             )
         objects = cat.objects()
     console.print(table)
@@ -39,7 +39,7 @@ def catalog_command(
         for col in ("patient", "kind", "description", "references series", "path"):
             otable.add_column(col, overflow="fold")
         for o in objects:
-            otable.add_row(o["patient_id"], o["kind"], o["series_description"], o["referenced_series"][-24:], o["path"])
+            otable.add_row(o.patient_id, o.kind, o.series_description, "\\".join(o.referenced_series)[-24:], o.path)
         console.print(otable)
     console.print(
         f"{counts['patients']} patients, {counts['studies']} studies, {counts['series']} series, "

@@ -47,13 +47,12 @@ class PredictParams(StageParams):
 
 def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, channel_names: list[str]
                        ) -> tuple[list[dict[str, Any]], Path]:
-    """Unlabelled items of every usable study in ``ingest_dir``, built by the dataset stage's code."""
-    from medpipe.stages.dataset import (
-        DEFAULT_CHANNELS,
-        DatasetParams,
-        SplitParams,
-        dataset,
-    )
+    """Unlabelled items of every usable study in ``ingest_dir``, built by the datalist builder.
+
+    The items (and the studies skipped, with reasons) are also written to ``inputs/datalist.json``.
+    """
+    from medpipe.data.channels import DEFAULT_CHANNELS
+    from medpipe.data.datalist_builder import build_items, datalist_document, write_datalist
 
     rules = p.channels if p.channels is not None else {n: DEFAULT_CHANNELS[n] for n in channel_names
                                                        if n in DEFAULT_CHANNELS}
@@ -61,15 +60,17 @@ def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, chan
         raise StageError(f"channels: the checkpoint expects channels {channel_names} in this order; "
                          f"give a rule for each ({list(rules)} given)")
     reference = p.reference or ("FLAIR" if "FLAIR" in rules else channel_names[-1])
-    params = DatasetParams(ingest_dir=str(ingest_dir), channels=rules, reference=reference, labels=None,
-                           split=SplitParams(val=0.0, test=0.0, stratify=False))
-    sub = ctx.stage_dir / "inputs"
-    sub.mkdir(parents=True, exist_ok=True)
-    sub_ctx = type(ctx)(ctx.run_dir, sub, ctx.seed, ctx.device, ctx.amp, ctx.deterministic, ctx.artifacts, ctx.log,
-                        ctx.progress_factory)
-    result = dataset(sub_ctx, params)
-    path = Path(result.outputs["datalist"])
-    return split_items(load_datalist(path), "all", need_labels=False, path=path), path
+    if reference not in rules:
+        raise StageError(f"reference: {reference!r} is not one of the channels {list(rules)}")
+    work = ctx.stage_dir / "inputs"
+    result = build_items(ingest_dir, rules, reference, None, work_dir=work, log=ctx.log, progress=ctx.progress)
+    if not result.items:
+        raise StageError(result.why_empty(ingest_dir))
+    path = work / "datalist.json"
+    write_datalist(path, datalist_document(result, channels=list(rules), reference=reference, ingest_dir=ingest_dir,
+                                           seed=ctx.seed, val=0.0, test=0.0, stratify=False))
+    ctx.log.info("%d studies of %s to predict, %d skipped", len(result.items), ingest_dir, len(result.skipped))
+    return result.items, path
 
 
 @stage("predict", PredictParams,
