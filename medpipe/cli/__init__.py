@@ -57,13 +57,14 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, imports, ingest, run, sample
+    from medpipe.cli import catalog, imports, ingest, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
     sample.register(app)
     run.register(app)
     imports.register(app)
+    score.register(app)
 
 
 _register()

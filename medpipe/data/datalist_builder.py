@@ -432,10 +432,13 @@ def build_study(ingest_dir: Path | str, study_uid: str, rules: dict[str, Channel
 def datalist_document(result: BuildResult, *, channels: list[str], reference: str, ingest_dir: Path | str,
                       seed: int, val: float, test: float, stratify: bool = True, folds: int | None = None,
                       fold: int = 0, label_names: dict[int, str] | None = None,
-                      class_names: dict[int, str] | None = None) -> dict[str, Any]:
+                      class_names: dict[int, str] | None = None,
+                      rules: dict[str, ChannelRule] | None = None) -> dict[str, Any]:
     """The ``datalist.json`` document: ``result``'s items split by patient (:func:`split_patients`).
 
-    ``label_names``: None = the SEG segment labels found; ``class_names``: class -> name, or None.
+    ``label_names``: None = the SEG segment labels found; ``class_names``: class -> name, or None;
+    ``rules``: the channel rules that picked the series, recorded as ``channel_rules`` so a model trained
+    on the datalist can pick the same series from new DICOM studies.
 
     Raises:
         StageError: too few patients for the split.
@@ -447,6 +450,7 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
     return {
         "channels": list(channels),
         "reference": reference,
+        "channel_rules": {k: r.model_dump(exclude_none=True) for k, r in rules.items()} if rules else None,
         "label_names": {str(k): v for k, v in sorted(names.items())},
         "class_names": {str(k): v for k, v in sorted(class_names.items())} if class_names else None,
         "train": [it for it in result.items if where[it["patient_id"]] == "train"],

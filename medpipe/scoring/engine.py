@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medpipe.data.channels import Candidate, StudySkipped
-from medpipe.errors import MedpipeError
 from medpipe.inference.package import ModelPackage, PackageError
 from medpipe.io import remove_stale_temporaries, write_csv_atomic
 from medpipe.scoring.status import ScoreStatus
@@ -168,8 +167,9 @@ def score(src: Path | str, model: Path | str | ModelPackage, out: Path | str, op
         PackageError: the model folder is not a usable package.
         SourceError / CatalogError: ``src`` cannot be read at all.
     """
-    from medpipe.inference.device import resolve_device
     from medpipe.scoring.results import ResultWriter
+
+    from medpipe.inference.device import resolve_device
 
     options = options or ScoreOptions()
     package = model if isinstance(model, ModelPackage) else ModelPackage.load(model)

@@ -23,6 +23,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.explain",
     "medpipe.stages.train_gan",
     "medpipe.stages.augment",
+    "medpipe.stages.score",
 )
 
 _loaded = False

@@ -114,7 +114,7 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
     doc = datalist_document(
         result, channels=list(p.channels), reference=p.reference, ingest_dir=ingest_dir, seed=seed,
         **sp.model_dump(exclude={"seed"}), label_names=p.label_names,
-        class_names=labels.class_names if isinstance(labels, CsvLabels) else None)
+        class_names=labels.class_names if isinstance(labels, CsvLabels) else None, rules=p.channels)
     path = ctx.stage_dir / "datalist.json"
     write_datalist(path, doc)
     metrics = {"n_train": len(doc["train"]), "n_val": len(doc["val"]), "n_test": len(doc["test"]),

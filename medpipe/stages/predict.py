@@ -24,13 +24,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from medpipe.data.channels import ChannelRule
 from medpipe.data.datalist import case_name, load_datalist, split_items
 from medpipe.data.transforms import TransformList, tolerate_missing_keys
 from medpipe.errors import StageError
 from medpipe.inference.segmentation import SegmentationModel
 from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
-from medpipe.stages.dataset import ChannelRule
 
 
 class PredictParams(StageParams):

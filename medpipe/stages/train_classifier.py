@@ -250,9 +250,9 @@ def _train_one(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tra
     from monai.data import DataLoader
 
     from medpipe.data.datasets import make_dataset
+    from medpipe.inference.device import autocast
     from medpipe.metrics.classification import classification_metrics
     from medpipe.models.classification import build_classifier, check_input_size, classifier_config
-    from medpipe.inference.device import autocast
 
     n_cls = len(names)
     counts = class_counts(train, n_cls)

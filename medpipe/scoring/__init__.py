@@ -1,0 +1,1 @@
+"""Scoring DICOM exports with a trained model package: ``medpipe score`` and the ``score`` stage."""
