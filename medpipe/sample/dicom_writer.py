@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import DA, TM
 
+from medpipe.dicom.uids import derive_uid
 from medpipe.io import atomic_path
 from medpipe.sample.grid import AXIAL_ORIENTATION, Grid
 
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 MANUFACTURER = "medpipe"
 MODEL_NAME = "medpipe synthetic brain MR phantom"
 #: Bumped whenever the generated content changes (it is part of every UID).
-GENERATOR_VERSION = "1"
+#: 2: UIDs are ``2.25`` UIDs from medpipe.dicom.uids.
+GENERATOR_VERSION = "2"
 _UID_NAMESPACE = "medpipe.sample.brain_tumor"
 
 
 def make_uid(*parts: object) -> str:
-    """A deterministic UID from the generator namespace, its version and ``parts``."""
-    return str(generate_uid(entropy_srcs=[_UID_NAMESPACE, GENERATOR_VERSION, *map(str, parts)]))
+    """A deterministic UID from the generator namespace, its version and ``parts`` (see :func:`derive_uid`)."""
+    return derive_uid(_UID_NAMESPACE, GENERATOR_VERSION, *parts)
 
 
 @dataclass(frozen=True)
