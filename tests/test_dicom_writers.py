@@ -1,4 +1,4 @@
-"""DICOM outputs: SEG.
+"""DICOM outputs: SEG and SR TID 1500.
 
 Every object is checked by reading it back (pydicom / highdicom) and comparing in world space, with
 ``dciodvfy`` (no errors), and for byte-for-byte reproducibility. Synthetic series come from
@@ -19,12 +19,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medpipe.data.volumes import read_grid, read_seg, seg_to_labelmap
 from medpipe.dicom.frames import frame_geometries, instance_uid, sample_frames, volume_to_frames
 from medpipe.dicom.output import AlgorithmSpec, OutputIdentity, as_code, code_dict
 from medpipe.dicom.seg import SegmentSpec, read_seg_frames, seg_to_source_frames, write_seg
+from medpipe.dicom.sr import ClassResult, NumericMeasurement, write_classification_sr, write_seg_sr
 from medpipe.dicom.uids import derive_uid
 from medpipe.errors import DicomError
 from medpipe.ingest import ingest
@@ -298,3 +300,119 @@ def test_seg_of_real_jpeg2000_ct_lands_voxel_for_voxel(totalseg: dict[str, Any])
     lm = seg_to_labelmap(read_seg(str(target)), read_grid(totalseg["volume"]), totalseg["sidecar"])
     assert lm.method == "source instances" and np.array_equal(lm.data, prediction)
     assert lm.names == {1: "liver", 2: "spleen", 3: "aorta"}
+
+
+# -- SR -------------------------------------------------------------------------------------------------
+
+
+def _content_items(ds: Dataset) -> list[Dataset]:
+    out = []
+    stack = list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return out
+
+
+@needs_dciodvfy
+def test_seg_sr_volumes_and_references(axial: Ingested, tmp_path: Path) -> None:
+    labels = two_blocks(axial.volume.shape)
+    masks = sample_frames(labels, axial.affine, frame_geometries(axial.sources))
+    seg = write_seg(tmp_path / "seg.dcm", axial.sources, masks, SPECS, ALGORITHM, identity("seg"))
+    mean_hu = NumericMeasurement(codes.SCT.Mean, 42.5, {"scheme": "UCUM", "value": "[hnsf'U]", "meaning": "Hounsfield unit"})
+    target = tmp_path / "sr.dcm"
+    write_seg_sr(target, seg, axial.sources, ALGORITHM, identity("sr"), measurements={1: [mean_hu]})
+    assert dciodvfy_errors(target) == []
+    assert dciodvfy_warnings(target) == []
+    voxel_ml = abs(np.linalg.det(axial.truth_affine[:3, :3])) / 1000.0  # independent of medpipe
+    expected = {n: float((labels == n).sum()) * voxel_ml for n in (1, 2)}
+    sr = hd.sr.srread(target)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
+    for group in groups:
+        ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+        n = int(ref.ReferencedSegmentNumber)
+        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID and ref.ReferencedSOPClassUID == seg.SOPClassUID
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        assert volume.value == pytest.approx(expected[n], rel=1e-9) and volume.unit.value == "ml"
+        assert group.tracking_uid == tracking[n]
+        assert group.finding_type.value == (codes.SCT.Liver if n == 1 else codes.SCT.Spleen).value
+        if n == 1:
+            assert group.get_measurements(name=codes.SCT.Mean)[0].value == pytest.approx(42.5)
+            assert group.finding_sites[0].value == codes.SCT.Abdomen
+        series_items = [i for i in _content_items(group[0]) if i.ValueType == "UIDREF" and i.ConceptNameCodeSequence[0].CodeValue == "121232"]
+        assert [i.UID for i in series_items] == [axial.sources[0].SeriesInstanceUID]  # Source Series For Segmentation
+        algorithm_names = [i.TextValue for i in _content_items(group[0]) if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+        assert algorithm_names == ["test-unet"]
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert evidence == {seg.SOPInstanceUID} | {instance_uid(d) for d in axial.sources}
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.Modality == "SR"
+    again = tmp_path / "again.dcm"
+    write_seg_sr(again, pydicom.dcmread(tmp_path / "seg.dcm"), axial.sources, ALGORITHM, identity("sr"),
+                 measurements={1: [mean_hu]})
+    assert again.read_bytes() == target.read_bytes()
+
+
+@needs_dciodvfy
+def test_seg_sr_of_labelmap_seg_only_trips_dciodvfys_segmentation_check(axial: Ingested, tmp_path: Path) -> None:
+    """dciodvfy (2026-09) treats only Segmentation Storage as "segmentation" when checking Referenced
+    Segment Number; highdicom and the standard also accept Label Map Segmentation Storage."""
+    masks = sample_frames(two_blocks(axial.volume.shape), axial.affine, frame_geometries(axial.sources))
+    seg = write_seg(tmp_path / "seg.dcm", axial.sources, masks, SPECS, ALGORITHM, identity("lm"), segmentation_type="LABELMAP")
+    write_seg_sr(tmp_path / "sr.dcm", seg, axial.sources, ALGORITHM, identity("lm-sr"))
+    errors = dciodvfy_errors(tmp_path / "sr.dcm")
+    assert errors and all("Referenced SOP Class that is not segmentation" in e for e in errors), errors
+
+
+def test_sr_volumes_of_a_tilted_series(tmp_path: Path) -> None:
+    """Volumes measured on the tilted source frames agree with the count on ingest's orthogonal grid."""
+    geo = ct_gantry_tilt(15.0, 2.0, origin=(-12.0, -10.0, 5.0), pixel_spacing=(1.0, 1.0))
+    s = ingest_series(tmp_path, geo, (24, 24, 10))
+    label = np.zeros(s.volume.shape, np.uint8)
+    label[5:19, 6:18, 2:8] = 1
+    masks = sample_frames(label, s.affine, frame_geometries(s.sources))
+    seg = write_seg(tmp_path / "seg.dcm", s.sources, masks, SPECS[:1], ALGORITHM, identity("tilt-sr"))
+    sr = write_seg_sr(tmp_path / "sr.dcm", seg, s.sources, ALGORITHM, identity("tilt-sr-sr"))
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()
+    on_grid = label.sum() * abs(np.linalg.det(s.affine[:3, :3])) / 1000.0
+    assert group.get_measurements(name=codes.SCT.Volume)[0].value == pytest.approx(on_grid, rel=0.05)
+
+
+@needs_dciodvfy
+def test_classification_sr(axial: Ingested, tmp_path: Path) -> None:
+    results = [
+        ClassResult({"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}, 0.83, 0.5, label="tumour"),
+        ClassResult(codes.SCT.Malignant, 0.2, 0.35),
+    ]
+    target = tmp_path / "cls.dcm"
+    write_classification_sr(target, axial.sources, results, ALGORITHM, identity("cls"))
+    assert dciodvfy_errors(target) == []
+    assert dciodvfy_warnings(target) == []
+    sr = hd.sr.srread(target)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 2
+    for group, r in zip(groups, results):
+        finding = as_code(r.finding)
+        assert group.finding_type.value == finding.value
+        (prob,) = group.get_measurements()
+        assert prob.value == pytest.approx(r.probability) and prob.name.value == "122157" and prob.unit.value == "1"
+        (decision,) = group.get_qualitative_evaluations(name=finding)
+        assert decision.name.value == finding.value
+        assert decision.value.value == ("52101004" if r.probability >= r.threshold else "272519000")
+        params = [i.TextValue for i in _content_items(group[0]) if i.get("ValueType") == "TEXT"
+                  and i.ConceptNameCodeSequence[0].CodeValue == "111002"]
+        assert f"threshold={r.threshold:g}" in params and "checkpoint=0123abcd" in params
+    library = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _content_items(sr)
+               if i.get("ValueType") == "IMAGE"]
+    assert set(library) == {instance_uid(d) for d in axial.sources}
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert evidence == set(library)
+    write_classification_sr(tmp_path / "again.dcm", axial.sources, results, ALGORITHM, identity("cls"))
+    assert (tmp_path / "again.dcm").read_bytes() == target.read_bytes()
+    with pytest.raises(DicomError, match=r"\[0, 1\]"):
+        write_classification_sr(tmp_path / "x.dcm", axial.sources, [ClassResult(codes.SCT.Malignant, 1.2, 0.5)],
+                                ALGORITHM, identity("x"))
