@@ -1,4 +1,4 @@
-"""DICOM outputs: SEG and SR TID 1500.
+"""DICOM outputs: SEG, SR TID 1500, Parametric Map and Secondary Capture.
 
 Every object is checked by reading it back (pydicom / highdicom) and comparing in world space, with
 ``dciodvfy`` (no errors), and for byte-for-byte reproducibility. Synthetic series come from
@@ -23,8 +23,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medpipe.data.volumes import read_grid, read_seg, seg_to_labelmap
-from medpipe.dicom.frames import frame_geometries, instance_uid, sample_frames, volume_to_frames
+from medpipe.dicom.frames import derived_frame_sources, frame_geometries, instance_uid, sample_frames, volume_to_frames
 from medpipe.dicom.output import AlgorithmSpec, OutputIdentity, as_code, code_dict
+from medpipe.dicom.pmap import read_parametric_map, write_parametric_map
+from medpipe.dicom.sc import CIVIDIS, OUTLINE, render_overlay, write_overlay_sc
 from medpipe.dicom.seg import SegmentSpec, read_seg_frames, seg_to_source_frames, write_seg
 from medpipe.dicom.sr import ClassResult, NumericMeasurement, write_classification_sr, write_seg_sr
 from medpipe.dicom.uids import derive_uid
@@ -416,3 +418,86 @@ def test_classification_sr(axial: Ingested, tmp_path: Path) -> None:
     with pytest.raises(DicomError, match=r"\[0, 1\]"):
         write_classification_sr(tmp_path / "x.dcm", axial.sources, [ClassResult(codes.SCT.Malignant, 1.2, 0.5)],
                                 ALGORITHM, identity("x"))
+
+
+# -- parametric map and secondary capture -----------------------------------------------------------------
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("encoding", ["float32", "uint16"])
+def test_parametric_map(axial: Ingested, tmp_path: Path, encoding: str) -> None:
+    saliency = np.clip(axial.volume / axial.volume.max(), 0, 1).astype(np.float32)
+    frames = frame_geometries(axial.sources)
+    values = sample_frames(saliency, axial.affine, frames, interpolation="linear")
+    target = tmp_path / "pm.dcm"
+    pm = write_parametric_map(target, axial.sources, values, ALGORITHM, identity("pm", encoding), encoding=encoding)
+    assert dciodvfy_errors(target) == []
+    assert dciodvfy_warnings(target) == []
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and pm.FrameOfReferenceUID == axial.sources[0].FrameOfReferenceUID
+    back = read_parametric_map(target, frames)
+    step = 0.0 if encoding == "float32" else 0.5 / 65535
+    assert np.abs(back - values).max() <= step + 1e-12
+    # the stored map, placed by its own plane positions, is the saliency in world space
+    ds = pydicom.dcmread(target)
+    for lps, (uid, _) in zip(pixel_lps(ds), derived_frame_sources(ds)):
+        k = [f.sop_instance_uid for f in frames].index(uid)
+        assert np.abs(values_at(saliency, axial.affine, lps) - back[k]).max() <= step + 1e-6
+    write_parametric_map(tmp_path / "again.dcm", axial.sources, values, ALGORITHM, identity("pm", encoding), encoding=encoding)
+    assert (tmp_path / "again.dcm").read_bytes() == target.read_bytes()
+
+
+@needs_dciodvfy
+def test_objects_of_a_source_without_body_part(tmp_path: Path) -> None:
+    """No Body Part Examined: Laterality is written empty ("unknown") where dciodvfy needs it."""
+    s = ingest_series(tmp_path, Geometry(), (16, 12, 8), extra={})
+    values = np.zeros((8, 12, 16), np.float32)
+    write_parametric_map(tmp_path / "pm.dcm", s.sources, values, ALGORITHM, identity("nobody"))
+    full = pydicom.dcmread(s.files[0])
+    write_overlay_sc(tmp_path / "sc.dcm", full, identity("nobody-sc"), overlay=values[0])
+    for name in ("pm.dcm", "sc.dcm"):
+        assert dciodvfy_errors(tmp_path / name) == []
+        (warning,) = dciodvfy_warnings(tmp_path / name)
+        assert "Laterality" in warning and "empty when actually unknown" in warning
+
+
+@needs_dciodvfy
+def test_overlay_secondary_capture(axial: Ingested, tmp_path: Path) -> None:
+    frames = frame_geometries(axial.sources)
+    k = 4
+    saliency = sample_frames(np.clip(axial.volume / axial.volume.max(), 0, 1), axial.affine, frames,
+                             interpolation="linear")[k]
+    saliency[:, :5] = 0.0
+    mask = sample_frames(two_blocks(axial.volume.shape), axial.affine, frames)[k] == 1
+    source = next(d for d in (pydicom.dcmread(p) for p in axial.files) if instance_uid(d) == instance_uid(axial.sources[k]))
+    target = tmp_path / "sc.dcm"
+    write_overlay_sc(target, source, identity("sc", k), overlay=saliency, outline=mask, window=(2000, 4000))
+    assert dciodvfy_errors(target) == []
+    assert dciodvfy_warnings(target) == []
+    ds = pydicom.dcmread(target)
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation) == (12, 16, 3, "RGB")
+    assert list(ds.PatientOrientation) == ["L", "P"]
+    rgb = ds.pixel_array
+    expected = render_overlay(source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept),
+                              (2000, 4000), saliency, mask)
+    assert np.array_equal(rgb, expected)
+    edge = mask & ~np.pad(mask, 1)[2:, 1:-1]  # pixels of the mask whose lower neighbour is outside
+    assert edge.any() and np.all(rgb[edge] == OUTLINE)
+    plain = (saliency == 0) & ~mask
+    assert np.all(rgb[plain][:, 0] == rgb[plain][:, 1]) and np.all(rgb[plain][:, 1] == rgb[plain][:, 2])  # grey
+    write_overlay_sc(tmp_path / "again.dcm", source, identity("sc", k), overlay=saliency, outline=mask, window=(2000, 4000))
+    assert (tmp_path / "again.dcm").read_bytes() == target.read_bytes()
+    with pytest.raises(DicomError, match="without pixel data"):
+        write_overlay_sc(tmp_path / "x.dcm", axial.sources[k], identity("x"), overlay=saliency)
+
+
+def test_cividis_table_matches_matplotlib() -> None:
+    import matplotlib
+
+    from medpipe.dicom.sc import cividis
+
+    x = np.linspace(0, 1, 257)
+    assert np.abs(cividis(x) - matplotlib.colormaps["cividis"](x)[:, :3] * 255).max() < 6  # of 255
+    assert CIVIDIS.shape == (33, 3)
