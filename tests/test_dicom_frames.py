@@ -95,6 +95,8 @@ def test_sampling_off_grid_and_outside() -> None:
             assert linear[r, c] == pytest.approx((both[c - 1, j] + both[c, j]) / 2)
         assert list(linear[r, 4:]) == [-1, -1]  # i = 3.5 rounds to voxel 4: outside
         assert list(nearest[r]) == [data[0, j, 1], data[1, j, 1], data[2, j, 1], data[3, j, 1], -1, -1]
+    with pytest.raises(DicomError, match="does not fit the uint8 output"):
+        sample_frames(data.astype(np.uint8), affine, [frame], fill=-1)
 
 
 def test_frame_geometries_of_enhanced_multiframe(shared_data: Path, tmp_path: Path) -> None:

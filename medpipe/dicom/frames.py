@@ -247,8 +247,8 @@ def sample_frames(
         frames: where to sample, e.g. :func:`frame_geometries` of the source datasets.
         interpolation: ``"nearest"`` for label maps (dtype kept) or ``"linear"`` for probabilities
             and other maps (float32).
-        fill: value of pixels that lie outside ``data``. A pixel is inside when it is within half a
-            voxel of the grid (the voxel it falls into exists).
+        fill: value of pixels that lie outside ``data`` (it must fit the output's dtype). A pixel
+            is inside when it is within half a voxel of the grid (the voxel it falls into exists).
 
     Returns:
         ``(n_frames, rows, columns, ...)``; frame ``i`` lies on ``frames[i]``.
@@ -269,6 +269,11 @@ def sample_frames(
     rows, cols = next(iter(sizes))
     extra = data.shape[3:]
     dtype = data.dtype if interpolation == "nearest" else np.dtype(np.float32)
+    try:
+        if dtype.kind in "biu" and np.asarray(fill, dtype=dtype) != fill:
+            raise ValueError
+    except (OverflowError, ValueError):
+        raise DicomError(f"fill value {fill!r} does not fit the {dtype} output") from None
     out = np.empty((len(frames), rows, cols, *extra), dtype=dtype)
     shape = np.asarray(data.shape[:3])[:, None, None]
     flat = data.reshape(*data.shape[:3], -1)  # trailing axes as one (a view when possible)
