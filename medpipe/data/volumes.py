@@ -23,10 +23,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from medpipe.dicom.frames import frames_to_volume
+from medpipe.dicom.geometry import LPS_TO_RAS
 from medpipe.io import atomic_path
-
-#: LPS (DICOM) <-> RAS (NIfTI) world coordinates
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -201,8 +200,7 @@ def _by_source_instance(seg: Any, uids: list[str], reference: GridSpec, order: l
                           f"{'x'.join(map(str, reference.shape))}")
     _check_positions(seg, uids, reference, rows)
     labels = _combine(masks, order, mapping)  # [k, row, column]
-    # ingest's layout: frame[::-1].T per slice -> [column, flipped row, k]
-    return np.ascontiguousarray(labels[:, ::-1, :].transpose(2, 1, 0))
+    return np.ascontiguousarray(frames_to_volume(labels))  # ingest's layout: [column, flipped row, k]
 
 
 def _check_positions(seg: Any, uids: list[str], reference: GridSpec, rows: int) -> None:

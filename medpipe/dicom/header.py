@@ -31,6 +31,7 @@ from pydicom.values import converters as _converters
 #: SOP classes that hold no image to turn into a volume (catalogued, explained, not converted).
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "DICOM SEG (segmentation)",
+    "1.2.840.10008.5.1.4.1.1.66.7": "DICOM SEG (label map segmentation)",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
     "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
     "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medpipe.dicom.frames import frame_to_slice
 from medpipe.dicom.geometry import voxel_to_world
 from medpipe.dicom.header import InstanceHeader
 from medpipe.dicom.series import FrameRef, Stack
@@ -120,7 +121,7 @@ def _fill(stack: Stack, data: np.ndarray, rescale: bool) -> None:
             errors.append(exc)
             continue
         for k, t, ref in items:
-            frame = _frame_array(pixels, ref)[::-1].T  # [column, flipped row], see geometry
+            frame = frame_to_slice(_frame_array(pixels, ref))  # [column, flipped row], see geometry
             if rescale:
                 data[:, :, k, t] = frame * np.float32(ref.frame.slope) + np.float32(ref.frame.intercept)
             else:

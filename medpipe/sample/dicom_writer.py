@@ -6,6 +6,7 @@ inputs, so the same inputs give byte-identical files. Files are written atomical
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
+from medpipe.dicom.uids import derive_uid
 from medpipe.io import atomic_path
 from medpipe.sample.grid import AXIAL_ORIENTATION, Grid
 
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 MANUFACTURER = "medpipe"
 MODEL_NAME = "medpipe synthetic brain MR phantom"
 #: Bumped whenever the generated content changes (it is part of every UID).
-GENERATOR_VERSION = "1"
+#: 2: UIDs are ``2.25`` UIDs from medpipe.dicom.uids; the SEG is written by medpipe.dicom.seg.
+GENERATOR_VERSION = "2"
 _UID_NAMESPACE = "medpipe.sample.brain_tumor"
 
 
 def make_uid(*parts: object) -> str:
-    """A deterministic UID from the generator namespace, its version and ``parts``."""
-    return str(generate_uid(entropy_srcs=[_UID_NAMESPACE, GENERATOR_VERSION, *map(str, parts)]))
+    """A deterministic UID from the generator namespace, its version and ``parts`` (see :func:`derive_uid`)."""
+    return derive_uid(_UID_NAMESPACE, GENERATOR_VERSION, *parts)
 
 
 @dataclass(frozen=True)
@@ -257,12 +259,15 @@ def write_seg(
 
     ``labels`` is ``(slices, rows, columns)`` with values 0-3 (BraTS convention), slice ``i``
     lying on ``source_images[i]``. An all-zero ``labels`` gives a valid SEG whose three
-    segments are empty (highdicom then keeps all frames).
+    segments are empty (all frames are kept then). Written by :func:`medpipe.dicom.seg.write_seg`.
     """
-    import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    algorithm = hd.AlgorithmIdentificationSequence(
+    from medpipe.dicom.output import AlgorithmSpec, Equipment, OutputIdentity
+    from medpipe.dicom.seg import SegmentSpec
+    from medpipe.dicom.seg import write_seg as write_dicom_seg
+
+    algorithm = AlgorithmSpec(
         name="medpipe synthetic brain tumour phantom",
         # The labels are the model that generated the image; of the CID 7162 families,
         # "Deformable Models" (randomly perturbed ellipsoids) describes it best.
@@ -270,58 +275,33 @@ def write_seg(
         version=GENERATOR_VERSION,
         source=MANUFACTURER,
     )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=name,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=getattr(codes.SCT, keyword),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=make_uid(*uid_key, "segment", number),
+    segments = [
+        SegmentSpec(
+            label=name,
+            category=codes.SCT.MorphologicallyAbnormalStructure,
+            type=getattr(codes.SCT, keyword),
+            anatomic_region=codes.SCT.Brain,
+            color=rgb,
             tracking_id=name,
-            anatomic_regions=[codes.SCT.Brain],
-            display_color=hd.color.CIELabColor.from_rgb(*rgb),
+            tracking_uid=make_uid(*uid_key, "segment", number),
         )
         for number, (name, _, keyword, rgb) in enumerate(SEGMENTS, start=1)
     ]
-    mask = np.stack([labels == value for _, value, _, _ in SEGMENTS], axis=-1).astype(np.uint8)
-    seg = hd.seg.Segmentation(
-        source_images=list(source_images),
-        pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        # An all-empty mask cannot omit its empty frames; say so instead of being warned.
-        omit_empty_frames=bool(mask.any()),
+    identity = OutputIdentity(
         series_instance_uid=series_uid,
-        series_number=100,
         sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=f"brain_tumor {GENERATOR_VERSION}",
-        device_serial_number="0",
-        content_description="Ground truth of the synthetic tumour",
-        content_label="TUMOR",
+        series_number=100,
+        created=dt.datetime.strptime(study.study_date + series_time, "%Y%m%d%H%M%S"),
         series_description="SEG tumor ground truth",
-        institution_name="medpipe synthetic data",
-        content_qualification="RESEARCH",
-        content_date=study.study_date,
-        content_time=series_time,
-        series_date=study.study_date,
-        series_time=series_time,
     )
-    # highdicom stamps the creation and contribution times and draws a random dimension
-    # organisation UID; replace them so that the output is reproducible.
-    seg.InstanceCreationDate = DA(study.study_date)
-    seg.InstanceCreationTime = TM(series_time)
-    for item in seg.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = f"{study.study_date}{series_time}"
-    dim_uid = make_uid(*uid_key, "dimension-organization")
-    for item in seg.get("DimensionOrganizationSequence", []):
-        item.DimensionOrganizationUID = dim_uid
-    for item in seg.get("DimensionIndexSequence", []):
-        item.DimensionOrganizationUID = dim_uid
-    with atomic_path(target) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
+    equipment = Equipment(
+        manufacturer=MANUFACTURER, model_name=MODEL_NAME, software_versions=f"brain_tumor {GENERATOR_VERSION}",
+        device_serial_number="0", institution_name="medpipe synthetic data",
+    )
+    per_segment = np.zeros(labels.shape, dtype=np.uint8)  # label map with value n = segment n
+    for number, (_, value, _, _) in enumerate(SEGMENTS, start=1):
+        per_segment[labels == value] = number
+    write_dicom_seg(
+        target, source_images, per_segment, segments, algorithm, identity, equipment=equipment,
+        content_label="TUMOR", content_description="Ground truth of the synthetic tumour",
+    )

