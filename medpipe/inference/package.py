@@ -222,3 +222,64 @@ def export_package(src: ModelPackage, dest: Path, held_out: dict[str, Any] | Non
         raise PackageError(f"{dest}: the copy differs from {src.path}")
     write_card(out, held_out)
     return out
+
+
+def _training_record(datalist_path: Path, doc: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        medpipe_version = version("medpipe")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        medpipe_version = "unknown"
+    return {
+        "datalist_sha256": sha256_file(datalist_path),
+        "split_sizes": {s: len(doc.get(s) or []) for s in ("train", "val", "test")},
+        "medpipe_version": medpipe_version,
+        **extra,
+    }
+
+
+def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path: Path, *, name: str,
+                            tta: bool = False, segment_codes: dict[str, Any] | None = None,
+                            training: dict[str, Any] | None = None) -> ModelPackage:
+    """The package of trained segmenter checkpoint(s) (one per fold) and the datalist they were trained on.
+
+    ``segment_codes``: class name -> ``{"category": code, "type": code}`` for classes the known table
+    (:data:`KNOWN_SEGMENT_CODES`) does not cover or codes differently.
+    """
+    from medpipe.inference.checkpoint import SEGMENTER_FORMAT, SEGMENTER_VERSION, read_checkpoint
+
+    ck = read_checkpoint(checkpoints[0], SEGMENTER_FORMAT, SEGMENTER_VERSION, "medpipe segmenter checkpoint")
+    doc = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
+    codes = segment_codes or {}
+    classes = {k: {"name": v, **segment_code(v, codes.get(v))} for k, v in ck["labels"]["classes"].items()}
+    inputs = {"channels": list(ck.get("channels") or doc.get("channels") or []),
+              "channel_rules": doc.get("channel_rules"), "reference": doc.get("reference"),
+              "eval_transforms": ck["eval_transforms"], "roi_size": ck["roi_size"]}
+    outputs = {"target": ck["labels"].get("target"), "label_map": ck["labels"].get("label_map"), "classes": classes}
+    inference = {"tta": tta, "sw_batch_size": ck.get("sw_batch_size", 4), "overlap": ck.get("overlap", 0.25)}
+    record = _training_record(datalist_path, doc, {"seed": ck.get("seed"), **(training or {}),
+                                                   "validation": {"best_val_dice": ck.get("val_dice"),
+                                                                  "best_epoch": ck.get("epoch")}})
+    return write_package(folder, kind="segmenter", name=name, checkpoints=checkpoints, network=ck["model"],
+                         inputs=inputs, outputs=outputs, inference=inference, training=record)
+
+
+def build_classifier_package(folder: Path, checkpoints: list[Path], datalist_path: Path, *, name: str,
+                             tta_axes: list[int] | None = None, positive_class: int = 1, threshold: float = 0.5,
+                             class_codes: dict[str, Any] | None = None, validation: dict[str, Any] | None = None,
+                             training: dict[str, Any] | None = None) -> ModelPackage:
+    """The package of trained classifier checkpoint(s) (one per fold) and the datalist they were trained on."""
+    from medpipe.inference.checkpoint import CLASSIFIER_FORMAT, CLASSIFIER_VERSION, read_checkpoint
+
+    ck = read_checkpoint(checkpoints[0], CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "medpipe classifier checkpoint")
+    doc = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
+    inputs = {"channels": list(doc.get("channels") or []), "channel_rules": doc.get("channel_rules"),
+              "reference": doc.get("reference"), "eval_transforms": ck["eval_transforms"],
+              "input_shape": ck.get("input_shape")}
+    outputs = {"class_names": ck.get("class_names"), "positive_class": positive_class, "threshold": threshold,
+               "class_codes": class_codes or {}}
+    inference = {"tta": tta_axes is not None, "tta_axes": tta_axes or []}
+    record = _training_record(datalist_path, doc, {**(training or {}), "validation": validation or {}})
+    return write_package(folder, kind="classifier", name=name, checkpoints=checkpoints, network=ck["model"],
+                         inputs=inputs, outputs=outputs, inference=inference, training=record)

@@ -167,9 +167,8 @@ def score(src: Path | str, model: Path | str | ModelPackage, out: Path | str, op
         PackageError: the model folder is not a usable package.
         SourceError / CatalogError: ``src`` cannot be read at all.
     """
-    from medpipe.scoring.results import ResultWriter
-
     from medpipe.inference.device import resolve_device
+    from medpipe.scoring.results import ResultWriter
 
     options = options or ScoreOptions()
     package = model if isinstance(model, ModelPackage) else ModelPackage.load(model)
