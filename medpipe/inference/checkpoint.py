@@ -18,10 +18,20 @@ from medpipe.io import atomic_path
 
 
 def save_checkpoint(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` with ``torch.save``, atomically and byte-reproducibly.
+
+    ``torch.save`` to a path names the zip archive inside after the file, and the atomic write goes
+    through a random temporary name: serialising to memory first keeps the archive name fixed, so the
+    same tensors give the same bytes (and a model package the same id).
+    """
+    import io
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save(doc, buf)
     with atomic_path(path) as tmp:
-        torch.save(doc, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def read_checkpoint(path: Path | str, fmt: str, version: int, what: str) -> dict[str, Any]:
