@@ -15,6 +15,7 @@ from medpipe.models.classification import (
     build_classifier,
     classifier_config,
 )
+from medpipe.models.gan import GanConfig, GanOptions, build_generator, gan_config
 from medpipe.models.segmentation import (
     SEGMENTERS,
     SegmenterConfig,
@@ -23,6 +24,7 @@ from medpipe.models.segmentation import (
     segmenter_config,
 )
 from medpipe.stages.train_classifier import TrainClassifierParams
+from medpipe.stages.train_gan import TrainGanParams
 from medpipe.stages.train_segmenter import TrainSegmenterParams
 
 #: dictionaries as checkpoints written before the typed configurations stored them
@@ -30,6 +32,8 @@ OLD_CLASSIFIER = {"name": "resnet18", "spatial_dims": 2, "in_channels": 1, "num_
                   "norm": "batch", "stem": "small", "stem_stride": 2, "widen_factor": 0.125}
 OLD_DENSENET = {"name": "densenet121", "spatial_dims": 2, "in_channels": 1, "num_classes": 3, "dropout": 0.1,
                 "norm": "batch"}
+OLD_GAN = {"image_size": [28, 28], "in_channels": 1, "num_classes": 1, "latent_dim": 64, "g_channels": 16,
+           "d_channels": 32, "embed_dim": 64, "d_norm": "spectral", "minibatch_std": True, "g_upsample": "resize"}
 OLD_SEGMENTER = {"name": "unet", "in_channels": 2, "out_channels": 3, "channels": [4, 8], "strides": [2],
                  "num_res_units": 0, "norm": "instance", "dropout": 0.0}
 
@@ -37,7 +41,8 @@ OLD_SEGMENTER = {"name": "unet", "in_channels": 2, "out_channels": 3, "channels"
 def test_stage_params_use_the_one_list_of_names_and_defaults() -> None:
     assert get_args(TrainClassifierParams.model_fields["model"].annotation) == CLASSIFIERS
     assert get_args(TrainSegmenterParams.model_fields["model"].annotation) == SEGMENTERS
-    for params, options in ((TrainClassifierParams, ClassifierOptions), (TrainSegmenterParams, SegmenterOptions)):
+    for params, options in ((TrainClassifierParams, ClassifierOptions), (TrainSegmenterParams, SegmenterOptions),
+                            (TrainGanParams, GanOptions)):
         for name, f in options.model_fields.items():
             assert params.model_fields[name].default == f.default, name
     # the stage's defaults are the configuration's defaults
@@ -54,6 +59,8 @@ def test_old_checkpoint_dicts_round_trip_unchanged() -> None:
                                  name=old["name"], spatial_dims=2, in_channels=old["in_channels"],
                                  num_classes=old["num_classes"]) == old
     assert SegmenterConfig.from_dict(OLD_SEGMENTER).to_dict() == OLD_SEGMENTER
+    assert GanConfig.from_dict(OLD_GAN).to_dict() == OLD_GAN == gan_config(28, 1, 1)
+    assert build_generator(OLD_GAN, seed=0).cfg == OLD_GAN
     assert json.loads(json.dumps(segmenter_config("segresnet", 1, 2))) == segmenter_config("segresnet", 1, 2)
 
 

@@ -58,11 +58,14 @@ from medpipe.data.datalist import class_items, class_names, load_datalist, spati
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_gan_checkpoint
 from medpipe.io import sha256_file, write_csv_atomic
+from medpipe.models.gan import GanOptions
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 
 
-class TrainGanParams(StageParams):
-    """Defaults tuned on BreastMNIST (546 train images of 28 px): about 2 minutes on one CPU thread."""
+class TrainGanParams(StageParams, GanOptions):
+    """Defaults tuned on BreastMNIST (546 train images of 28 px): about 2 minutes on one CPU thread. The network
+    options (``latent_dim``, ``g_channels``, ``d_channels``, ``g_upsample``, ``d_norm``, ``minibatch_std``) come
+    from :class:`~medpipe.models.gan.GanOptions`."""
 
     datalist: str | None = Field(default=None, description="datalist.json; None: the artifact 'datalist' of an "
                                                             "earlier stage")
@@ -80,17 +83,8 @@ class TrainGanParams(StageParams):
     lr_d: float = Field(default=4e-4, gt=0, description="discriminator learning rate (Adam; 4x lr_g: the two "
                                                         "time-scale rule)")
     beta1: float = Field(default=0.0, ge=0, lt=1, description="Adam beta1 of both networks (0 as in SNGAN)")
-    latent_dim: int = Field(default=64, ge=1, description="size of the generator's noise vector")
-    g_channels: int = Field(default=16, ge=1, description="width of the generator's last layer (the others: 2x, 4x)")
-    d_channels: int = Field(default=32, ge=1, description="width of the discriminator's first layer (others: 2x, 4x)")
-    g_upsample: Literal["resize", "transposed"] = Field(
-        default="resize", description="generator upsampling: resize (nearest 2x + 3x3 convolution: smoother, no "
-                                      "checkerboard) or transposed convolutions (faster)")
     loss: Literal["hinge", "bce"] = Field(default="hinge", description="hinge, or bce: non-saturating cross-entropy "
                                                                        "with one-sided label smoothing (0.9)")
-    d_norm: Literal["spectral", "batch"] = Field(default="spectral", description="the discriminator's normalisation")
-    minibatch_std: bool = Field(default=True, description="the discriminator sees each batch's spread (against "
-                                                          "mode collapse)")
     diffaugment: bool = Field(default=True, description="augment real and generated images before the discriminator "
                                                         "(translation, left-right flip, brightness/contrast): keeps "
                                                         "it from memorising a small train split")
@@ -196,9 +190,7 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     if len(gx) < 2:
         raise StageError(f"only {len(gx)} train image(s) to learn from; the GAN needs more")
     try:
-        cfg = gan_config(size, int(x.shape[1]), len(classes), latent_dim=p.latent_dim, g_channels=p.g_channels,
-                         d_channels=p.d_channels, d_norm=p.d_norm, minibatch_std=p.minibatch_std,
-                         g_upsample=p.g_upsample)
+        cfg = gan_config(size, int(x.shape[1]), len(classes), **p.model_dump(include=set(GanOptions.model_fields)))
     except ValueError as exc:
         raise StageError(str(exc)) from exc
     g_net = build_generator(cfg, seed=ctx.seed).to(device)
