@@ -20,8 +20,10 @@ from medpipe.models.classification import SliceSequenceClassifier, build_classif
 from medpipe.runner import seed_everything
 from medpipe.stage import RunContext
 from medpipe.stages.evaluate_classifier import EvaluateClassifierParams, evaluate_classifier
-from medpipe.stages.train_classifier import TrainClassifierParams, _folds, make_loss, make_sampler, train_classifier
-from medpipe.training.imbalance import inverse_frequency_weights, sample_weights
+from medpipe.stages.train_classifier import TrainClassifierParams, train_classifier
+from medpipe.training.classification import kfold_items
+from medpipe.training.imbalance import inverse_frequency_weights, make_sampler, sample_weights
+from medpipe.training.losses import make_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -144,7 +146,7 @@ def test_synthetic_items_are_refused_outside_train(tmp_path: Path) -> None:
     assert len(class_items(doc, "train", path=tmp_path)) == 8
     with pytest.raises(StageError, match="synthetic item"):
         class_items(doc, "test", path=tmp_path)
-    for fold_train, fold_val in _folds(doc["train"], doc["val"], 3, seed=0):
+    for fold_train, fold_val in kfold_items(doc["train"], doc["val"], 3, seed=0):
         assert not any(it.get("synthetic") for it in fold_val)
         assert sum(1 for it in fold_train if it.get("synthetic")) == 4
 

@@ -5,7 +5,10 @@ A segmenter checkpoint holds the weights, the network configuration
 (:func:`medpipe.data.labels.label_info`), the channel names, ``roi_size`` and the eval transforms. A
 classifier checkpoint holds the weights, the network configuration
 (:func:`medpipe.models.classification.classifier_config`), the class names, the input shape, the eval
-transforms and the training record; a k-fold run writes one per fold: the ensemble.
+transforms and the training record; a k-fold run writes one per fold: the ensemble. A GAN generator
+checkpoint holds the moving-average generator's weights, its configuration
+(:func:`medpipe.models.gan.gan_config`), the classes it makes and the training record. Each format is
+written by one function here (``write_*_checkpoint``) and read by one (``load_*`` / ``read_checkpoint``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,23 @@ SEGMENTER_FORMAT = "medpipe-segmenter"
 SEGMENTER_VERSION = 1
 
 
+def _weights(net: Any) -> dict[str, Any]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def write_segmenter_checkpoint(path: Path, *, net: Any, model: dict[str, Any], labels: dict[str, Any],
+                               channels: list[str], roi_size: list[int], eval_transforms: list[dict[str, Any]],
+                               sw_batch_size: int, overlap: float, record: dict[str, Any]) -> None:
+    """A segmenter checkpoint: weights, network configuration (``model``: a stored ``SegmenterConfig``), label
+    mapping (``labels``: :func:`medpipe.data.labels.label_info`), channel names, sliding-window settings, eval
+    transforms and the training ``record`` (epoch, val_dice, datalist, seed)."""
+    save_checkpoint(path, {
+        "format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION, "state_dict": _weights(net),
+        "model": model, "labels": labels, "channels": channels, "roi_size": list(roi_size),
+        "eval_transforms": eval_transforms, "sw_batch_size": sw_batch_size, "overlap": overlap, **record,
+    })
+
+
 def load_segmenter(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
     """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
 
@@ -75,11 +95,14 @@ CLASSIFIER_FORMAT = "medpipe-classifier"
 CLASSIFIER_VERSION = 1
 
 
-def write_classifier_checkpoint(path: Path, *, net: Any, model: dict[str, Any], names: dict[int, str], input_shape: list[int],
-                     eval_transforms: list[dict[str, Any]], record: dict[str, Any]) -> None:
+def write_classifier_checkpoint(path: Path, *, net: Any, model: dict[str, Any], names: dict[int, str],
+                                input_shape: list[int], eval_transforms: list[dict[str, Any]],
+                                record: dict[str, Any]) -> None:
+    """A classifier checkpoint: weights, network configuration (``model``: a stored ``ClassifierConfig``), class
+    names, input shape, eval transforms and the training ``record`` (epoch, val_auc, fold, ...)."""
     save_checkpoint(path, {
         "format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "state_dict": _weights(net),
         "model": model, "class_names": {str(k): v for k, v in names.items()}, "input_shape": input_shape,
         "eval_transforms": eval_transforms, **record,
     })
@@ -114,3 +137,19 @@ def load_ensemble(paths: list[str] | list[Path], device: str) -> tuple[list[Any]
             if d.get(key) != docs[0].get(key):
                 raise StageError(f"ensemble member {member} differs from {paths[0]} in {key}; train them in one stage")
     return nets, docs[0]
+
+
+def write_gan_checkpoint(path: Path, *, generator: Any, model: dict[str, Any], classes: list[int],
+                         names: dict[int, str], image_size: list[int], in_channels: int, target_class: int,
+                         record: dict[str, Any]) -> None:
+    """A GAN generator checkpoint (``medpipe.models.gan.GAN_FORMAT``): the generator's weights, its
+    configuration (``model``: :func:`medpipe.models.gan.gan_config`), the class of each generator index
+    (``classes``), class names, image size, channels, target class, value range ``[-1, 1]`` and the training
+    ``record`` (seed, epochs, datalist, metrics)."""
+    from medpipe.models.gan import GAN_FORMAT, GAN_VERSION
+
+    save_checkpoint(path, {
+        "format": GAN_FORMAT, "version": GAN_VERSION, "state_dict": _weights(generator), "model": model,
+        "classes": list(classes), "class_names": {str(k): v for k, v in names.items()}, "image_size": image_size,
+        "in_channels": in_channels, "target_class": target_class, **record, "value_range": [-1.0, 1.0],
+    })

@@ -1,48 +1,93 @@
 """Segmentation networks (pure torch / MONAI: no file I/O).
 
-``build_segmenter`` makes a MONAI ``UNet`` or ``SegResNet`` from a small, JSON-able configuration
-(the same dictionary is stored in checkpoints, so a network can be rebuilt from it alone).
-Inference (sliding windows, test-time augmentation, ensembles) is in :mod:`medpipe.inference.segmentation`.
+:class:`SegmenterConfig` is the typed configuration of a MONAI ``UNet`` or ``SegResNet`` (its JSON
+form, :meth:`SegmenterConfig.to_dict`, is stored in checkpoints, so a network can be rebuilt from it
+alone with :func:`build_from_config`); :class:`SegmenterOptions` holds the architecture choices and
+their defaults, which ``train_segmenter``'s parameters inherit. Inference (sliding windows, test-time
+augmentation, ensembles) is in :mod:`medpipe.inference.segmentation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-SegmenterName = Literal["unet", "segresnet"]
+from medpipe.models.base import NetworkConfig, Options
 
-#: keys of a segmenter configuration (what :func:`segmenter_config` returns and checkpoints hold)
+SegmenterName = Literal["unet", "segresnet"]
+#: the segmentation networks (one list: the stage parameters and the builders both use :data:`SegmenterName`)
+SEGMENTERS: tuple[str, ...] = get_args(SegmenterName)
+
+#: keys of a segmenter configuration (what :meth:`SegmenterConfig.to_dict` returns and checkpoints hold)
 CONFIG_KEYS = ("name", "in_channels", "out_channels", "channels", "strides", "num_res_units", "norm", "dropout")
 
 
-def segmenter_config(
-    name: SegmenterName,
-    in_channels: int,
-    out_channels: int,
-    *,
-    channels: Sequence[int] = (16, 32, 64, 128),
-    strides: Sequence[int] | None = None,
-    num_res_units: int = 0,
-    norm: str = "instance",
-    dropout: float = 0.0,
-) -> dict[str, Any]:
-    """The JSON-able configuration :func:`build_segmenter` accepts (defaults filled in)."""
-    channels = [int(c) for c in channels]
-    if len(channels) < 2:
-        raise ValueError(f"channels: at least 2 levels are needed, got {channels}")
-    strides = [2] * (len(channels) - 1) if strides is None else [int(s) for s in strides]
-    if name == "unet" and len(strides) != len(channels) - 1:
-        raise ValueError(f"strides: a UNet with {len(channels)} levels needs {len(channels) - 1} strides, got {strides}")
-    if name not in ("unet", "segresnet"):
-        raise ValueError(f"unknown segmenter {name!r}; use 'unet' or 'segresnet'")
-    return {"name": name, "in_channels": int(in_channels), "out_channels": int(out_channels), "channels": channels,
-            "strides": strides, "num_res_units": int(num_res_units), "norm": str(norm), "dropout": float(dropout)}
+class SegmenterOptions(Options):
+    """A segmenter's architecture choices and their defaults (``train_segmenter`` parameters by these names)."""
+
+    channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2, description="features per level")
+    strides: tuple[int, ...] | None = Field(None, description="UNet downsampling per level; None: 2 everywhere")
+    num_res_units: int = Field(0, ge=0)
+    norm: Literal["instance", "batch", "group"] = "instance"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+class SegmenterConfig(NetworkConfig, SegmenterOptions):
+    """Everything :func:`build_segmenter` needs (``strides`` filled in); stored in checkpoints as :meth:`to_dict`."""
+
+    name: SegmenterName
+    in_channels: int = Field(ge=1)
+    out_channels: int = Field(ge=1)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        if v not in SEGMENTERS:
+            raise ValueError(f"unknown segmenter {v!r}; use {' or '.join(repr(n) for n in SEGMENTERS)}")
+        return v
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _levels(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) < 2:
+            raise ValueError(f"at least 2 levels are needed, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _strides(self) -> SegmenterConfig:
+        if self.strides is None:
+            self.strides = (2,) * (len(self.channels) - 1)
+        if self.name == "unet" and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"strides: a UNet with {len(self.channels)} levels needs {len(self.channels) - 1} "
+                             f"strides, got {list(self.strides)}")
+        if self.name == "segresnet" and any(s != 2 for s in self.strides):
+            raise ValueError(f"strides: SegResNet always downsamples by 2 per level, got {list(self.strides)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "channels": list(self.channels), "strides": list(self.strides or ()),
+                "num_res_units": self.num_res_units, "norm": self.norm, "dropout": self.dropout}
+
+
+def segmenter_config(name: SegmenterName, in_channels: int, out_channels: int, **options: Any) -> dict[str, Any]:
+    """The stored form of a :class:`SegmenterConfig` (checked, defaults filled in); ``options``: those of
+    :class:`SegmenterOptions`.
+
+    Raises:
+        TypeError: an unknown option.
+        ValueError: a bad value (one line per problem).
+    """
+    unknown = sorted(set(options) - set(SegmenterOptions.model_fields))
+    if unknown:
+        raise TypeError(f"unknown segmenter option(s) {', '.join(unknown)}")
+    return SegmenterConfig.from_dict({"name": name, "in_channels": in_channels, "out_channels": out_channels,
+                                      **options}).to_dict()
+
+
+def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **options: Any) -> nn.Module:
     """A 3D MONAI segmentation network producing ``out_channels`` logits per voxel.
 
     ``unet``: ``monai.networks.nets.UNet`` with ``channels`` per level and ``strides`` between levels
@@ -51,9 +96,17 @@ def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **
     ``len(channels)`` levels (SegResNet doubles the filters and halves the size at every level, so only
     the first channel count and the number of levels are used; ``strides`` must be all 2).
 
-    Keyword arguments are those of :func:`segmenter_config`; unknown ones raise ``TypeError``.
+    Keyword arguments are those of :class:`SegmenterOptions`; unknown ones raise ``TypeError``.
     """
-    cfg = segmenter_config(name, in_channels, out_channels, **kw)
+    return build_from_config(segmenter_config(name, in_channels, out_channels, **options))
+
+
+def build_from_config(config: dict[str, Any] | SegmenterConfig) -> nn.Module:
+    """The network of a :class:`SegmenterConfig` or its stored dictionary (keys outside :data:`CONFIG_KEYS` are
+    ignored, as in checkpoints of every version)."""
+    if isinstance(config, dict):
+        config = SegmenterConfig.from_dict({k: v for k, v in config.items() if k in CONFIG_KEYS})
+    cfg = SegmenterConfig.from_dict(config).to_dict()
     if cfg["name"] == "unet":
         from monai.networks.nets import UNet
 
@@ -64,8 +117,6 @@ def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **
         )
     from monai.networks.nets import SegResNet
 
-    if any(s != 2 for s in cfg["strides"]):
-        raise ValueError(f"strides: SegResNet always downsamples by 2 per level, got {cfg['strides']}")
     levels = len(cfg["channels"])
     blocks_down = (1, 2, 2, 4, 4, 4)[:levels] if levels <= 6 else (1, 2, 2) + (4,) * (levels - 3)
     norm = cfg["norm"].lower()
@@ -75,9 +126,3 @@ def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **
         out_channels=cfg["out_channels"], blocks_down=blocks_down, blocks_up=(1,) * (levels - 1),
         norm=monai_norm, dropout_prob=cfg["dropout"] or None,
     )
-
-
-def build_from_config(cfg: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from a stored :func:`segmenter_config` dictionary."""
-    kw = {k: v for k, v in cfg.items() if k in CONFIG_KEYS and k not in ("name", "in_channels", "out_channels")}
-    return build_segmenter(cfg["name"], cfg["in_channels"], cfg["out_channels"], **kw)

@@ -1,6 +1,8 @@
-"""Class imbalance: inverse-frequency class weights and per-item sampling weights."""
+"""Class imbalance: inverse-frequency class weights, per-item sampling weights and the weighted sampler."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -17,3 +19,15 @@ def inverse_frequency_weights(counts: np.ndarray) -> np.ndarray:
 def sample_weights(classes: list[int], counts: np.ndarray) -> np.ndarray:
     """Per-item sampling weight ``1 / count(class)``: every class is drawn equally often in expectation."""
     return np.asarray([1.0 / counts[c] for c in classes], dtype=np.float64)
+
+
+def make_sampler(kind: str, classes: list[int], counts: np.ndarray, seed: int) -> Any:
+    """A ``WeightedRandomSampler`` for ``weighted_sampler`` (``len(classes)`` draws with replacement per epoch,
+    seeded), else None (plain shuffling)."""
+    import torch
+
+    if kind != "weighted_sampler":
+        return None
+    weights = sample_weights(classes, counts).tolist()
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(classes), replacement=True,
+                                                  generator=torch.Generator().manual_seed(seed))
