@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -38,6 +37,7 @@ from medpipe.config import Pipeline, Stage
 from medpipe.errors import ConfigError, MedpipeError, StageError
 from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
+from medpipe.provenance import git_commit, versions
 from medpipe.stage import REGISTRY, ProgressFn, RunContext, no_progress
 
 log = logging.getLogger("medpipe")
@@ -104,27 +104,6 @@ def _stage_hash(stage: Stage, previous: str, pipeline: Pipeline) -> str:
         "deterministic": pipeline.config.deterministic,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("medpipe", "torch", "monai", "numpy", "pydicom", "highdicom", "nibabel", "SimpleITK", "pydantic"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -198,8 +177,8 @@ def _run(
         "deterministic": cfg.deterministic,
         "device": device,
         "mixed_precision": amp,
-        "git_commit": _git_commit(),
-        "versions": _versions(),
+        "git_commit": git_commit(),
+        "versions": versions(),
         "host": platform.node(),
         "inputs": {},
     }

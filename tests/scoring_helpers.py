@@ -55,3 +55,34 @@ def tiny_segmenter_package(folder: Path, *, rules: dict[str, dict[str, Any]] | N
     datalist.write_text(json.dumps({"channels": channels, "reference": channels[-1], "channel_rules": rules,
                                     "train": [], "val": [], "test": []}))
     return build_segmenter_package(folder, [ck], datalist, name="test segmenter")
+
+
+CLS_EVAL = [
+    {"LoadImaged": {"keys": ["image"]}},
+    {"EnsureChannelFirstd": {"keys": ["image"]}},
+    {"Orientationd": {"keys": ["image"], "axcodes": "RAS"}},
+    {"NormalizeIntensityd": {"keys": ["image"], "channel_wise": True}},
+    {"Resized": {"keys": ["image"], "spatial_size": [16, 16, 8], "mode": "trilinear"}},
+]
+
+
+def tiny_classifier_package(folder: Path, *, seed: int = 0, threshold: float = 0.5) -> ModelPackage:
+    """A package of an untrained quarter-width 3D ResNet-18 (binary) on one CT channel."""
+    import torch
+
+    from medpipe.inference.checkpoint import write_classifier_checkpoint
+    from medpipe.inference.package import build_classifier_package
+    from medpipe.models.classification import build_classifier, classifier_config
+
+    cfg = classifier_config("resnet18", 3, 1, 2, stem="small", widen_factor=0.25)
+    torch.manual_seed(seed)
+    net = build_classifier(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    ck = folder.parent / f"{folder.name}_classifier.pt"
+    write_classifier_checkpoint(ck, net=net, model=cfg, names={0: "no tumour", 1: "tumour"}, input_shape=[1, 16, 16, 8],
+                                eval_transforms=CLS_EVAL, record={"epoch": 0, "seed": seed})
+    datalist = folder.parent / f"{folder.name}_datalist.json"
+    datalist.write_text(json.dumps({"channels": ["CT"], "reference": "CT", "channel_rules": {"CT": {"modality": "CT"}},
+                                    "train": [], "val": [], "test": []}))
+    return build_classifier_package(folder, [ck], datalist, name="test classifier", threshold=threshold,
+                                    class_codes={"1": {"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}})

@@ -27,12 +27,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(tmp_path: Path) -> list[str]:
-    """Six small studies (all with tumour, so the one test case has a Dice), a tiny U-Net, 2 epochs."""
+    """Six small studies (all with tumour, so the one test case has a Dice), a tiny U-Net, 2 epochs; then two
+    unseen small studies scored."""
+    tiny = {"matrix": 64, "pixel_spacing": 3.0, "slices": 16, "slice_thickness": 8.0}
     sets = {
-        "sample.out": str(tmp_path / "sample"), "sample.cases": 6, "sample.tumor_fraction": 1.0,
-        "sample.matrix": 64, "sample.pixel_spacing": 3.0, "sample.slices": 16, "sample.slice_thickness": 8.0,
+        "stages.0.out": str(tmp_path / "sample"), "stages.0.cases": 6, "stages.0.tumor_fraction": 1.0,
+        **{f"stages.0.{k}": v for k, v in tiny.items()},
         "train_segmenter.channels": [4, 8], "train_segmenter.strides": [2], "train_segmenter.epochs": 2,
         "train_segmenter.val_every": 1, "evaluate.tta": False, "evaluate.bootstrap": 100,
+        "stages.6.out": str(tmp_path / "unseen"), "stages.6.cases": 2, **{f"stages.6.{k}": v for k, v in tiny.items()},
+        "score.source": str(tmp_path / "unseen"),
     }
     out: list[str] = []
     for k, v in sets.items():
@@ -48,7 +52,7 @@ def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
 
     resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
     assert [s["stage"] for s in resolved["stages"]] == ["sample", "ingest", "dataset", "train_segmenter", "evaluate",
-                                                          "predict"]
+                                                          "predict", "sample", "score"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert isinstance(metrics["dice"], float) and 0.0 <= metrics["dice"] <= 1.0
     lo, hi = metrics["dice_ci95"]
@@ -72,6 +76,23 @@ def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
         ref = nib.load(item["reference_volume"])
         mask = nib.load(next(m for m in masks if m.name.startswith(item["patient_id"] + "_")))
         assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
+
+    # the unseen export was scored by the model package the training stage wrote
+    assert (train / "model" / "model.json").is_file() and (train / "model" / "model_card.md").is_file()
+    assert metrics["scored"] == 2 and metrics["score_failed"] == 0
+    scored = next(stages.glob("*_score"))
+    assert len(list((scored / "results").rglob("seg.dcm"))) == len(list((scored / "results").rglob("sr.dcm"))) == 2
+
+    # medpipe export: the package with the run's held-out metrics in its card, the same model id
+    exported = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "exported")])
+    assert exported.exit_code == 0, exported.output
+    from medpipe.inference.package import ModelPackage
+
+    assert ModelPackage.load(tmp_path / "exported").id == ModelPackage.load(train / "model").id
+    card = (tmp_path / "exported" / "model_card.md").read_text()
+    held_out = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    assert list(held_out) == ["04_evaluate"] and held_out["04_evaluate"]["dice"] == metrics["dice"]
+    assert "Held-out evaluation" in card and "04_evaluate" in card and "T1c" in card
 
     again = CliRunner().invoke(app, ["run", str(PIPELINE), "--out", str(run_dir), "--resume", *small(tmp_path)])
     assert again.exit_code == 0, again.output

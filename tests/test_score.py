@@ -252,3 +252,43 @@ def test_package_id_covers_weights_not_the_card(tmp_path: Path) -> None:
     assert ModelPackage.load(a.path).id == a.id
     card = (b.path / "model_card.md").read_text()
     assert a.id in card and "whole tumour" in card and "Neoplasm" in card
+
+
+# -- classifiers ------------------------------------------------------------------------------------------
+
+
+@needs_dciodvfy
+def test_classifier_scores_with_probabilities_decision_and_explanation(tmp_path: Path) -> None:
+    from tests.scoring_helpers import tiny_classifier_package
+
+    pkg = tiny_classifier_package(tmp_path / "clf")
+    src = _export(tmp_path / "src", 2)
+    report = score(src, pkg, tmp_path / "out", ScoreOptions(explain=True, cpu_threads=1))
+    assert report.counts == {"ok": 2}
+    for row in report.rows:
+        p0, p1 = float(row["no_tumour_probability"]), float(row["tumour_probability"])
+        assert p0 + p1 == pytest.approx(1.0, abs=1e-5)
+        assert row["decision"] == ("tumour" if p1 >= 0.5 else "no tumour")
+        folder = tmp_path / "out" / row["results"]
+        for path in sorted(folder.glob("*.dcm")):
+            assert dciodvfy_errors(path) == [], path
+        import highdicom as hd
+
+        sr = hd.sr.srread(folder / "sr.dcm")
+        text = str(sr)
+        assert "Neoplasm" in text and f"{p1:.4f}"[:5] in text
+    # the same model, but a threshold that flips the decision: an id of its own, other objects
+    strict = tiny_classifier_package(tmp_path / "clf_strict", threshold=0.99)
+    assert strict.id != pkg.id
+    again = score(src, strict, tmp_path / "strict", ScoreOptions(cpu_threads=1))
+    assert all(r["decision"] == "no tumour" or float(r["tumour_probability"]) >= 0.99 for r in again.rows)
+
+
+def test_a_model_without_dicom_rules_is_refused_with_one_line(tmp_path: Path) -> None:
+    pkg = tiny_segmenter_package(tmp_path / "m")
+    manifest = json.loads((pkg.path / "model.json").read_text())
+    manifest["inputs"]["channel_rules"] = None
+    (pkg.path / "model.json").write_text(json.dumps(manifest))
+    src = _export(tmp_path / "src", 1)
+    with pytest.raises(PackageError, match="no DICOM channel rules"):
+        score(src, pkg.path, tmp_path / "out", ScoreOptions(cpu_threads=1))

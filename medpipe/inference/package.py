@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from medpipe.errors import MedpipeError
 from medpipe.io import atomic_path, sha256_file, write_text_atomic
 
@@ -59,6 +61,43 @@ KNOWN_SEGMENT_CODES: dict[str, dict[str, dict[str, str]]] = {
               "type": {"scheme": "SCT", "value": "79654002", "meaning": "Edema"}},
 }
 FALLBACK_CODE = {"category": TISSUE, "type": TISSUE}
+
+
+class CodeSpec(BaseModel):
+    """A coded concept ``{scheme, value, meaning}`` (e.g. SNOMED CT: ``{scheme: SCT, value: "108369006",
+    meaning: Neoplasm}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: str = Field(min_length=1, max_length=16)
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class SegmentCodes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: CodeSpec
+    type: CodeSpec
+
+
+class PackageOptions(BaseModel):
+    """What the training stages' ``package:`` parameter sets on the model package they write."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=64, description="model name in outputs; None: <run>/<stage>")
+    tta: bool = Field(False, description="flip test-time augmentation when the model scores")
+    intended_use: str | None = Field(None, description="for the model card")
+
+
+class SegmenterPackageOptions(PackageOptions):
+    segment_codes: dict[str, SegmentCodes] | None = Field(
+        None, description="class name -> SNOMED CT category and type (default: medpipe's table of known names)")
+
+
+class ClassifierPackageOptions(PackageOptions):
+    tta_axes: list[int] = Field(default_factory=lambda: [0], description="axes flipped when tta is on")
+    positive_class: int = Field(1, ge=0, description="binary: the class the decision is about")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="binary: positive when its probability >= this")
+    class_codes: dict[str, CodeSpec] | None = Field(None, description="class index -> finding code for the SR")
 
 
 class PackageError(MedpipeError):
@@ -225,16 +264,14 @@ def export_package(src: ModelPackage, dest: Path, held_out: dict[str, Any] | Non
 
 
 def _training_record(datalist_path: Path, doc: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
+    from medpipe.provenance import git_commit, versions
 
-    try:
-        medpipe_version = version("medpipe")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        medpipe_version = "unknown"
+    v = versions()
     return {
         "datalist_sha256": sha256_file(datalist_path),
         "split_sizes": {s: len(doc.get(s) or []) for s in ("train", "val", "test")},
-        "medpipe_version": medpipe_version,
+        "medpipe_version": v.get("medpipe", "unknown"), "git_commit": git_commit(),
+        "versions": {k: v[k] for k in ("torch", "monai") if k in v},
         **extra,
     }
 

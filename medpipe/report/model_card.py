@@ -49,7 +49,7 @@ def model_card_markdown(manifest: dict[str, Any], model_id: str, held_out: dict[
             rule = rules.get(c)
             text = ", ".join(f"{k}={v!r}" for k, v in rule.items() if v is not None) if rule else \
                 "(no DICOM rule: trained on files, scores ingest folders only through a datalist)"
-            out.append(f"| {c} | {text} |")
+            out.append(f"| {c} | {text.replace('|', chr(92) + '|')} |")
         out.append("")
         if inputs.get("reference"):
             out += [f"Outputs lie on the grid of the **{inputs['reference']}** series.", ""]

@@ -45,6 +45,7 @@ from medpipe.data.transform_defaults import classifier_eval_transforms, classifi
 from medpipe.data.transforms import TransformList, set_random_state
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_classifier_checkpoint
+from medpipe.inference.package import ClassifierPackageOptions, build_classifier_package
 from medpipe.io import write_csv_atomic
 from medpipe.models.classification import ClassifierName, ClassifierOptions
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
@@ -78,6 +79,8 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: str | None = Field(None, description="disk cache folder; None: <run dir>/cache")
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
+    package: ClassifierPackageOptions = Field(default_factory=ClassifierPackageOptions,
+                                              description="the model package written to <stage>/model")
 
     @model_validator(mode="after")
     def _check(self) -> TrainClassifierParams:
@@ -89,7 +92,7 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
 
 
 @stage("train_classifier", TrainClassifierParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("classifier",))
+       gives=("classifier", "model"))
 def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     import numpy as np
 
@@ -146,7 +149,16 @@ def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     if len(folds) > 1:
         oof = classification_metrics(np.asarray(oof_true), np.concatenate(oof_prob))
         metrics["oof_auc"] = None if math.isnan(oof["auc"]) else round(float(oof["auc"]), 6)
-    return StageResult(outputs={"classifier": ckpts}, metrics=metrics, inputs={})
+    po = p.package
+    pkg = build_classifier_package(
+        ctx.stage_dir / "model", [Path(c) for c in ckpts], dl_path,
+        name=po.name or f"{ctx.run_dir.name} {ctx.stage_dir.name}", tta_axes=po.tta_axes if po.tta else None,
+        positive_class=po.positive_class, threshold=po.threshold,
+        class_codes={k: v.model_dump() for k, v in (po.class_codes or {}).items()},
+        validation={k: metrics[k] for k in ("best_val_auc", "oof_auc") if k in metrics},
+        training={"seed": ctx.seed, "stage": ctx.stage_dir.name, "intended_use": po.intended_use})
+    ctx.log.info("model package %s -> %s", pkg.version, pkg.path)
+    return StageResult(outputs={"classifier": ckpts, "model": str(pkg.path)}, metrics=metrics, inputs={})
 
 
 def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, train: list[dict[str, Any]],

@@ -33,6 +33,7 @@ from medpipe.data.transform_defaults import segmenter_eval_transforms, segmenter
 from medpipe.data.transforms import TransformList, set_random_state
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_segmenter_checkpoint
+from medpipe.inference.package import SegmenterPackageOptions, build_segmenter_package
 from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.models.segmentation import SegmenterName, SegmenterOptions
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
@@ -63,6 +64,8 @@ class TrainSegmenterParams(StageParams, SegmenterOptions):
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
     sw_batch_size: int = Field(4, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    package: SegmenterPackageOptions = Field(default_factory=SegmenterPackageOptions,
+                                             description="the model package written to <stage>/model")
 
     @model_validator(mode="after")
     def _fill(self) -> TrainSegmenterParams:
@@ -76,7 +79,7 @@ class TrainSegmenterParams(StageParams, SegmenterOptions):
 
 
 @stage("train_segmenter", TrainSegmenterParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("checkpoint",))
+       gives=("checkpoint", "model"))
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     import torch
     from monai.data import DataLoader
@@ -154,8 +157,14 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
               metric="val_dice", metric_label="validation Dice", losses={"loss": "train loss (Dice + CE)"})
     ctx.log.info("trained %d epochs in %.0f s; best val Dice %.4f at epoch %d -> %s", run.epochs, run.seconds, best,
                  run.best_epoch, ckpt)
+    codes = {k: v.model_dump() for k, v in (p.package.segment_codes or {}).items()}
+    pkg = build_segmenter_package(
+        ctx.stage_dir / "model", [ckpt], dl_path, name=p.package.name or f"{ctx.run_dir.name} {ctx.stage_dir.name}",
+        tta=p.package.tta, segment_codes=codes,
+        training={"seed": ctx.seed, "stage": ctx.stage_dir.name, "intended_use": p.package.intended_use})
+    ctx.log.info("model package %s -> %s", pkg.version, pkg.path)
     return StageResult(
-        outputs={"checkpoint": str(ckpt)},
+        outputs={"checkpoint": str(ckpt), "model": str(pkg.path)},
         metrics={"best_val_dice": round(best, 6), "best_epoch": run.best_epoch, "epochs_run": run.epochs,
                  "stopped_early": run.stopped_early, "train_seconds": round(run.seconds, 2),
                  "train_stage_seconds": round(time.perf_counter() - t_start, 2)},
