@@ -11,9 +11,7 @@ atomically, so a killed run can simply be started again.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -32,7 +30,7 @@ from medpipe.dicom.header import NonImage, Rejected, read_header
 from medpipe.dicom.series import Stack, group_stacks
 from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
 from medpipe.errors import SourceError
-from medpipe.io import atomic_path, remove_stale_temporaries, write_text_atomic
+from medpipe.io import atomic_path, remove_stale_temporaries, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -402,14 +400,6 @@ class _InlineExecutor(Executor):
 
 
 def _write_reports(out: Path, volumes: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(volumes)
-    write_text_atomic(out / "manifest.csv", buf.getvalue())
-    buf = io.StringIO()
-    w2 = csv.writer(buf, lineterminator="\n")
-    w2.writerow(["path", "reason"])
-    w2.writerows(rejected)
-    write_text_atomic(out / "rejected.csv", buf.getvalue())
+    write_csv_atomic(out / "manifest.csv", volumes, MANIFEST_COLUMNS, ignore_extra=True)
+    write_csv_atomic(out / "rejected.csv", [{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
 

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -121,13 +121,23 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def write_csv_atomic(path: Path | str, rows: list[dict[str, object]], fieldnames: list[str]) -> None:
-    """``rows`` as a CSV file with a header line (``\n`` line ends), written atomically."""
+def csv_text(rows: Iterable[Mapping[str, object]], fieldnames: list[str], *, ignore_extra: bool = False) -> str:
+    """``rows`` as CSV text with a header line and ``\n`` line ends (the one CSV format medpipe writes).
+
+    ``ignore_extra``: leave out keys of a row that are not in ``fieldnames`` (else they are an error).
+    """
     import csv
     import io
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n",
+                            extrasaction="ignore" if ignore_extra else "raise")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv_atomic(path: Path | str, rows: Iterable[Mapping[str, object]], fieldnames: list[str], *,
+                     ignore_extra: bool = False) -> None:
+    """``rows`` as a CSV file (:func:`csv_text`), written atomically."""
+    write_text_atomic(path, csv_text(rows, fieldnames, ignore_extra=ignore_extra))

@@ -14,6 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from medpipe.data.datalist import class_items
+from medpipe.data.images import to_uint8, write_png
 from medpipe.errors import StageError
 from medpipe.models.gan import (
     GAN_FORMAT,
@@ -24,7 +25,7 @@ from medpipe.models.gan import (
 )
 from medpipe.runner import seed_everything
 from medpipe.stage import RunContext
-from medpipe.stages.augment import AugmentParams, augment, to_uint8, write_png
+from medpipe.stages.augment import AugmentParams, augment
 from medpipe.stages.train_gan import TrainGanParams, train_gan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -214,7 +215,7 @@ def test_augment_adds_synthetic_train_items_only(trained: tuple[Path, Any], data
 def test_augment_images_reload_equal_to_the_generated_arrays(trained: tuple[Path, Any], tmp_path: Path) -> None:
     """What the generator made (in the loader's array convention) is exactly what LoadImaged reads back."""
     from medpipe.data.transforms import build_transforms
-    from medpipe.stages.augment import load_generator
+    from medpipe.inference.checkpoint import load_generator
 
     net, _ = load_generator(trained[0] / "generator.pt", "cpu")
     arrays = to_uint8(net.sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0)).numpy())

@@ -21,7 +21,6 @@ source, and the npz keeps no patient identifiers.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import SourceError
-from medpipe.io import atomic_path, sha256_file, write_text_atomic
+from medpipe.io import atomic_path, sha256_file, write_csv_atomic, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -179,11 +178,7 @@ def import_medmnist(npz: Path | str, out: Path | str, *, name: str | None = None
                 else:
                     with atomic_path(target) as tmp:
                         tmp.write_bytes(_encode_png(images[i]))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["file", "split", "index", "class", "class_name"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(out / "labels.csv", buf.getvalue())
+        write_csv_atomic(out / "labels.csv", rows, ["file", "split", "index", "class", "class_name"])
         doc = {
             "channels": ["image"], "class_names": {str(k): v for k, v in class_names.items()},
             "source": {"format": "medmnist", "name": name, "file": str(npz), "sha256": digest, "image_kind": kind},

@@ -153,3 +153,14 @@ def write_gan_checkpoint(path: Path, *, generator: Any, model: dict[str, Any], c
         "classes": list(classes), "class_names": {str(k): v for k, v in names.items()}, "image_size": image_size,
         "in_channels": in_channels, "target_class": target_class, **record, "value_range": [-1.0, 1.0],
     })
+
+
+def load_generator(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
+    """``(generator in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
+
+    from medpipe.models.gan import GAN_FORMAT, GAN_VERSION, build_generator
+
+    doc = read_checkpoint(path, GAN_FORMAT, GAN_VERSION, "medpipe GAN generator (train_gan's generator.pt)")
+    net = build_generator(doc["model"])
+    net.load_state_dict(doc["state_dict"])
+    return net.to(device).eval(), doc

@@ -14,9 +14,7 @@ calling again with the same parameters returns the recorded cases without writin
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 import logging
 import re
@@ -30,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from medpipe.errors import ConfigError, MedpipeError
-from medpipe.io import write_text_atomic
+from medpipe.io import csv_text, write_text_atomic
 from medpipe.sample.contrast import SEQUENCES, ScanEffects, render
 from medpipe.sample.dicom_writer import (
     GENERATOR_VERSION,
@@ -226,15 +224,9 @@ def _clear_previous(out: Path) -> None:
 
 
 def labels_csv(infos: list[CaseInfo]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(LABEL_COLUMNS)
-    for i in infos:
-        writer.writerow([
-            i.patient_id, i.study_uid, int(i.has_tumor),
-            f"{i.necrotic_ml:.4f}", f"{i.edema_ml:.4f}", f"{i.enhancing_ml:.4f}", f"{i.whole_tumor_ml:.4f}",
-        ])
-    return buf.getvalue()
+    values = [(i.patient_id, i.study_uid, int(i.has_tumor), f"{i.necrotic_ml:.4f}", f"{i.edema_ml:.4f}",
+               f"{i.enhancing_ml:.4f}", f"{i.whole_tumor_ml:.4f}") for i in infos]
+    return csv_text([dict(zip(LABEL_COLUMNS, v, strict=True)) for v in values], list(LABEL_COLUMNS))
 
 
 def _demographics(rng: np.random.Generator, study_date: dt.date) -> tuple[str, str, str]:

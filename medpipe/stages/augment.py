@@ -19,16 +19,16 @@ images.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from medpipe.data.datalist import load_datalist
+from medpipe.data.images import to_uint8, write_png
 from medpipe.errors import StageError
-from medpipe.inference.checkpoint import read_checkpoint
-from medpipe.io import atomic_path, sha256_file, write_text_atomic
+from medpipe.inference.checkpoint import load_generator
+from medpipe.io import sha256_file, write_text_atomic
 from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
 
 
@@ -39,37 +39,6 @@ class AugmentParams(StageParams):
     target_class: int | None = Field(default=None, ge=0, description="class to generate; None: the generator's "
                                                                       "target class")
     batch_size: int = Field(default=256, ge=1, description="images generated per forward pass")
-
-
-def load_generator(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    """``(generator in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
-
-    from medpipe.models.gan import GAN_FORMAT, GAN_VERSION, build_generator
-
-    doc = read_checkpoint(path, GAN_FORMAT, GAN_VERSION, "medpipe GAN generator (train_gan's generator.pt)")
-    net = build_generator(doc["model"])
-    net.load_state_dict(doc["state_dict"])
-    return net.to(device).eval(), doc
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Generator output in ``[-1, 1]`` -> 8-bit ``0..255`` (rounded, clipped)."""
-    return np.clip(np.rint((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def write_png(array: np.ndarray, path: Path) -> None:
-    """Write a ``(C, W, H)`` uint8 array (the loader's convention) so that ``LoadImaged`` reads back ``array``.
-
-    MONAI's PIL reader returns an image transposed (``(W, H[, C])``), so the file holds ``array.T``.
-    """
-    from PIL import Image
-
-    if array.ndim != 3 or array.shape[0] not in (1, 3) or array.dtype != np.uint8:
-        raise ValueError(f"expected a (1 or 3, W, H) uint8 array, got {array.shape} {array.dtype}")
-    image = Image.fromarray(np.ascontiguousarray(array[0].T), mode="L") if array.shape[0] == 1 else \
-        Image.fromarray(np.ascontiguousarray(array.transpose(2, 1, 0)), mode="RGB")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 @stage("augment", AugmentParams,
