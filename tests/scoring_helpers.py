@@ -18,7 +18,7 @@ CT_EVAL = [
 
 def tiny_segmenter_package(folder: Path, *, rules: dict[str, dict[str, Any]] | None = None, seed: int = 0,
                            classes: dict[str, str] | None = None, eval_transforms: list[dict[str, Any]] | None = None,
-                           bias: float = 0.0) -> ModelPackage:
+                           bias: float = 0.0, segment_codes: dict[str, Any] | None = None) -> ModelPackage:
     """A package of an untrained 3D UNet (channels 4, 8) whose output varies over the image.
 
     ``rules``: channel name -> DICOM rule (default one CT channel); ``classes``: class index -> name.
@@ -54,7 +54,7 @@ def tiny_segmenter_package(folder: Path, *, rules: dict[str, dict[str, Any]] | N
     datalist = folder.parent / f"{folder.name}_datalist.json"
     datalist.write_text(json.dumps({"channels": channels, "reference": channels[-1], "channel_rules": rules,
                                     "train": [], "val": [], "test": []}))
-    return build_segmenter_package(folder, [ck], datalist, name="test segmenter")
+    return build_segmenter_package(folder, [ck], datalist, name="test segmenter", segment_codes=segment_codes)
 
 
 CLS_EVAL = [

@@ -292,3 +292,55 @@ def test_a_model_without_dicom_rules_is_refused_with_one_line(tmp_path: Path) ->
     src = _export(tmp_path / "src", 1)
     with pytest.raises(PackageError, match="no DICOM channel rules"):
         score(src, pkg.path, tmp_path / "out", ScoreOptions(cpu_threads=1))
+
+
+# -- the real JPEG 2000 CT ----------------------------------------------------------------------------------
+
+ANATOMY = {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"}
+ORGANS = {1: ("spleen", "78961009", "Spleen"), 5: ("liver", "10200004", "Liver"), 6: ("stomach", "69695003", "Stomach")}
+
+
+@needs_dciodvfy
+def test_real_ct_with_its_label_map_as_the_prediction(tmp_path: Path, shared_data: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """TotalSegmentator's CT (JPEG 2000, blank UIDs) scored with its own label map as the "prediction":
+    the SEG that score writes must put every organ voxel exactly where the label map has it."""
+    from medpipe.data.volumes import read_grid, seg_to_labelmap
+    from medpipe.scoring import results
+
+    label_img = nib.load(shared_data / "totalseg_ct" / "example_seg_dicom.nii.gz")
+    labels = np.asarray(label_img.dataobj)
+    truth = np.zeros(labels.shape, np.uint8)
+    for k, value in enumerate(ORGANS, start=1):
+        truth[labels == value] = k
+    classes = {str(k): ORGANS[v][0] for k, v in enumerate(ORGANS, start=1)}
+    codes = {ORGANS[v][0]: {"category": ANATOMY, "type": {"scheme": "SCT", "value": ORGANS[v][1],
+                                                           "meaning": ORGANS[v][2]}} for v in ORGANS}
+    pkg = tiny_segmenter_package(tmp_path / "organs", classes=classes, segment_codes=codes)
+
+    def oracle(self: results.ResultWriter, prep, tta):  # type: ignore[no-untyped-def]
+        assert read_grid(prep.item["reference_volume"]).same_as(prep.grid)
+        assert np.allclose(prep.grid.affine, label_img.affine, atol=1e-3) and prep.grid.shape == truth.shape
+        return {"mask": truth.copy(), "foreground": None}
+
+    monkeypatch.setattr(results.ResultWriter, "infer", oracle)
+    report = score(shared_data / "totalseg_ct" / "example_ct_dicom", pkg, tmp_path / "out",
+                   ScoreOptions(cpu_threads=1))
+    (row,) = report.rows
+    assert row["status"] == "ok", row
+    out = tmp_path / "out"
+    for path in (out / row["seg"], out / row["sr"]):
+        assert dciodvfy_errors(path) == [], path
+    assert row["study_uid"].startswith("no-study-uid-"), "its Study Instance UID is blank: a substitute key, not dropped"
+    ingest_dir = out / "ingest"
+    (vol_path,) = sorted(ingest_dir.glob("volumes/*/*.nii.gz"))
+    sidecar = json.loads(vol_path.with_name(vol_path.name.replace(".nii.gz", ".json")).read_text())
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out / row["seg"]), copy=False)
+    placed = seg_to_labelmap(seg, read_grid(vol_path), sidecar)
+    assert np.array_equal(placed.data, truth), "the SEG lands voxel for voxel on the label map"
+    assert [str(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in seg.SegmentSequence] == \
+        ["Spleen", "Liver", "Stomach"]
+    voxel_ml = float(np.prod(label_img.header.get_zooms()[:3])) / 1000
+    assert float(row["liver_ml"]) == pytest.approx(float((truth == 2).sum()) * voxel_ml, abs=1e-3)

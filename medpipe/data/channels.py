@@ -16,6 +16,7 @@ volume or several, or one volume that matches several channels, makes the study 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
@@ -102,10 +103,15 @@ class Candidate:
 
 
 def candidates(ingest_dir: Path, volumes: list[VolumeRow]) -> dict[tuple[str, str], list[Candidate]]:
-    """The usable 3D volumes among ``volumes`` (catalog order kept), grouped by (patient_id, study_uid)."""
+    """The usable 3D volumes among ``volumes`` (catalog order kept), grouped by (patient_id, study_uid).
+
+    A series without a Study Instance UID (blanked by a de-identification) is not dropped: it is grouped
+    under ``no-study-uid-<hash of patient and frame of reference>`` (the series of one acquisition share
+    their frame of reference), as ingest names series without a Series Instance UID.
+    """
     studies: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for row in volumes:
-        if row.status not in ("ok", "warning") or not row.volume or not row.study_uid:
+        if row.status not in ("ok", "warning") or not row.volume:
             continue
         shape = row.dims
         if len(shape) != 3:
@@ -116,8 +122,14 @@ def candidates(ingest_dir: Path, volumes: list[VolumeRow]) -> dict[tuple[str, st
                 sidecar = json.loads((ingest_dir / row.sidecar).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 sidecar = {}
-        studies[(row.patient_id or "", row.study_uid)].append(Candidate(row, sidecar, ingest_dir / row.volume, shape[2]))
+        study = row.study_uid or _substitute_study(row, sidecar)
+        studies[(row.patient_id or "", study)].append(Candidate(row, sidecar, ingest_dir / row.volume, shape[2]))
     return studies
+
+
+def _substitute_study(row: VolumeRow, sidecar: dict[str, Any]) -> str:
+    anchor = str(sidecar.get("FrameOfReferenceUID") or row.series_uid or row.stack_id)
+    return "no-study-uid-" + hashlib.sha1(f"{row.patient_id or ''}\0{anchor}".encode()).hexdigest()[:16]
 
 
 def select_channels(cands: list[Candidate], rules: dict[str, ChannelRule]) -> dict[str, Candidate]:
