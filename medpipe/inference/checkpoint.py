@@ -13,6 +13,8 @@ written by one function here (``write_*_checkpoint``) and read by one (``load_*`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,24 +121,47 @@ def load_classifier(path: Path | str, device: str) -> tuple[Any, dict[str, Any]]
     return net, doc
 
 
-def load_ensemble(paths: list[str] | list[Path], device: str) -> tuple[list[Any], dict[str, Any]]:
-    """The networks of one or more checkpoints (one per fold) and the first one's document.
+@dataclass
+class Members:
+    """The networks of a model (one, or the members of a k-fold ensemble) loaded once, with the first
+    member's checkpoint document; base of the inference models."""
+
+    nets: list[Any]
+    doc: dict[str, Any]
+    paths: list[Path]
+    device: str
+    amp: bool = False
+
+
+def load_members(paths: Sequence[Path | str], device: str, loader: Any, agree: tuple[str, ...], what: str
+                 ) -> tuple[list[Any], dict[str, Any]]:
+    """``loader(path, device) -> (net, doc)`` for every path; the members must agree on the ``agree`` keys.
+
+    Raises:
+        StageError: no path, or members that disagree (they were not trained in one stage).
+    """
+    if not paths:
+        raise StageError(f"no {what} checkpoint given")
+    nets, docs = [], []
+    for p in paths:
+        net, doc = loader(p, device)
+        nets.append(net)
+        docs.append(doc)
+    for member, d in zip(paths[1:], docs[1:], strict=True):
+        for key in agree:
+            if d.get(key) != docs[0].get(key):
+                raise StageError(f"ensemble member {member} differs from {paths[0]} in {key}; train them in one stage")
+    return nets, docs[0]
+
+
+def load_ensemble(paths: Sequence[Path | str], device: str) -> tuple[list[Any], dict[str, Any]]:
+    """The networks of one or more classifier checkpoints (one per fold) and the first one's document.
 
     Raises:
         StageError: the members disagree on classes, input shape or eval transforms.
     """
-    if not paths:
-        raise StageError("no classifier checkpoint given")
-    nets, docs = [], []
-    for p in paths:
-        net, doc = load_classifier(p, device)
-        nets.append(net)
-        docs.append(doc)
-    for member, d in zip(paths[1:], docs[1:], strict=True):
-        for key in ("class_names", "input_shape", "eval_transforms"):
-            if d.get(key) != docs[0].get(key):
-                raise StageError(f"ensemble member {member} differs from {paths[0]} in {key}; train them in one stage")
-    return nets, docs[0]
+    return load_members(paths, device, load_classifier, ("class_names", "input_shape", "eval_transforms"),
+                        "classifier")
 
 
 def write_gan_checkpoint(path: Path, *, generator: Any, model: dict[str, Any], classes: list[int],

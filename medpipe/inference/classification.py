@@ -12,6 +12,7 @@ from typing import Any, cast
 import numpy as np
 
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import Members
 from medpipe.inference.device import autocast
 
 
@@ -57,15 +58,8 @@ def valid_tta_axes(axes: list[int] | None, spatial_dims: int) -> list[int] | Non
     return list(axes)
 
 
-class ClassificationModel:
+class ClassificationModel(Members):
     """A trained classifier or the ensemble of a k-fold run, loaded once (:meth:`load`)."""
-
-    def __init__(self, nets: list[Any], doc: dict[str, Any], paths: list[Path], device: str, amp: bool) -> None:
-        self.nets = nets
-        self.doc = doc
-        self.paths = paths
-        self.device = device
-        self.amp = amp
 
     @classmethod
     def load(cls, paths: Path | str | Sequence[Path | str], device: str = "cpu", amp: bool = False

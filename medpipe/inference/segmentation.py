@@ -22,6 +22,7 @@ from typing import Any, cast
 import numpy as np
 
 from medpipe.errors import StageError
+from medpipe.inference.checkpoint import Members
 from medpipe.inference.device import autocast
 
 #: flips used by test-time augmentation (spatial axes of a ``(B, C, X, Y, Z)`` tensor)
@@ -86,19 +87,12 @@ class Segmentation:
     grid: Any  # medpipe.data.volumes.GridSpec
 
 
-class SegmentationModel:
+class SegmentationModel(Members):
     """A trained segmenter, or the mean of an ensemble of them (k-fold members), loaded once.
 
     Members must agree on channels, classes, patch size and eval transforms (one training stage made
     them). Use :meth:`load`; the networks stay on ``device`` in eval mode.
     """
-
-    def __init__(self, nets: list[Any], doc: dict[str, Any], paths: list[Path], device: str, amp: bool) -> None:
-        self.nets = nets
-        self.doc = doc
-        self.paths = paths
-        self.device = device
-        self.amp = amp
 
     @classmethod
     def load(cls, paths: Path | str | Sequence[Path | str], device: str = "cpu", amp: bool = False
@@ -108,22 +102,12 @@ class SegmentationModel:
         Raises:
             StageError: a file is not a medpipe segmenter checkpoint, or the members disagree.
         """
-        from medpipe.inference.checkpoint import load_segmenter
+        from medpipe.inference.checkpoint import load_members, load_segmenter
 
         plist = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-        if not plist:
-            raise StageError("no segmenter checkpoint given")
-        nets, docs = [], []
-        for p in plist:
-            net, doc = load_segmenter(p, device)
-            nets.append(net)
-            docs.append(doc)
-        for member, d in zip(plist[1:], docs[1:], strict=True):
-            for key in ("channels", "labels", "roi_size", "eval_transforms"):
-                if d.get(key) != docs[0].get(key):
-                    raise StageError(f"ensemble member {member} differs from {plist[0]} in {key}; "
-                                     "train the members in one stage")
-        return cls(nets, docs[0], plist, device, amp)
+        nets, doc = load_members(plist, device, load_segmenter, ("channels", "labels", "roi_size", "eval_transforms"),
+                                 "segmenter")
+        return cls(nets, doc, plist, device, amp)
 
     # -- what the checkpoint says ---------------------------------------------------------------------
 
