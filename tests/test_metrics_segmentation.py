@@ -1,0 +1,69 @@
+"""Segmentation metrics against independent computations (each test names the planted bug it catches)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from medpipe.metrics.bootstrap import bootstrap_ci
+from medpipe.metrics.segmentation import dice_hd95
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _reference_hd(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], q: float) -> float:
+    """Symmetric q-th percentile Hausdorff distance between the masks' surfaces (scipy, mm)."""
+    pe, te = _edges(pred.astype(bool)), _edges(truth.astype(bool))
+    to_truth = ndimage.distance_transform_edt(~te, sampling=spacing)[pe]
+    to_pred = ndimage.distance_transform_edt(~pe, sampling=spacing)[te]
+    return max(float(np.percentile(to_truth, q)), float(np.percentile(to_pred, q)))
+
+
+def _pair() -> tuple[np.ndarray, np.ndarray]:
+    """A box and the same box shifted one voxel along z, plus a small far-away blob (< 5 % of the surface)."""
+    truth = np.zeros((40, 40, 24), np.uint8)
+    truth[8:30, 8:30, 6:14] = 1
+    pred = np.roll(truth, 1, axis=2)
+    pred[36:38, 36:38, 20:22] = 1  # an outlier: sets the maximum, not the 95th percentile
+    return pred, truth
+
+
+def test_hd95_uses_the_voxel_spacing() -> None:
+    """Guards: HD95 computed in voxels (spacing ignored)."""
+    pred, truth = _pair()
+    for spacing in [(1.0, 1.0, 1.0), (0.7, 0.7, 3.0)]:
+        _, h = dice_hd95(pred, truth, [1], spacing)[1]
+        assert h == pytest.approx(_reference_hd(pred, truth, spacing, 95), abs=1e-4)
+    iso = dice_hd95(pred, truth, [1], (1.0, 1.0, 1.0))[1][1]
+    aniso = dice_hd95(pred, truth, [1], (1.0, 1.0, 3.0))[1][1]
+    assert aniso == pytest.approx(3.0) and iso == pytest.approx(1.0), "one slice of shift is one z-spacing"
+
+
+def test_hd95_is_the_95th_percentile_not_the_maximum() -> None:
+    """Guards: HD95 replaced by the Hausdorff distance (HD100)."""
+    pred, truth = _pair()
+    spacing = (1.0, 1.0, 2.0)
+    _, h = dice_hd95(pred, truth, [1], spacing)[1]
+    hd100 = _reference_hd(pred, truth, spacing, 100)
+    assert h == pytest.approx(_reference_hd(pred, truth, spacing, 95), abs=1e-4)
+    assert hd100 > 3 * h, "the outlier dominates the maximum only"
+
+
+def test_bootstrap_interval_has_the_level_it_claims() -> None:
+    """Guards: a 90 % interval returned under the name ``ci95`` (or any wrong quantiles)."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.8, 0.1, size=40)
+    lo, hi = bootstrap_ci(values, seed=5, n=4000)
+    # the same resamples, recomputed here: the 2.5 % and 97.5 % quantiles of the resampled means
+    means = values[np.random.default_rng([5, 0xB007]).integers(0, values.size, size=(4000, values.size))].mean(1)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    lo90, hi90 = bootstrap_ci(values, seed=5, n=4000, level=0.90)
+    assert lo < lo90 < hi90 < hi
+    # and it matches the normal-theory interval of a mean of 40 values to within the bootstrap's noise
+    se = values.std(ddof=1) / math.sqrt(values.size)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)
