@@ -344,3 +344,13 @@ def test_real_ct_with_its_label_map_as_the_prediction(tmp_path: Path, shared_dat
         ["Spleen", "Liver", "Stomach"]
     voxel_ml = float(np.prod(label_img.header.get_zooms()[:3])) / 1000
     assert float(row["liver_ml"]) == pytest.approx(float((truth == 2).sum()) * voxel_ml, abs=1e-3)
+
+
+@needs_dciodvfy
+def test_labelmap_seg_on_request(tmp_path: Path, package: ModelPackage) -> None:
+    src = _series(tmp_path / "src", Geometry(), patient="P1", tag="a")
+    report = score(src, package, tmp_path / "out", ScoreOptions(seg_type="labelmap", nifti=True, cpu_threads=1))
+    (row,) = report.rows
+    seg = pydicom.dcmread(tmp_path / "out" / row["seg"])
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert dciodvfy_errors(tmp_path / "out" / row["seg"]) == []
