@@ -17,11 +17,18 @@ typed rows (:class:`VolumeRow`, :class:`ObjectRow`, :class:`SeriesRow`, :class:`
 creates the catalog, never writes it and never takes a write lock, so a reader cannot disturb a
 running ingest. (SQLite may still create the ``-wal`` / ``-shm`` companions of a WAL-mode catalog: its
 readers share that index with a writer.)
+
+The catalog is a cache of the sources and the outputs: :class:`Catalog` rebuilds one of an older
+layout, and one that is corrupt (not a database, or failing SQLite's ``quick_check``), from scratch.
+
+File keys (:mod:`medpipe.dicom.sources`) are stored as they are; a volume's source keys (the ``files``
+column) as a JSON list, since a legal file name may hold any character, a newline included.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -32,10 +39,50 @@ from typing import Any, Self
 from medpipe.dicom.header import InstanceHeader
 from medpipe.errors import CatalogError
 
+log = logging.getLogger(__name__)
+
 #: the catalog's file name in an ingest output folder
 CATALOG_FILE = "catalog.sqlite"
 
-SCHEMA_VERSION = 4
+#: 5: zip member keys ``zip:<archive>::<member>`` (were ``<archive>::<member>``), ``volumes.files`` a JSON list
+SCHEMA_VERSION = 5
+
+
+def join_keys(keys: Iterable[str]) -> str:
+    """Source keys as the ``volumes.files`` column stores them (a JSON list)."""
+    return json.dumps(list(keys), ensure_ascii=False)
+
+
+def split_keys(files: str | None) -> list[str]:
+    """The source keys of a ``volumes.files`` value (:func:`join_keys`)."""
+    if not files:
+        return []
+    try:
+        keys = json.loads(files)
+    except ValueError:
+        return []
+    return [k for k in keys if isinstance(k, str) and k] if isinstance(keys, list) else []
+
+
+class CatalogCorrupt(Exception):
+    """``catalog.sqlite`` is damaged (it is rebuilt)."""
+
+
+#: SQLite primary result codes of a damaged database file
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether an SQLite error means the database file is damaged (rather than full, read-only, locked)."""
+    if isinstance(exc, CatalogCorrupt):
+        return True
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -97,9 +144,39 @@ class Catalog:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise
+            # a cache of the sources and outputs: a damaged one is rebuilt from scratch
+            log.warning("%s is corrupt (%s): rebuilding it", self.path, exc)
+            self.remove(self.path)
+            self._open()
+
+    @staticmethod
+    def remove(path: Path | str) -> None:
+        """Delete a catalog file and its SQLite companions (``-wal``, ``-shm``, ``-journal``)."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def _open(self) -> None:
+        if self.path.exists() and not self.path.is_file():
+            raise CatalogError(f"{self.path} is not a file, so it cannot be the ingest catalog: move it away",
+                               hint="ingest keeps its catalog in that file of the --out folder")
         self.db = sqlite3.connect(self.path, timeout=30)
+        try:
+            self._prepare()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _prepare(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        (check,) = self.db.execute("PRAGMA quick_check(1)").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
         self.db.executescript("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);")
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is not None and row[0] != str(SCHEMA_VERSION):
@@ -286,7 +363,7 @@ class VolumeRow:
     sidecar: str  # JSON sidecar path relative to the ingest folder; "" when none
     preview: str
     input_hash: str | None
-    files: str  # the source file keys, one a line
+    files: str  # the source file keys, a JSON list (see source_keys)
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -295,15 +372,15 @@ class VolumeRow:
 
     @property
     def source_keys(self) -> list[str]:
-        """The source file keys (paths, or ``archive.zip::member``) this volume was built from."""
-        return [k for k in (self.files or "").split("\n") if k]
+        """The source file keys (paths, or ``zip:archive.zip::member``) this volume was built from."""
+        return split_keys(self.files)
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectRow:
     """A non-image DICOM object (SEG, SR, RT structure set, ...) and the series it references."""
 
-    path: str  # the file key (a path, or ``archive.zip::member``; open it with dicom.sources.open_key)
+    path: str  # the file key (a path, or ``zip:archive.zip::member``; open it with dicom.sources.open_key)
     sop_uid: str | None
     sop_class: str | None
     kind: str | None
@@ -331,7 +408,7 @@ class InstanceRow:
     """A usable DICOM image instance (file) of a series."""
 
     sop_uid: str
-    path: str  # the file key (a path, or ``archive.zip::member``; open it with dicom.sources.open_key)
+    path: str  # the file key (a path, or ``zip:archive.zip::member``; open it with dicom.sources.open_key)
     size: int | None
     mtime_ns: int | None
     series_uid: str | None

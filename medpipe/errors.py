@@ -34,3 +34,7 @@ class StageError(MedpipeError):
 
 class CatalogError(MedpipeError):
     """An ingest catalog (``catalog.sqlite``) that is missing or cannot be read."""
+
+
+class OutputError(MedpipeError):
+    """An output folder that cannot be written (a file, read-only, full, locked by another run)."""

@@ -7,10 +7,17 @@ each changed volume (in parallel) -> write ``manifest.csv`` and ``rejected.csv``
 Every file ends up either used by a volume or listed in ``rejected.csv`` with a reason; one bad
 file never stops the run; source files are only ever opened for reading; outputs are written
 atomically, so a killed run can simply be started again.
+
+The output folder is locked for the run (a second ingest into it stops with a one-line error);
+problems of the output folder itself (a file, read-only, full, locked) are :class:`OutputError`;
+a corrupt catalog is rebuilt (it is a cache of the sources). Worker processes are never more than
+the work or the CPUs, and die with the process that started them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -18,24 +25,37 @@ import multiprocessing
 import os
 import re
 import shutil
+import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from medpipe.catalog import Catalog, FileRow
+from medpipe.catalog import CATALOG_FILE, Catalog, CatalogCorrupt, FileRow, is_corrupt, join_keys, split_keys
 from medpipe.dicom.header import NonImage, Rejected, read_header
 from medpipe.dicom.series import Stack, group_stacks
-from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
-from medpipe.errors import SourceError
-from medpipe.io import atomic_path, remove_stale_temporaries, write_csv_atomic
+from medpipe.dicom.sources import (
+    SourceFile,
+    UnreadableSource,
+    is_nifti,
+    key_in_folder,
+    key_name,
+    key_path,
+    list_source,
+    open_key,
+)
+from medpipe.errors import OutputError, SourceError
+from medpipe.io import FolderLocked, atomic_path, folder_lock, remove_stale_temporaries, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
 #: bump when volume building changes, so cached volumes are rebuilt
 BUILD_VERSION = "1"
+
+#: header files per scanning job (a worker reads a chunk, the main process commits it to the catalog)
+SCAN_CHUNK = 64
 
 MANIFEST_COLUMNS = [
     "series_uid", "study_uid", "patient_id", "modality", "series_number", "series_description", "part",
@@ -74,8 +94,8 @@ def _scan_one(f: SourceFile) -> FileRow:
     def rejected(reason: str) -> FileRow:
         return FileRow(f.key, f.size, f.mtime_ns, None, None, reason, None)
 
-    if f.size < 0:
-        return rejected("listed in DICOMDIR but missing on disk")
+    if f.reason is not None:  # found while listing (links, special files, refused references)
+        return rejected(f.reason)
     if is_nifti(f.key):
         reason = _check_nifti(f.key)
         return rejected(reason) if reason else FileRow(f.key, f.size, f.mtime_ns, None, None, None, None)
@@ -87,6 +107,8 @@ def _scan_one(f: SourceFile) -> FileRow:
         return FileRow(f.key, f.size, f.mtime_ns, exc.info["sop_uid"] or None, None, str(exc), doc)
     except Rejected as exc:
         return rejected(str(exc))
+    except UnreadableSource as exc:  # a corrupt or refused zip member
+        return rejected(exc.reason)
     except OSError as exc:
         return rejected(f"unreadable file: {exc.strerror or exc}")
     # serialised here, in the worker, so the main process only inserts rows
@@ -108,7 +130,7 @@ def _check_nifti(key: str) -> str | None:
     import numpy as np
 
     try:
-        img = cast(nib.Nifti1Image, nib.load(key))
+        img = cast(nib.Nifti1Image, nib.load(cast(str, key_path(key))))
     except Exception as exc:
         return f"unreadable NIfTI: {exc}"
     if len(img.shape) not in (2, 3, 4):
@@ -138,11 +160,51 @@ def _fmt(values: Iterable[float | int]) -> str:
     return "x".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def pool_size(workers: int, jobs: int) -> int:
+    """Worker processes for ``jobs`` pieces of work: never more than the work or the CPUs."""
+    return max(1, min(workers, jobs, available_cpus()))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that started it dies (even by kill -9)."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: the kernel kills us with the parent
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher below still works
+            pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:  # everywhere else (and as a fallback): notice the parent is gone, and go
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="medpipe-parent-watch", daemon=True).start()
+
+
 def _executor(workers: int, jobs: int) -> Executor | None:
-    if workers <= 1 or jobs < 2:
+    size = pool_size(workers, jobs)
+    if size <= 1:
         return None
     ctx = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
 
 
 def _volume_name(stack: Stack, suffix: str) -> str:
@@ -169,7 +231,7 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
         "patient_id": h.patient_id, "modality": h.modality, "series_number": h.series_number,
         "series_description": h.series_description, "part": stack.part, "n_files": len(stack.keys),
         "shape": "", "spacing": "", "status": stack.status, "reasons": "; ".join(stack.reasons),
-        "volume": "", "sidecar": "", "preview": "", "input_hash": input_hash, "files": "\n".join(stack.keys),
+        "volume": "", "sidecar": "", "preview": "", "input_hash": input_hash, "files": join_keys(stack.keys),
     }
     if stack.status == "rejected":
         return row
@@ -180,8 +242,12 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
     except PixelReadErrors as exc:
         row["failed"] = [(e.key, str(e)) for e in exc.errors]
         return row
-    tr = h.meta.get("RepetitionTime")
-    write_nifti(volume, Path(out) / rel, tr_seconds=float(tr) / 1000 if tr else None)
+    except MemoryError:
+        stack.reject(f"not enough memory to build a {_fmt(stack_shape(stack))} volume")
+        row.update(status=stack.status, reasons="; ".join(stack.reasons))
+        return row
+    tr = _positive(h.meta.get("RepetitionTime"))
+    write_nifti(volume, Path(out) / rel, tr_seconds=tr / 1000 if tr else None)
     side_rel = re.sub(r"\.nii(\.gz)?$", ".json", rel)
     write_sidecar(Path(out) / side_rel, sidecar(stack, volume, {"SourceFiles": len(stack.keys)}))
     preview_rel = re.sub(r"\.nii(\.gz)?$", ".png", rel)
@@ -194,6 +260,21 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
     return row
 
 
+def _positive(value: Any) -> float | None:
+    """A positive finite number from a sidecar value, else None."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if 0 < x < float("inf") else None
+
+
+def stack_shape(stack: Stack) -> tuple[int, ...]:
+    first = stack.grid[0][0].header if stack.grid else stack.first
+    rows, cols = (first.mosaic[1], first.mosaic[2]) if first.mosaic else (first.rows, first.columns)
+    return (cols, rows, stack.n_slices) + ((stack.n_times,) if stack.n_times > 1 else ())
+
+
 def _nifti_id(key: str) -> str:
     return "nifti-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -201,13 +282,14 @@ def _nifti_id(key: str) -> str:
 def _nifti_row(key: str, size: int, mtime_ns: int, out: Path) -> dict[str, Any]:
     import nibabel as nib
 
-    img = cast(nib.Nifti1Image, nib.load(key))
+    path = cast(str, key_path(key))
+    img = cast(nib.Nifti1Image, nib.load(path))
     sid = _nifti_id(key)
-    name = Path(key).name
+    name = key_name(key)
     stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.I)
     rel = f"volumes/nifti/{_safe(stem)}_{sid[6:14]}{'.nii.gz' if name.lower().endswith('.gz') else '.nii'}"
     with atomic_path(out / rel) as tmp:
-        shutil.copyfile(key, tmp)
+        shutil.copyfile(path, tmp)
     status, reasons = "ok", ""
     if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
         status, reasons = "warning", "NIfTI header has no orientation (sform and qform codes 0): affine is a guess"
@@ -216,7 +298,7 @@ def _nifti_row(key: str, size: int, mtime_ns: int, out: Path) -> dict[str, Any]:
         "series_number": None, "series_description": name, "part": "", "n_files": 1,
         "shape": _fmt(img.shape), "spacing": _fmt(float(z) for z in img.header.get_zooms()[:3]),
         "status": status, "reasons": reasons, "volume": rel, "sidecar": "", "preview": "",
-        "input_hash": _hash(BUILD_VERSION, key, size, mtime_ns), "files": key,
+        "input_hash": _hash(BUILD_VERSION, key, size, mtime_ns), "files": join_keys([key]),
     }
 
 
@@ -238,9 +320,11 @@ def ingest(
 
     Raises:
         SourceError: ``src`` cannot be read at all, or holds no files.
+        OutputError: ``out`` cannot be written (a file, read-only, full disk) or another process is
+            writing into it.
     """
     progress = progress or _NoProgress()
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(available_cpus(), 8)
     out = Path(out).expanduser().resolve()
     src_path = Path(src).expanduser()
     seconds: dict[str, float] = {}
@@ -250,22 +334,84 @@ def ingest(
         raise SourceError(f"{src_path}: no files found", hint="point ingest at a folder, zip or DICOMDIR with DICOM files")
     if out == src_path.resolve() or str(out).startswith(str(src_path.resolve()) + os.sep):
         raise SourceError(f"{out}: the output folder must not be inside the source {src_path}")
-    out.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_temporaries(out)
-    if stale:
-        log.info("removed %d temporary files left by an interrupted run", stale)
-    catalog = Catalog(out / "catalog.sqlite")
-    try:
-        n_read = _scan(catalog, src_path, files, workers, progress)
-        seconds["scan"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        volumes, rejected, n_built = _assemble(catalog, out, workers, compress, progress)
-        seconds["build"] = time.perf_counter() - t1
-        _write_reports(out, volumes, rejected)
-    finally:
-        catalog.close()
+    with _output_errors(out):
+        _make_output_folder(out)
+        with _locked(out):
+            stale = remove_stale_temporaries(out)
+            if stale:
+                log.info("removed %d temporary files left by an interrupted run", stale)
+            for attempt in (1, 2):
+                try:
+                    with Catalog(out / CATALOG_FILE) as catalog:
+                        n_read = _scan(catalog, src_path, files, workers, progress)
+                        seconds["scan"] = time.perf_counter() - t0
+                        t1 = time.perf_counter()
+                        volumes, rejected, n_built = _assemble(catalog, out, workers, compress, progress)
+                        seconds["build"] = time.perf_counter() - t1
+                    break
+                except (CatalogCorrupt, sqlite3.DatabaseError) as exc:
+                    # the catalog went bad under this run (a disk error, another program): it is a
+                    # cache of the sources and outputs, so start once more from an empty one
+                    if attempt == 2 or not is_corrupt(exc):
+                        raise
+                    log.warning("%s is corrupt (%s): rebuilding it", out / CATALOG_FILE, exc)
+                    Catalog.remove(out / CATALOG_FILE)
+            _write_reports(out, volumes, rejected)
     seconds["total"] = time.perf_counter() - t0
     return IngestReport(out, len(files), n_read, n_built, volumes, rejected, seconds)
+
+
+def _make_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: --out is a file, not a folder", hint="give a folder (new or an earlier ingest's)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
+        raise OutputError(f"{out}: cannot create the output folder (a part of its path is a file)") from None
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    try:
+        with folder_lock(out):
+            yield
+    except FolderLocked:
+        raise OutputError(f"{out} is in use by another medpipe ingest", hint="wait for it to finish, "
+                          "or ingest into another --out folder") from None
+
+
+#: errno values that say the output folder cannot take what ingest writes
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+@contextlib.contextmanager
+def _output_errors(out: Path) -> Iterator[None]:
+    """Turn a failure to write into ``out`` (full disk, read-only, no permission) into one line."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, UnreadableSource) or exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
+        raise OutputError(f"{out}: cannot write the output folder: {exc.strerror or exc}{where}",
+                          hint=_OUTPUT_HINT.get(exc.errno, "check the folder and its file system")) from None
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "full" in text or "readonly" in text or "read-only" in text or "disk i/o" in text or "unable to open" in text:
+            raise OutputError(f"{out}: cannot write the output folder: {exc} ({CATALOG_FILE})",
+                              hint="free disk space or choose a writable --out folder, then run ingest again") from None
+        raise
+
+
+_OUTPUT_HINT = {
+    errno.ENOSPC: "free disk space on that file system (or choose another --out), then run ingest again: "
+                  "it resumes where it stopped",
+    errno.EDQUOT: "your disk quota is used up: free some of it, then run ingest again",
+    errno.EFBIG: "a file grew beyond this process's file size limit (ulimit -f)",
+    errno.EROFS: "the file system is mounted read-only: choose another --out folder",
+    errno.EACCES: "you may not write there: choose another --out folder",
+    errno.EPERM: "you may not write there: choose another --out folder",
+}
 
 
 def _scan(catalog: Catalog, src: Path, files: list[SourceFile], workers: int, progress: ProgressSink) -> int:
@@ -273,12 +419,11 @@ def _scan(catalog: Catalog, src: Path, files: list[SourceFile], workers: int, pr
     todo = [f for f in files if known.get(f.key) != (f.size, f.mtime_ns)]
     # files that vanished from a re-scanned folder or archive leave the catalog
     if src.is_dir():
-        prefix = str(src.resolve()) + os.sep
         present = {f.key for f in files}
-        catalog.forget_files(k for k in known if k.startswith(prefix) and k not in present)
+        root = src.resolve()
+        catalog.forget_files(k for k in known if k not in present and key_in_folder(k, root))
     progress.start("Reading headers", len(todo))
-    chunk = 64
-    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+    chunks = [todo[i : i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
     pool = _executor(workers, len(chunks))
     try:
         results = pool.map(_scan_chunk, chunks) if pool else map(_scan_chunk, chunks)
@@ -376,12 +521,11 @@ def _assemble(
     rows = list(found.values())
     for gone in catalog.prune_volumes(set(found)):
         for rel in (gone["volume"], gone["sidecar"], gone["preview"]):
-            if rel and (out / rel).is_file():
-                (out / rel).unlink()
+            _remove_output(out, rel)
     for r in rows:
         if r["status"] == "rejected":
             what = f"series {r['series_uid']}" + (f" [{r['part']}]" if r["part"] else "")
-            rejected.extend((k, f"{what} rejected: {r['reasons']}") for k in r["files"].split("\n") if k)
+            rejected.extend((k, f"{what} rejected: {r['reasons']}") for k in split_keys(r["files"]))
     rows.sort(key=lambda r: (r["patient_id"] or "", r["study_uid"] or "", r["series_number"] or 0, r["series_uid"], r["part"]))
     rejected.sort()
     return rows, rejected, n_built
@@ -397,6 +541,17 @@ class _InlineExecutor(Executor):
         except BaseException as exc:
             fut.set_exception(exc)
         return fut
+
+
+def _remove_output(out: Path, rel: str | None) -> None:
+    """Delete an output file ingest wrote (a volume, sidecar or preview); nothing outside ``out/volumes``."""
+    if not rel:
+        return
+    target = out / rel
+    volumes = (out / "volumes").resolve()
+    if not str(target.resolve()).startswith(str(volumes) + os.sep) or target.is_symlink() or not target.is_file():
+        return
+    target.unlink()
 
 
 def _write_reports(out: Path, volumes: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> None:

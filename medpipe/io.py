@@ -1,6 +1,9 @@
 """Atomic file output: write to a temporary name beside the target, then ``os.replace``.
 
-A killed process therefore never leaves a half-written file under the final name.
+A killed process therefore never leaves a half-written file under the final name. Temporary files
+start with :data:`TMP_PREFIX`, so a later run can clean up after a killed one without ever touching
+a file it did not write. Also here: the exclusive lock of an output folder (:func:`folder_lock`) and
+the one rule on how far compressed input may expand (:func:`expansion_problem`).
 """
 
 from __future__ import annotations
@@ -23,17 +26,35 @@ def _current_umask() -> int:
 #: permissions of new files (mkstemp makes them 0600; outputs should look like any other file)
 _FILE_MODE = 0o666 & ~_current_umask()
 
-#: temporary files are named ``.<target name>.<random>.tmp<suffixes>``
-TMP_MARKER = ".tmp"
+#: temporary files are named ``.medpipe-tmp.<random>.tmp.<target name>``: the prefix says whose they
+#: are (only such files are ever deleted as stale), the target's suffixes stay last (``.nii.gz`` writers
+#: still compress) and ``.tmp`` marks them for people
+TMP_PREFIX = ".medpipe-tmp."
+TMP_MARKER = ".tmp"  # part of every temporary name (see TMP_PREFIX); no longer enough to delete a file
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of medpipe's own temporary files (:func:`atomic_path`)."""
+    return name.startswith(TMP_PREFIX)
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed run left under ``folder``; return how many."""
+    """Delete medpipe's own temporary files a killed run left under ``folder``; return how many.
+
+    Only regular files named by :func:`atomic_path` (``.medpipe-tmp.*``) are deleted, never a user's
+    file, and symbolic links (to folders or files) are not followed.
+    """
     n = 0
-    for p in folder.rglob(".*"):
-        if p.is_file() and TMP_MARKER in p.name and p.name.count(".") >= 3:
-            p.unlink(missing_ok=True)
-            n += 1
+    for dirpath, _, filenames in os.walk(folder, followlinks=False):
+        for name in filenames:
+            if not is_temporary(name):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                n += 1
     return n
 
 
@@ -45,8 +66,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{TMP_MARKER}{suffix}", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=f"{TMP_MARKER}.{target.name}", dir=target.parent)
     os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -141,3 +161,68 @@ def write_csv_atomic(path: Path | str, rows: Iterable[Mapping[str, object]], fie
                      ignore_extra: bool = False) -> None:
     """``rows`` as a CSV file (:func:`csv_text`), written atomically."""
     write_text_atomic(path, csv_text(rows, fieldnames, ignore_extra=ignore_extra))
+
+
+# -- compressed input ------------------------------------------------------------------------------
+
+#: compressed input (a zip member, a deflated DICOM dataset, a MedMNIST array) may expand to this many
+#: bytes whatever its compression ratio ...
+EXPANSION_FREE_BYTES = 64 << 20
+#: ... and beyond that to at most this many times its compressed size (real images rarely compress
+#: better than 20:1; the deflate "bombs" of the issue expand about 1000:1)
+MAX_EXPANSION_RATIO = 100
+
+
+def expansion_problem(expanded: int, compressed: int, what: str = "compressed data", *,
+                      at_least: bool = False) -> str | None:
+    """Why ``compressed`` bytes that expand to ``expanded`` bytes (``at_least``: to more than that; the
+    caller stopped counting) are refused, or None when they are fine."""
+    if expanded <= EXPANSION_FREE_BYTES or expanded <= MAX_EXPANSION_RATIO * max(compressed, 1):
+        return None
+    ratio = expanded / max(compressed, 1)
+    more = "more than " if at_least else ""
+    return (f"{what} would expand {more}{ratio:.0f}:1 ({_mb(compressed)} to {more}{_mb(expanded)}), more than the "
+            f"{MAX_EXPANSION_RATIO}:1 medpipe accepts above {_mb(EXPANSION_FREE_BYTES)}: refused as a possible "
+            "decompression bomb")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+# -- the output folder lock ------------------------------------------------------------------------
+
+#: the lock file medpipe keeps in an output folder it writes (empty; it stays there)
+LOCK_FILE = ".medpipe.lock"
+
+
+class FolderLocked(Exception):
+    """Another process holds the lock of the folder (``str(exc)`` names it)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (``folder/.medpipe.lock``) for the block; yield the lock file.
+
+    The lock is an advisory ``flock`` on the lock file: it is released when the block ends or the
+    process dies (even by ``kill -9``), so a crashed run never leaves a folder locked.
+
+    Raises:
+        FolderLocked: another process holds it (the caller decides: wait, or tell the user).
+        OSError: the lock file cannot be created (a read-only folder, ...).
+    """
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FolderLocked(f"{folder} is in use by another medpipe process (lock {path})") from None
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from medpipe.ingest import IngestReport, ingest
+from medpipe.io import TMP_PREFIX
 from tests.conftest import find_tool
 from tests.dicom_factory import (
     AXIAL,
@@ -636,14 +637,14 @@ def test_rerun_after_kill_completes_with_same_outputs(tmp_path: Path) -> None:
     # what a killed run leaves: reports missing, a volume missing, half-written temporary files
     (out / "manifest.csv").unlink()
     vol.unlink()
-    stale_vol = vol.parent / f".{vol.name}.k1ll3d.tmp.nii.gz"
+    stale_vol = vol.parent / f"{TMP_PREFIX}k1ll3d.tmp.{vol.name}"
     stale_vol.write_bytes(b"\x1f\x8b half a gzip stream")
-    (out / ".manifest.csv.k1ll3d.tmp.csv").write_text("series_uid\nhalf")
+    (out / f"{TMP_PREFIX}k1ll3d.tmp.manifest.csv").write_text("series_uid\nhalf")
     r2 = run(src, out)
     assert (r2.n_read, r2.n_built) == (0, 1)
     assert _outputs(out) == first
     assert all(".tmp" not in v["volume"] for v in r2.volumes)
-    assert not stale_vol.exists() and not (out / ".manifest.csv.k1ll3d.tmp.csv").exists()
+    assert not stale_vol.exists() and not (out / f"{TMP_PREFIX}k1ll3d.tmp.manifest.csv").exists()
 
     # the catalog lost too: everything re-read and rebuilt, no duplicate volumes
     for p in out.glob("catalog.sqlite*"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medpipe.io import TMP_PREFIX
 from medpipe.sample import generate_brain_tumor
 from tests.dicom_factory import sha256_tree
 from tests.test_ingest_adversarial import _outputs
@@ -44,5 +45,5 @@ def test_kill_then_rerun_matches_clean_run(export: Path, tmp_path: Path, delay: 
     subprocess.run(_ingest_cmd(export, killed), check=True)
 
     assert _outputs(killed) == _outputs(clean)
-    assert not [p for p in killed.rglob("*") if ".tmp" in p.name]
+    assert not [p for p in killed.rglob("*") if p.name.startswith(TMP_PREFIX) or ".tmp" in p.name]
     assert sha256_tree(export) == before  # sources never written

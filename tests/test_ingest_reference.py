@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medpipe.catalog import split_keys
 from medpipe.ingest import ingest
 from tests.conftest import DATA, find_tool, world_compare
 
@@ -141,7 +142,7 @@ def test_pydicom_test_files_never_crash(folder: Path, tmp_path: Path) -> None:
     used: set[str] = set()
     for v in report.volumes:
         if v["status"] != "rejected":
-            used |= set(v["files"].split("\n"))
+            used |= set(split_keys(v["files"]))
     rejected = {p for p, _ in report.rejected}
     assert used | rejected == files
     assert not used & rejected

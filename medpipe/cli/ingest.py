@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def ingest_command(
@@ -26,30 +27,33 @@ def ingest_command(
         report = ingest(src, out, workers=workers or None, compress=compress, progress=progress)
     if quiet:
         return
-    table = Table(title=f"Series in {report.out}", show_lines=False)
+    # header text and paths come from the data: printed as plain text (never read as rich markup)
+    table = Table(title=Text(f"Series in {report.out}"), show_lines=False)
     for col in ("patient", "#", "description", "modality", "files", "shape", "status", "reasons"):
         table.add_column(col, overflow="fold")
     style = {"ok": "green", "warning": "yellow", "rejected": "red"}
     for v in report.volumes[:50]:
         table.add_row(
-            v["patient_id"] or "", str(v["series_number"] or ""), (v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else ""),
-            v["modality"] or "", str(v["n_files"]), v["shape"] or "",
-            f"[{style.get(v['status'], '')}]{v['status']}[/]", (v["reasons"] or "")[:120],
+            Text(v["patient_id"] or ""), Text(str(v["series_number"] or "")),
+            Text((v["series_description"] or "") + (f" [{v['part']}]" if v["part"] else "")),
+            Text(v["modality"] or ""), Text(str(v["n_files"])), Text(v["shape"] or ""),
+            Text(v["status"], style=style.get(v["status"], "")), Text((v["reasons"] or "")[:120]),
         )
     console.print(table)
     if len(report.volumes) > 50:
-        console.print(f"... and {len(report.volumes) - 50} more series (see manifest.csv)")
+        console.print(Text(f"... and {len(report.volumes) - 50} more series (see manifest.csv)"))
     status = Counter(v["status"] for v in report.volumes)
     reasons = Counter(r.split(":")[0][:60] for _, r in report.rejected)
-    console.print(
-        f"[bold]{report.n_files}[/] files ({report.n_read} read, {report.n_files - report.n_read} unchanged), "
+    console.print(Text.assemble(
+        (str(report.n_files), "bold"),
+        f" files ({report.n_read} read, {report.n_files - report.n_read} unchanged), "
         f"{len(report.volumes)} volumes: {status.get('ok', 0)} ok, {status.get('warning', 0)} warning, "
-        f"{status.get('rejected', 0)} rejected; {report.n_built} written in {report.seconds['total']:.1f} s"
-    )
+        f"{status.get('rejected', 0)} rejected; {report.n_built} written in {report.seconds['total']:.1f} s",
+    ))
     if report.rejected:
-        console.print(f"{len(report.rejected)} files not used (see rejected.csv):")
+        console.print(Text(f"{len(report.rejected)} files not used (see rejected.csv):"))
         for reason, n in reasons.most_common(8):
-            console.print(f"  {n:6d}  {reason}")
+            console.print(Text(f"  {n:6d}  {reason}"))
 
 
 def register(app: typer.Typer) -> None:

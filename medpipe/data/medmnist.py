@@ -17,6 +17,12 @@ matches and every file is there). Every file is written atomically. Multi-label 
 
 Each MedMNIST image counts as its own "patient": the published splits are already separated by
 source, and the npz keeps no patient identifiers.
+
+Nothing is allocated on a header's word: every array's ``.npy`` header is read first and checked
+against the bytes its member really holds and against the expansion limit of compressed members
+(:func:`medpipe.io.expansion_problem`), and labels beyond :data:`MAX_CLASSES` classes are refused, so
+a crafted file (an array "of 10^13 values", a class label of 10^9) is a one-line error, not an
+exhausted memory.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.errors import SourceError
-from medpipe.io import atomic_path, sha256_file, write_csv_atomic, write_text_atomic
+from medpipe.io import atomic_path, expansion_problem, sha256_file, write_csv_atomic, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -49,6 +55,8 @@ CLASS_NAMES: dict[str, dict[int, str]] = {
                    5: "monocyte", 6: "neutrophil", 7: "platelet"},
 }
 MULTI_LABEL = {"chestmnist"}
+#: class labels must lie in 0 .. MAX_CLASSES - 1 (MedMNIST has at most 11 classes)
+MAX_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,77 @@ def dataset_name(path: Path) -> str:
     return re.sub(r"_(28|64|128|224)$", "", path.stem.lower())
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header (versions 1.0 and 2.0), leaving ``fh`` at the data."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    return shape, dtype
+
+
+def _declared(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``name -> (shape, dtype)`` of every array in the npz, from the ``.npy`` headers alone.
+
+    Raises:
+        SourceError: not an npz, an array whose header declares more (or fewer) bytes than its member
+            holds, an object array, or a member that would expand beyond the limit.
+    """
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise SourceError(f"{path}: not a readable .npz file ({exc})") from exc
-    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    with zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            problem = expansion_problem(info.file_size, info.compress_size, f"array {name}")
+            if problem:
+                raise SourceError(f"{path}: {problem}")
+            try:
+                with zf.open(info) as fh:
+                    shape, dtype = _npy_header(fh)
+                    header_bytes = fh.tell()
+            except Exception as exc:  # noqa: BLE001 - numpy / zipfile raise many types on a bad header
+                raise SourceError(f"{path}: array {name} has an unreadable .npy header ({exc})") from exc
+            if dtype.hasobject:
+                raise SourceError(f"{path}: array {name} holds Python objects, which are never loaded")
+            count = 1
+            for n in shape:
+                count *= int(n)
+            declared = count * dtype.itemsize
+            holds = info.file_size - header_bytes
+            if declared != holds:
+                raise SourceError(f"{path}: array {name} declares shape {tuple(shape)} {dtype} ({declared} bytes) "
+                                  f"but holds {holds} bytes: corrupt or crafted file")
+            out[name] = (tuple(int(n) for n in shape), dtype)
+    return out
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    declared = _declared(path)
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in declared]
     if missing:
         raise SourceError(f"{path}: not a MedMNIST file: missing {', '.join(missing)}",
                           hint="MedMNIST .npz files hold {train,val,test}_{images,labels}")
+    for s in SPLITS:  # counts agree before anything is loaded
+        n_images = declared[f"{s}_images"][0][:1]
+        n_labels = declared[f"{s}_labels"][0][:1]
+        if n_images != n_labels:
+            raise SourceError(f"{path}: {s}_labels has {n_labels[0] if n_labels else 0} entries for "
+                              f"{n_images[0] if n_images else 0} images")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k in declared}
+    except (OSError, ValueError, MemoryError) as exc:
+        raise SourceError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     return arrays
 
 
@@ -93,6 +162,9 @@ def _labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:
         raise SourceError(f"{path}: {split}_labels has {len(y)} entries for {n} images")
     if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
         raise SourceError(f"{path}: {split}_labels must be non-negative integers (got {y.dtype})")
+    if y.size and int(y.max()) >= MAX_CLASSES:
+        raise SourceError(f"{path}: {split}_labels holds class {int(y.max())}; medpipe imports labels "
+                          f"0 to {MAX_CLASSES - 1} (MedMNIST has at most 11 classes)")
     return y.astype(np.int64)
 
 

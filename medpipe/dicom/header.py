@@ -6,7 +6,12 @@ per frame, a Siemens mosaic one per tile). Headers are read without pixel data; 
 (uncompressed) transfer syntaxes the file offset of the pixel data is recorded so the volume
 builder can read the pixels directly.
 
-A file that cannot be used raises :class:`Rejected` with a one-line reason.
+A file that cannot be used raises :class:`Rejected` with a one-line reason. That includes every
+header that would make a reader allocate more than the file can hold or compute with numbers no
+scanner writes (:data:`LIMITS`): image sizes larger than the pixel data, a pixel data element shorter
+than Rows x Columns x Frames (never read past its end), BitsAllocated other than 8 / 16 / 32,
+non-finite or absurd rescale values, positions and spacings, and deflated datasets that would expand
+beyond :func:`medpipe.io.expansion_problem`'s limit.
 """
 
 from __future__ import annotations
@@ -46,6 +51,22 @@ NON_IMAGE_SOP_CLASSES = {
 }
 
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+#: what a usable image header may declare (beyond these a file is rejected with the reason)
+MAX_FILE_PIXEL_BYTES = 4 << 30  # decoded pixel data of one file
+MAX_FRAMES_PER_FILE = 100_000  # frames of one enhanced object, tiles of one mosaic
+MAX_COORDINATE_MM = 1e6  # |ImagePositionPatient| (a kilometre: no patient is larger)
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-6, 1e5  # PixelSpacing, slice spacing of a mosaic
+MAX_RESCALE = 1e20  # |RescaleSlope|, |RescaleIntercept| (keeps every value finite in float32)
+#: encapsulated (compressed) pixel data may decode to at most this many times its size above
+#: medpipe.io.EXPANSION_FREE_BYTES (image codecs compress blank frames far better than deflate)
+MAX_CODEC_RATIO = 1000
+LIMITS = {
+    "MAX_FILE_PIXEL_BYTES": MAX_FILE_PIXEL_BYTES, "MAX_FRAMES_PER_FILE": MAX_FRAMES_PER_FILE,
+    "MAX_COORDINATE_MM": MAX_COORDINATE_MM, "MIN_SPACING_MM": MIN_SPACING_MM, "MAX_SPACING_MM": MAX_SPACING_MM,
+    "MAX_RESCALE": MAX_RESCALE, "MAX_CODEC_RATIO": MAX_CODEC_RATIO,
+}
 
 #: DICOM keywords copied into each volume's JSON sidecar (no patient names or birth dates).
 SIDECAR_KEYWORDS = (
@@ -261,17 +282,47 @@ def _floats(value: Any, n: int, what: str) -> list[float]:
 
 
 def _int_or_none(value: Any) -> int | None:
+    """An integer attribute, or None when absent, unreadable or beyond 64 bits (SQLite's INTEGER)."""
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        n = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return n if n is None or -(1 << 63) <= n < (1 << 63) else None
 
 
 def _float_or(value: Any, default: float) -> float:
+    """A finite float attribute, or ``default`` when absent, unreadable, NaN or infinite."""
     try:
-        return float(value) if value not in (None, "") else default
+        x = float(value) if value not in (None, "") else default
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return x if math.isfinite(x) else default
+
+
+def _rescale(value: Any, default: float, what: str) -> float:
+    """RescaleSlope / RescaleIntercept: ``default`` when absent or unreadable; NaN / inf / absurd: rejected."""
+    try:
+        x = float(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         return default
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x) or abs(x) > MAX_RESCALE:
+        raise Rejected(f"{what} {value!r} is not a usable number (finite, |value| <= {MAX_RESCALE:g})")
+    return x
+
+
+def _image_int(vals: _Values, keyword: str, default: int | None = None) -> int:
+    """An integer of the image pixel module (``default`` when absent or empty), or a rejection naming it."""
+    value = vals.get(keyword)
+    if value in (None, "") and default is not None:
+        return default
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        raise Rejected(f"{keyword} {value!r} is not a single number")
+    n = _int_or_none(value)
+    if n is None:
+        raise Rejected(f"{keyword} {value!r} is not a number")
+    return n
 
 
 def _image_type(value: Any) -> str:
@@ -313,11 +364,12 @@ def _echo_key(vals: _Values) -> str:
     return "_".join(parts)
 
 
-def _pixel_data_offset(fp: IO[bytes], vals: _Values, ts: UID, size: int) -> int | None:
+def _pixel_data_offset(fp: IO[bytes], ts: UID, size: int, expected: int, n_frames: int) -> int | None:
     """Check the pixel data element after the header; return the offset of native pixel bytes.
 
     ``fp`` is positioned where ``dcmread(stop_before_pixels=True)`` stopped: at a pixel data tag,
-    or at the end of the file when there is none.
+    or at the end of the file when there is none. ``expected``: the bytes of native pixel data the
+    header declares (Rows x Columns x samples x frames x bytes per sample).
     """
     start = fp.tell()
     head = fp.read(12)
@@ -344,16 +396,45 @@ def _pixel_data_offset(fp: IO[bytes], vals: _Values, ts: UID, size: int) -> int 
     if length == 0xFFFFFFFF:  # encapsulated (compressed) fragments: decoded later by pydicom
         if size - offset < 16:
             raise Rejected("truncated: encapsulated pixel data is empty")
+        fp.seek(offset)
+        _check_fragments(fp, end, expected, n_frames)
         return None
-    expected = (
-        int(vals.get("Rows")) * int(vals.get("Columns")) * int(vals.get("SamplesPerPixel", 1))
-        * int(vals.get("NumberOfFrames", 1) or 1) * (int(vals.get("BitsAllocated")) // 8)
-    )
     if size - offset < min(length, expected):
         raise Rejected(f"truncated: pixel data has {size - offset} of {min(length, expected)} bytes")
-    if str(ts) not in NATIVE_SYNTAXES or int(vals.get("BitsAllocated")) not in (8, 16, 32):
+    if length < expected:  # another element follows: reading `expected` bytes would read it as pixels
+        raise Rejected(f"pixel data element holds {length} bytes but Rows x Columns x Frames needs {expected}: "
+                       "corrupt or inconsistent header")
+    if str(ts) not in NATIVE_SYNTAXES:
         return None
     return offset
+
+
+def _check_fragments(fp: IO[bytes], end: str, expected: int, n_frames: int) -> None:
+    """Walk the items of encapsulated pixel data (without reading them): enough fragments for the
+    frames, a sequence delimiter, and a plausible compression ratio for the size the header declares."""
+    from medpipe.io import EXPANSION_FREE_BYTES
+
+    n_items = encoded = 0
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise Rejected("truncated: encapsulated pixel data ends without its sequence delimiter")
+        group, elem, length = struct.unpack(f"{end}HHI", head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            break
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise Rejected(f"corrupt encapsulated pixel data (item tag ({group:04X},{elem:04X}))")
+        if n_items:  # the first item is the basic offset table
+            encoded += length
+        n_items += 1
+        fp.seek(length, 1)
+    fragments = n_items - 1
+    if fragments < max(n_frames, 1):
+        raise Rejected(f"encapsulated pixel data has {fragments} fragment(s) for {n_frames} frame(s): "
+                       "truncated or corrupt")
+    if expected > EXPANSION_FREE_BYTES and expected > MAX_CODEC_RATIO * max(encoded, 1):
+        raise Rejected(f"header declares {expected} bytes of pixels from {encoded} compressed bytes "
+                       f"({expected / max(encoded, 1):.0f}:1, more than {MAX_CODEC_RATIO}:1): refused")
 
 
 def _check_decodable(ts: UID) -> None:
@@ -381,8 +462,10 @@ def _mosaic_frames(ds: Dataset, base: FrameInfo) -> tuple[list[FrameInfo], list[
     n_tiles = _int_or_none(ds.get((0x0019, 0x100A)).value if (0x0019, 0x100A) in ds else None)
     if n_tiles is None and csa is not None:
         n_tiles = csareader.get_n_mosaic(csa)
-    if not n_tiles:
+    if not n_tiles or n_tiles < 0:
         raise Rejected("Siemens mosaic without NumberOfImagesInMosaic")
+    if n_tiles > min(MAX_FRAMES_PER_FILE, int(ds.Rows) * int(ds.Columns)):
+        raise Rejected(f"Siemens mosaic declares {n_tiles} images in a {ds.Rows}x{ds.Columns} mosaic")
     grid = math.ceil(math.sqrt(n_tiles))
     rows, cols = int(ds.Rows), int(ds.Columns)
     if rows % grid or cols % grid:
@@ -405,6 +488,8 @@ def _mosaic_frames(ds: Dataset, base: FrameInfo) -> tuple[list[FrameInfo], list[
     gap = _float_or(ds.get("SpacingBetweenSlices"), _float_or(ds.get("SliceThickness"), 0.0))
     if gap <= 0:
         raise Rejected("Siemens mosaic without SpacingBetweenSlices or SliceThickness")
+    if not MIN_SPACING_MM <= gap <= MAX_SPACING_MM:
+        raise Rejected(f"Siemens mosaic slice spacing {gap:g} mm is out of range")
     frames = []
     for k in range(n_tiles):
         f = FrameInfo(**{**asdict(base), "index": k})
@@ -448,7 +533,7 @@ def _enhanced_frames(ds: Dataset) -> list[FrameInfo]:
     shared = ds.get("SharedFunctionalGroupsSequence")
     shared = shared[0] if shared else Dataset()
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
     if len(per_frame) != n:
         raise Rejected(f"multi-frame object has {len(per_frame)} per-frame groups for {n} frames")
 
@@ -486,8 +571,8 @@ def _enhanced_frames(ds: Dataset) -> list[FrameInfo]:
                 ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient"),
                 iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient"),
                 spacing=_floats(meas.PixelSpacing, 2, "PixelSpacing"),
-                slope=_float_or(pvt.get("RescaleSlope") if pvt else None, 1.0),
-                intercept=_float_or(pvt.get("RescaleIntercept") if pvt else None, 0.0),
+                slope=_rescale(pvt.get("RescaleSlope") if pvt else None, 1.0, "RescaleSlope"),
+                intercept=_rescale(pvt.get("RescaleIntercept") if pvt else None, 0.0, "RescaleIntercept"),
                 echo=f"te{_float_or(echo.get('EffectiveEchoTime'), 0.0):.3f}" if echo else "",
                 image_type=_image_type(ftype.get("FrameType")) if ftype else top_type,
                 temporal=[
@@ -519,7 +604,48 @@ def read_header(fp: IO[bytes], size: int) -> InstanceHeader:
     # here: skip it (the setting is global; it is restored on the way out)
     quiet = config.settings.reading_validation_mode == config.WARN
     with config.disable_value_validation() if quiet else contextlib.nullcontext():
+        _check_deflated(fp, size)
         return _read_header(fp, size)
+
+
+def _check_deflated(fp: IO[bytes], size: int) -> None:
+    """A deflated dataset is inflated whole by pydicom: measure what it expands to first, in bounded
+    memory, and refuse it beyond :func:`medpipe.io.expansion_problem`'s limit."""
+    head = fp.read(132 + 4096)
+    fp.seek(0)
+    if head[128:132] != b"DICM" or DEFLATED.encode() not in head:
+        return
+    import zlib
+
+    from medpipe.io import EXPANSION_FREE_BYTES, MAX_EXPANSION_RATIO, expansion_problem
+
+    try:
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+            return
+        start = fp.tell()
+        limit = max(EXPANSION_FREE_BYTES, MAX_EXPANSION_RATIO * max(size - start, 1))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while inflated <= limit:
+            chunk = fp.read(1 << 20)
+            if not chunk:
+                break
+            while chunk and inflated <= limit:
+                inflated += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+        problem = expansion_problem(inflated, size - start, "deflated DICOM dataset", at_least=inflated > limit)
+    except zlib.error as exc:
+        raise Rejected(f"corrupt deflated DICOM dataset: {exc}") from exc
+    except Exception:  # an unreadable meta header: left to the header reader to explain
+        problem = None
+    finally:
+        fp.seek(0)
+    if problem:
+        raise Rejected(problem)
 
 
 def _read_header(fp: IO[bytes], size: int) -> InstanceHeader:
@@ -578,19 +704,40 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
         series_uid = SYNTHETIC_SERIES_PREFIX + hashlib.sha1("\x00".join(ident).encode()).hexdigest()[:16]
     if "Rows" not in vals or "Columns" not in vals or "BitsAllocated" not in vals:
         raise Rejected("no image pixel module (Rows/Columns/BitsAllocated)")
+    rows, columns = _image_int(vals, "Rows"), _image_int(vals, "Columns")
+    bits_allocated = _image_int(vals, "BitsAllocated")
+    bits_stored = _image_int(vals, "BitsStored", bits_allocated)
+    samples = _image_int(vals, "SamplesPerPixel", 1)
+    pixel_representation = _image_int(vals, "PixelRepresentation", 0)
+    n_frames = _image_int(vals, "NumberOfFrames", 1)
+    if rows < 1 or columns < 1:
+        raise Rejected(f"image of {rows} rows x {columns} columns: no pixels")
+    if bits_allocated not in (8, 16, 32):
+        raise Rejected(f"BitsAllocated {bits_allocated} is not supported (8, 16 or 32 bits per pixel)")
+    if not 1 <= bits_stored <= bits_allocated:
+        raise Rejected(f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}")
+    if pixel_representation not in (0, 1):
+        raise Rejected(f"PixelRepresentation {pixel_representation} is neither 0 (unsigned) nor 1 (signed)")
+    if samples < 1:
+        raise Rejected(f"SamplesPerPixel {samples}: no samples")
+    n_frames = n_frames or 1  # NumberOfFrames 0 is read as one frame, as pydicom does
+    if not 1 <= n_frames <= MAX_FRAMES_PER_FILE:
+        raise Rejected(f"NumberOfFrames {n_frames} is out of range (1 to {MAX_FRAMES_PER_FILE})")
+    expected = rows * columns * samples * n_frames * (bits_allocated // 8)
+    if expected > MAX_FILE_PIXEL_BYTES:
+        raise Rejected(f"header declares {rows}x{columns}x{n_frames} frames ({expected / 1e9:.1f} GB of pixels), "
+                       f"more than the {MAX_FILE_PIXEL_BYTES / 1e9:.1f} GB medpipe reads from one file")
     if meta.get("TransferSyntaxUID"):
         ts = UID(str(meta.TransferSyntaxUID))
     else:  # bare dataset: the encoding pydicom found
         implicit, little = getattr(ds, "original_encoding", (True, True))
         ts = UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
     _check_decodable(ts)
-    # a deflated dataset was inflated in memory: file offsets mean nothing there
-    pixel_offset = None if ts == "1.2.840.10008.1.2.1.99" else _pixel_data_offset(fp, vals, ts, size)
-    samples = int(vals.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise Rejected(f"colour image ({samples} samples per pixel, {vals.get('PhotometricInterpretation')}) not supported")
+    # a deflated dataset was inflated in memory: file offsets mean nothing there
+    pixel_offset = None if ts == DEFLATED else _pixel_data_offset(fp, ts, size, expected, n_frames)
     image_type = _image_type(vals.get("ImageType"))
-    n_frames = int(vals.get("NumberOfFrames", 1) or 1)
 
     mosaic = None
     if "PerFrameFunctionalGroupsSequence" in vals:
@@ -608,8 +755,8 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
             ipp=_floats(vals.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
             iop=_floats(vals.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
             spacing=_floats(vals.get("PixelSpacing"), 2, "PixelSpacing"),
-            slope=_float_or(vals.get("RescaleSlope"), 1.0),
-            intercept=_float_or(vals.get("RescaleIntercept"), 0.0),
+            slope=_rescale(vals.get("RescaleSlope"), 1.0, "RescaleSlope"),
+            intercept=_rescale(vals.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
             echo=_echo_key(vals),
             image_type=image_type,
             temporal=_temporal_key(vals),
@@ -623,6 +770,10 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
     for f in frames:
         if min(f.spacing) <= 0:
             raise Rejected(f"invalid PixelSpacing {f.spacing}")
+        if not all(MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in f.spacing):
+            raise Rejected(f"PixelSpacing {f.spacing} is out of range ({MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm)")
+        if not all(abs(v) <= MAX_COORDINATE_MM for v in f.ipp):
+            raise Rejected(f"ImagePositionPatient {f.ipp} is out of range (|value| <= {MAX_COORDINATE_MM:g} mm)")
         row, col = f.iop[:3], f.iop[3:]
         nr = math.sqrt(sum(v * v for v in row))
         nc = math.sqrt(sum(v * v for v in col))
@@ -631,6 +782,9 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
             raise Rejected(f"invalid ImageOrientationPatient {f.iop}: cosines not orthonormal")
         if f.slope == 0:
             raise Rejected(f"RescaleSlope is 0 (frame {f.index})")
+        if not (math.isfinite(f.slope) and math.isfinite(f.intercept)
+                and abs(f.slope) <= MAX_RESCALE and abs(f.intercept) <= MAX_RESCALE):
+            raise Rejected(f"rescale slope / intercept {f.slope:g} / {f.intercept:g} out of range (frame {f.index})")
 
     sidecar = {}
     for kw in SIDECAR_KEYWORDS:
@@ -651,12 +805,12 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
         series_description=str(vals.get("SeriesDescription") or vals.get("ProtocolName") or ""),
         modality=str(vals.get("Modality") or ""),
         instance_number=_int_or_none(vals.get("InstanceNumber")),
-        rows=int(vals.get("Rows")),
-        columns=int(vals.get("Columns")),
+        rows=rows,
+        columns=columns,
         samples_per_pixel=samples,
-        bits_allocated=int(vals.get("BitsAllocated")),
-        bits_stored=int(vals.get("BitsStored") or vals.get("BitsAllocated")),
-        pixel_representation=int(vals.get("PixelRepresentation", 0) or 0),
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_representation,
         n_frames=n_frames,
         mosaic=mosaic,
         pixel_offset=pixel_offset,

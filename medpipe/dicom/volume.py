@@ -20,7 +20,7 @@ from medpipe.dicom.frames import frame_to_slice
 from medpipe.dicom.geometry import voxel_to_world
 from medpipe.dicom.header import InstanceHeader
 from medpipe.dicom.series import FrameRef, Stack
-from medpipe.dicom.sources import ZIP_SEP, open_key
+from medpipe.dicom.sources import key_path, open_key
 from medpipe.io import atomic_path, gzip_file, write_text_atomic
 
 
@@ -70,12 +70,16 @@ def read_pixels(key: str, h: InstanceHeader) -> np.ndarray:
         if h.pixel_offset is not None:
             dtype = _stored_dtype(h)
             count = n * h.rows * h.columns
-            if ZIP_SEP in key:
+            path = key_path(key)
+            if path is None:  # a zip member
                 with open_key(key) as fh:
                     fh.seek(h.pixel_offset)
-                    arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype, count=count)
+                    buf = fh.read(count * dtype.itemsize)
+                if len(buf) != count * dtype.itemsize:
+                    raise ValueError(f"pixel data has {len(buf) // dtype.itemsize} of {count} values")
+                arr = np.frombuffer(buf, dtype=dtype, count=count)
             else:
-                arr = np.fromfile(key, dtype=dtype, count=count, offset=h.pixel_offset)
+                arr = np.fromfile(path, dtype=dtype, count=count, offset=h.pixel_offset)
             if arr.size != count:
                 raise ValueError(f"pixel data has {arr.size} of {count} values")
             arr = _fix_bits(arr.reshape(n, h.rows, h.columns), h)
