@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
@@ -219,11 +220,23 @@ def _volume_name(stack: Stack, suffix: str) -> str:
 # -- volume building (runs in worker processes) ----------------------------------------------
 
 
-def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str, Any]:
+def _build_stack(stack: Stack, out: str, rel: str, input_hash: str, threads: int = 1) -> dict[str, Any]:
+    """Write the volume, sidecar and preview of one stack; return its manifest row.
+
+    A stack that is not resampled is streamed from its files into the NIfTI file on ``threads``
+    threads (:func:`~medpipe.dicom.volume.stream_volume`); a resampled one is built in memory first.
+    """
     import warnings
 
-    from medpipe.dicom.preview import write_preview
-    from medpipe.dicom.volume import PixelReadErrors, build_volume, sidecar, write_nifti, write_sidecar
+    from medpipe.dicom.preview import write_preview, write_preview_planes
+    from medpipe.dicom.volume import (
+        PixelReadErrors,
+        build_volume,
+        sidecar,
+        stream_volume,
+        write_nifti,
+        write_sidecar,
+    )
 
     h = stack.first
     row: dict[str, Any] = {
@@ -235,10 +248,20 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
     }
     if stack.status == "rejected":
         return row
+    tr = _positive(h.meta.get("RepetitionTime"))
+    tr_seconds = tr / 1000 if tr else None
+    side_rel = re.sub(r"\.nii(\.gz)?$", ".json", rel)
+    preview_rel = re.sub(r"\.nii(\.gz)?$", ".png", rel)
+    title = " ".join(str(t) for t in (h.patient_id, h.series_number, h.series_description, stack.part) if t)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            volume = build_volume(stack)
+            if stack.resample:
+                volume = build_volume(stack)
+                write_nifti(volume, Path(out) / rel, tr_seconds=tr_seconds)
+                written = volume
+            else:
+                written, planes = stream_volume(stack, Path(out) / rel, tr_seconds=tr_seconds, threads=threads)
     except PixelReadErrors as exc:
         row["failed"] = [(e.key, str(e)) for e in exc.errors]
         return row
@@ -246,15 +269,13 @@ def _build_stack(stack: Stack, out: str, rel: str, input_hash: str) -> dict[str,
         stack.reject(f"not enough memory to build a {_fmt(stack_shape(stack))} volume")
         row.update(status=stack.status, reasons="; ".join(stack.reasons))
         return row
-    tr = _positive(h.meta.get("RepetitionTime"))
-    write_nifti(volume, Path(out) / rel, tr_seconds=tr / 1000 if tr else None)
-    side_rel = re.sub(r"\.nii(\.gz)?$", ".json", rel)
-    write_sidecar(Path(out) / side_rel, sidecar(stack, volume, {"SourceFiles": len(stack.keys)}))
-    preview_rel = re.sub(r"\.nii(\.gz)?$", ".png", rel)
-    title = " ".join(str(t) for t in (h.patient_id, h.series_number, h.series_description, stack.part) if t)
-    write_preview(volume.data, volume.affine, Path(out) / preview_rel, title)
+    write_sidecar(Path(out) / side_rel, sidecar(stack, written, {"SourceFiles": len(stack.keys)}))
+    if stack.resample:
+        write_preview(volume.data, volume.affine, Path(out) / preview_rel, title)
+    else:
+        write_preview_planes(planes, written.shape[:3], written.affine, Path(out) / preview_rel, title)
     row.update(
-        shape=_fmt(volume.data.shape), spacing=_fmt(volume.spacing), volume=rel, sidecar=side_rel,
+        shape=_fmt(written.shape), spacing=_fmt(written.spacing), volume=rel, sidecar=side_rel,
         preview=preview_rel,
     )
     return row
@@ -423,17 +444,37 @@ def _scan(catalog: Catalog, src: Path, files: list[SourceFile], workers: int, pr
         root = src.resolve()
         catalog.forget_files(k for k in known if k not in present and key_in_folder(k, root))
     progress.start("Reading headers", len(todo))
-    chunks = [todo[i : i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK)]
+    # chunks small enough that every worker gets a few (an even finish), large enough to amortise
+    size = min(SCAN_CHUNK, max(8, -(-len(todo) // (4 * pool_size(workers, max(len(todo) // 8, 1))))))
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     pool = _executor(workers, len(chunks))
+    preload = None
     try:
         results = pool.map(_scan_chunk, chunks) if pool else map(_scan_chunk, chunks)
+        if pool is not None:  # the workers exist (forked): use this process's idle time for the build's imports
+            preload = threading.Thread(target=_preload_build_modules, name="medpipe-preload", daemon=True)
+            preload.start()
         for rows in results:
             catalog.put_files(rows)  # committed per chunk: a killed run keeps what it read
             progress.advance(len(rows))
     finally:
         if pool:
             pool.shutdown()
+        if preload is not None:
+            preload.join()  # before any later fork: a fork must not copy a half-held import lock
     return len(todo)
+
+
+def _preload_build_modules() -> None:
+    """Import what building volumes needs (nibabel, numpy.ma, PIL: ~0.1 s) while workers read headers."""
+    import importlib
+
+    for name in ("numpy.ma", "nibabel", "nibabel.nifti1", "nibabel.orientations", "PIL.Image", "PIL.ImageDraw",
+                 "PIL.PngImagePlugin", "medpipe.dicom.volume", "medpipe.dicom.preview"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - an optimisation only: the build imports (and reports) it again
+            log.debug("preloading %s failed", name, exc_info=True)
 
 
 def _assemble(
@@ -462,6 +503,8 @@ def _assemble(
     pending: dict[Future[dict[str, Any]], str] = {}
     pool = _executor(workers, len(series))
     runner: Executor = pool or _InlineExecutor()
+    # builds in worker processes read and write on one thread each; one build in this process on several
+    threads = 1 if pool is not None else min(workers, available_cpus())
 
     def plan(series_uid: str) -> None:
         used = catalog.series_files(series_uid, skip)
@@ -476,7 +519,8 @@ def _assemble(
             ):
                 found[stack.stack_id] = old
             else:
-                pending[runner.submit(_build_stack, stack, str(out), _volume_name(stack, suffix), ihash)] = series_uid
+                pending[runner.submit(_build_stack, stack, str(out), _volume_name(stack, suffix), ihash,
+                                      threads)] = series_uid
         progress.advance()
 
     def collect(block: bool) -> None:

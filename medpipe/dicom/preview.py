@@ -37,22 +37,56 @@ def _panel(img2d: np.ndarray, spacing: tuple[float, float], scale: float):  # ty
     return Image.fromarray(np.ascontiguousarray(img2d.T[::-1])).resize(size, Image.Resampling.BILINEAR)
 
 
+def preview_indices(shape: tuple[int, ...], affine: np.ndarray) -> dict[int, int]:
+    """``{volume axis: index}`` of the three planes a preview of a volume of ``shape`` shows.
+
+    They are the middle slices along the R, A and S axes of the volume turned to RAS: a writer that
+    streams a volume can keep just these three planes (:func:`write_preview_planes`).
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    out = {}
+    for axis, (_, flip) in enumerate(ornt):
+        n = int(shape[axis])
+        out[axis] = n // 2 if flip > 0 else n - 1 - n // 2
+    return out
+
+
 def write_preview(data: np.ndarray, affine: np.ndarray, path: Path, title: str = "") -> None:
     """Write a 3-panel PNG preview of ``data`` (3D or 4D: first volume) to ``path`` atomically."""
+    vol = data[..., 0] if data.ndim == 4 else data
+    # only the three middle slices are copied: a volume may be GBs
+    planes = {axis: np.take(vol, index, axis=axis) for axis, index in preview_indices(vol.shape, affine).items()}
+    write_preview_planes(planes, vol.shape[:3], affine, path, title)
+
+
+def _ras_plane(plane: np.ndarray, fixed: int, ornt: np.ndarray) -> np.ndarray:
+    """A plane of the volume (volume axis ``fixed`` removed) with its axes turned to RAS order and direction."""
+    rest = [a for a in range(3) if a != fixed]
+    for k, a in enumerate(rest):
+        if ornt[a, 1] < 0:
+            plane = np.flip(plane, axis=k)
+    return plane if ornt[rest[0], 0] < ornt[rest[1], 0] else plane.T
+
+
+def write_preview_planes(planes: dict[int, np.ndarray], shape: tuple[int, ...], affine: np.ndarray, path: Path,
+                         title: str = "") -> None:
+    """The preview of a volume of ``shape`` from its three planes ``{volume axis: plane}`` (:func:`preview_indices`)."""
     import nibabel as nib
     from PIL import Image, ImageDraw
 
-    vol = data[..., 0] if data.ndim == 4 else data
     ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.apply_orientation(vol, ornt)  # a view whose axes point R, A, S
+    ras_shape = [0, 0, 0]
+    for axis, (ras, _) in enumerate(ornt):
+        ras_shape[int(ras)] = int(shape[axis])
+    by_ras = {int(ornt[a, 0]): _ras_plane(planes[a], a, ornt) for a in range(3)}  # RAS axis fixed -> plane
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[np.argsort(ornt[:, 0])]
-    x, y, z = (s // 2 for s in ras.shape)
-    # only the three middle slices are copied (and windowed together): a volume may be GBs
-    planes = [np.asarray(p, dtype=np.float32) for p in (ras[::-1, :, z], ras[::-1, y, :], ras[x, ::-1, :])]
-    lo, hi = _limits(np.concatenate([p.ravel() for p in planes]))
-    axial, coronal, sagittal = (_window(p, lo, hi) for p in planes)
-    scale = PANEL / float(max(n * d for n, d in zip(ras.shape, zooms, strict=True)))  # one mm-to-pixel scale
     # radiological display: the patient's right (+R, high x) on the viewer's left, hence the flips
+    planes_f32 = [np.asarray(p, dtype=np.float32) for p in (by_ras[2][::-1, :], by_ras[1][::-1, :], by_ras[0][::-1, :])]
+    lo, hi = _limits(np.concatenate([p.ravel() for p in planes_f32]))
+    axial, coronal, sagittal = (_window(p, lo, hi) for p in planes_f32)
+    scale = PANEL / float(max(n * d for n, d in zip(ras_shape, zooms, strict=True)))  # one mm-to-pixel scale
     panels = [
         ("axial", _panel(axial, (zooms[0], zooms[1]), scale), ("R", "L", "A", "P")),
         ("coronal", _panel(coronal, (zooms[0], zooms[2]), scale), ("R", "L", "S", "I")),

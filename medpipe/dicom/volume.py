@@ -4,12 +4,21 @@ Values are in modality units: each frame's RescaleSlope / RescaleIntercept is ap
 one slope / intercept holds for the whole stack, stored as the NIfTI ``scl_slope`` / ``scl_inter``
 so readers apply it exactly, as dcm2niix does). Stacks with uneven slice gaps or gantry tilt are
 resampled onto a uniform orthogonal grid with linear interpolation.
+
+Two ways to a NIfTI file: :func:`build_volume` + :func:`write_nifti` hold the whole volume in memory
+(needed to resample it), and :func:`stream_volume` writes every other stack straight from its source
+files into the output, slice by slice on several threads, keeping only the three planes the preview
+shows. Both write the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,25 @@ class Volume:
     data: np.ndarray  # [i, j, k] or [i, j, k, t]; stored integers when ``scale`` is set
     affine: np.ndarray  # voxel -> RAS
     scale: tuple[float, float] | None  # (slope, intercept) to store in the NIfTI header, else real values
+    spacing: tuple[float, float, float]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A volume before its pixels are read: shape, stored type, scaling, grid (see :func:`layout`)."""
+
+    shape: tuple[int, ...]  # (i, j, k) or (i, j, k, t)
+    dtype: np.dtype
+    scale: tuple[float, float] | None
+    affine: np.ndarray
     spacing: tuple[float, float, float]
 
 
@@ -163,6 +191,50 @@ def _resample_slices(slices: np.ndarray, stack: Stack) -> np.ndarray:
     return out
 
 
+def _thickness(value: Any) -> float:
+    """SliceThickness as the step of a single-slice volume: 1 mm when absent or unusable."""
+    try:
+        x = float(value or 1.0)
+    except (TypeError, ValueError, OverflowError):
+        return 1.0
+    return x if 0 < x < 1e5 and math.isfinite(x) else 1.0
+
+
+def _scale_and_dtype(stack: Stack) -> tuple[tuple[float, float] | None, np.dtype]:
+    scales = {(ref.frame.slope, ref.frame.intercept) for row in stack.grid for ref in row}
+    if len(scales) == 1:
+        return next(iter(scales)), np.result_type(*{_stored_dtype(ref.header) for row in stack.grid for ref in row})
+    return None, np.dtype(np.float32)
+
+
+def _frame_size(stack: Stack) -> tuple[int, int]:
+    """(rows, columns) of one frame of the stack (a mosaic tile for a mosaic)."""
+    h = stack.grid[0][0].header
+    return (h.mosaic[1], h.mosaic[2]) if h.mosaic else (h.rows, h.columns)
+
+
+def layout(stack: Stack) -> Layout:
+    """Shape, stored type, scaling and affine of the volume of a planned stack that is not resampled."""
+    if stack.resample:
+        raise ValueError("a resampled stack has no layout before its pixels are read: use build_volume")
+    nk, nt = stack.n_slices, stack.n_times
+    first = stack.grid[0][0]
+    iop, spacing = first.frame.iop, first.frame.spacing
+    rows, cols = _frame_size(stack)
+    scale, dtype = _scale_and_dtype(stack)
+    geo = stack.geometry
+    if nk == 1:
+        step = _thickness(first.header.meta.get("SliceThickness"))
+    else:
+        if geo is None:
+            raise ValueError("a stack of several slices without geometry")
+        step = float(geo.distances[-1]) / (nk - 1)
+    step_vec = geo.normal * step if geo is not None else step
+    affine = voxel_to_world(iop, first.frame.ipp, spacing, step_vec, rows)
+    shape = (cols, rows, nk) + ((nt,) if nt > 1 else ())
+    return Layout(shape, np.dtype(dtype), scale, affine, (float(spacing[1]), float(spacing[0]), float(step)))
+
+
 def build_volume(stack: Stack) -> Volume:
     """Read, order, rescale and (if needed) resample the pixels of a planned stack.
 
@@ -174,23 +246,21 @@ def build_volume(stack: Stack) -> Volume:
         PixelReadErrors: one :class:`FrameReadError` per file whose pixels could not be read.
     """
     nk, nt = stack.n_slices, stack.n_times
+    rows, cols = _frame_size(stack)
+    if not stack.resample:
+        lay = layout(stack)
+        data = np.empty((cols, rows, nk, nt), dtype=lay.dtype, order="F")
+        _fill(stack, data, rescale=lay.scale is None)
+        return Volume(data[..., 0] if nt == 1 else data, lay.affine, lay.scale, lay.spacing)
     first = stack.grid[0][0]
     iop, spacing = first.frame.iop, first.frame.spacing
-    rows, cols = (first.header.mosaic[1], first.header.mosaic[2]) if first.header.mosaic else (
-        first.header.rows, first.header.columns)
-    scales = {(ref.frame.slope, ref.frame.intercept) for row in stack.grid for ref in row}
-    scale: tuple[float, float] | None = next(iter(scales)) if len(scales) == 1 else None
-    if scale is not None:
-        dtype = np.result_type(*{_stored_dtype(ref.header) for row in stack.grid for ref in row})
-    else:
-        dtype = np.dtype(np.float32)
+    scale, dtype = _scale_and_dtype(stack)
     data = np.empty((cols, rows, nk, nt), dtype=dtype, order="F")
     _fill(stack, data, rescale=scale is None)
 
     geo = stack.geometry
     if nk == 1:
-        thickness = float(first.header.meta.get("SliceThickness") or 1.0)
-        step: float = thickness if thickness > 0 else 1.0
+        step: float = _thickness(first.header.meta.get("SliceThickness"))
     elif stack.resample:
         assert geo is not None
         if scale is not None:  # resampling interpolates real values
@@ -208,20 +278,45 @@ def build_volume(stack: Stack) -> Volume:
     return Volume(data, affine, scale, (float(spacing[1]), float(spacing[0]), float(step)))
 
 
+def _nifti_image(data: Any, affine: np.ndarray, scale: tuple[float, float] | None, tr_seconds: float | None):  # type: ignore[no-untyped-def]
+    """The NIfTI-1 image medpipe writes: sform and qform = scanner RAS, mm / s, the stack's scaling."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    hdr = img.header
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    hdr.set_xyzt_units("mm", "sec")
+    if len(data.shape) == 4 and tr_seconds:
+        zooms = list(hdr.get_zooms())
+        zooms[3] = tr_seconds
+        hdr.set_zooms(zooms)
+    hdr.set_slope_inter(*(scale or (1.0, 0.0)))
+    return img
+
+
+def nifti_header(lay: Layout, tr_seconds: float | None = None) -> bytes:
+    """The bytes :func:`write_nifti` writes before the voxels of a volume of layout ``lay`` (header,
+    extension flag, padding up to ``vox_offset``), made by nibabel exactly as its ``to_file_map`` does."""
+    dummy = np.broadcast_to(np.zeros((), dtype=lay.dtype), lay.shape)  # shape and type, no memory
+    img = _nifti_image(dummy, lay.affine, lay.scale, tr_seconds)
+    img.update_header()
+    img.get_data_dtype(finalize=True)
+    hdr = img.header
+    buf = io.BytesIO()
+    hdr.write_to(buf)
+    offset = int(hdr.get_data_offset())
+    head = buf.getvalue()
+    if len(head) > offset:
+        raise ValueError(f"NIfTI header of {len(head)} bytes does not fit before vox_offset {offset}")
+    return head + b"\x00" * (offset - len(head))
+
+
 def write_nifti(volume: Volume, path: Path, tr_seconds: float | None = None) -> None:
     """Write ``volume`` as NIfTI-1 (sform and qform = scanner RAS), atomically."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(volume.data, volume.affine)
-    hdr = img.header
-    img.set_sform(volume.affine, code=1)
-    img.set_qform(volume.affine, code=1)
-    hdr.set_xyzt_units("mm", "sec")
-    if volume.data.ndim == 4 and tr_seconds:
-        zooms = list(hdr.get_zooms())
-        zooms[3] = tr_seconds
-        hdr.set_zooms(zooms)
-    hdr.set_slope_inter(*(volume.scale or (1.0, 0.0)))
+    img = _nifti_image(volume.data, volume.affine, volume.scale, tr_seconds)
     if path.name.endswith(".gz"):
         # nibabel compresses on one thread: write plain NIfTI, then deflate it in parallel chunks
         with atomic_path(path) as tmp:
@@ -236,7 +331,93 @@ def write_nifti(volume: Volume, path: Path, tr_seconds: float | None = None) -> 
             nib.save(img, tmp)
 
 
-def sidecar(stack: Stack, volume: Volume, extra: dict[str, Any]) -> dict[str, Any]:
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def stream_volume(stack: Stack, path: Path, *, tr_seconds: float | None = None,
+                  threads: int = 1) -> tuple[Layout, dict[int, np.ndarray]]:
+    """Write the NIfTI volume of a planned, unresampled stack straight from its source files, atomically.
+
+    Each file is read once, its frames flipped into NIfTI's layout (:func:`~medpipe.dicom.frames.frame_to_slice`)
+    and written at their place in the output on ``threads`` threads, so the volume is never held in
+    memory. The file holds the same bytes :func:`write_nifti` writes for :func:`build_volume` of the stack.
+
+    Returns:
+        The volume's :class:`Layout`, and its three preview planes ``{volume axis: plane}`` of the first
+        time point (:func:`medpipe.dicom.preview.preview_indices`, for :func:`~medpipe.dicom.preview.write_preview_planes`).
+
+    Raises:
+        PixelReadErrors: one :class:`FrameReadError` per file whose pixels could not be read (nothing is written).
+    """
+    from medpipe.dicom.preview import preview_indices
+
+    lay = layout(stack)
+    nk = stack.n_slices
+    cols, rows = lay.shape[:2]
+    slice_bytes = cols * rows * lay.dtype.itemsize
+    head = nifti_header(lay, tr_seconds)
+    want = preview_indices(lay.shape[:3], lay.affine)
+    planes: dict[int, np.ndarray] = {0: np.empty((rows, nk), lay.dtype), 1: np.empty((cols, nk), lay.dtype)}
+    where: dict[str, list[tuple[int, int, FrameRef]]] = defaultdict(list)
+    for k, row in enumerate(stack.grid):
+        for t, ref in enumerate(row):
+            where[ref.key].append((k, t, ref))
+
+    def write_file(fd: int, key: str, items: list[tuple[int, int, FrameRef]]) -> FrameReadError | None:
+        try:
+            pixels = read_pixels(key, items[0][2].header)
+        except FrameReadError as exc:
+            return exc
+        for k, t, ref in items:
+            frame = _frame_array(pixels, ref)[::-1]  # [flipped row, column]: a NIfTI slice, C order
+            if lay.scale is None:
+                out = np.ascontiguousarray(frame * np.float32(ref.frame.slope) + np.float32(ref.frame.intercept),
+                                           dtype=np.float32)
+            else:
+                out = np.ascontiguousarray(frame, dtype=lay.dtype)
+            _pwrite_all(fd, out, len(head) + (t * nk + k) * slice_bytes)
+            if t == 0:  # out[j, i] is volume[i, j, k]
+                planes[0][:, k] = out[:, want[0]]
+                planes[1][:, k] = out[want[1], :]
+                if k == want[2]:
+                    planes[2] = out.T.copy()
+        return None
+
+    def write(target: Path) -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.ftruncate(fd, len(head) + slice_bytes * nk * stack.n_times)
+            _pwrite_all(fd, np.frombuffer(head, np.uint8), 0)
+            jobs = list(where.items())
+            if threads > 1 and len(jobs) > 1:
+                with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+                    results = list(pool.map(lambda job: write_file(fd, *job), jobs))
+            else:
+                results = [write_file(fd, *job) for job in jobs]
+        finally:
+            os.close(fd)
+        errors = [e for e in results if e is not None]
+        if errors:
+            raise PixelReadErrors(errors)
+
+    with atomic_path(path) as tmp:
+        if path.name.endswith(".gz"):
+            plain = tmp.with_name(tmp.name[:-3])  # the temporary name without .gz
+            try:
+                write(plain)
+                gzip_file(plain, tmp)
+            finally:
+                plain.unlink(missing_ok=True)
+        else:
+            write(tmp)
+    return lay, planes
+
+
+def sidecar(stack: Stack, volume: Volume | Layout, extra: dict[str, Any]) -> dict[str, Any]:
     """Key DICOM metadata plus the ordered source SOP Instance UIDs of a volume."""
     meta = dict(stack.first.meta)
     multi = any(ref.header.n_frames > 1 for row in stack.grid for ref in row)
@@ -247,7 +428,7 @@ def sidecar(stack: Stack, volume: Volume, extra: dict[str, Any]) -> dict[str, An
         "SeriesPart": stack.part,
         "Status": stack.status,
         "Reasons": stack.reasons,
-        "Shape": list(volume.data.shape),
+        "Shape": list(volume.shape),
         "VoxelSpacing": list(volume.spacing),
         "Resampled": stack.resample,
         "SourceSOPInstanceUIDs": [u[0] for u in uids] if stack.n_times == 1 else uids,
