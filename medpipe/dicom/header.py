@@ -247,6 +247,27 @@ class _Values:
     def __contains__(self, keyword: str) -> bool:
         return _tag(keyword) in self._elems
 
+    def numbers(self, keyword: str) -> Any:
+        """A decimal string (DS) attribute as a list of floats, parsed straight from its bytes (the
+        values ``float(v) for v in ds.get(keyword)`` gives, without pydicom's DSfloat objects); anything
+        unusual (another VR, padding, empty values) goes through :meth:`get`. None when absent."""
+        raw = self._elems.get(_tag(keyword))  # type: ignore[call-overload]
+        if raw is None:
+            return None
+        if self._direct and type(raw) is RawDataElement and raw.VR in ("DS", None) and type(raw.value) is bytes:
+            try:
+                return [float(v) for v in raw.value.split(b"\\")]
+            except ValueError:
+                pass
+        return self.get(keyword)
+
+    def number(self, keyword: str) -> Any:
+        """A single-valued DS attribute as a float (see :meth:`numbers`), or what :meth:`get` returns."""
+        values = self.numbers(keyword)
+        if isinstance(values, list) and len(values) == 1 and type(values[0]) is float:
+            return values[0]
+        return values
+
     def get(self, keyword: str, default: Any = None) -> Any:
         if keyword in self._cache:
             return self._cache[keyword]
@@ -752,11 +773,11 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
             raise Rejected(f"multi-frame object ({n_frames} frames) without per-frame functional groups")
         base = FrameInfo(
             index=0,
-            ipp=_floats(vals.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-            iop=_floats(vals.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-            spacing=_floats(vals.get("PixelSpacing"), 2, "PixelSpacing"),
-            slope=_rescale(vals.get("RescaleSlope"), 1.0, "RescaleSlope"),
-            intercept=_rescale(vals.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
+            ipp=_floats(vals.numbers("ImagePositionPatient"), 3, "ImagePositionPatient"),
+            iop=_floats(vals.numbers("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
+            spacing=_floats(vals.numbers("PixelSpacing"), 2, "PixelSpacing"),
+            slope=_rescale(vals.number("RescaleSlope"), 1.0, "RescaleSlope"),
+            intercept=_rescale(vals.number("RescaleIntercept"), 0.0, "RescaleIntercept"),
             echo=_echo_key(vals),
             image_type=image_type,
             temporal=_temporal_key(vals),

@@ -393,11 +393,18 @@ def stream_volume(stack: Stack, path: Path, *, tr_seconds: float | None = None,
             os.ftruncate(fd, len(head) + slice_bytes * nk * stack.n_times)
             _pwrite_all(fd, np.frombuffer(head, np.uint8), 0)
             jobs = list(where.items())
-            if threads > 1 and len(jobs) > 1:
-                with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
-                    results = list(pool.map(lambda job: write_file(fd, *job), jobs))
+            n = max(1, min(threads, len(jobs)))
+            # one run of consecutive files per thread: each writes one region of the output in order
+            parts = [jobs[len(jobs) * g // n : len(jobs) * (g + 1) // n] for g in range(n)]
+
+            def write_part(part: list[tuple[str, list[tuple[int, int, FrameRef]]]]) -> list[FrameReadError | None]:
+                return [write_file(fd, key, items) for key, items in part]
+
+            if n > 1:
+                with ThreadPoolExecutor(n) as pool:
+                    results = [r for done in pool.map(write_part, parts) for r in done]
             else:
-                results = [write_file(fd, *job) for job in jobs]
+                results = write_part(parts[0])
         finally:
             os.close(fd)
         errors = [e for e in results if e is not None]
