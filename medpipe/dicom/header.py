@@ -33,6 +33,8 @@ from pydicom.hooks import hooks, raw_element_value, raw_element_vr
 from pydicom.uid import UID
 from pydicom.values import converters as _converters
 
+from medpipe.dicom.fastread import fast_dataset
+
 #: SOP classes that hold no image to turn into a volume (catalogued, explained, not converted).
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "DICOM SEG (segmentation)",
@@ -274,11 +276,54 @@ class _Values:
         raw = self._elems.get(_tag(keyword))  # type: ignore[call-overload]  # int keys work
         if raw is None:
             return default
-        value = _convert_raw(raw) if self._direct and type(raw) is RawDataElement else _SLOW
+        value = _SLOW
+        if self._direct and type(raw) is RawDataElement:
+            key = _raw_key(raw)
+            value = _CONVERTED.get(key, _MISSING)
+            if value is _MISSING:
+                value = _convert_raw(raw)
+                _remember(_CONVERTED, key, value)
         if value is _SLOW:
             value = self.ds.get(keyword, default)
         self._cache[keyword] = value
         return value
+
+    def json(self, keyword: str) -> Any:
+        """``_json_value(get(keyword))``, or ``ABSENT`` for an absent or empty value; remembered across
+        files by the element's bytes (most sidecar attributes repeat from file to file of an export)."""
+        raw = self._elems.get(_tag(keyword))  # type: ignore[call-overload]
+        if raw is None:
+            return ABSENT
+        key = _raw_key(raw) if self._direct and type(raw) is RawDataElement else None
+        if key is not None:
+            hit = _JSON.get(key, _MISSING)
+            if hit is not _MISSING:
+                return list(hit) if isinstance(hit, list) else hit
+        v = self.get(keyword)
+        out = ABSENT if v is None or (isinstance(v, str) and v == "") else _json_value(v)
+        direct = _CONVERTED.get(key, _MISSING) if key is not None else _MISSING
+        if direct is not _MISSING and direct is not _SLOW:  # converted from the bytes alone
+            _remember(_JSON, key, out)  # type: ignore[arg-type]
+        return list(out) if isinstance(out, list) else out
+
+
+_MISSING = object()
+ABSENT = object()  # what _Values.json returns for an absent or empty value
+#: element conversions remembered across the files a process reads, by (VR or tag, bytes, endianness);
+#: a conversion depends on nothing else (text that needs the character set is never remembered)
+_CONVERTED: dict[tuple[Any, ...], Any] = {}
+_JSON: dict[tuple[Any, ...], Any] = {}
+_REMEMBER_MAX = 4096
+
+
+def _raw_key(raw: RawDataElement) -> tuple[Any, ...]:
+    return (raw.VR if raw.VR is not None else int(raw.tag), raw.value, raw.is_little_endian)
+
+
+def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
+    if len(cache) >= _REMEMBER_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 def _json_value(value: Any) -> Any:
@@ -671,7 +716,8 @@ def _check_deflated(fp: IO[bytes], size: int) -> None:
 
 def _read_header(fp: IO[bytes], size: int) -> InstanceHeader:
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        # the usual file in one pass (medpipe.dicom.fastread); anything unusual as pydicom reads it
+        ds = fast_dataset(fp) or pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as exc:
         # some exporters write a bare dataset without preamble / file meta: accept those only
         # when the file starts with a plausible little-endian group 0008 tag
@@ -809,9 +855,9 @@ def _header_from_dataset(ds: Dataset, fp: IO[bytes], size: int) -> InstanceHeade
 
     sidecar = {}
     for kw in SIDECAR_KEYWORDS:
-        v = vals.get(kw)
-        if v not in (None, ""):
-            sidecar[kw] = _json_value(v)
+        v = vals.json(kw)
+        if v is not ABSENT:
+            sidecar[kw] = v
     return InstanceHeader(
         sop_uid=sop_uid,
         sop_class=sop_class,
