@@ -88,3 +88,16 @@ def test_stream_volume_unreadable_file_writes_nothing(tmp_path: Path) -> None:
     assert [e.key for e in exc.value.errors] == [str(w.files[4])]
     assert not (tmp_path / "out" / "v.nii.gz").exists()
     assert not [p for p in (tmp_path / "out").iterdir()]  # no temporary left either
+
+
+def test_ingest_of_a_plain_series_does_not_import_nibabel(tmp_path: Path) -> None:
+    """Importing nibabel costs 40-130 ms: the common path (a series written without resampling) needs none of it."""
+    import subprocess
+    import sys
+
+    write_series(tmp_path / "src", pattern(SHAPE), Geometry())
+    code = ("import sys; from medpipe.ingest import ingest; r = ingest(sys.argv[1], sys.argv[2], workers=2); "
+            "assert r.volumes[0]['status'] == 'ok'; print(sorted(m for m in sys.modules if m.startswith('nibabel')))")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "src"), str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    assert res.stdout.strip() == "[]", res.stdout

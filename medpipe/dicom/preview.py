@@ -43,9 +43,9 @@ def preview_indices(shape: tuple[int, ...], affine: np.ndarray) -> dict[int, int
     They are the middle slices along the R, A and S axes of the volume turned to RAS: a writer that
     streams a volume can keep just these three planes (:func:`write_preview_planes`).
     """
-    import nibabel as nib
+    from medpipe.dicom.nifti import io_orientation
 
-    ornt = nib.orientations.io_orientation(affine)
+    ornt = io_orientation(affine)
     out = {}
     for axis, (_, flip) in enumerate(ornt):
         n = int(shape[axis])
@@ -73,10 +73,11 @@ def _ras_plane(plane: np.ndarray, fixed: int, ornt: np.ndarray) -> np.ndarray:
 def write_preview_planes(planes: dict[int, np.ndarray], shape: tuple[int, ...], affine: np.ndarray, path: Path,
                          title: str = "") -> None:
     """The preview of a volume of ``shape`` from its three planes ``{volume axis: plane}`` (:func:`preview_indices`)."""
-    import nibabel as nib
     from PIL import Image, ImageDraw
 
-    ornt = nib.orientations.io_orientation(affine)
+    from medpipe.dicom.nifti import io_orientation
+
+    ornt = io_orientation(affine)
     ras_shape = [0, 0, 0]
     for axis, (ras, _) in enumerate(ornt):
         ras_shape[int(ras)] = int(shape[axis])

@@ -13,7 +13,6 @@ shows. Both write the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -297,19 +296,10 @@ def _nifti_image(data: Any, affine: np.ndarray, scale: tuple[float, float] | Non
 
 def nifti_header(lay: Layout, tr_seconds: float | None = None) -> bytes:
     """The bytes :func:`write_nifti` writes before the voxels of a volume of layout ``lay`` (header,
-    extension flag, padding up to ``vox_offset``), made by nibabel exactly as its ``to_file_map`` does."""
-    dummy = np.broadcast_to(np.zeros((), dtype=lay.dtype), lay.shape)  # shape and type, no memory
-    img = _nifti_image(dummy, lay.affine, lay.scale, tr_seconds)
-    img.update_header()
-    img.get_data_dtype(finalize=True)
-    hdr = img.header
-    buf = io.BytesIO()
-    hdr.write_to(buf)
-    offset = int(hdr.get_data_offset())
-    head = buf.getvalue()
-    if len(head) > offset:
-        raise ValueError(f"NIfTI header of {len(head)} bytes does not fit before vox_offset {offset}")
-    return head + b"\x00" * (offset - len(head))
+    extension flag, padding up to ``vox_offset``), computed as nibabel computes them, without nibabel."""
+    from medpipe.dicom.nifti import nifti1_header
+
+    return nifti1_header(lay.shape, lay.dtype, lay.affine, lay.scale, tr_seconds)
 
 
 def write_nifti(volume: Volume, path: Path, tr_seconds: float | None = None) -> None:
