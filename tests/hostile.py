@@ -21,7 +21,7 @@ import pydicom
 from pydicom import config
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +95,7 @@ def deflated_bomb(dst: Path, template: Path, expanded_mb: int) -> Path:
     zeros = comp.compress(b"\x00" * (1 << 20)) + comp.flush(zlib.Z_FULL_FLUSH)  # independent: repeatable
     with open(dst, "wb") as fh:
         fh.write(meta.getvalue() + head)
-        for _ in range(expanded_mb):
-            fh.write(zeros)
+        fh.writelines(zeros for _ in range(expanded_mb))
         fh.write(zlib.compressobj(9, zlib.DEFLATED, -15).flush())  # an empty final block
     return dst
 
@@ -160,7 +159,7 @@ def peak_rss(cmd: Sequence[str], *, address_space_mb: int = 4096, timeout: float
     space, so a regression fails with a MemoryError instead of exhausting a shared machine.
     """
     res = subprocess.run([sys.executable, "-c", _WRAPPER, str(address_space_mb << 20), *cmd], capture_output=True,
-                         text=True, timeout=timeout, cwd=REPO, env=_env())
+                         text=True, timeout=timeout, cwd=REPO, env=_env(), check=False)
     out = res.stdout + res.stderr
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PEAK_RSS_KB")][-1].split()
     return int(line[3]), int(line[1]) / 1024, out
@@ -178,7 +177,7 @@ def ingest_cmd(src: Path, out: Path, *extra: str) -> list[str]:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=_env())
+                          timeout=timeout, cwd=REPO, env=_env(), check=False)
 
 
 # -- small and read-only file systems ------------------------------------------------------------
@@ -208,7 +207,7 @@ def run_on_tmpfs(mountpoint: Path, size: str, cmd: Sequence[str], *, read_only: 
         return None, "no unshare command"
     prefix = [unshare, "--mount"] if os.geteuid() == 0 else [unshare, "--user", "--map-root-user", "--mount"]
     res = subprocess.run([*prefix, "sh", "-c", _MOUNT, "sh", str(mountpoint), size, "ro" if read_only else "rw",
-                          *cmd], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_env())
+                          *cmd], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_env(), check=False)
     if res.returncode == 97 or "unshare failed" in res.stderr or "Operation not permitted" in res.stderr:
         if os.geteuid() == 0 and res.returncode != 97:
             warnings.warn(f"unshare refused: {res.stderr.strip()}", stacklevel=2)

@@ -10,7 +10,6 @@ factory writes, with sequences of undefined length (items of undefined length in
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,15 +92,9 @@ def test_fast_reader_agrees_on_synthetic_series(tmp_path: Path, monkeypatch: pyt
 
 
 def test_fast_reader_agrees_on_pydicom_test_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydicom.data import get_testdata_files
+    from tests.test_ingest_reference import _pydicom_test_folders  # never pydicom's downloader: offline
 
-    files = sorted({Path(p) for p in get_testdata_files("*") if os.path.isfile(p)})
-    try:
-        import data_store  # pydicom-data
-
-        files += sorted(p for p in Path(data_store.__file__).parent.rglob("*") if p.is_file())
-    except ImportError:  # pragma: no cover - a dev extra
-        pass
+    files = sorted(p for folder in _pydicom_test_folders() for p in folder.rglob("*") if p.is_file())
     fast = _compare(files, monkeypatch)
     assert fast >= 50, fast  # the common case is common
 
