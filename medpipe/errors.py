@@ -34,3 +34,8 @@ class StageError(MedpipeError):
 
 class CatalogError(MedpipeError):
     """An ingest catalog (``catalog.sqlite``) that is missing or cannot be read."""
+
+
+class Interrupted(MedpipeError):
+    """The user interrupted the work (Ctrl-C); what was finished is kept and a re-run continues."""
+

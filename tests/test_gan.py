@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from medpipe.data.datalist import class_items
+from medpipe.data.datalist import class_items, load_datalist
 from medpipe.data.images import to_uint8, write_png
 from medpipe.errors import StageError
 from medpipe.models.gan import (
@@ -190,7 +190,7 @@ def test_augment_adds_synthetic_train_items_only(trained: tuple[Path, Any], data
     result = augment(ctx, AugmentParams(n=5))
     out = Path(result.outputs["datalist"])
     assert out == ctx.stage_dir / "datalist.json"
-    before, after = json.loads(datalist.read_text()), json.loads(out.read_text())
+    before, after = load_datalist(datalist), load_datalist(out)
     assert after["train"][:len(before["train"])] == before["train"]
     new = after["train"][len(before["train"]):]
     assert len(new) == 5 and all(it["synthetic"] is True and it["class"] == 0 for it in new)
@@ -208,7 +208,7 @@ def test_augment_adds_synthetic_train_items_only(trained: tuple[Path, Any], data
     # deterministic from the run seed: the same seed gives the same files
     again = augment(_ctx(tmp_path / "again", "02_augment", {"datalist": str(datalist), "generator": gen}),
                     AugmentParams(n=5))
-    again_items = json.loads(Path(again.outputs["datalist"]).read_text())["train"][-5:]
+    again_items = load_datalist(Path(again.outputs["datalist"]))["train"][-5:]
     assert [Path(a["image"]).read_bytes() for a in again_items] == [Path(b["image"]).read_bytes() for b in new]
 
 
