@@ -240,3 +240,13 @@ def test_validate_takes_several_files_and_globs_and_reports_all(tmp_path: Path) 
     assert f"ok {good}" in result.output and f"ok {tmp_path / 'c.yaml'}" in result.output
     assert "unknown parameter 'epoch' (did you mean 'epochs'?)" in result.output
     assert "1 of 3 pipeline file(s) have problems" in result.output
+
+
+def test_transform_argument_typos_get_a_suggestion_in_the_same_pass(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("      - RandFlipd: {keys: [image], prob: 0.5, spatial_axis: 0}",
+                                        "      - RandFlipd: {keyz: [image], prob: 0.5, spatial_axis: 0}")
+                 .replace("    epochs: 3", "    epoch: 3"))
+    lines = error_of(path).splitlines()
+    assert any("unknown parameter 'epoch' (did you mean 'epochs'?)" in line for line in lines)
+    assert any("train_transforms[1]: RandFlipd: unknown argument 'keyz' (did you mean 'keys'?)" in line
+               for line in lines), lines
