@@ -22,10 +22,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medpipe.cli import app
+from medpipe.report.html import write_run_report
 from tests.chromium import Chromium, file_url, find_chromium
 from tests.test_pipeline_brain_tumor import PIPELINE as BRAIN_TUMOR
 from tests.test_pipeline_brain_tumor import small
-from tests.test_report_html import assert_self_contained
+from tests.test_report_html import _toy_run, assert_self_contained
 
 pytestmark = pytest.mark.slow
 
@@ -226,6 +227,30 @@ def test_classification_report_in_chromium(class_run: Path, browser: Chromium) -
              ".find(t => t.tHead.rows[0].textContent.includes('prob_0'))")
     check_sorting(browser, table, "prob_0", numeric=True)
     check_sorting(browser, table, "case", numeric=False)
+
+
+@needs_chromium
+def test_sorting_semantics_in_chromium(tmp_path: Path, browser: Chromium) -> None:
+    """Numbers sort as numbers (not as text: "10" < "9"; exponents), empty and n/a cells go last both ways,
+    text sorts case-insensitively with numbers inside it in numeric order."""
+    rd = _toy_run(tmp_path)
+    (rd / "stages" / "01_toy_train" / "cases.csv").write_text(
+        "case,value\ncase10,10\nCase9,9\ncase100,100\ncase-a,\ncase2,2e-3\ncase1,-1.5\ncase-b,n/a\n")
+    report = write_run_report(rd)
+    _open(browser, report)
+    table = ("Array.from(document.querySelectorAll('#stage-01_toy_train table'))"
+             ".find(t => t.tHead.rows[0].cells[0].textContent === 'case')")
+    assert _column(browser, table, "case")[1][0] == "case10"
+    browser.evaluate(f"({table}).tHead.rows[0].cells[1].setAttribute('data-click-me', '')")
+    browser.click("[data-click-me]")
+    assert _column(browser, table, "value")[1] == ["-1.5", "2e-3", "9", "10", "100", "", "n/a"]
+    browser.click("[data-click-me]")
+    assert _column(browser, table, "value")[1] == ["100", "10", "9", "2e-3", "-1.5", "", "n/a"]
+    browser.evaluate("document.querySelector('[data-click-me]').removeAttribute('data-click-me')")
+    browser.evaluate(f"({table}).tHead.rows[0].cells[0].setAttribute('data-click-me', '')")
+    browser.click("[data-click-me]")
+    assert _column(browser, table, "case")[1] == ["case-a", "case-b", "case1", "case2", "Case9", "case10", "case100"]
+    assert browser.errors() == []
 
 
 @needs_chromium
