@@ -142,10 +142,10 @@ def check_page(browser: Chromium, path: Path, min_images: int) -> None:
     html = path.read_text()
     assert_self_contained(html)
     _open(browser, path)
-    n = browser.evaluate("document.images.length")
+    n = browser.evaluate("document.querySelectorAll('main img').length")  # (the full-size viewer's is empty)
     assert n == html.count("<img ") and n >= min_images, (n, min_images)
-    broken = browser.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
-                              ".map(i => i.alt)")
+    broken = browser.evaluate("Array.from(document.querySelectorAll('main img'))"
+                              ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)")
     assert broken == [], broken
     assert browser.evaluate("document.documentElement.dataset.images") == "ok"  # the page's own check agrees
     assert browser.errors() == []
@@ -227,6 +227,16 @@ def test_classification_report_in_chromium(class_run: Path, browser: Chromium) -
              ".find(t => t.tHead.rows[0].textContent.includes('prob_0'))")
     check_sorting(browser, table, "prob_0", numeric=True)
     check_sorting(browser, table, "case", numeric=False)
+    # a click on a picture shows it at full size, Escape closes it
+    browser.evaluate("document.querySelector('#stage-01_evaluate_classifier figure img')"
+                     ".setAttribute('data-click-me', '')")
+    browser.click("[data-click-me]")
+    assert browser.evaluate("!document.getElementById('viewer').hidden && document.querySelector('#viewer img').src"
+                            " === document.querySelector('[data-click-me]').src")
+    browser.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
+                                            "windowsVirtualKeyCode": 27})
+    assert browser.evaluate("document.getElementById('viewer').hidden")
+    assert browser.errors() == []
 
 
 @needs_chromium

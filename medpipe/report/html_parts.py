@@ -4,8 +4,8 @@ A page has no external reference at all: images are ``data:`` URIs (downscaled a
 the file small, within a byte budget per page), the CSS and the script are inline, and a
 Content-Security-Policy forbids the browser to load anything else (so opening a report never contacts
 a server). The script makes tables with class ``sortable`` sortable by clicking (or pressing Enter on)
-a column header, and marks the page (``data-images`` on ``<html>``: ``ok`` or ``broken N``) once every
-image has loaded, with a visible warning when one did not.
+a column header, shows a picture at full size when it is clicked, and marks the page (``data-images`` on
+``<html>``: ``ok`` or ``broken N``) once every image has loaded, with a visible warning when one did not.
 """
 
 from __future__ import annotations
@@ -266,6 +266,11 @@ pre { background: var(--bg2); padding: 10px; overflow-x: auto; font-size: 0.85em
 details { margin: 6px 0; }
 summary { cursor: pointer; color: var(--accent); }
 .compare { display: grid; gap: 10px; }
+main figure img { cursor: zoom-in; }
+#viewer { position: fixed; inset: 0; z-index: 10; background: rgba(0, 0, 0, 0.85); display: flex;
+  align-items: center; justify-content: center; cursor: zoom-out; }
+#viewer[hidden] { display: none; }
+#viewer img { max-width: 96vw; max-height: 96vh; background: #fff; }
 footer { color: var(--muted); font-size: 0.85em; padding: 10px 28px 30px; }
 @media print { nav.toc { display: none; } .tablewrap { max-height: none; } }
 """
@@ -306,8 +311,25 @@ SCRIPT = """
       if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, th); }
     });
   });
+  // a click on a picture shows it at full size; a click or Escape closes it
+  var viewer = document.createElement("div");
+  viewer.id = "viewer";
+  viewer.hidden = true;
+  viewer.setAttribute("role", "dialog");
+  viewer.appendChild(document.createElement("img"));
+  document.body.appendChild(viewer);
+  function closeViewer() { viewer.hidden = true; viewer.firstChild.removeAttribute("src"); }
+  viewer.addEventListener("click", closeViewer);
+  document.addEventListener("keydown", function (e) { if (e.key === "Escape") { closeViewer(); } });
+  document.querySelectorAll("main figure img").forEach(function (img) {
+    img.addEventListener("click", function () {
+      viewer.firstChild.src = img.src;
+      viewer.firstChild.alt = img.alt;
+      viewer.hidden = false;
+    });
+  });
   window.addEventListener("load", function () {
-    var broken = Array.prototype.filter.call(document.images, function (img) {
+    var broken = Array.prototype.filter.call(document.querySelectorAll("main img"), function (img) {
       return !(img.complete && img.naturalWidth > 0);
     });
     document.documentElement.setAttribute("data-images", broken.length ? "broken " + broken.length : "ok");
