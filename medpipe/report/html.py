@@ -10,7 +10,7 @@ pipeline, the provenance and the log's warnings and errors.
 
 The file has no external reference (see :mod:`medpipe.report.html_parts`): it can be mailed or archived
 alone. Images are downscaled and the page's images kept within a budget (the ``brain_tumor.yaml`` run
-gives a report of about 4 MB). Missing or unreadable files become notes in the page, never errors.
+gives a report of 2.5 MB). Missing or unreadable files become notes in the page, never errors.
 
 The runner writes it at the end of every run (:func:`write_report_quietly`: a report that cannot be
 written logs a warning and never fails the run); ``medpipe report RUN`` rebuilds it.
