@@ -158,13 +158,9 @@ def test_missing_files_and_an_unknown_state_give_a_report(tmp_path: Path) -> Non
         run_report_html(tmp_path)
 
 
-def test_ingest_qa_lists_series_previews_and_rejections_by_reason(tmp_path: Path) -> None:
-    rd = tmp_path / "run"
-    ingest = rd / "stages" / "00_ingest"
+def _ingest_folder(ingest: Path) -> None:
+    """What ``medpipe ingest`` writes, in small: a manifest (one ok, one warning series), previews, rejections."""
     (ingest / "volumes" / "P1").mkdir(parents=True)
-    (rd / "resolved.yaml").write_text("name: qa\nstages:\n- stage: ingest\n")
-    (rd / "state.json").write_text(json.dumps({"version": 1, "stages": {"00_ingest": {
-        "status": "done", "outputs": {"ingest_dir": str(ingest)}, "metrics": {"n_files": 9}}}}))
     _png(ingest / "volumes" / "P1" / "a.png", seed=3)
     _png(ingest / "volumes" / "P1" / "b.png", seed=4)
     (ingest / "manifest.csv").write_text(
@@ -175,7 +171,9 @@ def test_ingest_qa_lists_series_previews_and_rejections_by_reason(tmp_path: Path
         "path,reason\n/src/x,not a DICOM file\n/src/y,not a DICOM file\n"
         "/src/z,duplicate SOP Instance UID 1.2.840.1234.5 (also in /src/w)\n"
         "/src/v,duplicate SOP Instance UID 1.2.840.99.7 (also in /src/u)\n")
-    html = run_report_html(rd)
+
+
+def _check_qa(html: str) -> None:
     assert "2 series: 1 warning, 1 ok" in html and "gantry tilt 12 degrees: resampled" in html
     assert 'class="badge st-warning"' in html
     assert len(_images(html)) == 2
@@ -183,6 +181,26 @@ def test_ingest_qa_lists_series_previews_and_rejections_by_reason(tmp_path: Path
     assert "Rejected files by reason (4 files)" in html
     assert "duplicate SOP Instance UID &lt;UID&gt; (also in another file): 2 file(s)" in html
     assert "not a DICOM file: 2 file(s)" in html
+
+
+def test_ingest_qa_lists_series_previews_and_rejections_by_reason(tmp_path: Path) -> None:
+    rd = tmp_path / "run"
+    ingest = rd / "stages" / "00_ingest"
+    _ingest_folder(ingest)
+    (rd / "resolved.yaml").write_text("name: qa\nstages:\n- stage: ingest\n")
+    (rd / "state.json").write_text(json.dumps({"version": 1, "stages": {"00_ingest": {
+        "status": "done", "outputs": {"ingest_dir": str(ingest)}, "metrics": {"n_files": 9}}}}))
+    _check_qa(run_report_html(rd))
+
+
+def test_cli_writes_the_qa_page_of_an_ingest_folder(tmp_path: Path) -> None:
+    _ingest_folder(tmp_path / "ingested")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "ingested")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "ingested" / "report.html").read_text()
+    assert_self_contained(html)
+    assert "Ingest QA: ingested" in html
+    _check_qa(html)
 
 
 def test_reason_groups_drop_specifics() -> None:
@@ -229,3 +247,15 @@ def test_write_run_report_to_another_file(tmp_path: Path) -> None:
     rd = _toy_run(tmp_path)
     out = write_run_report(rd, tmp_path / "elsewhere" / "r.html")
     assert out.is_file() and "toy: medpipe run report" in out.read_text()
+
+
+def test_huge_ingests_are_cut_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medpipe.report.html_ingest as qa
+
+    monkeypatch.setattr(qa, "MAX_SERIES_ROWS", 1)
+    monkeypatch.setattr(qa, "MAX_REASONS", 1)
+    monkeypatch.setattr(qa, "PATHS_PER_REASON", 1)
+    _ingest_folder(tmp_path / "ingested")
+    html = qa.ingest_qa_html(tmp_path / "ingested", report_html.h.Images())
+    assert "the first 1 of 2 series" in html and "the 1 most frequent of 2 reasons" in html
+    assert "… and 1 more" in html and "/src/y" not in html

@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from medpipe.errors import ConfigError
 from medpipe.io import write_text_atomic
 from medpipe.report import html_parts as h
 from medpipe.report.html_ingest import ingest_qa_html
-from medpipe.report.run_dir import RunRecord, StageRecord, flatten, read_csv, read_run
+from medpipe.report.run_dir import RunRecord, StageRecord, flatten, is_run_dir, read_csv, read_run
 
 log = logging.getLogger("medpipe.report")
 
@@ -358,6 +359,36 @@ def write_run_report(run_dir: Path, out: Path | None = None, *, image_budget: in
     target = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     write_text_atomic(target, run_report_html(Path(run_dir), image_budget=image_budget))
     return target
+
+
+def ingest_report_html(folder: Path, *, image_budget: int = h.DEFAULT_IMAGE_BUDGET) -> str:
+    """The QA page of a ``medpipe ingest`` output folder (one that holds ``manifest.csv``)."""
+    folder = Path(folder)
+    if not (folder / "manifest.csv").is_file():
+        raise ConfigError(f"{folder} is not an ingest output folder (no manifest.csv)",
+                          hint="give the --out folder of `medpipe ingest`")
+    images = h.Images(budget=image_budget)
+    body = h.section("qa", "Ingest QA", ingest_qa_html(folder, images))
+    header = f"<h1>Ingest QA: {h.esc(folder.name)}</h1>" + h.facts([("folder", str(folder.resolve()))])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    footer = (f"Written by medpipe on {stamp}; {images.embedded} images embedded ({images.used / 1e6:.1f} MB). "
+              "Self-contained: opening it contacts no server.")
+    return h.page(f"{folder.name}: medpipe ingest QA", header, [("qa", "Ingest QA")], body, footer)
+
+
+def write_report(path: Path, out: Path | None = None, *, image_budget: int = h.DEFAULT_IMAGE_BUDGET) -> Path:
+    """The report of a run directory, or the QA page of an ingest output folder, to ``out``
+    (default ``path/report.html``); return where it was written.
+
+    Raises:
+        ConfigError: ``path`` is neither.
+    """
+    path = Path(path)
+    if not is_run_dir(path) and (path / "manifest.csv").is_file():
+        target = Path(out) if out is not None else path / REPORT_NAME
+        write_text_atomic(target, ingest_report_html(path, image_budget=image_budget))
+        return target
+    return write_run_report(path, out, image_budget=image_budget)
 
 
 def write_report_quietly(run_dir: Path) -> Path | None:

@@ -20,8 +20,10 @@ SERIES_COLUMNS = ("patient_id", "modality", "series_number", "series_description
 _NUMERIC = {"series_number", "n_files"}
 #: order of the previews: the series that need a look first
 _SEVERITY = {"rejected": 0, "warning": 1, "ok": 2}
-#: paths listed per rejection reason (the rest are counted)
+#: paths listed per rejection reason (the rest are counted), reasons listed, series rows in the table
 PATHS_PER_REASON = 50
+MAX_REASONS = 100
+MAX_SERIES_ROWS = 2000
 
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 _ALSO_IN = re.compile(r"\(also in [^)]*\)")
@@ -50,7 +52,7 @@ def ingest_qa_html(folder: Path, images: Images, *, max_previews: int = 80, prev
         out.append(note(f"{len(rows)} series: " + ", ".join(f"{counts[s]} {s}" for s in sorted(counts,
                    key=lambda s: _SEVERITY.get(s, 3)))))
         body = []
-        for r in rows:
+        for r in rows[:MAX_SERIES_ROWS]:
             cells: list[object] = []
             for c in SERIES_COLUMNS:
                 v = r.get(c, "")
@@ -61,7 +63,10 @@ def ingest_qa_html(folder: Path, images: Images, *, max_previews: int = 80, prev
                 else:
                     cells.append(v)
             body.append(cells)
-        out.append(table(list(SERIES_COLUMNS), body, caption="Series (one row per volume written or refused)"))
+        cut = (f"the first {MAX_SERIES_ROWS} of {len(rows)} series; all are in {manifest}"
+               if len(rows) > MAX_SERIES_ROWS else None)
+        out.append(table(list(SERIES_COLUMNS), body, caption="Series (one row per volume written or refused)",
+                         note=cut))
         out.append(_previews(folder, rows, images, max_previews, preview_width))
     out.append(_rejected(folder / "rejected.csv"))
     return "".join(out)
@@ -103,8 +108,11 @@ def _rejected(path: Path) -> str:
         file, reason = (row + ["", ""])[:2]
         groups[reason_group(reason)].append((file, reason))
     ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    summary = table(["reason", "files"], [[g, Cell(len(files), cls="num")] for g, files in ordered],
-                    caption=f"Rejected files by reason ({t.total} files)")
+    cut = (f"the {MAX_REASONS} most frequent of {len(ordered)} reasons; all files are in {path}"
+           if len(ordered) > MAX_REASONS else None)
+    ordered = ordered[:MAX_REASONS]
+    summary = table(["reason", "files"], [[Cell(g, wrap=True), Cell(len(files), cls="num")] for g, files in ordered],
+                    caption=f"Rejected files by reason ({t.total} files)", note=cut)
     lists = []
     for g, files in ordered:
         items = "".join(f"<li><code>{esc(f)}</code>" + (f" ({esc(r)})" if r != g else "") + "</li>"
