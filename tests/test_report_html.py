@@ -19,7 +19,7 @@ import medpipe.report.html as report_html
 import tests.toy_stages as toy
 from medpipe.cli import app
 from medpipe.config import load_pipeline
-from medpipe.errors import ConfigError, StageError
+from medpipe.errors import ConfigError, MedpipeError, StageError
 from medpipe.report.compare import comparison_html
 from medpipe.report.html import run_report_html, write_run_report
 from medpipe.report.html_ingest import reason_group
@@ -85,11 +85,32 @@ def test_a_failed_run_still_gets_a_report_that_says_where_and_why(tmp_path: Path
 
 
 def test_an_interrupted_run_gets_a_report(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt):
+    # a runner records Ctrl-C as the stage failed (KeyboardInterrupt) or interrupted (medpipe's Interrupted)
+    with pytest.raises((KeyboardInterrupt, MedpipeError)):
         _toy_run(tmp_path, ["toy_train.crash=true"])
     html = (tmp_path / "run" / "report.html").read_text()
-    assert "The run failed" in html and "01_toy_train" in html and "no message recorded" in html
+    assert re.search(r"The run (failed</strong> at stage|was interrupted</strong> \(Ctrl-C\) in stage) 01_toy_train",
+                     html)
     assert "the end of run.log" in html
+
+
+def _state_only_run(rd: Path, stages: dict[str, dict[str, object]]) -> Path:
+    rd.mkdir(parents=True)
+    kinds = [key.split("_", 1)[1] for key in stages]
+    (rd / "resolved.yaml").write_text("name: crafted\nstages:\n" + "".join(f"- stage: {k}\n" for k in kinds))
+    (rd / "state.json").write_text(json.dumps({"version": 1, "stages": stages}))
+    return rd
+
+
+def test_interrupted_stages_and_relocatable_paths(tmp_path: Path) -> None:
+    rd = _state_only_run(tmp_path / "run", {
+        "00_ingest": {"status": "done", "outputs": {"ingest_dir": "run:stages/00_ingest"}},
+        "01_train_segmenter": {"status": "interrupted"}})
+    _ingest_folder(rd / "stages" / "00_ingest")
+    html = run_report_html(rd)
+    assert 'class="badge st-interrupted"' in html and "The run was interrupted</strong> (Ctrl-C) in stage " \
+        "01_train_segmenter" in html and "--resume" in html
+    _check_qa(html)  # the ingest folder found through its run: path
 
 
 def test_a_report_that_cannot_be_written_does_not_fail_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

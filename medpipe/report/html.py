@@ -208,6 +208,12 @@ def _status_banner(run: RunRecord) -> str:
         later = sum(1 for s in run.stages if s.index > st.index)
         return (f'<div class="banner failed"><strong>The run failed</strong> at stage {h.esc(st.key)}: {h.esc(why)}'
                 + (f" ({later} later stage(s) did not run.)" if later else "") + "</div>")
+    if status == "interrupted":
+        st = run.interrupted_stage
+        name = st.key if st is not None else "?"
+        return ('<div class="banner incomplete"><strong>The run was interrupted</strong> (Ctrl-C) in stage '
+                f"{h.esc(name)}; what finished is kept, and running the same command with --resume continues "
+                "it.</div>")
     if status == "incomplete":
         st = run.running_stage
         if st is not None:

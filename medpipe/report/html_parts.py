@@ -244,7 +244,7 @@ td.diff { background: #fff3d6; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 0.85em; font-weight: 600;
   border: 1px solid transparent; }
 .st-done, .st-ok, .st-complete { background: #dcefff; color: #004a75; border-color: #8cc4ec; }
-.st-warning, .st-skipped, .st-incomplete, .st-running { background: #fff0c8; color: #6b4b00; border-color: #e6c15c; }
+.st-warning, .st-skipped, .st-incomplete, .st-running, .st-interrupted { background: #fff0c8; color: #6b4b00; border-color: #e6c15c; }
 .st-failed, .st-rejected { background: #ffe1cc; color: #8a3100; border-color: #e59a66; }
 .st-not-run, .st-unknown { background: #eee; color: #555; border-color: #ccc; }
 .banner { padding: 10px 14px; border-radius: 6px; margin: 10px 0; border: 1px solid; }

@@ -19,10 +19,14 @@ from typing import Any
 from medpipe.errors import ConfigError
 
 #: stage status as the runner records it, plus ``not run`` for stages of the pipeline without a record
-STATUSES = ("done", "failed", "running", "not run")
+STATUSES = ("done", "failed", "interrupted", "running", "not run")
 
-#: run status: every stage done / a stage failed / a stage was running or some never ran / no record
-RUN_STATUSES = ("complete", "failed", "incomplete", "unknown")
+#: run status: every stage done / a stage failed / one was interrupted (Ctrl-C) / a stage was running or some
+#: never ran / no record
+RUN_STATUSES = ("complete", "failed", "interrupted", "incomplete", "unknown")
+
+#: artifact paths inside the run folder are stored as ``run:<relative path>`` (relocatable run folders)
+RUN_PREFIX = "run:"
 
 _KEY = re.compile(r"^(\d+)_(.+)$")
 
@@ -57,12 +61,14 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """``complete``, ``failed``, ``incomplete`` or ``unknown`` (see :data:`RUN_STATUSES`)."""
+        """One of :data:`RUN_STATUSES`."""
         if self.state is None:
             return "unknown"
         statuses = [s.status for s in self.stages]
         if "failed" in statuses:
             return "failed"
+        if "interrupted" in statuses:
+            return "interrupted"
         if statuses and all(s == "done" for s in statuses):
             return "complete"
         return "incomplete"
@@ -70,6 +76,10 @@ class RunRecord:
     @property
     def failed_stage(self) -> StageRecord | None:
         return next((s for s in self.stages if s.status == "failed"), None)
+
+    @property
+    def interrupted_stage(self) -> StageRecord | None:
+        return next((s for s in self.stages if s.status == "interrupted"), None)
 
     @property
     def running_stage(self) -> StageRecord | None:
@@ -120,6 +130,15 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _in_run(value: Any, run_dir: Path) -> Any:
+    """An output as recorded in ``state.json`` with ``run:`` paths made absolute for where the run is now."""
+    if isinstance(value, list):
+        return [_in_run(v, run_dir) for v in value]
+    if isinstance(value, str) and value.startswith(RUN_PREFIX):
+        return str(run_dir / value[len(RUN_PREFIX):])
+    return value
+
+
 def read_run(path: Path) -> RunRecord:
     """Everything the report needs from a run directory; problems are recorded, not raised.
 
@@ -168,7 +187,7 @@ def read_run(path: Path) -> RunRecord:
             seconds = entry.get("seconds")
             rec.seconds = float(seconds) if isinstance(seconds, (int, float)) else None
             rec.metrics = _dict(entry.get("metrics")) or _dict(per_stage_metrics.get(key))
-            rec.outputs = _dict(entry.get("outputs"))
+            rec.outputs = {k: _in_run(v, path) for k, v in _dict(entry.get("outputs")).items()}
         elif key in per_stage_metrics:
             rec.metrics = _dict(per_stage_metrics[key])
     ordered = sorted(stages.values(), key=lambda s: (s.index, s.key))
