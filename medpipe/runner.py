@@ -38,7 +38,6 @@ from medpipe.errors import ConfigError, MedpipeError, StageError
 from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
 from medpipe.provenance import git_commit, versions
-from medpipe.report.html import write_report_quietly
 from medpipe.stage import REGISTRY, ProgressFn, RunContext, no_progress
 
 log = logging.getLogger("medpipe")
@@ -153,6 +152,8 @@ def run_pipeline(
     try:
         return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage)
     finally:
+        from medpipe.report.html import write_report_quietly
+
         write_report_quietly(run_dir)  # report.html, also after a failure or an interrupt; never raises
         log.removeHandler(handler)
         handler.close()
