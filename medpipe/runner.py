@@ -208,6 +208,9 @@ def run_pipeline(
     try:
         return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage)
     finally:
+        from medpipe.report.html import write_report_quietly
+
+        write_report_quietly(run_dir)  # report.html, also after a failure or an interrupt; never raises
         log.removeHandler(handler)
         handler.close()
 

@@ -78,7 +78,7 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, imports, ingest, run, sample, score
+    from medpipe.cli import catalog, imports, ingest, report, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
@@ -86,6 +86,7 @@ def _register() -> None:
     run.register(app)
     imports.register(app)
     score.register(app)
+    report.register(app)
 
 
 _register()

@@ -7,7 +7,7 @@ as the dataset stage wrote it (never resampled). Per case and per class: Dice an
 ``monai.metrics``; for multiclass models also the whole tumour (every class > 0).
 
 Outputs in the stage folder: ``cases.csv`` (one row per case), ``overlays/*.png`` (image, ground
-truth contour in green, prediction contour in red, on the slice with most tumour) and
+truth outlined in sky blue, prediction in dashed orange, on the slice with most tumour) and
 ``summary.json``. Metrics::
 
     dice            mean whole-tumour Dice over the cases whose ground truth has tumour
