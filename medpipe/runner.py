@@ -242,6 +242,7 @@ def _run(
         "inputs": {},
     }
     log.info("run %s in %s on %s (seed %d)", cfg.name, run_dir, device, cfg.seed)
+    _write_json(run_dir / "provenance.json", provenance)  # rewritten with inputs and timings when the run ends
     old_stages: dict[str, Any] = state.get("stages", {})
     new_state: dict[str, Any] = {"version": STATE_VERSION, "pipeline": cfg.name, "stages": {}}
     artifacts: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medpipe.errors import ConfigError
+from medpipe.stage import from_run_path
 
 #: stage status as the runner records it, plus ``not run`` for stages of the pipeline without a record
 STATUSES = ("done", "failed", "interrupted", "running", "not run")
@@ -26,7 +27,6 @@ STATUSES = ("done", "failed", "interrupted", "running", "not run")
 RUN_STATUSES = ("complete", "failed", "interrupted", "incomplete", "unknown")
 
 #: artifact paths inside the run folder are stored as ``run:<relative path>`` (relocatable run folders)
-RUN_PREFIX = "run:"
 
 _KEY = re.compile(r"^(\d+)_(.+)$")
 
@@ -130,15 +130,6 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _in_run(value: Any, run_dir: Path) -> Any:
-    """An output as recorded in ``state.json`` with ``run:`` paths made absolute for where the run is now."""
-    if isinstance(value, list):
-        return [_in_run(v, run_dir) for v in value]
-    if isinstance(value, str) and value.startswith(RUN_PREFIX):
-        return str(run_dir / value[len(RUN_PREFIX):])
-    return value
-
-
 def read_run(path: Path) -> RunRecord:
     """Everything the report needs from a run directory; problems are recorded, not raised.
 
@@ -187,7 +178,7 @@ def read_run(path: Path) -> RunRecord:
             seconds = entry.get("seconds")
             rec.seconds = float(seconds) if isinstance(seconds, (int, float)) else None
             rec.metrics = _dict(entry.get("metrics")) or _dict(per_stage_metrics.get(key))
-            rec.outputs = {k: _in_run(v, path) for k, v in _dict(entry.get("outputs")).items()}
+            rec.outputs = {k: from_run_path(v, path) for k, v in _dict(entry.get("outputs")).items()}
         elif key in per_stage_metrics:
             rec.metrics = _dict(per_stage_metrics[key])
     ordered = sorted(stages.values(), key=lambda s: (s.index, s.key))
