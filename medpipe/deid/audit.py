@@ -35,8 +35,13 @@ IDENTIFYING_KEYWORDS = frozenset({
     "AcquisitionComments", "ServiceEpisodeID", "ServiceEpisodeDescription", "ClinicalTrialSubjectID",
     "ClinicalTrialSponsorName", "ClinicalTrialSiteName", "PerformedLocation", "ScheduledStationName",
     "ScheduledProcedureStepLocation", "PerformedStationName", "PerformedStationAETitle", "FillerOrderNumberImagingServiceRequest",
-    "PlacerOrderNumberImagingServiceRequest", "OrderEntererLocation", "OrderCallbackPhoneNumber",
-    "DerivationDescription", "ProtocolName", "PerformedProcedureStepDescription", "OperatorsName",
+    "PlacerOrderNumberImagingServiceRequest", "OrderEntererLocation", "OrderCallbackPhoneNumber", "OperatorsName",
+})
+#: free text (kept, cleaned, under Clean Descriptors / Retain Patient Characteristics)
+FREE_TEXT_KEYWORDS = frozenset({
+    "ReasonForStudy", "ReasonForTheRequestedProcedure", "AdditionalPatientHistory", "PatientComments",
+    "ImageComments", "StudyComments", "VisitComments", "MedicalAlerts", "Allergies", "PatientState",
+    "SpecialNeeds", "InterpretationText", "TextValue", "AcquisitionComments", "ServiceEpisodeDescription",
 })
 #: UI attributes naming classes or syntaxes, not instances (never pseudonymised)
 _CLASS_UIDS = frozenset({
@@ -59,8 +64,12 @@ def _strings(value: Any) -> list[str]:
     return [str(value)]
 
 
-def identifying_values(ds: Dataset, min_length: int = 4) -> set[str]:
-    """Identifying values in ``ds`` (sequences and file meta included), each at least ``min_length`` long."""
+def identifying_values(ds: Dataset, min_length: int = 4, free_text: bool = True) -> set[str]:
+    """Identifying values in ``ds`` (sequences and file meta included), each at least ``min_length`` long.
+
+    ``free_text``: also whole free-text values (comments, reasons, histories); leave them out when checking
+    the output of options that keep cleaned free text (the identifying values inside are still checked).
+    """
     found: set[str] = set()
 
     def add(text: str) -> None:
@@ -91,7 +100,7 @@ def identifying_values(ds: Dataset, min_length: int = 4) -> set[str]:
                 for s in _strings(elem.value):
                     if s not in UID_dictionary:
                         add(s)
-        elif kw in IDENTIFYING_KEYWORDS and vr in _TEXT:
+        elif (kw in IDENTIFYING_KEYWORDS and (free_text or kw not in FREE_TEXT_KEYWORDS)) and vr in _TEXT:
             for s in _strings(elem.value):
                 add(s)
     return found

@@ -169,7 +169,7 @@ class Deidentifier:
             pseudo=pseudo,
             shift=self.date_shift(patient_id, issuer) if self.options.retain_modified_dates else 0,
             uids=mapping.uids,
-            identifiers=self._identifiers(ds) if self._cleans_text() else [],
+            dataset=ds,
         )
         self._walk(ds, ctx, top_level=True)
         self._markers(ds, pseudo)
@@ -181,9 +181,6 @@ class Deidentifier:
             mapping.study = (self.key.uid(study_uid) if not self.options.retain_uids else study_uid,
                              {**original_study, "PatientID": pseudo.patient_id})
         return mapping
-
-    def _cleans_text(self) -> bool:
-        return self.options.clean_descriptors or self.options.retain_patient_characteristics
 
     def _identifiers(self, ds: Dataset) -> list[str]:
         """Identifying text of this dataset (values the profile removes), for cleaning descriptors."""
@@ -233,7 +230,7 @@ class Deidentifier:
                 del elems[tag]
                 continue
             if code in ("X", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"):
-                code = self.table.resolve(code, tag, ctx.sop_class, top_level, _has_value(raw))
+                code = self.table.resolve(code, tag, ctx.sop_class, top_level, _has_value(raw), vr == "SQ")
             if top_level and tag in (_PATIENT_ID, _PATIENT_NAME) and code != "X":
                 ds[tag].value = ctx.pseudo.patient_id if tag == _PATIENT_ID else ctx.pseudo.patient_name
                 continue
@@ -294,6 +291,8 @@ class Deidentifier:
         if vr == "TM" and self.options.retain_modified_dates:
             return  # whole-day shifts leave times as they are
         if vr in _TEXT_VRS and vr != "PN":
+            if ctx.identifiers is None:  # once per dataset, from the values before any change
+                ctx.identifiers = identifier_pattern(self._identifiers(ctx.dataset))
             values = [clean_text(v, ctx.identifiers) for v in _values(elem.value)]
             elem.value = values if len(values) > 1 else (values[0] if values else "")
             return
@@ -372,7 +371,8 @@ class _Context:
     pseudo: Pseudonym
     shift: int
     uids: dict[str, str]
-    identifiers: list[str]
+    dataset: Dataset  # the top-level dataset (for the identifiers, collected on first need)
+    identifiers: re.Pattern[str] | None = None
 
 
 def _vr(raw: DataElement | RawDataElement, tag: int, private_ok: bool = False) -> str | None:
@@ -404,11 +404,19 @@ def _values(value: Any) -> list[str]:
     return [str(value)]
 
 
-def clean_text(text: str, identifiers: list[str]) -> str:
-    """``text`` without the identifying values given, date-like strings and runs of 5+ digits."""
-    out = text
-    for ident in identifiers:
-        out = re.sub(r"(?<![0-9A-Za-z])" + re.escape(ident) + r"(?![0-9A-Za-z])", " ", out, flags=re.IGNORECASE)
+def identifier_pattern(identifiers: list[str]) -> re.Pattern[str]:
+    """One case-insensitive pattern matching any of ``identifiers`` as a whole word (longest first)."""
+    words = sorted(set(identifiers), key=len, reverse=True)
+    if not words:
+        return re.compile(r"(?!x)x")  # matches nothing
+    return re.compile(r"(?<![0-9A-Za-z])(?:" + "|".join(map(re.escape, words)) + r")(?![0-9A-Za-z])", re.IGNORECASE)
+
+
+def clean_text(text: str, identifiers: re.Pattern[str] | list[str]) -> str:
+    """``text`` without the identifying values given, date-like strings, runs of 5+ digits and emptied brackets."""
+    pattern = identifiers if isinstance(identifiers, re.Pattern) else identifier_pattern(identifiers)
+    out = pattern.sub(" ", text)
     out = _DATE_LIKE.sub(" ", out)
     out = _LONG_DIGITS.sub(" ", out)
+    out = re.sub(r"\(\s*\)|\[\s*\]|\{\s*\}", " ", out)  # brackets left empty
     return re.sub(r"\s{2,}", " ", out).strip(" ,;:-_")

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -259,8 +259,11 @@ def deidentify(
     *,
     workers: int | None = None,
     progress: ProgressSink | None = None,
+    tree: str = "",
 ) -> DeidReport:
     """De-identify every file of ``src`` (folder, zip, DICOMDIR or file) into ``out``; see the module docstring.
+
+    ``tree``: a subfolder of ``out`` for the DICOM files (the reports stay in ``out``).
 
     Raises:
         SourceError: ``src`` is unusable or holds no files.
@@ -316,14 +319,14 @@ def deidentify(
         builder.add_file(ref, rel)
         old_entry = journal.get(ref)
         if (old_entry and old_entry["size"] == f.size and old_entry["mtime_ns"] == f.mtime_ns
-                and (old_entry["status"] != "written" or (out / old_entry["out"]).is_file())):
+                and (old_entry["status"] != "written" or (out / tree / old_entry["out"]).is_file())):
             results[ref] = FileResult(ref, f.size, f.mtime_ns, old_entry["status"], old_entry.get("out", ""),
                                       old_entry.get("reason", ""))
         else:
             todo.append((f, ref))
 
     progress.start("De-identifying", len(todo))
-    init_args = (key, settings.options, patients, str(out), settings.allow_burned_in, settings.ocr)
+    init_args = (key, settings.options, patients, str(out / tree), settings.allow_burned_in, settings.ocr)
     chunk = 16
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     pool = _executor(workers, len(chunks), init_args)
@@ -379,7 +382,19 @@ def deidentify(
                       time.perf_counter() - t0, paths)
 
 
-def asdict_report(report: DeidReport) -> dict[str, Any]:
-    d = asdict(report)
-    d["out"], d["map_path"] = str(report.out), str(report.map_path)
-    return d
+def stage_for_ingest(src: Path, out: Path, settings: DeidSettings, *, workers: int | None = None,
+                     progress: ProgressSink | None = None) -> tuple[Path, list[tuple[str, str]]]:
+    """``medpipe ingest --deidentify``: de-identify ``src`` into ``out/deidentified`` first.
+
+    Ingest then reads only the de-identified copy (``out/deidentified/dicom``), so its catalog, manifest,
+    sidecars, volume names, previews and logs see pseudonyms and new UIDs only. Returns that folder and the
+    files not written, as ``(reference, reason)`` rows for ingest's ``rejected.csv``.
+    """
+    for what, p in (("key file", Path(settings.key).expanduser()), ("map", settings.map_path)):
+        if _inside(p, out):
+            raise ConfigError(f"{p}: the {what} must not be inside the output folder {out}",
+                              hint="keep the key and the map apart from the data you share")
+    report = deidentify(src, out / "deidentified", settings, workers=workers, progress=progress, tree="dicom")
+    staged = out / "deidentified" / "dicom"
+    staged.mkdir(parents=True, exist_ok=True)
+    return staged, [(f"deid:{ref}", f"not de-identified: {reason}") for ref, reason in report.rejected]

@@ -170,7 +170,8 @@ class ActionTable:
             return "2"
         return "3"
 
-    def resolve(self, code: str, tag: int, sop_class: str, top_level: bool, has_value: bool) -> str:
+    def resolve(self, code: str, tag: int, sop_class: str, top_level: bool, has_value: bool,
+                is_sequence: bool = False) -> str:
         """A combined code resolved to ``D``, ``Z``, ``X`` (or ``U`` for ``X/Z/U*``).
 
         ``X`` itself is resolved too: an attribute the table removes but the IOD requires when present
@@ -178,8 +179,9 @@ class ActionTable:
         or given a dummy value instead, so the object stays conformant.
 
         The Type comes from the IOD of ``sop_class`` (top-level attributes of SOP classes in the data);
-        elsewhere (inside sequences, newer SOP classes) the choice that keeps any IOD conformant is made:
-        ``Z`` for ``X/Z``, and ``D`` when there is a value to replace, else ``Z``, for codes that offer D.
+        elsewhere (inside sequences, newer SOP classes) the choice that keeps most IODs conformant is made:
+        for ``X/Z``, ``Z`` (a sequence inside a sequence: ``X``, as an empty one breaks the macros that allow it
+        with 1-n items), and for codes that offer D, ``D`` when there is a value to replace, else ``Z``.
         """
         if code == "X/Z/U*":
             return "U"
@@ -191,7 +193,7 @@ class ActionTable:
         t = self.iod_type(tag, sop_class) if top_level else None
         if t is None:
             if code == "X/Z":
-                return "Z"
+                return "X" if is_sequence and not top_level else "Z"
             return "D" if has_value else "Z"
         if t == "1":
             return "D" if "D" in code else "Z"
