@@ -123,20 +123,22 @@ def leaks(output: Path | str, values: set[str]) -> list[str]:
     import pydicom
 
     data = Path(output).read_bytes()
-    pixels = b""
-    try:
-        pixels = _pixel_bytes(pydicom.dcmread(output, force=True))
-    except Exception:  # noqa: BLE001 - not DICOM (e.g. a CSV report): scan every byte
-        pixels = b""
+    pixels: bytes | None = None
     found = []
     for v in sorted(values):
-        for enc in ("latin-1", "utf-8"):
-            try:
-                b = v.encode(enc)
-            except UnicodeEncodeError:
+        for b in {v.encode("utf-8"), v.encode("latin-1", "replace")}:
+            if b not in data:  # the common case, and fast
                 continue
             word = re.compile(rb"(?<![0-9A-Za-z])" + re.escape(b) + rb"(?![0-9A-Za-z])")
-            if len(word.findall(data)) > len(word.findall(pixels)):
+            hits = len(word.findall(data))
+            if not hits:
+                continue
+            if pixels is None:
+                try:
+                    pixels = _pixel_bytes(pydicom.dcmread(output, force=True))
+                except Exception:  # noqa: BLE001 - not DICOM (e.g. a CSV report): every byte counts
+                    pixels = b""
+            if hits > len(word.findall(pixels)):
                 found.append(v)
                 break
     return found

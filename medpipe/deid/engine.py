@@ -147,7 +147,7 @@ class Deidentifier:
         if user is not None:
             return Pseudonym(user.patient_id, user.patient_name or user.patient_id)
         p = self.key.patient_pseudonym(patient_id, issuer)
-        return Pseudonym(p, p)
+        return Pseudonym(p, p + "^")  # the name: one family-name component (the caret says so)
 
     def date_shift(self, patient_id: str, issuer: str = "") -> int:
         return self.key.date_shift_days(patient_id, issuer)
@@ -169,7 +169,8 @@ class Deidentifier:
             pseudo=pseudo,
             shift=self.date_shift(patient_id, issuer) if self.options.retain_modified_dates else 0,
             uids=mapping.uids,
-            dataset=ds,
+            # identifying values are collected before anything changes (only when text will be cleaned)
+            identifiers=identifier_pattern(self._identifiers(ds)) if self._cleans_text() else None,
         )
         self._walk(ds, ctx, top_level=True)
         self._markers(ds, pseudo)
@@ -181,6 +182,9 @@ class Deidentifier:
             mapping.study = (self.key.uid(study_uid) if not self.options.retain_uids else study_uid,
                              {**original_study, "PatientID": pseudo.patient_id})
         return mapping
+
+    def _cleans_text(self) -> bool:
+        return self.options.clean_descriptors or self.options.retain_patient_characteristics
 
     def _identifiers(self, ds: Dataset) -> list[str]:
         """Identifying text of this dataset (values the profile removes), for cleaning descriptors."""
@@ -205,7 +209,7 @@ class Deidentifier:
         elems = ds._dict
         private_keep: set[int] = set()  # private creator tags a kept private element needs
         overlay_groups: set[int] = set()
-        for tag in list(elems):
+        for tag in sorted(elems):
             group = tag >> 16
             if group & 1:
                 if self._private == "C" and (tag & 0xFFFF) >= 0x1000 and self._safe_private(ds, tag):
@@ -291,9 +295,7 @@ class Deidentifier:
         if vr == "TM" and self.options.retain_modified_dates:
             return  # whole-day shifts leave times as they are
         if vr in _TEXT_VRS and vr != "PN":
-            if ctx.identifiers is None:  # once per dataset, from the values before any change
-                ctx.identifiers = identifier_pattern(self._identifiers(ctx.dataset))
-            values = [clean_text(v, ctx.identifiers) for v in _values(elem.value)]
+            values = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
             elem.value = values if len(values) > 1 else (values[0] if values else "")
             return
         # nothing sensible to clean (e.g. a person name, a number): empty it
@@ -371,7 +373,6 @@ class _Context:
     pseudo: Pseudonym
     shift: int
     uids: dict[str, str]
-    dataset: Dataset  # the top-level dataset (for the identifiers, collected on first need)
     identifiers: re.Pattern[str] | None = None
 
 
