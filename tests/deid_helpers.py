@@ -30,6 +30,18 @@ COMMON = {
 }
 
 
+_LAST = ["Doe", "Roe", "Smithers", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Kowalski", "Haddad", "Ferreira"]
+_FIRST = ["Jonathan", "Margaret", "Wilhelmina", "Chidi", "Astrid", "Lucien", "Haruki", "Zofia", "Samir", "Ines"]
+
+
+def fictitious_patient(i: int) -> dict[str, str]:
+    """Patient ``i`` of a larger export: distinct fictitious PHI per patient (same keys as PATIENTS)."""
+    last, first = _LAST[i % len(_LAST)], _FIRST[(i * 3 + 1) % len(_FIRST)]
+    return {"name": f"{last}^{first}", "id": f"MRN-{700000 + 7919 * i}", "other_id": f"SSN{100000000 + 104729 * i}",
+            "birth": f"{1940 + i % 50}{1 + i % 12:02d}{1 + i % 28:02d}", "address": f"{10 + i} Elm Street, Unit {i}",
+            "phone": f"555-{100 + i:03d}-{2000 + i:04d}", "accession": f"ACC{900000 + i}"}
+
+
 def planted_values() -> set[str]:
     """Every planted value and its parts (names split into components), as the byte scan looks for them."""
     out: set[str] = set()

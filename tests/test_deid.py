@@ -475,3 +475,29 @@ def test_deid_command_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "False"
+
+
+def test_fast_writer_gives_the_bytes_of_dcmwrite(planted: tuple[Path, dict]) -> None:
+    """medpipe.deid.writer writes raw elements directly: the file must be byte-identical to pydicom's."""
+    import io
+
+    from pydicom.data import get_testdata_file
+
+    from medpipe.deid.writer import dataset_bytes
+
+    src, _ = planted
+    files = [p for p in sorted(deid_data_folder().rglob("*.dcm")) if p.stat().st_size < 5_000_000]
+    files += sorted(src.rglob("*.dcm"))[:3] + sorted(src.rglob("SEG/*.dcm"))[:1]
+    files += [Path(get_testdata_file(n)) for n in ("MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+                                                   "JPEG2000.dcm", "image_dfl.dcm")]
+    fast = 0
+    for path in files:
+        ds = pydicom.dcmread(path)
+        Deidentifier(KEY).apply(ds)
+        expected = io.BytesIO()
+        pydicom.dcmwrite(expected, ds, enforce_file_format=True)
+        data = dataset_bytes(ds)
+        if data is not None:
+            assert data == expected.getvalue(), path.name
+            fast += 1
+    assert fast >= len(files) - 2  # all but big endian and deflate take the fast path

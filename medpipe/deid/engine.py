@@ -177,7 +177,7 @@ class Deidentifier:
         self._file_meta(ds, ctx)
         original_patient["date_shift_days"] = ctx.shift
         mapping.patient = (pseudo.patient_id, original_patient)
-        study_uid = original_study.get("StudyInstanceUID", "")
+        study_uid = original_study.get("StudyInstanceUID", "").strip().rstrip("\x00")
         if study_uid:
             mapping.study = (self.key.uid(study_uid) if not self.options.retain_uids else study_uid,
                              {**original_study, "PatientID": pseudo.patient_id})

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from medpipe.deid.engine import Deidentifier, Mapping, Pseudonym
 from medpipe.deid.keys import DeidKey, load_or_create_key
-from medpipe.deid.mapping import MapBuilder, default_map_path, merge_into_map, read_patient_csv
+from medpipe.deid.mapping import MapBuilder, default_map_path, merge_into_map, read_map, read_patient_csv
 from medpipe.deid.table import ProfileOptions, load_table
 from medpipe.dicom.sources import ZIP_SEP, SourceFile, list_source, open_key
 from medpipe.errors import ConfigError, SourceError
@@ -159,12 +159,13 @@ class _Worker:
         try:
             mapping = self.engine.apply(ds)
             rel = output_path(ds)
+            from medpipe.deid.writer import write_dicom
             from medpipe.io import atomic_path
 
             with atomic_path(self.out / rel) as tmp:
-                pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+                write_dicom(tmp, ds)
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
-            log.debug("de-identification failed for %s", ref, exc_info=True)
+            log.debug("de-identification failed for %s (%s)", ref, type(exc).__name__)  # no message: it may quote PHI
             return rejected(f"could not de-identify ({type(exc).__name__})")
         return FileResult(ref, f.size, f.mtime_ns, "written", out=rel, mapping=mapping)
 
@@ -290,6 +291,8 @@ def deidentify(
     key, created = load_or_create_key(key_path)
     if created:
         log.warning("created a new de-identification key in %s (mode 0600): keep it, and keep it private", key_path)
+    if map_path.exists():
+        read_map(map_path, key.key_id)  # a map of another key: refused before any file is written
     patients = read_patient_csv(settings.patients) if settings.patients else {}
     if settings.ocr:
         from medpipe.deid.burned_in import tesseract_path
@@ -318,8 +321,10 @@ def deidentify(
         ref = key.file_ref(rel)
         builder.add_file(ref, rel)
         old_entry = journal.get(ref)
+        # done: written before, and still there (files not written are tried again: the settings that
+        # rejected them, such as --allow-burned-in, may have changed)
         if (old_entry and old_entry["size"] == f.size and old_entry["mtime_ns"] == f.mtime_ns
-                and (old_entry["status"] != "written" or (out / tree / old_entry["out"]).is_file())):
+                and old_entry["status"] == "written" and (out / tree / old_entry["out"]).is_file()):
             results[ref] = FileResult(ref, f.size, f.mtime_ns, old_entry["status"], old_entry.get("out", ""),
                                       old_entry.get("reason", ""))
         else:
