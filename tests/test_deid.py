@@ -501,3 +501,33 @@ def test_fast_writer_gives_the_bytes_of_dcmwrite(planted: tuple[Path, dict]) -> 
             assert data == expected.getvalue(), path.name
             fast += 1
     assert fast >= len(files) - 2  # all but big endian and deflate take the fast path
+
+
+def test_overlays_and_curves_go_whole() -> None:
+    """(60xx,3000) Overlay Data is X: the whole overlay group goes (no overlay without data); (50xx,xxxx) too."""
+    ds = _dataset()
+    for group in (0x6000, 0x6002):
+        ds.add_new((group, 0x0010), "US", 16)
+        ds.add_new((group, 0x0011), "US", 16)
+        ds.add_new((group, 0x0040), "CS", "G")
+        ds.add_new((group, 0x0050), "SS", [1, 1])
+        ds.add_new((group, 0x0100), "US", 1)
+        ds.add_new((group, 0x0102), "US", 0)
+        ds.add_new((group, 0x3000), "OW", b"\x01\x00" * 16)
+    ds.add_new((0x5000, 0x0005), "US", 2)
+    Deidentifier(KEY).apply(ds)
+    assert not [e for e in ds if e.tag.group in (0x5000, 0x6000, 0x6002)]
+
+
+def test_dicomdir_source(planted: tuple[Path, dict], tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    src, _ = planted
+    fs = FileSet()
+    for p in sorted(src.rglob("*.dcm"))[:6]:
+        fs.add(p)
+    fs.write(tmp_path / "media")
+    report = deidentify(tmp_path / "media" / "DICOMDIR", tmp_path / "out", DeidSettings(key=tmp_path / "k"), workers=1)
+    assert report.n_files == 6 and report.written == 6
+    values = _all_values(src)
+    assert all(leaks(p, values) == [] for p in (tmp_path / "out").rglob("*") if p.is_file())
