@@ -27,7 +27,7 @@ from medpipe.deid.table import ActionTable, ProfileOptions, load_table
 from medpipe.errors import ConfigError
 from medpipe.sample.brain_tumor import SEG_SOURCE_SERIES, SERIES_NUMBERS
 from tests.deid_helpers import deid_data_folder, new_dciodvfy_errors, planted_sample, planted_values
-from tests.dicom_checks import needs_dciodvfy
+from tests.dicom_checks import DCIODVFY, needs_dciodvfy
 
 KEY = DeidKey(bytes(range(32)))
 OTHER_KEY = DeidKey(bytes(range(1, 33)))
@@ -321,6 +321,16 @@ def test_planted_phi_is_gone_everywhere(planted: tuple[Path, dict], tmp_path: Pa
     # the private map does hold them (that is its job), and it is 0600
     assert leaks(tmp_path / "m.json", {"MRN-884211"}) == ["MRN-884211"]
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o600
+    # valid objects: no dciodvfy error that the source did not have (every SEG, three images)
+    if DCIODVFY is not None:
+        uids = json.loads((tmp_path / "m.json").read_text())["uids"]
+        sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in src.rglob("*.dcm")}
+        outputs = sorted((tmp_path / "out").rglob("*.dcm"))
+        firsts = list({p.parent: p for p in outputs}.values())  # one file per series
+        segs = [p for p in firsts if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]
+        for p in segs + [p for p in firsts if p not in segs][:3]:
+            source = sources[uids[str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)]]
+            assert new_dciodvfy_errors(source, p) == [], source.relative_to(src)
 
 
 def test_same_key_same_bytes_other_key_other_names(planted: tuple[Path, dict], tmp_path: Path) -> None:
