@@ -192,9 +192,9 @@ def quality(tool: str, src: Path, out: Path, sources: dict[str, tuple[Path, Any]
         except Exception:  # noqa: BLE001
             continue
         if tool.startswith("medpipe"):
-            src_path, src_ds = sources[uid_map[str(ds.SOPInstanceUID)]]
+            _, src_ds = sources[uid_map[str(ds.SOPInstanceUID)]]
         else:
-            src_path, src_ds = by_path[str(src / p.relative_to(out))]
+            _, src_ds = by_path[str(src / p.relative_to(out))]
         stats["files"] += 1
         values = identifying_values(src_ds)
         uids = {v for v in values if v[:1].isdigit() and "." in v and v.replace(".", "").isdigit()}

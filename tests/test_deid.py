@@ -381,7 +381,7 @@ def test_seg_references_its_deidentified_series(planted: tuple[Path, dict], tmp_
 
 
 def test_modified_dates_one_shift_per_patient_across_studies(planted: tuple[Path, dict], tmp_path: Path) -> None:
-    src, who = planted  # cases 1 and 3 are two studies of the same planted patient
+    src, _ = planted  # cases 1 and 3 are two studies of the same planted patient
     originals: dict[str, tuple[str, str]] = {}  # SOP UID -> (study date, patient)
     for f in src.rglob("*.dcm"):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -434,7 +434,7 @@ def test_key_and_map_must_stay_out_of_the_output(planted: tuple[Path, dict], tmp
 
 
 def test_patient_mapping_csv(planted: tuple[Path, dict], tmp_path: Path) -> None:
-    src, who = planted
+    src, _ = planted
     csv_path = tmp_path / "patients.csv"
     csv_path.write_text("PatientID,PseudonymID,PseudonymName\nMRN-884211,TRIAL-001,Trial^One\n")
     deidentify(src, tmp_path / "out", DeidSettings(key=tmp_path / "k", patients=csv_path), workers=2)

@@ -20,6 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32 as _LONG_VRS  # VRs with a 4-byte length field
+
 _META = (  # (tag, VR, keyword, padding)
     (0x00020002, b"UI", "MediaStorageSOPClassUID", b"\x00"),
     (0x00020003, b"UI", "MediaStorageSOPInstanceUID", b"\x00"),
