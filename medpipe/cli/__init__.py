@@ -78,7 +78,7 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, imports, ingest, report, run, sample, score
+    from medpipe.cli import catalog, deid, imports, ingest, report, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
@@ -87,6 +87,7 @@ def _register() -> None:
     imports.register(app)
     score.register(app)
     report.register(app)
+    deid.register(app)
 
 
 _register()
