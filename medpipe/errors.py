@@ -38,3 +38,7 @@ class CatalogError(MedpipeError):
 
 class OutputError(MedpipeError):
     """An output folder that cannot be written (a file, read-only, full, locked by another run)."""
+
+
+class Interrupted(MedpipeError):
+    """The user interrupted the work (Ctrl-C); what was finished is kept and a re-run continues."""

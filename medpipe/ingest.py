@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from medpipe.catalog import CATALOG_FILE, Catalog, CatalogCorrupt, FileRow, is_corrupt, join_keys, split_keys
 from medpipe.dicom.header import NonImage, Rejected, read_header
@@ -49,6 +49,9 @@ from medpipe.dicom.sources import (
 )
 from medpipe.errors import OutputError, SourceError
 from medpipe.io import FolderLocked, atomic_path, folder_lock, remove_stale_temporaries, write_csv_atomic
+
+if TYPE_CHECKING:
+    from medpipe.deid.run import DeidSettings
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +336,12 @@ def ingest(
     workers: int | None = None,
     compress: bool = True,
     progress: ProgressSink | None = None,
+    deidentify: DeidSettings | None = None,
 ) -> IngestReport:
     """Ingest ``src`` (folder, zip, DICOMDIR, DICOM or NIfTI file) into the output folder ``out``.
+
+    ``deidentify``: de-identify ``src`` first (:func:`medpipe.deid.run.stage_for_ingest`) and ingest only
+    the de-identified copy, so nothing in ``out`` holds the source's PHI.
 
     Re-running on the same or an overlapping source is incremental: unchanged files are not
     re-read and unchanged volumes are not rebuilt.
@@ -350,17 +357,20 @@ def ingest(
     src_path = Path(src).expanduser()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    files = list(list_source(src_path))
-    if not files:
-        raise SourceError(f"{src_path}: no files found", hint="point ingest at a folder, zip or DICOMDIR with DICOM files")
-    if out == src_path.resolve() or str(out).startswith(str(src_path.resolve()) + os.sep):
-        raise SourceError(f"{out}: the output folder must not be inside the source {src_path}")
+    deid_rejected: list[tuple[str, str]] = []
+    files = [] if deidentify is not None else _list_source(src_path, out)  # source errors before out is made
     with _output_errors(out):
         _make_output_folder(out)
         with _locked(out):
             stale = remove_stale_temporaries(out)
             if stale:
                 log.info("removed %d temporary files left by an interrupted run", stale)
+            if deidentify is not None:  # de-identified into out/deidentified first, under the lock
+                from medpipe.deid.run import stage_for_ingest
+
+                src_path, deid_rejected = stage_for_ingest(src_path, out, deidentify, workers=workers,
+                                                           progress=progress)
+                files = _list_source(src_path, out)
             for attempt in (1, 2):
                 try:
                     with Catalog(out / CATALOG_FILE) as catalog:
@@ -368,6 +378,7 @@ def ingest(
                         seconds["scan"] = time.perf_counter() - t0
                         t1 = time.perf_counter()
                         volumes, rejected, n_built = _assemble(catalog, out, workers, compress, progress)
+                        rejected = sorted(rejected + deid_rejected)
                         seconds["build"] = time.perf_counter() - t1
                     break
                 except (CatalogCorrupt, sqlite3.DatabaseError) as exc:
@@ -380,6 +391,16 @@ def ingest(
             _write_reports(out, volumes, rejected)
     seconds["total"] = time.perf_counter() - t0
     return IngestReport(out, len(files), n_read, n_built, volumes, rejected, seconds)
+
+
+def _list_source(src: Path, out: Path) -> list[SourceFile]:
+    """The files of ``src`` (SourceError: none, or ``out`` inside it)."""
+    files = list(list_source(src))
+    if not files:
+        raise SourceError(f"{src}: no files found", hint="point ingest at a folder, zip or DICOMDIR with DICOM files")
+    if out == src.resolve() or str(out).startswith(str(src.resolve()) + os.sep):
+        raise SourceError(f"{out}: the output folder must not be inside the source {src}")
+    return files
 
 
 def _make_output_folder(out: Path) -> None:
@@ -473,7 +494,7 @@ def _preload_build_modules() -> None:
                  "medpipe.dicom.preview", "medpipe.dicom.nifti"):
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - an optimisation only: the build imports (and reports) it again
+        except Exception:  # an optimisation only: the build imports (and reports) it again
             log.debug("preloading %s failed", name, exc_info=True)
 
 

@@ -17,14 +17,32 @@ def ingest_command(
     workers: int = typer.Option(0, help="Worker processes (0: one per CPU core)."),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="Write .nii.gz (default) or .nii."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    deidentify: bool = typer.Option(False, "--deidentify", help="De-identify on the way in (as `medpipe deid`): "
+                                                                 "nothing in OUT holds the source's PHI. Needs --key."),
+    key: Path = typer.Option(None, "--key", "-k", help="With --deidentify: the key file (created 0600 if absent)."),
+    profile: list[str] = typer.Option(None, "--profile", "-p", help="With --deidentify: profile options (see "
+                                                                     "`medpipe deid --help`)."),
+    map_path: Path = typer.Option(None, "--map", help="With --deidentify: the private map (default KEYFILE.map.json)."),
+    allow_burned_in: bool = typer.Option(False, "--allow-burned-in", help="With --deidentify: also images that may "
+                                                                          "carry burned-in text."),
 ) -> None:
     """Index DICOM (and NIfTI) into a catalog, check geometry and write one NIfTI volume per series."""
     from medpipe.cli.progress import RichProgress
+    from medpipe.errors import ConfigError
     from medpipe.ingest import ingest
 
+    settings = None
+    if deidentify:
+        from medpipe.cli.deid import deid_settings
+
+        if key is None:
+            raise ConfigError("--deidentify needs --key KEYFILE", hint="give a key file path (created if absent)")
+        settings = deid_settings(key, map_path, profile, None, allow_burned_in, False)
+    elif key is not None or profile or map_path is not None or allow_burned_in:
+        raise ConfigError("--key, --profile, --map and --allow-burned-in only apply with --deidentify")
     console = Console(stderr=False, quiet=quiet)
     with RichProgress(console) as progress:
-        report = ingest(src, out, workers=workers or None, compress=compress, progress=progress)
+        report = ingest(src, out, workers=workers or None, compress=compress, progress=progress, deidentify=settings)
     if quiet:
         return
     # header text and paths come from the data: printed as plain text (never read as rich markup)
