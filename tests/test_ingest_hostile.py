@@ -103,7 +103,7 @@ def one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> str:
 # -- one bad file never stops the run ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["rows_columns", "frames", "encapsulated_frames", "gigantic"])
+@pytest.mark.parametrize("case", ["rows_columns", "frames", "encapsulated_frames", "encapsulated_ratio", "gigantic"])
 def test_header_bomb_is_rejected(tmp_path: Path, case: str) -> None:
     """Class: header bombs (Rows x Columns x Frames far larger than the pixel data)."""
     src, out = tmp_path / "src", tmp_path / "out"
@@ -118,11 +118,15 @@ def test_header_bomb_is_rejected(tmp_path: Path, case: str) -> None:
     elif case == "gigantic":  # more than one file may hold
         variant(good.files[0], bomb, case, Rows=65535, Columns=65535, NumberOfFrames=1000)
         expect = "GB of pixels), more than the"
-    else:  # a compressed single frame claiming 40 frames
+    else:  # a compressed frame of a few hundred bytes claiming 40 frames, or 8192 x 8192 pixels (128 MB)
         jls = write_series(tmp_path / "jls", pattern(SHAPE, seed=3), Geometry(), transfer_syntax=JPEGLSLossless,
                            tag="jls")
-        variant(jls.files[0], bomb, case, NumberOfFrames=40)
-        expect = "fragment(s) for 40 frame(s)"
+        if case == "encapsulated_frames":
+            variant(jls.files[0], bomb, case, NumberOfFrames=40)
+            expect = "fragment(s) for 40 frame(s)"
+        else:
+            variant(jls.files[0], bomb, case, Rows=8192, Columns=8192)
+            expect = "header declares 134217728 bytes of pixels from"
     report = ingest(src, out, workers=1)
     assert expect in rejected_for(out, bomb)
     assert_good_ingested(out, good, report)
