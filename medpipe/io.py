@@ -9,9 +9,11 @@ the one rule on how far compressed input may expand (:func:`expansion_problem`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
@@ -200,29 +202,45 @@ class FolderLocked(Exception):
     """Another process holds the lock of the folder (``str(exc)`` names it)."""
 
 
+_held: set[str] = set()  # folders this process holds (POSIX record locks do not exclude the same process)
+_held_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path | str) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (``folder/.medpipe.lock``) for the block; yield the lock file.
 
-    The lock is an advisory ``flock`` on the lock file: it is released when the block ends or the
-    process dies (even by ``kill -9``), so a crashed run never leaves a folder locked.
+    A POSIX record lock (``lockf``): it belongs to this process alone, so it is released when the
+    block ends or the process dies (even by ``kill -9``), and worker processes that outlive their
+    parent never keep a folder locked. Within this process a second holder is refused as well.
 
     Raises:
-        FolderLocked: another process holds it (the caller decides: wait, or tell the user).
+        FolderLocked: another process (or another thread here) holds it.
         OSError: the lock file cannot be created (a read-only folder, ...).
     """
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    name = os.path.abspath(path)
+    with _held_lock:
+        if name in _held:
+            raise FolderLocked(f"{folder} is in use (lock {path} held by this process)")
+        _held.add(name)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FolderLocked(f"{folder} is in use by another medpipe process (lock {path})") from None
-        yield path
+                import fcntl
+            except ImportError:  # pragma: no cover - not POSIX: no lock between processes
+                fcntl = None  # type: ignore[assignment]
+            if fcntl is not None:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    raise FolderLocked(f"{folder} is in use by another medpipe process (lock {path})") from None
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        with _held_lock:
+            _held.discard(name)

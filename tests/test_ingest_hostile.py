@@ -453,6 +453,35 @@ def test_output_folder_locked_second_run_stops_with_one_line(tmp_path: Path) -> 
     for row in manifest_csv(out):
         assert (out / row["volume"]).is_file()
     assert_good_ingested(out, good)
+    # a holder killed with -9 releases the lock at once, even if a child of it (a worker) lives on
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(holder.stdout.readline()) if holder.stdout else 0
+    try:
+        one_line_error(run_cli("ingest", str(src), "--out", str(out), "--quiet"), "in use by another medpipe ingest")
+        holder.kill()
+        holder.wait(timeout=30)
+        assert _alive(child)
+        res = run_cli("ingest", str(src), "--out", str(out), "--quiet", "--workers", "1")
+        assert res.returncode == 0, res.stderr
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+_HOLD_LOCK = """
+import os, sys, time
+from medpipe.io import folder_lock
+with folder_lock(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:  # a worker: it has the lock file open too
+        time.sleep(60)
+        os._exit(0)
+    print(pid, flush=True)
+    time.sleep(60)
+"""
 
 
 def test_out_is_a_file_one_line_error(tmp_path: Path) -> None:
