@@ -158,8 +158,12 @@ def peak_rss(cmd: Sequence[str], *, address_space_mb: int = 4096, timeout: float
     folds into a child's peak until it calls exec. ``address_space_mb`` caps the command's address
     space, so a regression fails with a MemoryError instead of exhausting a shared machine.
     """
+    # one BLAS / OpenMP thread and two malloc arenas: on a many-core machine their reserved (never touched)
+    # address space would otherwise hit the cap before any file is read
+    env = {**_env(), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MALLOC_ARENA_MAX": "2"}
     res = subprocess.run([sys.executable, "-c", _WRAPPER, str(address_space_mb << 20), *cmd], capture_output=True,
-                         text=True, timeout=timeout, cwd=REPO, env=_env(), check=False)
+                         text=True, timeout=timeout, cwd=REPO, env=env, check=False)
     out = res.stdout + res.stderr
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PEAK_RSS_KB")][-1].split()
     return int(line[3]), int(line[1]) / 1024, out
