@@ -21,7 +21,6 @@ import errno
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -49,6 +48,7 @@ from medpipe.dicom.sources import (
 )
 from medpipe.errors import OutputError, SourceError
 from medpipe.io import FolderLocked, atomic_path, folder_lock, remove_stale_temporaries, write_csv_atomic
+from medpipe.workers import available_cpus, pool_size, process_pool
 
 if TYPE_CHECKING:
     from medpipe.deid.run import DeidSettings
@@ -164,51 +164,8 @@ def _fmt(values: Iterable[float | int]) -> str:
     return "x".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def pool_size(workers: int, jobs: int) -> int:
-    """Worker processes for ``jobs`` pieces of work: never more than the work or the CPUs."""
-    return max(1, min(workers, jobs, available_cpus()))
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when the process that started it dies (even by kill -9)."""
-    import signal
-    import sys
-    import threading
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: the kernel kills us with the parent
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher below still works
-            pass
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
-
-    def watch() -> None:  # everywhere else (and as a fallback): notice the parent is gone, and go
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="medpipe-parent-watch", daemon=True).start()
-
-
 def _executor(workers: int, jobs: int) -> Executor | None:
-    size = pool_size(workers, jobs)
-    if size <= 1:
-        return None
-    ctx = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
-    return ProcessPoolExecutor(max_workers=size, mp_context=ctx, initializer=_die_with_parent,
-                               initargs=(os.getpid(),))
+    return process_pool(workers, jobs)
 
 
 def _volume_name(stack: Stack, suffix: str) -> str:

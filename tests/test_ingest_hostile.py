@@ -623,6 +623,7 @@ def test_workers_capped_at_work_and_cpus(tmp_path: Path, monkeypatch: pytest.Mon
     import concurrent.futures
 
     import medpipe.ingest as ingest_mod
+    import medpipe.workers as workers_mod
 
     assert ingest_mod.pool_size(24, 3) == min(3, ingest_mod.available_cpus())
     assert ingest_mod.pool_size(24, 1) == 1 and ingest_mod.pool_size(1, 50) == 1
@@ -633,7 +634,7 @@ def test_workers_capped_at_work_and_cpus(tmp_path: Path, monkeypatch: pytest.Mon
             sizes.append(int(max_workers or 0))
             super().__init__(max_workers=max_workers, **kw)
 
-    monkeypatch.setattr(ingest_mod, "ProcessPoolExecutor", Recording)
+    monkeypatch.setattr(workers_mod, "ProcessPoolExecutor", Recording)
     monkeypatch.setattr(ingest_mod, "SCAN_CHUNK", 3)  # 8 + 1 files: 3 chunks of header work
     src, out = tmp_path / "src", tmp_path / "out"
     good = good_series(src)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
 from collections.abc import Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +36,7 @@ from medpipe.deid.table import ProfileOptions, load_table
 from medpipe.dicom.sources import SourceFile, is_zip_key, key_path, list_source, open_key, split_zip_key
 from medpipe.errors import ConfigError, SourceError
 from medpipe.io import remove_stale_temporaries, write_csv_atomic, write_text_atomic
+from medpipe.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +247,9 @@ def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _executor(workers: int, jobs: int, init_args: tuple[Any, ...]) -> Executor | None:
-    if workers <= 1 or jobs < 2:
+    if jobs < 2:
         return None
-    ctx = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    return process_pool(workers, jobs, _init_worker, init_args)
 
 
 def deidentify(
