@@ -34,3 +34,14 @@ class StageError(MedpipeError):
 
 class CatalogError(MedpipeError):
     """An ingest catalog (``catalog.sqlite``) that is missing or cannot be read."""
+
+
+class PacsError(MedpipeError):
+    """A PACS (DIMSE or DICOMweb) operation that failed; the message names the cause and the fix.
+
+    ``transient``: worth retrying after a pause (connection refused or lost, timeout, a busy PACS).
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient

@@ -57,7 +57,7 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, imports, ingest, run, sample, score
+    from medpipe.cli import catalog, imports, ingest, listen, pacs, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
@@ -65,6 +65,8 @@ def _register() -> None:
     run.register(app)
     imports.register(app)
     score.register(app)
+    pacs.register(app)
+    listen.register(app)
 
 
 _register()

@@ -1,0 +1,183 @@
+"""Pull studies from a PACS into a folder: list, skip what is there, fetch the rest, check that all arrived.
+
+::
+
+    query -> studies -> series -> instances (C-FIND, or QIDO-RS for a DICOMweb-only node)
+          -> per series: the instances not yet in OUT/<study>/<series>/
+          -> the node's retrieve methods in order (default C-MOVE, then C-GET, then WADO-RS):
+             a method that fails for a reason retrying cannot fix hands the remaining series to the next
+          -> every listed instance on disk, or a PacsError saying how many are missing and why
+
+Transient failures (connection refused or lost, timeouts, a busy PACS) are retried with exponential
+back-off (``retries`` / ``retry_delay`` of the node); each retry asks again only for what is still
+missing, and an attempt that brought new instances resets the count. Files are written under a
+temporary name and renamed, so an interrupted pull leaves only complete files, and running it again
+finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medpipe.errors import ConfigError, PacsError
+from medpipe.pacs.listing import Instance, SeriesItem, list_series
+from medpipe.pacs.nodes import PacsNode
+from medpipe.pacs.query import StudyQuery
+from medpipe.pacs.retry import with_retries
+from medpipe.pacs.store import InstanceStore
+
+log = logging.getLogger("medpipe.pacs")
+
+LABELS = {"move": "C-MOVE", "get": "C-GET", "wado": "WADO-RS"}
+
+
+@dataclass
+class PullReport:
+    out: Path
+    series: list[SeriesItem]
+    expected: int  # instances listed by the PACS
+    already: int  # of those, on disk before this pull
+    received: int  # written by this pull
+    by_method: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+
+    @property
+    def studies(self) -> list[str]:
+        return list(dict.fromkeys(s.study_uid for s in self.series))
+
+
+def missing(store: InstanceStore, item: SeriesItem) -> list[Instance]:
+    have = store.present(item.study_uid, item.series_uid)
+    from medpipe.pacs.store import safe_component
+
+    return [i for i in item.instances if safe_component(i.sop_uid) not in have]
+
+
+def usable_methods(node: PacsNode, methods: Sequence[str] | None) -> tuple[str, ...]:
+    wanted = tuple(methods or node.retrieve)
+    for m in wanted:
+        if m not in LABELS:
+            raise ConfigError(f"retrieve method '{m}': expected move, get or wado")
+    usable = tuple(m for m in wanted if (m == "wado" and node.dicomweb) or (m != "wado" and node.has_dimse))
+    if not usable:
+        need = "a dicomweb URL" if wanted == ("wado",) else "ae_title, host and port (DIMSE)"
+        raise ConfigError(f"PACS node {node.name} cannot be pulled from with {', '.join(LABELS[m] for m in wanted)}: "
+                          f"it has no {need}", hint="complete the node in the node file, or choose another --via")
+    return usable
+
+
+def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequence[str] | None = None,
+         on_listed: Callable[[int, int], None] | None = None,
+         on_instance: Callable[[Path], None] | None = None) -> PullReport:
+    """Bring every instance of the studies matching ``query`` into ``out``; return what happened.
+
+    ``on_listed(expected, to_fetch)`` is called once the instances are listed, ``on_instance(path)``
+    for each file written (from the receiving thread).
+    """
+    if query.empty:
+        raise ConfigError("a pull without any filter would fetch the whole PACS: give --study, or a query "
+                          "(--patient-id, --study-date, --modality, --accession)")
+    ways = usable_methods(node, methods)
+    store = InstanceStore(out, on_write=on_instance)
+    stale = store.clean()
+    if stale:
+        log.info("removed %d partial file(s) an interrupted pull left in %s", stale, store.root)
+    t0 = time.perf_counter()
+    web_listing = not node.has_dimse or ways == ("wado",)
+    items = with_retries(lambda: list_series(node, query, web=web_listing), retries=node.retries,
+                         first_delay=node.retry_delay, what=f"listing at {node.name}")
+    t_list = time.perf_counter()
+    expected = sum(len(i.instances) for i in items)
+    todo = {i.series_uid: missing(store, i) for i in items}
+    to_fetch = sum(len(m) for m in todo.values())
+    report = PullReport(store.root, items, expected, expected - to_fetch, 0)
+    if on_listed is not None:
+        on_listed(expected, to_fetch)
+    errors: list[tuple[str, PacsError]] = []
+    for way in ways:
+        pending = [i for i in items if missing(store, i)]
+        if not pending:
+            break
+        before = store.written
+        try:
+            _run_method(way, node, store, pending)
+        except PacsError as exc:
+            errors.append((way, exc))
+            log.warning("%s: %s", LABELS[way], exc)
+        report.by_method[way] = store.written - before
+    t_end = time.perf_counter()
+    report.received = store.written
+    report.bytes = store.bytes
+    report.seconds = {"list": t_list - t0, "transfer": t_end - t_list, "total": t_end - t0}
+    left = sum(len(missing(store, i)) for i in items)
+    if left:
+        if errors:
+            first = errors[0][1]
+            others = "; ".join(f"{LABELS[w]}: {e}" for w, e in errors[1:])
+            raise PacsError(f"{left} of {expected} instance(s) not pulled. {first}",
+                            hint=(f"also failed: {others}" if others else None) or first.hint,
+                            transient=first.transient)
+        raise PacsError(f"{left} of {expected} instance(s) listed by {node.name} did not arrive although the PACS "
+                        "reported success; run the pull again, and check the PACS's log")
+    if errors:
+        used = [LABELS[w] for w, n in report.by_method.items() if n]
+        report.warnings = [f"{LABELS[w]} failed: {e}" for w, e in errors]
+        if used:
+            report.warnings.append(f"pulled by {', '.join(used)} instead")
+    return report
+
+
+def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem]) -> None:
+    from medpipe.pacs.scp import StoreHandler
+
+    if way == "move":
+        from medpipe.pacs.dimse import tls_context
+        from medpipe.pacs.retrieve import MoveSession
+        from medpipe.pacs.scp import StorageSCP
+
+        ssl_ctx = tls_context(node, server=True) if node.tls is not None and node.tls.dimse else None
+        with StorageSCP(store, node.our_ae_title, node.our_port, node.bind, max_pdu=node.max_pdu,
+                        timeout=node.timeout, ssl_context=ssl_ctx) as scp:
+            _drive(node, store, pending, lambda: MoveSession(node, scp.handler), "C-MOVE")
+    elif way == "get":
+        from medpipe.pacs.retrieve import GetSession, get_groups
+
+        handler = StoreHandler(store)
+        for group in get_groups(pending):
+            classes = sorted(set().union(*(i.sop_classes for i in group)))
+            _drive(node, store, group, lambda classes=classes: GetSession(node, handler, classes), "C-GET")
+    else:
+        from medpipe.pacs.retrieve import WadoSession
+
+        _drive(node, store, pending, lambda: WadoSession(node, store), "WADO-RS")
+
+
+def _drive(node: PacsNode, store: InstanceStore, items: list[SeriesItem], session: Callable[[], Any],
+           label: str) -> None:
+    """Fetch the missing instances of ``items`` in one session, retrying transient failures in a new one."""
+    remaining = list(items)
+    last = [store.written]
+
+    def attempt() -> None:
+        with session() as s:
+            while remaining:
+                item = remaining[0]
+                todo = missing(store, item)
+                if todo:
+                    s.fetch(item, todo)
+                remaining.pop(0)
+
+    def progressed() -> bool:
+        moved = store.written != last[0]
+        last[0] = store.written
+        return moved
+
+    with_retries(attempt, retries=node.retries, first_delay=node.retry_delay,
+                 what=f"{label} from {node.name}", progressed=progressed)
