@@ -11,19 +11,27 @@ from rich.table import Table
 
 
 def ingest_command(
-    src: Path = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, or DICOM / NIfTI file."),
+    src: str = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, DICOM / NIfTI file, or a PACS "
+                                        "query pacs://NODE?StudyDate=...&Modality=MR (pulled into OUT/pacs/NODE)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: catalog, volumes, manifest.csv, rejected.csv."),
     workers: int = typer.Option(0, help="Worker processes (0: one per CPU core)."),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="Write .nii.gz (default) or .nii."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    pacs: Path = typer.Option(None, "--pacs", help="PACS node file for pacs:// sources."),
 ) -> None:
     """Index DICOM (and NIfTI) into a catalog, check geometry and write one NIfTI volume per series."""
     from medpipe.cli.progress import RichProgress
     from medpipe.ingest import ingest
 
     console = Console(stderr=False, quiet=quiet)
+    source = Path(src)
+    if src.lower().startswith("pacs://"):
+        from medpipe.pacs.source import pull_source
+
+        source, pulled = pull_source(src, out / "pacs", pacs)
+        console.print(f"pulled {pulled.received} new instance(s) ({pulled.already} already here) into {source}")
     with RichProgress(console) as progress:
-        report = ingest(src, out, workers=workers or None, compress=compress, progress=progress)
+        report = ingest(source, out, workers=workers or None, compress=compress, progress=progress)
     if quiet:
         return
     table = Table(title=f"Series in {report.out}", show_lines=False)
