@@ -184,6 +184,11 @@ def _association_failure(node: PacsNode, assoc: Any, connected: bool, elapsed: f
         return PacsError(f"{what}: {node.name} rejected the association ({'transient' if transient else 'permanent'},"
                          f" no specific reason): it may not know our AE title {node.our_ae_title} or our address; "
                          f"{register_line(node, local)}", transient=transient)
+    refused = [str(cx.abstract_syntax) for cx in (getattr(assoc, "rejected_contexts", None) or [])]
+    if refused and not assoc.accepted_contexts:  # accepted, but with none of our presentation contexts
+        return PacsError(f"{what}: {node.name} refused SOP class "
+                         f"{', '.join(sop_name(u) for u in dict.fromkeys(refused))}: enable it at the PACS (or use "
+                         "DICOMweb for this node)")
     if elapsed >= node.timeout * 0.9:
         return PacsError(f"{what}: {node.name} ({host}:{port}) accepted the connection but did not answer the "
                          f"association request within {node.timeout:g} s: is this a DICOM port (TLS expected?); "

@@ -17,6 +17,7 @@ only what is new or changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -178,7 +179,15 @@ def _store_batch(node: PacsNode, batch: list[tuple[PushResult, tuple[str, str, s
     left = [(r, m) for r, m in batch if r.status == "pending"]
     if not left:
         return
-    with association(node, _contexts(left), what=what) as assoc:
+    with contextlib.ExitStack() as stack:
+        try:
+            assoc = stack.enter_context(association(node, _contexts(left), what=what))
+        except PacsError as exc:
+            if exc.transient:
+                raise
+            for r, _ in left:  # e.g. every SOP class of the batch refused: each file says so
+                r.status, r.detail = "failed", str(exc)
+            return
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))

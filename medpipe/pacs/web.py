@@ -90,9 +90,10 @@ def http_failure(node: PacsNode, exc: BaseException, what: str) -> PacsError:
         if code in (401, 403):
             return PacsError(f"{what}: {url} answered HTTP {code} ({'unauthorised' if code == 401 else 'forbidden'}): "
                              "check auth: (username / password_env / token_env) in the node file")
-        if code == 404:
-            return PacsError(f"{what}: {url} answered HTTP 404 (not found): is {url} the DICOMweb root? Orthanc's is "
-                             "http://HOST:8042/dicom-web (with the DICOMweb plugin); fix dicomweb in the node file")
+        if code in (400, 404):
+            return PacsError(f"{what}: {url} answered HTTP {code} ({exc.response.reason}): is {url} the DICOMweb root? "
+                             "Orthanc's is http://HOST:8042/dicom-web (with the DICOMweb plugin); fix dicomweb in the "
+                             "node file")
         if code in (406, 415):
             return PacsError(f"{what}: {url} answered HTTP {code}: it does not serve the media type / transfer syntax "
                              "asked for (multipart/related; type=\"application/dicom\"; transfer-syntax=*)")
@@ -121,11 +122,14 @@ def echo(node: PacsNode) -> float:
     return (time.monotonic() - t0) * 1000.0
 
 
-def _found(item: dict[str, Any], keys: Sequence[str]) -> Found:
+def _found(item: Any, keys: Sequence[str], node: PacsNode) -> Found:
     from pydicom.dataset import Dataset
 
     from medpipe.pacs.dimse import _text
 
+    if not isinstance(item, dict):
+        raise PacsError(f"QIDO-RS at {node.name}: the answer is not DICOM JSON: is {node.dicomweb} the DICOMweb root? "
+                        "Orthanc's is http://HOST:8042/dicom-web; fix dicomweb in the node file")
     ds = Dataset.from_json(item)
     return Found({k: _text(ds, k) for k in keys})
 
@@ -153,7 +157,7 @@ class WebFinder:
             got = _run(self.node, what, lambda: search(limit=PAGE, offset=offset))
             new = 0
             for item in got:
-                f = _found(item, keys)
+                f = _found(item, keys, self.node)
                 if f[unique] not in out:
                     out[f[unique]] = f
                     new += 1
