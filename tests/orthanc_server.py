@@ -146,6 +146,7 @@ class Orthanc:
     aet: str = "ORTHANC"
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. {"TCP_NODELAY": "1"} (DCMTK inside Orthanc reads it)
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -203,7 +204,8 @@ class Orthanc:
         cfg_path.write_text(json.dumps(self.config(), indent=1))
         log = open(self.folder / "orthanc.log", "ab")
         self.proc = subprocess.Popen([binary, "--logdir=" + str(self.folder), str(cfg_path)], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                     env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

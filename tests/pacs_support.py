@@ -61,7 +61,7 @@ def make_sample(folder: Path) -> Sample:
     from medpipe.sample.brain_tumor import generate_brain_tumor
 
     infos = generate_brain_tumor(folder / "mr", cases=1, seed=3, tumor_fraction=1.0, matrix=48, pixel_spacing=4.2, slices=12,
-                                 slice_thickness=5.0)
+                                 slice_thickness=10.0)
     mr_files = sorted((folder / "mr").rglob("*.dcm"))
     ct = write_series(folder / "ct", pattern((24, 20, 10), seed=5, noise=200), Geometry(), modality="CT",
                       transfer_syntax=RLELossless, patient_id="CTPAT01", tag="ct", seed=5,

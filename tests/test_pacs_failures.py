@@ -78,7 +78,7 @@ def test_unknown_calling_ae(orthanc: Orthanc, sample: Sample, tmp_path: Path) ->
     assert f'"stranger": ["STRANGER", "{LOOPBACK}", {settings["our_port"]}] in DicomModalities' in line
     # the same for the C-MOVE itself (listing by QIDO-RS, which Orthanc does not restrict)
     node = _node(orthanc, our_ae_title="STRANGER", retries=0)
-    from medpipe.pacs.listing import list_series
+    from medpipe.pacs.listing import Need, list_series
 
     items = list_series(node, StudyQuery(study_uids=(sample.ct_study,)), web=True)
     from medpipe.pacs.retrieve import MoveSession
@@ -87,7 +87,7 @@ def test_unknown_calling_ae(orthanc: Orthanc, sample: Sample, tmp_path: Path) ->
 
     with StorageSCP(InstanceStore(tmp_path / "in"), "STRANGER", node.our_port, LOOPBACK) as scp, \
             MoveSession(node, scp.handler) as s, pytest.raises(PacsError) as err:
-        s.fetch(items[0], items[0].instances)
+        s.fetch(items[0], Need(whole=True))
     assert "C-MOVE" in str(err.value) and "without any answer" in str(err.value) and not err.value.transient
 
 
@@ -120,14 +120,14 @@ def test_move_destination_unknown_standard_status(private_network: object, tmp_p
     try:
         node = nodes_from_dict({"nodes": {"qr": {"ae_title": "QRSCP", "host": LOOPBACK, "port": port,
                                                  "our_port": free_port(), "bind": LOOPBACK, "retries": 0}}}).get("qr")
-        from medpipe.pacs.listing import Instance, SeriesItem
+        from medpipe.pacs.listing import Instance, Need, SeriesItem
         from medpipe.pacs.retrieve import MoveSession
         from medpipe.pacs.scp import StoreHandler
         from medpipe.pacs.store import InstanceStore
 
         item = SeriesItem("1.2.3", "1.2.3.4", instances=[Instance("1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2")])
         with MoveSession(node, StoreHandler(InstanceStore(tmp_path))) as s, pytest.raises(PacsError) as err:
-            s.fetch(item, item.instances)
+            s.fetch(item, Need(instances=item.instances or []))
         assert "does not know the move destination MEDPIPE (status 0xA801)" in str(err.value)
         assert "in DicomModalities" in str(err.value)
     finally:

@@ -120,6 +120,7 @@ class PacsNode(_Strict):
     retry_delay: float = Field(1.0, ge=0, le=300)  # first back-off pause in seconds; doubles each attempt
     retrieve: tuple[RetrieveMethod, ...] = ("move", "get", "wado")  # pull methods tried in this order
     max_pdu: int = Field(1 << 20, ge=0)  # largest PDU we receive (0: unlimited); big PDUs are faster
+    parallel: int = Field(4, ge=1, le=32)  # associations (or HTTP requests) at once during a pull, one series each
 
     @field_validator("ae_title", "our_ae_title")
     @classmethod

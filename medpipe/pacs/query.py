@@ -68,6 +68,7 @@ class StudyQuery:
             (self.study_uids[0] if self.study_uids else ""),
             "NumberOfStudyRelatedSeries": "",
             "NumberOfStudyRelatedInstances": "",
+            "SOPClassesInStudy": "",
         }
 
     def describe(self) -> str:

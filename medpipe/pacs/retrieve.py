@@ -25,7 +25,7 @@ from typing import Any
 
 from medpipe.errors import PacsError
 from medpipe.pacs.dimse import association, identifier, lost, register_line, status_text
-from medpipe.pacs.listing import Instance, SeriesItem
+from medpipe.pacs.listing import Need, SeriesItem
 from medpipe.pacs.nodes import PacsNode
 from medpipe.pacs.scp import StoreHandler
 from medpipe.pacs.store import InstanceStore
@@ -59,12 +59,12 @@ COMMON_STORAGE = (
 )
 
 
-def identifiers(item: SeriesItem, missing: Sequence[Instance]) -> Iterator[Any]:
+def identifiers(item: SeriesItem, need: Need) -> Iterator[Any]:
     """SERIES level when the whole series is missing, else IMAGE level with the missing UIDs in chunks."""
-    if len(missing) >= len(item.instances):
+    if need.whole:
         yield identifier("SERIES", {"StudyInstanceUID": item.study_uid, "SeriesInstanceUID": item.series_uid})
         return
-    uids = [i.sop_uid for i in missing]
+    uids = [i.sop_uid for i in need.instances]
     for a in range(0, len(uids), UIDS_PER_REQUEST):
         chunk = uids[a:a + UIDS_PER_REQUEST]
         yield identifier("IMAGE", {"StudyInstanceUID": item.study_uid, "SeriesInstanceUID": item.series_uid,
@@ -116,17 +116,17 @@ class MoveSession:
             self._cm.__exit__(*exc)
             self._cm = None
 
-    def fetch(self, item: SeriesItem, missing: Sequence[Instance]) -> None:
+    def fetch(self, item: SeriesItem, need: Need) -> None:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE  # type: ignore[attr-defined]
 
         node = self.node
         what = f"C-MOVE of series {item.series_uid} from {node.name} to {node.our_ae_title}"
-        for ident in identifiers(item, missing):
-            before = self.handler.received
+        for ident in identifiers(item, need):
+            before = self.handler.series_count(item.series_uid)
             status = _final(node, self.assoc, self.assoc.send_c_move(ident, node.our_ae_title, MOVE), what)
             code = int(status.Status)
             done, failed, _ = _counts(status)
-            arrived = self.handler.received - before
+            arrived = self.handler.series_count(item.series_uid) - before
             local = _local(self.assoc)
             if code == 0xA801:
                 raise PacsError(f"{what}: the PACS does not know the move destination {node.our_ae_title} "
@@ -230,17 +230,17 @@ class GetSession:
             cm, self._cm = self._cm, None
             cm.__exit__(*exc)
 
-    def fetch(self, item: SeriesItem, missing: Sequence[Instance]) -> None:
+    def fetch(self, item: SeriesItem, need: Need) -> None:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # type: ignore[attr-defined]
 
         node = self.node
         what = f"C-GET of series {item.series_uid} from {node.name}"
-        for ident in identifiers(item, missing):
-            before = self.handler.received
+        for ident in identifiers(item, need):
+            before = self.handler.series_count(item.series_uid)
             status = _final(node, self.assoc, self.assoc.send_c_get(ident, GET), what)
             code = int(status.Status)
             _, failed, _ = _counts(status)
-            arrived = self.handler.received - before
+            arrived = self.handler.series_count(item.series_uid) - before
             if 0xA700 <= code <= 0xA7FF:
                 raise PacsError(f"{what}: {node.name} is out of resources (status 0x{code:04X}); try again later",
                                 transient=True)
@@ -275,14 +275,14 @@ class WadoSession:
     def __exit__(self, *exc: Any) -> None:
         self.client = None
 
-    def fetch(self, item: SeriesItem, missing: Sequence[Instance]) -> None:
+    def fetch(self, item: SeriesItem, need: Need) -> None:
         from medpipe.pacs.web import iter_stored, part_uids
 
         base = f"studies/{item.study_uid}/series/{item.series_uid}"
-        if len(missing) * 2 >= len(item.instances):
-            paths = [base]
+        if need.whole or len(need.instances) * 2 >= (item.expected or 0):
+            paths = [base]  # one request; instances already here are not written again
         else:
-            paths = [f"{base}/instances/{i.sop_uid}" for i in missing]
+            paths = [f"{base}/instances/{i.sop_uid}" for i in need.instances]
         for path in paths:
             for data in iter_stored(self.node, self.client, path):
                 study, series, sop = part_uids(data)

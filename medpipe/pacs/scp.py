@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class StoreHandler:
         self.on_stored = on_stored
         self.lock = threading.Lock()
         self.received = 0
+        self.by_series: dict[str, int] = {}  # instances received per Series Instance UID
         self.refused = 0
         self.refusals: list[str] = []
 
@@ -67,10 +68,7 @@ class StoreHandler:
         calling = _calling_ae(event)
         try:
             sop = str(event.request.AffectedSOPInstanceUID or "").strip()
-            ds = event.dataset
-            study = str(ds.get("StudyInstanceUID", "") or "").strip()
-            series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-            own = str(ds.get("SOPInstanceUID", "") or "").strip()
+            study, series, own = _uids(event)
         except Exception as exc:  # a data set pydicom cannot parse: refuse it, keep serving
             return self._refuse(CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__}: {exc})"[:200],
                                 calling)
@@ -81,19 +79,66 @@ class StoreHandler:
                                 calling)
         new = not self.store.has(study, series, sop)
         try:
-            path = self.store.write(study, series, sop, event.encoded_dataset()) if new \
-                else self.store.path_for(study, series, sop)
+            if new:
+                with event.request.DataSet.getbuffer() as data:  # no copy of the data set
+                    path = self.store.write(study, series, sop, _header(event, calling), data)
+            else:
+                path = self.store.path_for(study, series, sop)
         except OSError as exc:
             log.error("cannot write instance %s: %s", sop, exc)
             return self._refuse(OUT_OF_RESOURCES, f"cannot be written: {exc.strerror or exc}", calling)
         with self.lock:
             self.received += 1
+            self.by_series[series] = self.by_series.get(series, 0) + 1
         if self.on_stored is not None:
             try:
                 self.on_stored(Stored(study, series, sop, path, calling, new))
             except Exception:  # the callback's problem must not fail the sender's C-STORE
                 log.exception("on_stored callback failed for %s", sop)
         return SUCCESS
+
+    def series_count(self, series_uid: str) -> int:
+        with self.lock:
+            return self.by_series.get(series_uid, 0)
+
+
+_UID_TAGS = (0x00080018, 0x0020000D, 0x0020000E)
+
+
+def _uids(event: Any) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance UID) of the received data set, reading its elements only up to (0020,000E)."""
+    from pydicom.filereader import read_dataset
+
+    ts = _syntax(event)
+    if ts.is_deflated:  # the data set must be inflated first: let pynetdicom decode it
+        ds = event.dataset
+    else:
+        fh = event.request.DataSet
+        fh.seek(0)
+        ds = read_dataset(fh, ts.is_implicit_VR, ts.is_little_endian, stop_when=lambda tag, vr, length: tag > 0x0020000E,
+                          specific_tags=list(_UID_TAGS))
+        fh.seek(0)
+    return tuple(str(ds.get(k, "") or "").strip().rstrip("\0") for k in  # type: ignore[return-value]
+                 ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def _syntax(event: Any) -> Any:
+    """The transfer syntax of the presentation context the data set came in (a pydicom UID)."""
+    from pydicom.uid import UID
+
+    ts = event.context.transfer_syntax  # pynetdicom: a str (the accepted syntax), lists elsewhere
+    return UID(ts[0] if isinstance(ts, (list, tuple)) else ts)
+
+
+def _header(event: Any, calling: str) -> bytes:
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from medpipe.pacs.store import part10_header
+
+    req = event.request
+    return part10_header(str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                         str(_syntax(event)), str(PYNETDICOM_IMPLEMENTATION_UID),
+                         PYNETDICOM_IMPLEMENTATION_VERSION, calling if calling != "?" else "")
 
 
 def _calling_ae(event: Any) -> str:
@@ -103,12 +148,15 @@ def _calling_ae(event: Any) -> str:
         return "?"
 
 
-def storage_contexts() -> list[Any]:
-    """Every storage SOP class (plus Verification) in every transfer syntax pynetdicom supports."""
+def storage_contexts(sop_classes: Iterable[str] | None = None) -> list[Any]:
+    """Storage contexts (plus Verification) in every transfer syntax pynetdicom supports: for ``sop_classes``,
+    or for every storage SOP class when None (building all ~170 takes a noticeable fraction of a second)."""
     from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    out = [build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] if sop_classes is None \
+        else sorted(set(sop_classes))
+    out = [build_context(c, ALL_TRANSFER_SYNTAXES) for c in classes]
     out.append(build_context(Verification))
     return out
 
@@ -118,7 +166,8 @@ class StorageSCP:
 
     def __init__(self, store: InstanceStore, ae_title: str, port: int, bind: str = "", *,
                  on_stored: Callable[[Stored], None] | None = None, max_pdu: int = 1 << 20,
-                 timeout: float = 60.0, ssl_context: Any = None, max_associations: int = 16) -> None:
+                 timeout: float = 60.0, ssl_context: Any = None, max_associations: int = 16,
+                 sop_classes: Iterable[str] | None = None) -> None:
         self.store = store
         self.ae_title = ae_title
         self.port = port
@@ -128,16 +177,17 @@ class StorageSCP:
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.max_associations = max_associations
+        self.sop_classes = None if sop_classes is None else sorted(set(sop_classes))
         self._server: Any = None
 
     def start(self) -> StorageSCP:
         from pynetdicom import AE, evt
 
-        from medpipe.pacs.dimse import quiet_pynetdicom
+        from medpipe.pacs.dimse import no_delay, quiet_pynetdicom
 
         quiet_pynetdicom()
         ae = AE(self.ae_title)
-        ae.supported_contexts = storage_contexts()
+        ae.supported_contexts = storage_contexts(self.sop_classes)
         ae.maximum_pdu_size = self.max_pdu
         ae.acse_timeout = self.timeout
         ae.dimse_timeout = self.timeout
@@ -145,7 +195,8 @@ class StorageSCP:
         ae.maximum_associations = self.max_associations
         try:
             self._server = ae.start_server((self.bind, self.port), block=False, ssl_context=self.ssl_context,
-                                           evt_handlers=[(evt.EVT_C_STORE, self.handler)])
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handler),
+                                                         (evt.EVT_CONN_OPEN, no_delay)])
         except OSError as exc:
             where = f"{self.bind or '*'}:{self.port}"
             if exc.errno == errno.EADDRINUSE:

@@ -34,7 +34,8 @@ log = logging.getLogger("medpipe.pacs")
 
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 STUDY_FIELDS = ("PatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-                "StudyDescription", "StudyInstanceUID", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+                "StudyDescription", "StudyInstanceUID", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+                "SOPClassesInStudy")
 SERIES_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
                  "NumberOfSeriesRelatedInstances")
 INSTANCE_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber")
