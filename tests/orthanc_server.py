@@ -125,12 +125,6 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the test process dies, so no Orthanc outlives a killed run."""
-    pr_set_pdeathsig = 1
-    _libc().prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
 def free_port() -> int:
     """A free TCP port on loopback (in the current network namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -202,11 +196,12 @@ class Orthanc:
             raise RuntimeError("Orthanc is not installed")
         cfg_path = self.folder / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=1))
-        log = open(self.folder / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([binary, "--logdir=" + str(self.folder), str(cfg_path)], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-                                     env={**os.environ, **self.env})
-        log.close()
+        # setpriv --pdeathsig: Orthanc gets SIGKILL when the thread that started it ends (a killed test run)
+        guard = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        with open(self.folder / "orthanc.log", "ab") as log:
+            self.proc = subprocess.Popen([*guard, binary, "--logdir=" + str(self.folder), str(cfg_path)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -251,7 +246,7 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback URL built here
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # a loopback URL built here
             raw = resp.read()
         if not raw:
             return None

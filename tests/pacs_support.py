@@ -1,6 +1,7 @@
 """Fixtures and helpers of the PACS tests: a private network, a real Orthanc, node files, sample studies.
 
-Import the fixtures into a test module (``from tests.pacs_support import orthanc, private_network, ...``).
+The fixtures (``private_network``, ``pacs_sample``, ``orthanc``) reach every test module through
+``pytest_plugins`` in ``tests/conftest.py``.
 The tests skip with the reason where Orthanc is not installed or a network namespace cannot be made;
 with ``MEDPIPE_REQUIRE_ORTHANC=1`` (set by ``.ci/run``) they fail instead, so CI never skips them.
 """
@@ -74,17 +75,17 @@ def make_sample(folder: Path) -> Sample:
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+def pacs_sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
     return make_sample(tmp_path_factory.mktemp("sample"))
 
 
 @pytest.fixture(scope="module")
-def orthanc(private_network: PrivateNetwork, tmp_path_factory: pytest.TempPathFactory, sample: Sample
+def orthanc(private_network: PrivateNetwork, tmp_path_factory: pytest.TempPathFactory, pacs_sample: Sample
             ) -> Iterator[Orthanc]:
     """A real Orthanc on loopback that knows MEDPIPE (at a free port), with the sample uploaded."""
     o = Orthanc(tmp_path_factory.mktemp("orthanc"), modalities={"medpipe": (OUR_AET, free_port())}).start()
     try:
-        o.upload(sample.files)
+        o.upload(pacs_sample.files)
         yield o
     finally:
         o.stop()

@@ -27,15 +27,7 @@ from medpipe.pacs.pull import pull
 from medpipe.pacs.push import push
 from medpipe.pacs.query import StudyQuery
 from tests.orthanc_server import LOOPBACK, Orthanc, free_port
-from tests.pacs_support import (  # noqa: F401 - fixtures
-    Sample,
-    dataset_bytes,
-    node_settings,
-    orthanc,
-    private_network,
-    sample,
-    write_nodes,
-)
+from tests.pacs_support import Sample, dataset_bytes, node_settings, write_nodes
 
 runner = CliRunner()
 
@@ -55,18 +47,18 @@ def _fails(tmp_path: Path, settings: dict[str, object], *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def open_orthanc(private_network: object, tmp_path_factory: pytest.TempPathFactory, sample: Sample):  # type: ignore[no-untyped-def]
+def open_orthanc(private_network: object, tmp_path_factory: pytest.TempPathFactory, pacs_sample: Sample):  # type: ignore[no-untyped-def]
     """An Orthanc that answers C-FIND / C-GET / C-MOVE from anyone but knows no move destination."""
     o = Orthanc(tmp_path_factory.mktemp("open-orthanc"), aet="OPENPACS",
                 extra={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True}).start()
     try:
-        o.upload(sample.ct_files)
+        o.upload(pacs_sample.ct_files)
         yield o
     finally:
         o.stop()
 
 
-def test_unknown_calling_ae(orthanc: Orthanc, sample: Sample, tmp_path: Path) -> None:
+def test_unknown_calling_ae(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path) -> None:
     settings = node_settings(orthanc, our_ae_title="STRANGER")
     # Orthanc answers C-ECHO from anyone ...
     ok = runner.invoke(app, ["pacs", "echo", "pacs", "--via", "dimse", "--pacs",
@@ -80,7 +72,7 @@ def test_unknown_calling_ae(orthanc: Orthanc, sample: Sample, tmp_path: Path) ->
     node = _node(orthanc, our_ae_title="STRANGER", retries=0)
     from medpipe.pacs.listing import Need, list_series
 
-    items = list_series(node, StudyQuery(study_uids=(sample.ct_study,)), web=True)
+    items = list_series(node, StudyQuery(study_uids=(pacs_sample.ct_study,)), web=True)
     from medpipe.pacs.retrieve import MoveSession
     from medpipe.pacs.scp import StorageSCP
     from medpipe.pacs.store import InstanceStore
@@ -91,17 +83,17 @@ def test_unknown_calling_ae(orthanc: Orthanc, sample: Sample, tmp_path: Path) ->
     assert "C-MOVE" in str(err.value) and "without any answer" in str(err.value) and not err.value.transient
 
 
-def test_move_destination_not_configured(open_orthanc: Orthanc, sample: Sample, tmp_path: Path) -> None:
+def test_move_destination_not_configured(open_orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path) -> None:
     port = free_port()
     settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE")
-    line = _fails(tmp_path, settings, "pacs", "pull", "--study", sample.ct_study, "--via", "move",
+    line = _fails(tmp_path, settings, "pacs", "pull", "--study", pacs_sample.ct_study, "--via", "move",
                   "--out", str(tmp_path / "out"))
     assert "status 0xC000" in line and "move destination MEDPIPE is not configured" in line
     assert f'"medpipe": ["MEDPIPE", "{LOOPBACK}", {port}] in DicomModalities' in line
     assert not list((tmp_path / "out").rglob("*.dcm"))
     # auto: C-MOVE fails, C-GET takes over, and the warning still carries the fix
-    report = pull(_node(open_orthanc, our_port=port), StudyQuery(study_uids=(sample.ct_study,)), tmp_path / "auto")
-    assert report.by_method == {"move": 0, "get": len(sample.ct_files)}
+    report = pull(_node(open_orthanc, our_port=port), StudyQuery(study_uids=(pacs_sample.ct_study,)), tmp_path / "auto")
+    assert report.by_method == {"move": 0, "get": len(pacs_sample.ct_files)}
     assert any("DicomModalities" in w for w in report.warnings) and report.warnings[-1] == "pulled by C-GET instead"
 
 
@@ -198,43 +190,43 @@ def _kill_after(o: Orthanc, n: int, sig: int) -> tuple[list[Path], threading.Eve
 
 
 @pytest.mark.parametrize("method", ["move", "wado"])
-def test_orthanc_stopped_mid_pull_then_resumed(private_network: object, sample: Sample, tmp_path: Path,
+def test_orthanc_stopped_mid_pull_then_resumed(private_network: object, pacs_sample: Sample, tmp_path: Path,
                                                method: str) -> None:
     port = free_port()
     o = Orthanc(tmp_path / "orthanc", modalities={"medpipe": ("MEDPIPE", port)}).start()
     try:
-        o.upload(sample.files)
+        o.upload(pacs_sample.files)
         node = _node(o, our_port=port, retries=1, retry_delay=0.2)
-        query = StudyQuery(study_uids=(sample.mr_study, sample.ct_study))
-        arrived, stopped, on_instance = _kill_after(o, 10, signal.SIGKILL)
+        query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
+        _, stopped, on_instance = _kill_after(o, 10, signal.SIGKILL)
         with pytest.raises(PacsError) as err:
             pull(node, query, tmp_path / "out", methods=(method,), on_instance=on_instance)
         assert stopped.wait(30)
         msg = str(err.value)
         assert err.value.transient and "not pulled" in msg and ("refused" in msg or "went away" in msg), msg
         got = sorted((tmp_path / "out").rglob("*.dcm"))
-        assert 10 <= len(got) < len(sample.files)
+        assert 10 <= len(got) < len(pacs_sample.files)
         assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".dcm"]  # no half file
 
         o.start()  # same storage: Orthanc comes back with everything
         again = pull(node, query, tmp_path / "out", methods=(method,))
-        assert again.already == len(got) and again.received == len(sample.files) - len(got)
-        originals = sample.by_sop()
+        assert again.already == len(got) and again.received == len(pacs_sample.files) - len(got)
+        originals = pacs_sample.by_sop()
         files = sorted((tmp_path / "out").rglob("*.dcm"))
-        assert len(files) == len(sample.files)
+        assert len(files) == len(pacs_sample.files)
         for p in files:
             assert dataset_bytes(p.read_bytes()) == dataset_bytes(originals[p.stem].read_bytes())
     finally:
         o.stop()
 
 
-def test_orthanc_back_within_the_retries(private_network: object, sample: Sample, tmp_path: Path,
+def test_orthanc_back_within_the_retries(private_network: object, pacs_sample: Sample, tmp_path: Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """Orthanc killed mid-pull and started again during the back-off: one pull call finishes the job."""
     port = free_port()
     o = Orthanc(tmp_path / "orthanc", modalities={"medpipe": ("MEDPIPE", port)}).start()
     try:
-        o.upload(sample.files)
+        o.upload(pacs_sample.files)
         node = _node(o, our_port=port, retries=6, retry_delay=0.5)
         tenth = threading.Event()
         count = [0]
@@ -246,7 +238,7 @@ def test_orthanc_back_within_the_retries(private_network: object, sample: Sample
                 time.sleep(1.0)  # hold this C-STORE: Orthanc dies in the middle of the C-MOVE
 
         result: list[object] = []
-        query = StudyQuery(study_uids=(sample.mr_study, sample.ct_study))
+        query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
         worker = threading.Thread(target=lambda: result.append(_try(lambda: pull(
             node, query, tmp_path / "out", methods=("move",), on_instance=on_instance))))
         with caplog.at_level(logging.WARNING, logger="medpipe.pacs"):
@@ -258,7 +250,7 @@ def test_orthanc_back_within_the_retries(private_network: object, sample: Sample
             worker.join(120)
         report = result[0]
         assert not isinstance(report, BaseException), report
-        assert report.received == len(sample.files) == report.expected  # type: ignore[attr-defined]
+        assert report.received == len(pacs_sample.files) == report.expected  # type: ignore[attr-defined]
         assert any("retry 1 of 6" in r.getMessage() for r in caplog.records)
     finally:
         o.stop()

@@ -25,15 +25,7 @@ from medpipe.pacs.nodes import PacsNode, nodes_from_dict
 from medpipe.pacs.push import push
 from medpipe.scoring.engine import ScoreOptions
 from tests.orthanc_server import LOOPBACK, Orthanc, free_port
-from tests.pacs_support import (  # noqa: F401 - fixtures
-    Sample,
-    dataset_bytes,
-    node_settings,
-    orthanc,
-    private_network,
-    sample,
-    write_nodes,
-)
+from tests.pacs_support import Sample, node_settings, write_nodes
 from tests.scoring_helpers import tiny_segmenter_package
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -89,7 +81,7 @@ def _wait(book_path: Path, study: str, states: tuple[str, ...], timeout: float =
     raise AssertionError(f"study {study} not in {states} after {timeout} s: {rec}")
 
 
-def test_listener_end_to_end(orthanc: Orthanc, sample: Sample, model: Path, tmp_path: Path) -> None:
+def test_listener_end_to_end(orthanc: Orthanc, pacs_sample: Sample, model: Path, tmp_path: Path) -> None:
     port = free_port()
     settings = ListenerSettings(model=model, out=tmp_path / "router", port=port, ae_title="LISTENER", bind=LOOPBACK,
                                 idle=1.0, push=_orthanc_node(orthanc), poll=0.1,
@@ -107,61 +99,61 @@ def test_listener_end_to_end(orthanc: Orthanc, sample: Sample, model: Path, tmp_
         assert assoc.is_established
         assoc.abort()
         bad = tmp_path / "bad.dcm"
-        ds = pydicom.dcmread(sample.ct_files[0])
+        ds = pydicom.dcmread(pacs_sample.ct_files[0])
         del ds.StudyInstanceUID  # no study to file it under
         ds.save_as(bad)
         refused = push(_listener_node(port), [bad])
         assert refused.results[0].status == "failed" and "0xC000" in refused.results[0].detail
         assert listener.scp is not None and listener.scp.handler.refused == 1
 
-        _send_from_orthanc(orthanc, sample.ct_study, port)
-        _send_from_orthanc(orthanc, sample.mr_study, port)
+        _send_from_orthanc(orthanc, pacs_sample.ct_study, port)
+        _send_from_orthanc(orthanc, pacs_sample.mr_study, port)
         book = tmp_path / "router" / "listener.sqlite"
-        done = _wait(book, sample.ct_study, ("done", "failed"))
+        done = _wait(book, pacs_sample.ct_study, ("done", "failed"))
         assert done["state"] == "done", done
-        assert done["instances"] == len(sample.ct_files)
-        skipped = _wait(book, sample.mr_study, ("skipped", "failed"))
+        assert done["instances"] == len(pacs_sample.ct_files)
+        skipped = _wait(book, pacs_sample.mr_study, ("skipped", "failed"))
         assert skipped["state"] == "skipped" and "CT" in skipped["reason"], skipped
     finally:
         listener.stop()
-    found = _results_in_orthanc(orthanc, sample.ct_study)
+    found = _results_in_orthanc(orthanc, pacs_sample.ct_study)
     written = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
                for p in (tmp_path / "router" / "results").rglob("*.dcm")}
     assert len(found.get(SEG, [])) == 1 and len(found.get(COMPREHENSIVE_3D_SR, [])) == 1, found
     assert set(found[SEG] + found[COMPREHENSIVE_3D_SR]) == set(written)
     seg = pydicom.dcmread(written[found[SEG][0]])
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sample.ct_series
-    mr_in_orthanc = {u for uids in _results_in_orthanc(orthanc, sample.mr_study).values() for u in uids}
-    assert mr_in_orthanc == {u for u, f in sample.by_sop().items() if f not in sample.ct_files}  # nothing added
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pacs_sample.ct_series
+    mr_in_orthanc = {u for uids in _results_in_orthanc(orthanc, pacs_sample.mr_study).values() for u in uids}
+    assert mr_in_orthanc == {u for u, f in pacs_sample.by_sop().items() if f not in pacs_sample.ct_files}  # nothing added
 
 
-def test_listener_restart_resumes_pending_study(orthanc: Orthanc, sample: Sample, model: Path, tmp_path: Path) -> None:
+def test_listener_restart_resumes_pending_study(orthanc: Orthanc, pacs_sample: Sample, model: Path, tmp_path: Path) -> None:
     port = free_port()
     out = tmp_path / "router"
-    common = dict(model=model, out=out, port=port, ae_title="LISTENER", bind=LOOPBACK, push=_orthanc_node(orthanc),
-                  poll=0.1, options=ScoreOptions(device="cpu", cpu_threads=1))
+    common = {"model": model, "out": out, "port": port, "ae_title": "LISTENER", "bind": LOOPBACK,
+              "push": _orthanc_node(orthanc), "poll": 0.1, "options": ScoreOptions(device="cpu", cpu_threads=1)}
     first = Listener(ListenerSettings(idle=3600.0, **common)).start()  # type: ignore[arg-type]
     try:
-        sent = _send_from_orthanc(orthanc, sample.ct_study, port)
+        sent = _send_from_orthanc(orthanc, pacs_sample.ct_study, port)
     finally:
         first.stop()
-    rec = _wait(out / "listener.sqlite", sample.ct_study, ("receiving",), timeout=5)
+    rec = _wait(out / "listener.sqlite", pacs_sample.ct_study, ("receiving",), timeout=5)
     assert rec["instances"] == sent and not (out / "results").exists()
     # a study caught mid-scoring by a crash is scored again too
     book = StudyBook(out / "listener.sqlite")
-    book.move(sample.ct_study, "scoring")
+    book.move(pacs_sample.ct_study, "scoring")
     book.close()
 
     second = Listener(ListenerSettings(idle=1.0, **common)).start()  # type: ignore[arg-type]
     try:
-        done = _wait(out / "listener.sqlite", sample.ct_study, ("done", "failed"))
+        done = _wait(out / "listener.sqlite", pacs_sample.ct_study, ("done", "failed"))
         assert done["state"] == "done", done
     finally:
         second.stop()
     assert len(list((out / "results").rglob("seg.dcm"))) == 1
 
 
-def test_listen_cli_process(orthanc: Orthanc, sample: Sample, model: Path, tmp_path: Path) -> None:
+def test_listen_cli_process(orthanc: Orthanc, pacs_sample: Sample, model: Path, tmp_path: Path) -> None:
     port = free_port()
     nodes = write_nodes(tmp_path / "pacs.yaml", {"orthanc": node_settings(orthanc)})
     out = tmp_path / "router"
@@ -178,8 +170,8 @@ def test_listen_cli_process(orthanc: Orthanc, sample: Sample, model: Path, tmp_p
             except OSError:
                 time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0]
-        _send_from_orthanc(orthanc, sample.ct_study, port)
-        done = _wait(out / "listener.sqlite", sample.ct_study, ("done", "failed"))
+        _send_from_orthanc(orthanc, pacs_sample.ct_study, port)
+        done = _wait(out / "listener.sqlite", pacs_sample.ct_study, ("done", "failed"))
         assert done["state"] == "done", done
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -21,16 +21,7 @@ from medpipe.pacs.pull import pull
 from medpipe.pacs.push import push
 from medpipe.pacs.query import StudyQuery
 from tests.orthanc_server import Orthanc
-from tests.pacs_support import (  # noqa: F401 - fixtures
-    Sample,
-    dataset_bytes,
-    node_settings,
-    orthanc,
-    private_network,
-    sample,
-    transfer_syntax,
-    write_nodes,
-)
+from tests.pacs_support import Sample, dataset_bytes, node_settings, transfer_syntax, write_nodes
 from tests.scoring_helpers import tiny_segmenter_package
 
 runner = CliRunner()
@@ -58,18 +49,18 @@ def test_echo_dimse_and_dicomweb(node_file: Path) -> None:
 
 
 @pytest.mark.parametrize("via", ["dimse", "dicomweb"])
-def test_find_studies_and_series(node_file: Path, sample: Sample, via: str) -> None:
+def test_find_studies_and_series(node_file: Path, pacs_sample: Sample, via: str) -> None:
     out = _invoke("pacs", "find", "orthanc", "--pacs", str(node_file), "--modality", "MR", "--csv", "-",
                   "--via", via).output  # type: ignore[attr-defined]
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["StudyInstanceUID"] for r in rows] == [sample.mr_study]
-    assert rows[0]["PatientID"] == sample.mr_patient and rows[0]["NumberOfStudyRelatedSeries"] == "5"
+    assert [r["StudyInstanceUID"] for r in rows] == [pacs_sample.mr_study]
+    assert rows[0]["PatientID"] == pacs_sample.mr_patient and rows[0]["NumberOfStudyRelatedSeries"] == "5"
 
-    out = _invoke("pacs", "find", "orthanc", "--pacs", str(node_file), "--patient-id", sample.ct_patient,
+    out = _invoke("pacs", "find", "orthanc", "--pacs", str(node_file), "--patient-id", pacs_sample.ct_patient,
                   "--series", "--csv", "-", "--via", via).output  # type: ignore[attr-defined]
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["SeriesInstanceUID"], r["Modality"], r["NumberOfSeriesRelatedInstances"]) for r in rows] == \
-        [(sample.ct_series, "CT", str(len(sample.ct_files)))]
+        [(pacs_sample.ct_series, "CT", str(len(pacs_sample.ct_files)))]
 
     # a date range that excludes everything, and the table output
     out = _invoke("pacs", "find", "orthanc", "--pacs", str(node_file), "--study-date", "19900101-19901231",
@@ -77,8 +68,8 @@ def test_find_studies_and_series(node_file: Path, sample: Sample, via: str) -> N
     assert "0 studies" in out
 
 
-def _assert_same_files(pulled: Path, sample: Sample, *, whole_file: bool) -> int:
-    originals = sample.by_sop()
+def _assert_same_files(pulled: Path, pacs_sample: Sample, *, whole_file: bool) -> int:
+    originals = pacs_sample.by_sop()
     files = sorted(p for p in pulled.rglob("*.dcm"))
     assert files and not [p for p in pulled.rglob("*") if p.is_file() and p.suffix != ".dcm"]
     for p in files:
@@ -94,49 +85,49 @@ def _assert_same_files(pulled: Path, sample: Sample, *, whole_file: bool) -> int
 
 
 @pytest.mark.parametrize("method", ["move", "get", "wado"])
-def test_pull_equals_upload_and_resumes(orthanc: Orthanc, sample: Sample, tmp_path: Path, method: str) -> None:
+def test_pull_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path, method: str) -> None:
     node = _node(orthanc)
-    query = StudyQuery(study_uids=(sample.mr_study, sample.ct_study))
+    query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
     report = pull(node, query, tmp_path, methods=(method,))
-    assert report.expected == len(sample.files) and report.received == len(sample.files)
-    assert report.by_method == {method: len(sample.files)}
-    assert _assert_same_files(tmp_path, sample, whole_file=method == "wado") == len(sample.files)
+    assert report.expected == len(pacs_sample.files) and report.received == len(pacs_sample.files)
+    assert report.by_method == {method: len(pacs_sample.files)}
+    assert _assert_same_files(tmp_path, pacs_sample, whole_file=method == "wado") == len(pacs_sample.files)
     # the RLE CT arrived in RLE (no transcoding on the way)
-    assert {transfer_syntax(p) for p in (tmp_path / sample.ct_study).rglob("*.dcm")} == {"1.2.840.10008.1.2.5"}
+    assert {transfer_syntax(p) for p in (tmp_path / pacs_sample.ct_study).rglob("*.dcm")} == {"1.2.840.10008.1.2.5"}
 
     # resume: files already there are not asked for again; missing ones (IMAGE level) are
     again = pull(node, query, tmp_path, methods=(method,))
-    assert (again.already, again.received) == (len(sample.files), 0)
-    ct_files = sorted((tmp_path / sample.ct_study).rglob("*.dcm"))
+    assert (again.already, again.received) == (len(pacs_sample.files), 0)
+    ct_files = sorted((tmp_path / pacs_sample.ct_study).rglob("*.dcm"))
     for p in ct_files[:3]:
         p.unlink()
     (ct_files[4].parent / f".{ct_files[4].name}.abc.tmp.dcm").write_bytes(b"half a file")  # a killed run's leftover
     third = pull(node, query, tmp_path, methods=(method,))
-    assert (third.already, third.received) == (len(sample.files) - 3, 3)
-    assert _assert_same_files(tmp_path, sample, whole_file=method == "wado") == len(sample.files)
+    assert (third.already, third.received) == (len(pacs_sample.files) - 3, 3)
+    assert _assert_same_files(tmp_path, pacs_sample, whole_file=method == "wado") == len(pacs_sample.files)
 
 
-def test_pull_cli_by_query(node_file: Path, sample: Sample, tmp_path: Path) -> None:
+def test_pull_cli_by_query(node_file: Path, pacs_sample: Sample, tmp_path: Path) -> None:
     out = _invoke("pacs", "pull", "orthanc", "--pacs", str(node_file), "--modality", "MR", "--out",
                   str(tmp_path)).output  # type: ignore[attr-defined]
-    mr = [f for f in sample.files if f not in sample.ct_files]
+    mr = [f for f in pacs_sample.files if f not in pacs_sample.ct_files]
     seg = [f for f in mr if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"]
     assert "1 study, 4 series" in out and "C-MOVE" in out  # only the MR series of the MR study
     assert len(list(tmp_path.rglob("*.dcm"))) == len(mr) - len(seg)
 
 
-def test_ingest_and_score_from_pacs_url_then_push(node_file: Path, orthanc: Orthanc, sample: Sample,
+def test_ingest_and_score_from_pacs_url_then_push(node_file: Path, orthanc: Orthanc, pacs_sample: Sample,
                                                   tmp_path: Path) -> None:
-    url = f"pacs://orthanc?PatientID={sample.ct_patient}&via=get"
+    url = f"pacs://orthanc?PatientID={pacs_sample.ct_patient}&via=get"
     out = _invoke("ingest", url, "--out", str(tmp_path / "ingested"), "--pacs", str(node_file)).output  # type: ignore[attr-defined]
-    assert f"pulled {len(sample.ct_files)} new instance(s)" in out
+    assert f"pulled {len(pacs_sample.ct_files)} new instance(s)" in out
     with open(tmp_path / "ingested" / "manifest.csv", newline="") as fh:
         volumes = list(csv.DictReader(fh))
-    assert [(v["series_uid"], v["status"]) for v in volumes] == [(sample.ct_series, "ok")]
+    assert [(v["series_uid"], v["status"]) for v in volumes] == [(pacs_sample.ct_series, "ok")]
 
     model = tiny_segmenter_package(tmp_path / "model", bias=1.0)
     scored = tmp_path / "scored"
-    _invoke("score", f"pacs://orthanc?StudyInstanceUID={sample.ct_study}", "--model", str(model.path), "--out",
+    _invoke("score", f"pacs://orthanc?StudyInstanceUID={pacs_sample.ct_study}", "--model", str(model.path), "--out",
             str(scored), "--pacs", str(node_file), "--push", "orthanc", "--device", "cpu", "--quiet")
     results = sorted((scored / "results").rglob("*.dcm"))
     assert {p.name for p in results} == {"seg.dcm", "sr.dcm"}
@@ -146,7 +137,7 @@ def test_ingest_and_score_from_pacs_url_then_push(node_file: Path, orthanc: Orth
         assert dataset_bytes(orthanc.instance_file(sop)) == dataset_bytes(p.read_bytes())
 
     # scoring again with --push sends nothing twice
-    again = _invoke("score", f"pacs://orthanc?StudyInstanceUID={sample.ct_study}", "--model", str(model.path),
+    again = _invoke("score", f"pacs://orthanc?StudyInstanceUID={pacs_sample.ct_study}", "--model", str(model.path),
                     "--out", str(scored), "--pacs", str(node_file), "--push", "orthanc", "--device", "cpu")
     assert "pushed to orthanc: 0 file(s) stored" in again.output  # type: ignore[attr-defined]
 

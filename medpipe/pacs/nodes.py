@@ -271,13 +271,13 @@ def nodes_from_dict(raw: Any, path: Path | None = None) -> NodeFile:
             nodes[str(name)] = PacsNode.model_validate(merged)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "(node)"
+            field = ".".join(str(x) for x in err["loc"])
             top = str(err["loc"][0]) if err["loc"] else ""
             origin = "defaults" if top in defaults and top not in settings else f"nodes.{name}"
             if err["type"] == "extra_forbidden":
                 msg = f"unknown setting '{field}'" + _suggest(field)
                 raise ConfigError(f"{where}: {origin}.{field}: {msg}") from None
-            raise ConfigError(f"{where}: {origin}.{field}: {err['msg']}") from None
+            raise ConfigError(f"{where}: {origin}{'.' + field if field else ''}: {err['msg']}") from None
     return NodeFile(path=path, nodes=nodes)
 
 

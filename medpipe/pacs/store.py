@@ -92,10 +92,9 @@ class InstanceStore:
         if target.is_file():
             return target
         size = 0
-        with atomic_path(target) as tmp:
-            with open(tmp, "wb") as fh:
-                for part in parts:
-                    size += fh.write(part)
+        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+            for part in parts:
+                size += fh.write(part)
         with self._lock:
             self.written += 1
             self.bytes += size

@@ -155,7 +155,7 @@ class WebFinder:
         out: dict[str, Found] = {}
         offset = 0
         while True:
-            got = _run(self.node, what, lambda: search(limit=PAGE, offset=offset))
+            got = _run(self.node, what, lambda offset=offset: search(limit=PAGE, offset=offset))
             new = 0
             for item in got:
                 f = _found(item, keys, self.node)
@@ -204,10 +204,7 @@ def iter_stored(node: PacsNode, c: Any, path: str) -> Iterator[bytes]:
 
     parts = _run(node, what, request)
     while True:
-        try:
-            part = _run(node, what, lambda: next(parts, None))
-        except PacsError:
-            raise
+        part = _run(node, what, lambda: next(parts, None))
         if part is None:
             return
         yield bytes(part)
