@@ -194,9 +194,7 @@ class Listener:
             self._thread = None
 
     def run(self) -> None:
-        from medpipe.inference.package import ModelPackage
-
-        self.package = ModelPackage.load(self.s.model)
+        self.package = _networks_once(self.s.model)
         self.store.clean()
         resumed = self.book.recover()
         pending = [r for r in self.book.all() if r["state"] in ("receiving", "scoring", "pushing")]
@@ -212,11 +210,11 @@ class Listener:
         self.ready.set()
         try:
             while not self._stop.is_set():
-                for study, state, last in self.book.due(self.s.idle):
+                for study, state, _ in self.book.due(self.s.idle):
                     if self._stop.is_set():
                         break
                     if state == "receiving":
-                        self._score(study, last)
+                        self._score(study)
                     else:
                         self._push(study)
                 self._stop.wait(self.s.poll)
@@ -239,7 +237,7 @@ class Listener:
         self.s.events.append(text)
         log.info("%s", text)
 
-    def _score(self, study: str, last_received: float) -> None:
+    def _score(self, study: str) -> None:
         from medpipe.scoring.engine import ScoreOptions, score
 
         started = time.time()
@@ -296,6 +294,21 @@ class Listener:
             return
         self.book.move(study, "done", attempts=attempts)
         self._event(f"study {study}: pushed {len(report.results)} file(s) to {node.name}")
+
+
+def _networks_once(folder: Path) -> Any:
+    """The model package, whose networks are loaded by the first study scored and kept for the next ones."""
+    from medpipe.inference.package import ModelPackage
+
+    class KeptNetworks(ModelPackage):
+        def load_model(self, device: str = "cpu", amp: bool = False) -> Any:
+            key = (device, amp)
+            if getattr(self, "_kept", (None, None))[0] != key:
+                self._kept = (key, super().load_model(device, amp))
+            return self._kept[1]
+
+    pkg = ModelPackage.load(folder)
+    return KeptNetworks(pkg.path, pkg.manifest)
 
 
 def _rows_of(scores_csv: Path, study: str) -> list[dict[str, Any]]:

@@ -106,8 +106,8 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
         try:
             _run_method(way, node, store, pending)
         except PacsError as exc:
-            errors.append((way, exc))
-            log.warning("%s: %s", LABELS[way], exc)
+            errors.append((way, exc))  # reported in the error or the report's warnings
+            log.info("%s: %s", LABELS[way], exc)
         report.by_method[way] = store.written - before
     t_end = time.perf_counter()
     report.received = store.written
