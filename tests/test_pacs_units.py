@@ -138,6 +138,15 @@ def test_store_is_atomic_and_names_are_safe(tmp_path: Path) -> None:
     (p.parent / ".1.2.3.5.dcm.xyz.tmp.dcm").write_bytes(b"half")  # what a killed writer leaves
     assert store.present(hostile, "1.2.3") == {"1.2.3.4"} and store.clean() == 1
 
+    class Dies:  # the connection drops in the middle of writing an instance
+        def __buffer__(self, flags: int) -> memoryview:
+            raise ConnectionResetError("peer gone")
+
+    with pytest.raises((ConnectionResetError, TypeError)):
+        store.write(hostile, "1.2.3", "1.2.3.6", b"first half", Dies())  # type: ignore[arg-type]
+    assert not store.has(hostile, "1.2.3", "1.2.3.6") and store.present(hostile, "1.2.3") == {"1.2.3.4"}
+    assert [q.name for q in p.parent.iterdir()] == [p.name]  # no half file under any name
+
 
 def test_part10_header_equals_pydicom() -> None:
     import io
