@@ -125,6 +125,88 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
 
 
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A test CA and two certificates it signed (``orthanc``, ``medpipe``; both for 127.0.0.1), with ``openssl``.
+
+    Returns the paths: ``ca``, ``orthanc_crt``, ``orthanc_key``, ``orthanc_pem`` (certificate + key, for
+    Orthanc's HTTPS), ``medpipe_crt``, ``medpipe_key``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=medpipe test CA")
+    for name in ("orthanc", "medpipe"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                            "keyUsage=digitalSignature,keyEncipherment\n"
+                                            "extendedKeyUsage=serverAuth,clientAuth\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {"ca": folder / "ca.crt", "orthanc_crt": folder / "orthanc.crt", "orthanc_key": folder / "orthanc.key",
+            "medpipe_crt": folder / "medpipe.crt", "medpipe_key": folder / "medpipe.key"}
+
+
+class TlsProxy:
+    """HTTPS on loopback in front of Orthanc's HTTP port (as nginx would be in a hospital).
+
+    Needed because the HTTPS of Debian's Orthanc 1.10 (civetweb built against OpenSSL 3) crashes on the
+    first connection. Requests and answers are passed through whole.
+    """
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                import http.client
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn = http.client.HTTPConnection(LOOPBACK, proxy.target_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in proxy.HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+        self.target_port = target_port
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def free_port() -> int:
     """A free TCP port on loopback (in the current network namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -141,6 +223,7 @@ class Orthanc:
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # e.g. {"TCP_NODELAY": "1"} (DCMTK inside Orthanc reads it)
+    http_auth: tuple[str, str] | None = None  # (user, password) when the config registers users
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -246,6 +329,11 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", content_type)
+        if self.http_auth is not None:
+            import base64
+
+            token = base64.b64encode(":".join(self.http_auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # a loopback URL built here
             raw = resp.read()
         if not raw:

@@ -115,16 +115,30 @@ def make_ae(node: PacsNode, ae_title: str | None = None) -> Any:
 
 
 def tls_context(node: PacsNode, *, server: bool = False) -> ssl.SSLContext | None:
+    """The SSL context for DIMSE TLS with ``node``: as client (our associations), or as server (our C-MOVE SCP,
+    which needs our certificate and, with a CA file, requires the PACS's certificate signed by it)."""
+    from medpipe.errors import ConfigError
+
     tls = node.tls
     if tls is None:
         return None
     purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
-    ctx = ssl.create_default_context(purpose, cafile=str(tls.ca_file) if tls.ca_file else None)
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    try:
+        ctx = ssl.create_default_context(purpose, cafile=str(tls.ca_file) if tls.ca_file else None)
+        if server:
+            if tls.cert_file is None:
+                raise ConfigError(f"PACS node {node.name}: DIMSE TLS for a C-MOVE pull needs our certificate "
+                                  "(tls: cert_file and key_file): the PACS connects to our storage SCP")
+            if tls.ca_file is not None and tls.verify:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        elif not tls.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"PACS node {node.name}: tls: cannot use the certificate files "
+                          f"({getattr(exc, 'strerror', None) or exc}): check ca_file, cert_file and key_file") from None
     return ctx
 
 
@@ -136,10 +150,14 @@ def register_line(node: PacsNode, local_host: str | None = None) -> str:
             f"(Orthanc: \"{key}\": [\"{node.our_ae_title}\", \"{host}\", {node.our_port}] in DicomModalities)")
 
 
-def probe(host: str, port: int, timeout: float) -> OSError | None:
-    """Open and close a TCP connection: None when it works, else the error (refused, timeout, unknown host)."""
+def probe(host: str, port: int, timeout: float, ctx: ssl.SSLContext | None = None) -> OSError | None:
+    """Open and close a TCP (with ``ctx``: TLS) connection: None when it works, else the error (refused,
+    timeout, unknown host, TLS handshake)."""
     try:
-        with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
+        with socket.create_connection((host, port), timeout=min(timeout, 10.0)) as sock:
+            if ctx is not None:
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    pass
             return None
     except OSError as exc:
         return exc
@@ -191,7 +209,8 @@ def connect(node: PacsNode, contexts: Sequence[Any], *, what: str, ext_neg: list
 def _association_failure(node: PacsNode, assoc: Any, connected: bool, elapsed: float, what: str) -> PacsError:
     host, port, aet = node.dimse_address()
     if not connected:
-        return _unreachable(node, probe(host, port, node.timeout), what)
+        tls = tls_context(node) if node.tls is not None and node.tls.dimse else None
+        return _unreachable(node, probe(host, port, node.timeout, tls), what)
     local = _local_host(assoc)
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
@@ -219,6 +238,10 @@ def _association_failure(node: PacsNode, assoc: Any, connected: bool, elapsed: f
         return PacsError(f"{what}: {node.name} ({host}:{port}) accepted the connection but did not answer the "
                          f"association request within {node.timeout:g} s: is this a DICOM port (TLS expected?); "
                          "check port and tls in the node file, or raise timeout", transient=True)
+    if node.tls is not None and node.tls.dimse and node.tls.cert_file is None:
+        return PacsError(f"{what}: {node.name} ({host}:{port}) aborted the association request after the TLS "
+                         "handshake: it probably requires our client certificate: add cert_file and key_file to tls: "
+                         "in the node file")
     return PacsError(f"{what}: {node.name} ({host}:{port}) aborted the association request: check ae_title, port "
                      "and tls in the node file", transient=True)
 

@@ -49,14 +49,28 @@ def client(node: PacsNode) -> Any:
     from dicomweb_client.api import DICOMwebClient
 
     url = node.dicomweb_url()
-    session = requests.Session()
+
+    class Session(requests.Session):
+        """The node's TLS settings win over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, which requests otherwise lets
+        override a session's own ``verify`` (psf/requests#3829)."""
+
+        pinned: Any = None
+
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().merge_environment_settings(*args, **kwargs)
+            if self.pinned is not None:
+                out["verify"] = self.pinned
+            return out
+
+    session = Session()
     if node.auth is not None:
         if node.auth.username is not None:
             session.auth = (node.auth.username, node.auth.resolve_password() or "")
         else:
             session.headers["Authorization"] = f"Bearer {node.auth.resolve_token()}"
     if node.tls is not None:
-        session.verify = str(node.tls.ca_file) if node.tls.ca_file and node.tls.verify else node.tls.verify
+        session.verify = session.pinned = (str(node.tls.ca_file) if node.tls.ca_file and node.tls.verify
+                                           else node.tls.verify)
         if node.tls.cert_file is not None:
             session.cert = (str(node.tls.cert_file), str(node.tls.key_file)) if node.tls.key_file \
                 else str(node.tls.cert_file)
@@ -73,7 +87,11 @@ def http_failure(node: PacsNode, exc: BaseException, what: str) -> PacsError:
 
     url = node.dicomweb or "?"
     if isinstance(exc, requests.exceptions.SSLError):
-        return PacsError(f"{what}: TLS with {url} failed: check tls: (ca_file, cert_file) in the node file")
+        import re
+
+        why = re.findall(r"\[SSL[^\]]*\][^'\")]*", str(exc))
+        return PacsError(f"{what}: TLS with {url} failed{' (' + why[-1].strip() + ')' if why else ''}: check tls: "
+                         "(ca_file, cert_file, key_file) in the node file against the server's certificate")
     if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ReadTimeout):
         return PacsError(f"{what}: {url} did not answer within {node.timeout:g} s: raise timeout in the node file "
                          "or try again", transient=True)
