@@ -157,6 +157,10 @@ def test_push_cli_dimse(node_file: Path, orthanc: Orthanc, tmp_path: Path) -> No
     from tests.dicom_factory import pattern, write_series
 
     w = write_series(tmp_path / "new", pattern((8, 8, 3), seed=9), patient_id="PUSHED", tag="push", seed=9)
+    (tmp_path / "new" / "preview.png").write_bytes(b"\x89PNG not DICOM")  # in a folder: not pushed
     out = _invoke("pacs", "push", "orthanc", str(tmp_path / "new"), "--pacs", str(node_file)).output  # type: ignore[attr-defined]
     assert "3 file(s) to orthanc by C-STORE: 3 stored" in out
     assert set(w.sop_uids.values()) <= orthanc.sop_instance_uids()
+    named = runner.invoke(app, ["pacs", "push", "orthanc", str(tmp_path / "new" / "preview.png"), "--pacs",
+                                str(node_file)])  # named explicitly: reported
+    assert named.exit_code == 2 and "not a readable DICOM file" in named.output

@@ -76,12 +76,25 @@ class PushReport:
                             f"({bad[0].path.name})")
 
 
+def _is_part10(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def collect(paths: Iterable[Path | str]) -> list[Path]:
-    """Files named, and the files under folders named (hidden and temporary files left out)."""
+    """Files named, and the DICOM files (Part 10) under folders named (hidden and temporary files left out).
+
+    A folder of ``medpipe score`` results also holds previews and CSV files: those are not pushed. A file
+    named explicitly is kept whatever it is, so that a wrong one is reported.
+    """
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                              and _is_part10(f)))
         elif p.is_file():
             out.append(p)
         else:
