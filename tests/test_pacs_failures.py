@@ -198,6 +198,7 @@ def test_orthanc_stopped_mid_pull_then_resumed(private_network: object, pacs_sam
         o.upload(pacs_sample.files)
         node = _node(o, our_port=port, retries=1, retry_delay=0.2)
         query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
+        # SIGKILL: on SIGTERM Orthanc finishes the C-MOVEs under way before it stops (the pull then succeeds)
         _, stopped, on_instance = _kill_after(o, 10, signal.SIGKILL)
         with pytest.raises(PacsError) as err:
             pull(node, query, tmp_path / "out", methods=(method,), on_instance=on_instance)
