@@ -5,7 +5,7 @@
                                [--no-separate] [--json PATH]
 
 1. Generates a synthetic brain MR export (``medpipe sample brain-tumor``, 4 series per study, cached).
-2. Needs a trained segmenter package: ``--model``, else ``runs/brain_tumor/stages/03_train_segmenter/model``
+2. Needs a trained segmenter package: ``--model``, else ``runs/brain_tumor/latest/stages/03_train_segmenter/model``
    (``medpipe run pipelines/brain_tumor.yaml``), else trains one into the work dir (about 1.5 min).
 3. **One process** scores the whole export (ingest included): studies per minute, and the time split
    into ingest, read, preprocess, inference and write. read / preprocess / infer / write are summed
@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
 def ensure_model(work: Path, model: str | None) -> Path:
     if model:
         return Path(model).resolve()
-    default = REPO / "runs" / "brain_tumor" / "stages" / "03_train_segmenter" / "model"
+    default = REPO / "runs" / "brain_tumor" / "latest" / "stages" / "03_train_segmenter" / "model"
     if (default / "model.json").is_file():
         return default
     trained = work / "train" / "stages" / "03_train_segmenter" / "model"

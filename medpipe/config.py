@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medpipe.errors import ConfigError
-from medpipe.stage import REGISTRY, StageParams, check_wiring
+from medpipe.stage import REGISTRY, PathRole, StageParams, check_wiring
 
 
 class PipelineConfig(BaseModel):
@@ -64,6 +64,7 @@ class Pipeline:
     path: Path
     config: PipelineConfig
     stages: list[Stage]
+    warnings: list[str] = field(default_factory=list)  # one line each: things that may be wrong, not errors
 
     def resolved(self) -> dict[str, Any]:
         """The whole pipeline with every default filled in (what ``resolved.yaml`` holds)."""
@@ -294,7 +295,12 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
                               f"{_message(err, list(model.model_fields))} {where(base + loc)}")
     if not stages and not errors:
         errors.append(f"stages: a pipeline needs at least one stage {where(('stages',))}")
+    warnings: list[str] = []
     if not errors:
+        for i, field_loc, message, fatal in _check_paths(stages):
+            st = stages[i]
+            text = f"stages[{st.index}] ({st.kind}).{_field_path(field_loc)}: {message}"
+            (errors if fatal else warnings).append(f"{text} {where(('stages', st.index) + field_loc)}")
         for problem in check_wiring([(s.kind, s.params) for s in stages]):
             st = stages[problem.index]
             loc = ("stages", st.index) + ((problem.field,) if problem.field and problem.field in
@@ -302,4 +308,62 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
             errors.append(f"stages[{st.index}] ({st.kind}): {problem.message} {where(loc)}")
     if errors:
         raise ConfigError("\n".join(errors))
-    return Pipeline(path, config, stages)
+    return Pipeline(path, config, stages, warnings)
+
+
+# -- paths: inputs must exist, outputs should stay in the project -------------------------------------------
+
+
+def _role(annotation: Any) -> str | None:
+    """``input`` / ``output`` when the annotation (or one inside a union / list) carries a :class:`PathRole`."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Annotated:
+        for m in annotation.__metadata__:
+            if isinstance(m, PathRole):
+                return m.role
+    for arg in typing.get_args(annotation):
+        role = _role(arg)
+        if role:
+            return role
+    return None
+
+
+def _paths(params: BaseModel, loc: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str, str]]:
+    """``(field location, role, value)`` of every path parameter, nested models included."""
+    out: list[tuple[tuple[Any, ...], str, str]] = []
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            out += _paths(value, loc + (name,))
+            continue
+        role = next((m.role for m in info.metadata if isinstance(m, PathRole)), None) or _role(info.annotation)
+        if role is None or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for k, v in enumerate(values):
+            out.append((loc + ((name, k) if isinstance(value, list) else (name,)), role, str(v)))
+    return out
+
+
+def _check_paths(stages: list[Stage]) -> list[tuple[int, tuple[Any, ...], str, bool]]:
+    """``(stage, field, message, fatal)``: inputs that do not exist and that no earlier stage writes (fatal);
+    outputs outside the current folder (a warning: a colleague's pipeline file should not write elsewhere
+    unnoticed). Relative paths are taken from the current folder, as the stages take them.
+    """
+    cwd = Path.cwd().resolve()
+    written: list[Path] = []
+    problems: list[tuple[int, tuple[Any, ...], str, bool]] = []
+    for i, st in enumerate(stages):
+        for loc, role, value in _paths(st.params):
+            path = Path(value).expanduser().resolve()
+            if role == "input":
+                made = any(path == w or w in path.parents for w in written)
+                if not made and not path.exists():
+                    problems.append((i, loc, f"{path} does not exist (and no earlier stage writes it)", True))
+            else:
+                written.append(path)
+                if path != cwd and cwd not in path.parents:
+                    problems.append((i, loc, f"writes to {path}, outside the current folder {cwd}", False))
+    return problems
+

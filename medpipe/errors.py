@@ -36,6 +36,10 @@ class CatalogError(MedpipeError):
     """An ingest catalog (``catalog.sqlite``) that is missing or cannot be read."""
 
 
+class Interrupted(MedpipeError):
+    """The user interrupted the work (Ctrl-C); what was finished is kept and a re-run continues."""
+
+
 class PacsError(MedpipeError):
     """A PACS (DIMSE or DICOMweb) operation that failed; the message names the cause and the fix.
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from medpipe.catalog import Catalog, FileRow
 from medpipe.dicom.header import NonImage, Rejected, read_header
@@ -31,6 +31,9 @@ from medpipe.dicom.series import Stack, group_stacks
 from medpipe.dicom.sources import SourceFile, is_nifti, list_source, open_key
 from medpipe.errors import SourceError
 from medpipe.io import atomic_path, remove_stale_temporaries, write_csv_atomic
+
+if TYPE_CHECKING:
+    from medpipe.deid.run import DeidSettings
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +233,12 @@ def ingest(
     workers: int | None = None,
     compress: bool = True,
     progress: ProgressSink | None = None,
+    deidentify: DeidSettings | None = None,
 ) -> IngestReport:
     """Ingest ``src`` (folder, zip, DICOMDIR, DICOM or NIfTI file) into the output folder ``out``.
+
+    ``deidentify``: de-identify ``src`` first (:func:`medpipe.deid.run.stage_for_ingest`) and ingest only
+    the de-identified copy, so nothing in ``out`` holds the source's PHI.
 
     Re-running on the same or an overlapping source is incremental: unchanged files are not
     re-read and unchanged volumes are not rebuilt.
@@ -245,6 +252,11 @@ def ingest(
     src_path = Path(src).expanduser()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    deid_rejected: list[tuple[str, str]] = []
+    if deidentify is not None:
+        from medpipe.deid.run import stage_for_ingest
+
+        src_path, deid_rejected = stage_for_ingest(src_path, out, deidentify, workers=workers, progress=progress)
     files = list(list_source(src_path))
     if not files:
         raise SourceError(f"{src_path}: no files found", hint="point ingest at a folder, zip or DICOMDIR with DICOM files")
@@ -260,6 +272,7 @@ def ingest(
         seconds["scan"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         volumes, rejected, n_built = _assemble(catalog, out, workers, compress, progress)
+        rejected = sorted(rejected + deid_rejected)
         seconds["build"] = time.perf_counter() - t1
         _write_reports(out, volumes, rejected)
     finally:

@@ -34,11 +34,11 @@ from typing import Any
 import yaml
 
 from medpipe.config import Pipeline, Stage
-from medpipe.errors import ConfigError, MedpipeError, StageError
+from medpipe.errors import ConfigError, Interrupted, MedpipeError, StageError
 from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
 from medpipe.provenance import git_commit, versions
-from medpipe.stage import REGISTRY, ProgressFn, RunContext, no_progress
+from medpipe.stage import REGISTRY, ProgressFn, RunContext, from_run_path, no_progress, to_run_path
 
 log = logging.getLogger("medpipe")
 
@@ -52,6 +52,7 @@ class RunSummary:
     skipped: list[str]
     metrics: dict[str, Any]
     seconds: dict[str, float]
+    artifacts: dict[str, Any]  # what the stages gave (artifact name -> path(s)), the last giver's
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -110,6 +111,50 @@ def _write_json(path: Path, doc: Any) -> None:
     write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
 
 
+#: what a run folder holds (``clear_run`` deletes these and nothing else)
+RUN_FILES = ("resolved.yaml", "provenance.json", "state.json", "metrics.json", "run.log", "report.html")
+RUN_FOLDERS = ("stages", "cache")
+
+
+def next_run_dir(base: Path) -> Path:
+    """A new numbered run folder ``base/NNN`` (one more than the highest there), with ``base/latest`` pointing
+    at it (a relative symbolic link, replaced atomically)."""
+    import os
+
+    base.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name) for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()]
+    n = max(numbers, default=0) + 1
+    while True:
+        run_dir = base / f"{n:03d}"
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:  # another run took this number at the same time
+            n += 1
+    tmp = base / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, base / "latest")
+    return run_dir
+
+
+def latest_run_dir(base: Path) -> Path | None:
+    """The folder ``base/latest`` points at (None when there is none)."""
+    link = base / "latest"
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete the files of a run (``--overwrite``); other files in the folder are left alone."""
+    import shutil
+
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+
+
 def _read_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "state.json"
     if not path.is_file():
@@ -126,23 +171,34 @@ def run_pipeline(
     run_dir: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     device: str | None = None,
     progress_factory: ProgressFn = no_progress,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> RunSummary:
     """Run every stage of ``pipeline`` in ``run_dir``.
 
+    ``overwrite``: start afresh in a folder that holds a run (its run files are deleted first).
+
     Raises:
-        ConfigError: the run directory holds another run and ``resume`` is not set.
+        ConfigError: the run directory holds another run and neither ``resume`` nor ``overwrite`` is set,
+            or it exists and is not a run directory.
         StageError: a stage failed on user input (wrapped once, with the stage named).
+        Interrupted: Ctrl-C; the stage is marked ``interrupted`` and ``resume`` continues it.
     """
     cfg = pipeline.config
     run_dir = run_dir.resolve()
     state = _read_state(run_dir)
-    if state and not resume:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run folder", hint="choose another --out")
+    if state and overwrite:
+        clear_run(run_dir)
+        state = {}
+    elif state and not resume:
         raise ConfigError(
             f"{run_dir} already holds a run",
-            hint="add --resume to continue it (unchanged stages are skipped), or choose another --out",
+            hint="add --resume to continue it (unchanged stages are skipped), --overwrite to start afresh, or "
+                 "leave out --out for a new numbered run folder",
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
@@ -152,6 +208,9 @@ def run_pipeline(
     try:
         return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage)
     finally:
+        from medpipe.report.html import write_report_quietly
+
+        write_report_quietly(run_dir)  # report.html, also after a failure or an interrupt; never raises
         log.removeHandler(handler)
         handler.close()
 
@@ -183,6 +242,7 @@ def _run(
         "inputs": {},
     }
     log.info("run %s in %s on %s (seed %d)", cfg.name, run_dir, device, cfg.seed)
+    _write_json(run_dir / "provenance.json", provenance)  # rewritten with inputs and timings when the run ends
     old_stages: dict[str, Any] = state.get("stages", {})
     new_state: dict[str, Any] = {"version": STATE_VERSION, "pipeline": cfg.name, "stages": {}}
     artifacts: dict[str, Any] = {}
@@ -197,7 +257,7 @@ def _run(
         previous = digest
         old = old_stages.get(key)
         if old and old.get("hash") == digest and old.get("status") == "done":
-            artifacts.update(old.get("outputs", {}))
+            artifacts.update({k: from_run_path(v, run_dir) for k, v in old.get("outputs", {}).items()})
             metrics["stages"][key] = old.get("metrics", {})
             metrics.update(old.get("metrics", {}))
             provenance["inputs"].update(old.get("inputs", {}))
@@ -212,7 +272,7 @@ def _run(
         stage_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed, cfg.deterministic)
         ctx = RunContext(run_dir, stage_dir, cfg.seed, device, amp, cfg.deterministic, dict(artifacts),
-                         logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory)
+                         logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory, resume_key=digest)
         if on_stage:
             on_stage(key, "running")
         new_state["stages"][key] = {"hash": digest, "status": "running"}
@@ -231,6 +291,13 @@ def _run(
             _write_json(run_dir / "state.json", new_state)
             log.error("%s failed: %s", key, exc)
             raise StageError(f"stages[{stage.index}] ({stage.kind}): {exc}", hint=exc.hint) from exc
+        except KeyboardInterrupt:
+            new_state["stages"][key] = {"hash": digest, "status": "interrupted"}
+            _write_json(run_dir / "state.json", new_state)
+            log.warning("%s interrupted after %.0f s", key, time.perf_counter() - t0)
+            raise Interrupted(f"interrupted in {key}; what finished is kept",
+                              hint="run the same command with --resume to continue (training restarts from its "
+                                   "last snapshot)") from None
         except BaseException:
             new_state["stages"][key] = {"hash": digest, "status": "failed"}
             _write_json(run_dir / "state.json", new_state)
@@ -246,9 +313,11 @@ def _run(
         metrics.update(result.metrics)
         provenance["inputs"].update(result.inputs)
         new_state["stages"][key] = {
-            "hash": digest, "status": "done", "outputs": result.outputs, "metrics": result.metrics,
-            "inputs": result.inputs, "seconds": round(elapsed, 3),
+            "hash": digest, "status": "done", "outputs": {k: to_run_path(v, run_dir) for k, v in result.outputs.items()},
+            "metrics": result.metrics, "inputs": result.inputs, "seconds": round(elapsed, 3),
         }
+        for snapshot in stage_dir.glob("*.resume.pt"):  # training snapshots are for interrupted stages only
+            snapshot.unlink()
         _write_json(run_dir / "state.json", new_state)
         _write_json(run_dir / "metrics.json", metrics)
         ran.append(key)
@@ -259,4 +328,4 @@ def _run(
     provenance["stage_seconds"] = seconds
     _write_json(run_dir / "metrics.json", metrics)
     _write_json(run_dir / "provenance.json", provenance)
-    return RunSummary(run_dir, ran, skipped, metrics, seconds)
+    return RunSummary(run_dir, ran, skipped, metrics, seconds, artifacts)

@@ -29,11 +29,30 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from medpipe.errors import StageError
+
+#: bounded numbers for stage parameters (every numeric parameter has bounds: a typo such as ``-1`` or
+#: ``1000000`` fails validation with one line, not a run)
+Size = Annotated[int, Field(ge=1, le=16384, description="a size in voxels / pixels / features")]
+Axis = Annotated[int, Field(ge=0, le=2, description="a spatial axis, 0-based")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="a random seed")]
+LabelValue = Annotated[int, Field(ge=0, le=2**31 - 1, description="a label value or class index")]
+
+
+@dataclass(frozen=True)
+class PathRole:
+    """Marks a path parameter (in ``Annotated``) as something a stage reads or writes, for ``validate``:
+    an input must exist (or be written by an earlier stage), an output outside the project is warned about."""
+
+    role: Literal["input", "output"]
+
+
+InputPath = Annotated[str, PathRole("input")]
+OutputPath = Annotated[str, PathRole("output")]
 
 
 class StageParams(BaseModel):
@@ -129,6 +148,9 @@ class RunContext:
     artifacts: dict[str, Any]
     log: logging.Logger
     progress_factory: ProgressFn = no_progress
+    #: identifies this stage's inputs and parameters (the runner's stage hash): a training snapshot left by an
+    #: interrupted run is resumed only when it was made under the same key
+    resume_key: str = ""
 
     def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
         """A progress bar; the yielded function advances it by ``n``."""
@@ -167,6 +189,28 @@ class RunContext:
         if missing:
             raise StageError(f"{field}: {', '.join(missing)} does not exist")
         return paths
+
+
+# -- paths inside a run folder ---------------------------------------------------------------------------
+
+
+def to_run_path(value: Any, run_dir: Path) -> Any:
+    """Artifact paths (a path or a list) inside ``run_dir`` as ``run:<relative path>``, so a run folder
+    that is copied or moved still works (``state.json`` stores them so); other values unchanged."""
+    if isinstance(value, list):
+        return [to_run_path(v, run_dir) for v in value]
+    if isinstance(value, str) and value.startswith(str(run_dir) + "/"):
+        return "run:" + value[len(str(run_dir)) + 1:]
+    return value
+
+
+def from_run_path(value: Any, run_dir: Path) -> Any:
+    """The inverse of :func:`to_run_path` for the folder the run is in now."""
+    if isinstance(value, list):
+        return [from_run_path(v, run_dir) for v in value]
+    if isinstance(value, str) and value.startswith("run:"):
+        return str(run_dir / value[4:])
+    return value
 
 
 # -- the registry -------------------------------------------------------------------------------------

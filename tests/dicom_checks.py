@@ -33,7 +33,8 @@ def dciodvfy_report(path: Path | str) -> tuple[int, list[str]]:
     """Exit status and output lines of ``dciodvfy path``."""
     if DCIODVFY is None:
         raise FileNotFoundError(f"dciodvfy not found next to {sys.executable}")
-    result = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, encoding="utf-8",
+                            errors="replace", timeout=120, check=False)  # values in messages need not be UTF-8
     return result.returncode, (result.stdout + result.stderr).splitlines()
 
 

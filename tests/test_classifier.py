@@ -199,6 +199,21 @@ def test_train_and_evaluate_on_real_breastmnist(tmp_path: Path, breastmnist: Pat
     # the CSV agrees with the reported accuracy and holds probabilities that sum to one
     assert np.mean([int(r["correct"]) for r in rows]) == pytest.approx(m["accuracy"])
     assert all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-4 for r in rows)
+    # Guards: sensitivity, specificity, PPV, NPV and F1 of the wrong class. Recomputed from the CSV for the
+    # positive class asked for (malignant, 0)
+    true = np.array([int(r["true"]) for r in rows]) == 0
+    pred = np.array([int(r["predicted"]) for r in rows]) == 0
+    tp, fn = int((pred & true).sum()), int((~pred & true).sum())
+    tn, fp = int((~pred & ~true).sum()), int((pred & ~true).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return None if b == 0 else a / b
+
+    expected = {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp),
+                "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+    for key, value in expected.items():
+        assert (m[key] is None) if value is None else m[key] == pytest.approx(value, abs=1e-6), key
+    assert tp + fn == 10, "malignant is the positive class"
 
 
 def test_kfold_training_gives_an_ensemble(tmp_path: Path, breastmnist: Path) -> None:

@@ -112,11 +112,12 @@ def test_cli_validate_ok_and_error_without_traceback(tmp_path: Path) -> None:
 
 
 def test_evaluate_without_a_checkpoint_fails_validation(tmp_path: Path) -> None:
-    path = write(tmp_path, """\
+    (tmp_path / "ingested").mkdir()
+    path = write(tmp_path, f"""\
         name: no_model
         stages:
           - stage: dataset
-            ingest_dir: /data/ingested
+            ingest_dir: {tmp_path / "ingested"}
           - stage: evaluate
             split: test
         """)
@@ -126,19 +127,22 @@ def test_evaluate_without_a_checkpoint_fails_validation(tmp_path: Path) -> None:
 
 
 def test_a_parameter_or_an_earlier_stage_meets_the_need(tmp_path: Path) -> None:
-    by_param = write(tmp_path, """\
+    for name in ("model.pt", "datalist.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "export").mkdir()
+    by_param = write(tmp_path, f"""\
         name: given
         stages:
           - stage: evaluate
-            checkpoint: model.pt
-            datalist: datalist.json
+            checkpoint: {tmp_path / "model.pt"}
+            datalist: {tmp_path / "datalist.json"}
         """)
     load_pipeline(by_param)
-    wired = write(tmp_path, """\
+    wired = write(tmp_path, f"""\
         name: wired
         stages:
           - stage: ingest
-            source: /data/export
+            source: {tmp_path / "export"}
           - stage: dataset
           - stage: train_segmenter
           - stage: evaluate
@@ -148,13 +152,14 @@ def test_a_parameter_or_an_earlier_stage_meets_the_need(tmp_path: Path) -> None:
 
 
 def test_every_missing_need_is_one_line_naming_the_field(tmp_path: Path) -> None:
-    path = write(tmp_path, """\
+    (tmp_path / "a.pt").write_bytes(b"")
+    path = write(tmp_path, f"""\
         name: nothing_given
         stages:
           - stage: train_classifier
             epochs: 1
           - stage: explain
-            checkpoints: [a.pt]
+            checkpoints: [{tmp_path / "a.pt"}]
         """)
     lines = error_of(path).splitlines()
     assert lines == [
@@ -183,3 +188,65 @@ def test_one_artifact_name_has_one_meaning() -> None:
     artifact("datalist", "file", "a datalist.json (train / val / test items)")  # the same declaration again: fine
     with pytest.raises(RuntimeError, match="declared twice with different meanings"):
         artifact("datalist", "folder", "a folder of CSV files")
+
+
+# -- paths: inputs exist, outputs stay in the project ---------------------------------------------------------
+
+
+def test_missing_input_paths_fail_validation_unless_an_earlier_stage_writes_them(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, """\
+        name: paths
+        stages:
+          - stage: sample
+            out: data/sample
+          - stage: ingest
+            source: data/sample/dicom      # written by the sample stage: fine
+          - stage: ingest
+            source: data/elsewhere         # nobody writes it
+        """)
+    lines = error_of(path).splitlines()
+    assert lines == [f"stages[2] (ingest).source: {tmp_path / 'data' / 'elsewhere'} does not exist (and no earlier "
+                     f"stage writes it) ({path} line 8)"]
+
+
+def test_outputs_outside_the_project_are_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    path = write(tmp_path, """\
+        name: writes_elsewhere
+        stages:
+          - stage: sample
+            out: ../../somewhere_else
+          - stage: sample
+            out: data/sample
+        """)
+    p = load_pipeline(path)
+    assert p.warnings == [f"stages[0] (sample).out: writes to {(project / '../../somewhere_else').resolve()}, outside "
+                          f"the current folder {project} ({path} line 4)"]
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and "warning: stages[0] (sample).out: writes to" in result.output
+
+
+def test_validate_takes_several_files_and_globs_and_reports_all(tmp_path: Path) -> None:
+    good = write(tmp_path, GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD.replace("epochs: 3", "epoch: 3"))
+    (tmp_path / "c.yaml").write_text(GOOD.replace("name: toy", "name: toy_c"))
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "*.yaml")])
+    assert result.exit_code == 2
+    assert f"ok {good}" in result.output and f"ok {tmp_path / 'c.yaml'}" in result.output
+    assert "unknown parameter 'epoch' (did you mean 'epochs'?)" in result.output
+    assert "1 of 3 pipeline file(s) have problems" in result.output
+
+
+def test_transform_argument_typos_get_a_suggestion_in_the_same_pass(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("      - RandFlipd: {keys: [image], prob: 0.5, spatial_axis: 0}",
+                                        "      - RandFlipd: {keyz: [image], prob: 0.5, spatial_axis: 0}")
+                 .replace("    epochs: 3", "    epoch: 3"))
+    lines = error_of(path).splitlines()
+    assert any("unknown parameter 'epoch' (did you mean 'epochs'?)" in line for line in lines)
+    assert any("train_transforms[1]: RandFlipd: unknown argument 'keyz' (did you mean 'keys'?)" in line
+               for line in lines), lines

@@ -148,3 +148,61 @@ def test_huge_file_is_refused_unread(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x\n" + "#" * 2_000_000 + "\n")
     with pytest.raises(ConfigError, match="not a pipeline file"):
         load_pipeline(path)
+
+
+# -- bounds: every numeric parameter of every stage ---------------------------------------------------------
+
+
+def _unbounded(schema: dict, defs: dict, path: str, out: list[str]) -> None:
+    if "$ref" in schema:
+        return _unbounded(defs[schema["$ref"].split("/")[-1]], defs, path, out)
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in schema.get(key, []):
+            _unbounded(sub, defs, path, out)
+    kind = schema.get("type")
+    if kind in ("integer", "number") and not any(k in schema for k in ("minimum", "exclusiveMinimum", "enum",
+                                                                         "const")):
+        out.append(path)
+    if kind == "array":
+        if isinstance(schema.get("items"), dict):
+            _unbounded(schema["items"], defs, path + "[]", out)
+        for i, item in enumerate(schema.get("prefixItems", [])):
+            _unbounded(item, defs, f"{path}[{i}]", out)
+    for name, sub in schema.get("properties", {}).items():
+        _unbounded(sub, defs, f"{path}.{name}", out)
+    if isinstance(schema.get("additionalProperties"), dict):
+        _unbounded(schema["additionalProperties"], defs, path + ".*", out)
+
+
+def test_every_numeric_parameter_of_every_stage_has_a_lower_bound() -> None:
+    """The class behind ``roi_size: [0, -1, 5]`` and negative ``channels`` being accepted."""
+    from medpipe.config import PipelineConfig
+    from medpipe.stage import REGISTRY
+    from medpipe.stages import load_stages
+
+    load_stages()
+    found: list[str] = []
+    for kind, d in sorted(REGISTRY.items()):
+        if kind.startswith("toy_"):
+            continue
+        schema = d.params.model_json_schema()
+        _unbounded(schema, schema.get("$defs", {}), kind, found)
+    top = PipelineConfig.model_json_schema()
+    _unbounded(top, top.get("$defs", {}), "pipeline", found)
+    assert found == [], f"numeric parameters without bounds: {found}"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("roi_size", "[0, -1, 5]", "roi_size[0]: input should be greater than or equal to 1"),
+    ("channels", "[8, -16]", "channels[1]: input should be greater than or equal to 1"),
+    ("strides", "[2, 0]", "strides[1]: input should be greater than or equal to 1"),
+    ("epochs", "0", "epochs: input should be greater than or equal to 1"),
+    ("lr", "-0.1", "lr: input should be greater than 0"),
+])
+def test_bad_numbers_fail_validation_with_one_line_each(tmp_path: Path, key: str, value: str, message: str) -> None:
+    path = write(tmp_path, f"name: x\nstages:\n  - stage: train_segmenter\n    datalist: d.json\n    {key}: {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_pipeline(path)
+    lines = str(exc.value).splitlines()
+    assert any(line.startswith(f"stages[0] (train_segmenter).{message}") and line.endswith("line 5)")
+               for line in lines), lines

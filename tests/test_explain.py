@@ -149,7 +149,8 @@ def test_the_callers_network_is_left_untouched() -> None:
 
 
 def test_cnn_rnn_maps_follow_the_slices() -> None:
-    """A slice-sequence model's Grad-CAM is computed per slice: an all-zero slice gets (almost) no map."""
+    """A slice-sequence model's Grad-CAM is computed per slice. Guards: the same map on every slice (a CAM of
+    one slice broadcast along the sequence), and maps scaled per slice instead of over the volume."""
     torch.manual_seed(0)
     cfg = classifier_config("cnn_rnn", 3, 1, 2, encoder="resnet10", **SMALL)
     x = torch.rand(1, 1, 16, 16, 6)
@@ -158,6 +159,9 @@ def test_cnn_rnn_maps_follow_the_slices() -> None:
     assert maps.shape == (16, 16, 6)
     per_slice = maps.reshape(-1, 6).max(axis=0)
     assert (per_slice > 0).sum() >= 2  # scaled over the volume, not per slice: several slices carry evidence
+    slices = [maps[..., k] for k in range(6)]
+    assert not all(np.allclose(slices[0], s) for s in slices[1:]), "one map repeated on every slice"
+    assert per_slice.max() == pytest.approx(1.0) and per_slice.min() < 1.0, "scaled over the volume"
 
 
 def test_occlusion_settings_bound_the_cost() -> None:

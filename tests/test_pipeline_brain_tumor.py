@@ -17,6 +17,7 @@ import medpipe.stages.evaluate
 import medpipe.stages.predict
 import medpipe.stages.train_segmenter  # noqa: F401  (registered even before STAGE_MODULES lists them)
 from medpipe.cli import app
+from medpipe.data.datalist import load_datalist
 from medpipe.stage import RunContext
 from medpipe.stages.predict import PredictParams, predict
 
@@ -67,8 +68,10 @@ def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
     evaluation = next(stages.glob("*_evaluate"))
     assert list((evaluation / "overlays").glob("*.png")) and (evaluation / "cases.csv").is_file()
 
-    datalist = json.loads(Path(json.loads((run_dir / "state.json").read_text())["stages"]["02_dataset"]["outputs"]
-                               ["datalist"]).read_text())
+    from medpipe.stage import from_run_path
+
+    datalist = load_datalist(Path(from_run_path(json.loads((run_dir / "state.json").read_text())["stages"]
+                                                ["02_dataset"]["outputs"]["datalist"], run_dir)))
     pred = next(stages.glob("*_predict"))
     masks = sorted((pred / "predictions").glob("*.nii.gz"))
     assert len(masks) == len(datalist["test"]) >= 1

@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from medpipe.cli import app
+from medpipe.data.datalist import load_datalist
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -64,7 +65,7 @@ def test_gan_augment_pipeline_small(tmp_path: Path, shared_data: Path) -> None:
     assert metrics["01_train_classifier"]["n_synthetic_train"] == 0
     assert metrics["02_evaluate_classifier"]["n_cases"] == metrics["06_evaluate_classifier"]["n_cases"] == 156
     assert (stages / "03_train_gan" / "samples.png").is_file()
-    augmented = json.loads((stages / "04_augment" / "datalist.json").read_text())
+    augmented = load_datalist(stages / "04_augment" / "datalist.json")
     assert sum(1 for it in augmented["train"] if it.get("synthetic")) == 12
     assert not any(it.get("synthetic") for split in ("val", "test") for it in augmented[split])
 

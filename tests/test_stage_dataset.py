@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from medpipe.data.datalist import load_datalist
 from medpipe.data.splits import split_patients
 from medpipe.data.volumes import _in_world_space, read_grid, read_seg
 from medpipe.errors import StageError
@@ -56,7 +57,7 @@ def run_dataset(ingested: dict[str, Any], name: str, ingest_dir: Path | None = N
     if ingest_dir is not None:
         arts["ingest_dir"] = str(ingest_dir)
     res = dataset_stage(make_ctx(ingested["root"], name, arts, seed), DatasetParams.model_validate(params))
-    return json.loads(Path(res.outputs["datalist"]).read_text()), res
+    return load_datalist(Path(res.outputs["datalist"])), res
 
 
 def all_items(doc: dict[str, Any]) -> list[dict[str, Any]]:

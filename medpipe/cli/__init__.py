@@ -22,16 +22,24 @@ class _MedpipeGroup(TyperGroup):
     """The one place user errors become one line (plus a hint) and a non-zero exit code."""
 
     def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
+        from medpipe.errors import Interrupted
+
         try:
             return super().invoke(ctx)
         except MedpipeError as exc:
             if _state["verbose"]:
                 raise
+            interrupted = isinstance(exc, Interrupted)
             for line in str(exc).splitlines() or [""]:
-                typer.echo(f"error: {line}", err=True)
+                typer.echo(f"{'' if interrupted else 'error: '}{line}", err=True)
             if exc.hint:
                 typer.echo(f"hint: {exc.hint}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(130 if interrupted else 2) from None
+        except KeyboardInterrupt:
+            if _state["verbose"]:
+                raise
+            typer.echo("interrupted; outputs are written atomically and a re-run continues", err=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -43,9 +51,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"medpipe {version('medpipe')}")
+        except PackageNotFoundError:  # pragma: no cover - a source tree without install
+            typer.echo("medpipe (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print medpipe's version and exit."),
 ) -> None:
     _state["verbose"] = verbose
     logging.basicConfig(
@@ -57,7 +78,7 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, imports, ingest, listen, pacs, run, sample, score
+    from medpipe.cli import catalog, deid, imports, ingest, listen, pacs, report, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
@@ -65,6 +86,8 @@ def _register() -> None:
     run.register(app)
     imports.register(app)
     score.register(app)
+    report.register(app)
+    deid.register(app)
     pacs.register(app)
     listen.register(app)
 

@@ -12,26 +12,48 @@ from rich.table import Table
 
 def ingest_command(
     src: str = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, DICOM / NIfTI file, or a PACS "
-                                        "query pacs://NODE?StudyDate=...&Modality=MR (pulled into OUT/pacs/NODE)."),
+                                        "query pacs://NODE?StudyDate=...&Modality=MR (pulled into OUT/pacs/NODE; with "
+                                        "--deidentify beside OUT, into OUT.pacs/NODE)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: catalog, volumes, manifest.csv, rejected.csv."),
     workers: int = typer.Option(0, help="Worker processes (0: one per CPU core)."),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="Write .nii.gz (default) or .nii."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    deidentify: bool = typer.Option(False, "--deidentify", help="De-identify on the way in (as `medpipe deid`): "
+                                                                 "nothing in OUT holds the source's PHI. Needs --key."),
+    key: Path = typer.Option(None, "--key", "-k", help="With --deidentify: the key file (created 0600 if absent)."),
+    profile: list[str] = typer.Option(None, "--profile", "-p", help="With --deidentify: profile options (see "
+                                                                     "`medpipe deid --help`)."),
+    map_path: Path = typer.Option(None, "--map", help="With --deidentify: the private map (default KEYFILE.map.json)."),
+    allow_burned_in: bool = typer.Option(False, "--allow-burned-in", help="With --deidentify: also images that may "
+                                                                          "carry burned-in text."),
     pacs: Path = typer.Option(None, "--pacs", help="PACS node file for pacs:// sources."),
 ) -> None:
     """Index DICOM (and NIfTI) into a catalog, check geometry and write one NIfTI volume per series."""
     from medpipe.cli.progress import RichProgress
+    from medpipe.errors import ConfigError
     from medpipe.ingest import ingest
 
+    settings = None
+    if deidentify:
+        from medpipe.cli.deid import deid_settings
+
+        if key is None:
+            raise ConfigError("--deidentify needs --key KEYFILE", hint="give a key file path (created if absent)")
+        settings = deid_settings(key, map_path, profile, None, allow_burned_in, False)
+    elif key is not None or profile or map_path is not None or allow_burned_in:
+        raise ConfigError("--key, --profile, --map and --allow-burned-in only apply with --deidentify")
     console = Console(stderr=False, quiet=quiet)
     source = Path(src)
     if src.lower().startswith("pacs://"):
         from medpipe.pacs.source import pull_source
 
-        source, pulled = pull_source(src, out / "pacs", pacs)
+        # the pulled studies are the identified source: with --deidentify they stay out of OUT, beside it
+        cache = out.parent / f"{out.name}.pacs" if deidentify else out / "pacs"
+        source, pulled = pull_source(src, cache, pacs)
         console.print(f"pulled {pulled.received} new instance(s) ({pulled.already} already here) into {source}")
     with RichProgress(console) as progress:
-        report = ingest(source, out, workers=workers or None, compress=compress, progress=progress)
+        report = ingest(source, out, workers=workers or None, compress=compress, progress=progress,
+                        deidentify=settings)
     if quiet:
         return
     table = Table(title=f"Series in {report.out}", show_lines=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,57 @@ import numpy as np
 
 from medpipe.errors import StageError
 
+#: item keys that hold file paths (a path, or a list of paths for ``image``)
+PATH_KEYS = ("image", "label", "reference_volume")
+SPLITS = ("train", "val", "test")
+
+
+def _map_paths(doc: dict[str, Any], fn: Any) -> dict[str, Any]:
+    def one(v: Any) -> Any:
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return fn(v) if isinstance(v, str) else v
+
+    out = dict(doc)
+    for split in SPLITS:
+        if isinstance(doc.get(split), list):
+            out[split] = [{k: one(v) if k in PATH_KEYS else v for k, v in it.items()} if isinstance(it, dict) else it
+                          for it in doc[split]]
+    if isinstance(doc.get("ingest_dir"), str):
+        out["ingest_dir"] = fn(doc["ingest_dir"])
+    return out
+
 
 def load_datalist(path: Path) -> dict[str, Any]:
+    """Read a datalist; relative item paths are taken from the datalist's own folder (see :func:`datalist_json`)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise StageError(f"datalist {path} cannot be read ({exc}); re-run the dataset stage") from exc
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(s, []), list) for s in ("train", "val", "test")):
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(s, []), list) for s in SPLITS):
         raise StageError(f"datalist {path} is not a medpipe datalist (train / val / test lists)")
-    return doc
+    folder = path.resolve().parent
+    return _map_paths(doc, lambda v: v if Path(v).is_absolute() else str((folder / v).resolve()))
+
+
+def datalist_json(doc: dict[str, Any], path: Path, *, relative_within: Path | None = None) -> str:
+    """The JSON text of a datalist to be written at ``path``.
+
+    Item paths inside ``relative_within`` (a run folder) are written relative to the datalist's folder,
+    so a run folder that is copied or moved keeps working; other paths stay as they are.
+    """
+    if relative_within is not None:
+        folder = path.resolve().parent
+        root = relative_within.resolve()
+
+        def rel(v: str) -> str:
+            p = Path(v)
+            if p.is_absolute() and (p == root or root in p.parents):
+                return os.path.relpath(p, folder)
+            return v
+
+        doc = _map_paths(doc, rel)
+    return json.dumps(doc, indent=1) + "\n"
 
 
 def safe_name(text: str) -> str:

@@ -38,11 +38,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medpipe.data.channels import Candidate, ChannelRule, StudySkipped, candidates, check_regex, select_channels
-from medpipe.data.datalist import safe_name
+from medpipe.data.datalist import datalist_json, safe_name
 from medpipe.data.splits import split_patients
 from medpipe.errors import MedpipeError, StageError
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.stage import ProgressFn, no_progress
+from medpipe.stage import InputPath, ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from medpipe.catalog import CatalogReader
@@ -60,7 +60,7 @@ class _Spec(BaseModel):
 class SegLabels(_Spec):
     source: Literal["seg"] = "seg"
     series_description: str | None = Field(default=None, description="regex choosing among several SEGs of a series")
-    segments: dict[int, int] | None = Field(default=None, description="segment number -> label value (default: the same)")
+    segments: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1, le=65535)]] | None = Field(default=None, description="segment number -> label value (default: the same)")
     required: bool = Field(default=True, description="skip studies without a SEG (else their label is null)")
 
     _regex = field_validator("series_description")(check_regex)
@@ -83,7 +83,7 @@ class NiftiLabels(_Spec):
 
 class CsvLabels(_Spec):
     source: Literal["csv"]
-    path: str | None = Field(default=None, description="CSV file; None: labels.csv of the sample stage's output")
+    path: InputPath | None = Field(default=None, description="CSV file; None: labels.csv of the sample stage's output")
     column: str = "has_tumor"
     key: Literal["auto", "study_uid", "patient_id"] = Field(
         default="auto", description="column joining rows to studies; auto: study_uid when the CSV has it")
@@ -463,6 +463,7 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
     }
 
 
-def write_datalist(path: Path | str, doc: dict[str, Any]) -> None:
-    """Write a datalist document (indented JSON), atomically."""
-    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
+def write_datalist(path: Path | str, doc: dict[str, Any], *, relative_within: Path | None = None) -> None:
+    """Write a datalist document (indented JSON), atomically; item paths inside ``relative_within`` (the run
+    folder) are written relative to the datalist's folder (:func:`medpipe.data.datalist.datalist_json`)."""
+    write_text_atomic(path, datalist_json(doc, Path(path), relative_within=relative_within))

@@ -148,10 +148,32 @@ def _instantiate(item: Any) -> Any:
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
             return classes[name](**args)
     except TypeError as exc:  # unexpected / missing arguments
-        raise ValueError(f"{name}: {exc}") from None
+        raise ValueError(f"{name}: {_argument_problem(classes[name], args, exc)}") from None
     except Exception as exc:  # MONAI validates values in constructors
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"{name}: {type(exc).__name__}: {first}") from None
+
+
+def _argument_problem(cls: type, args: dict[str, Any], exc: TypeError) -> str:
+    """``unknown argument 'keyz' (did you mean 'keys'?)`` for a misspelt argument, else the TypeError's text."""
+    try:
+        known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (TypeError, ValueError):  # pragma: no cover
+        return str(exc)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    unknown = [a for a in args if a not in known]
+    if unknown and not accepts_any:
+        parts = []
+        for a in unknown:
+            close = difflib.get_close_matches(a, known, n=1)
+            parts.append(f"unknown argument {a!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return "; ".join(parts) + f"; it takes {', '.join(known)}"
+    missing = [p.name for p in inspect.signature(cls).parameters.values()
+               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name != "self" and p.name not in args]
+    if missing:
+        return f"missing argument(s) {', '.join(missing)}"
+    return str(exc).replace(f"{cls.__name__}.__init__() ", "")
 
 
 def check_transform(item: Any) -> None:

@@ -31,7 +31,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,7 +94,7 @@ class SegmenterPackageOptions(PackageOptions):
 
 
 class ClassifierPackageOptions(PackageOptions):
-    tta_axes: list[int] = Field(default_factory=lambda: [0], description="axes flipped when tta is on")
+    tta_axes: list[Annotated[int, Field(ge=0, le=2)]] = Field(default_factory=lambda: [0], description="axes flipped when tta is on")
     positive_class: int = Field(1, ge=0, description="binary: the class the decision is about")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="binary: positive when its probability >= this")
     class_codes: dict[str, CodeSpec] | None = Field(None, description="class index -> finding code for the SR")

@@ -9,7 +9,7 @@ augmentation, ensembles) is in :mod:`medpipe.inference.segmentation`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
@@ -27,8 +27,8 @@ CONFIG_KEYS = ("name", "in_channels", "out_channels", "channels", "strides", "nu
 class SegmenterOptions(Options):
     """A segmenter's architecture choices and their defaults (``train_segmenter`` parameters by these names)."""
 
-    channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2, description="features per level")
-    strides: tuple[int, ...] | None = Field(None, description="UNet downsampling per level; None: 2 everywhere")
+    channels: tuple[Annotated[int, Field(ge=1, le=4096)], ...] = Field((16, 32, 64, 128), min_length=2, description="features per level")
+    strides: tuple[Annotated[int, Field(ge=1, le=8)], ...] | None = Field(None, description="UNet downsampling per level; None: 2 everywhere")
     num_res_units: int = Field(0, ge=0)
     norm: Literal["instance", "batch", "group"] = "instance"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

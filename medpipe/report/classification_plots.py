@@ -1,7 +1,8 @@
 """PNG figures for classification results: ROC curves, confusion matrix, reliability diagram.
 
 matplotlib is imported lazily, with the Agg backend; every figure is small (5 x 5 in at 100 dpi) and
-written atomically (``medpipe.io.atomic_path``), so a killed run never leaves a truncated PNG.
+written atomically (``medpipe.io.atomic_path``), so a killed run never leaves a truncated PNG. Colours are
+Okabe-Ito (:mod:`medpipe.report.colours`), with line styles cycling as well when classes outnumber colours.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from medpipe.metrics.classification import (
     roc_auc,
     roc_curve,
 )
+from medpipe.report import colours
 
 __all__ = ["calibration_png", "confusion_png", "roc_png"]
 
@@ -87,12 +89,13 @@ def roc_png(y_true: ArrayLike, prob: ArrayLike, path: Path | str, *, class_names
         ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
         if n_classes == 2:
             fpr, tpr, _ = roc_curve(y == pos, p[:, pos])
-            ax.plot(fpr, tpr, color="C0", linewidth=2,
+            ax.plot(fpr, tpr, color=colours.BLUE, linewidth=2,
                     label=f"{_name(class_names, pos)}: AUC {_fmt(auc)}{_ci_text(ci)}")
         else:
             for k in range(n_classes):
                 fpr, tpr, _ = roc_curve(y == k, p[:, k])
-                ax.plot(fpr, tpr, color=f"C{k % 10}", linewidth=1.6,
+                colour, style = colours.cycle(k)
+                ax.plot(fpr, tpr, color=colour, linestyle=style, linewidth=1.6,
                         label=f"{_name(class_names, k)} vs rest: AUC {_fmt(roc_auc(y == k, p[:, k]))}")
             title = f"{title}\nmacro AUC {_fmt(classification_metrics(y, p)['auc'])}{_ci_text(ci)}"
         ax.set_xlim(-0.01, 1.01)
@@ -153,15 +156,15 @@ def calibration_png(y_true: ArrayLike, prob: ArrayLike, path: Path | str, *, tit
     filled = count > 0
     with _figure(path, nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1]}) as (_, (ax, hist)):
         ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1, label="perfect calibration")
-        ax.bar(left[filled], acc[filled], width=width[filled], align="edge", color="C0", edgecolor="black",
+        ax.bar(left[filled], acc[filled], width=width[filled], align="edge", color=colours.SKY_BLUE, edgecolor="black",
                linewidth=0.6, label="accuracy")
         lo = np.minimum(acc, conf)[filled]
         hi = np.maximum(acc, conf)[filled]
-        ax.bar(left[filled], hi - lo, bottom=lo, width=width[filled], align="edge", facecolor=(1.0, 0.3, 0.3, 0.25),
-               edgecolor="C3", hatch="///", linewidth=0.6, label="gap")
+        ax.bar(left[filled], hi - lo, bottom=lo, width=width[filled], align="edge", facecolor=(0.835, 0.369, 0.0, 0.2),
+               edgecolor=colours.VERMILLION, hatch="///", linewidth=0.6, label="gap")
         ax.bar(left[filled], acc[filled], width=width[filled], align="edge", fill=False, edgecolor="black",
                linewidth=0.9, zorder=3)  # the accuracy outline stays visible where the gap covers the bar
-        ax.plot((left + width / 2)[filled], conf[filled], "o", color="C3", markersize=3, zorder=4,
+        ax.plot((left + width / 2)[filled], conf[filled], "o", color=colours.VERMILLION, markersize=3, zorder=4,
                 label="mean confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

@@ -1,7 +1,7 @@
 """PNG figures of explanation maps (Grad-CAM, Grad-CAM++, occlusion) over the image they explain.
 
-* 2D: one row: the image, then the image with each method's map overlaid (jet, semi-transparent,
-  with a colour bar).
+* 2D: one row: the image, then the image with each method's map overlaid (cividis: perceptually uniform
+  and colour-blind safe, unlike jet's red-green rainbow; semi-transparent, with a colour bar).
 * 3D: a montage: the first row the image, then one row per method; the columns are chosen axial
   slices (the last array axis), each titled with its index and, for ``cnn_rnn``, the model's
   attention weight of that slice.
@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medpipe.io import atomic_path
+from medpipe.report.colours import HEATMAP
 
 __all__ = ["METHOD_TITLES", "choose_slices", "explanation_png"]
 
@@ -54,7 +55,7 @@ def _solid() -> Any:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    return ScalarMappable(norm=Normalize(0.0, 1.0), cmap="jet")
+    return ScalarMappable(norm=Normalize(0.0, 1.0), cmap=HEATMAP)
 
 
 def _display(image: np.ndarray, channel: int | None) -> np.ndarray:
@@ -157,7 +158,7 @@ def _png_2d(path: Path | str, img: np.ndarray, maps: Mapping[str, np.ndarray], t
                 ax.set_title("image", fontsize=9)
                 continue
             method = list(maps)[j - 1]
-            ax.imshow(np.asarray(maps[method]).T, cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0, aspect=aspect,
+            ax.imshow(np.asarray(maps[method]).T, cmap=HEATMAP, alpha=ALPHA, vmin=0.0, vmax=1.0, aspect=aspect,
                            interpolation="bilinear")
             ax.set_title(METHOD_TITLES.get(method, method), fontsize=9)
             fig.colorbar(_solid(), ax=ax, fraction=0.046, pad=0.03)
@@ -180,7 +181,7 @@ def _png_3d(path: Path | str, vol: np.ndarray, maps: Mapping[str, np.ndarray], t
                 ax = axes[r, c]
                 ax.imshow(view(vol, k), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
                 if row != "image":
-                    ax.imshow(view(maps[row], k), cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0, aspect=aspect,
+                    ax.imshow(view(maps[row], k), cmap=HEATMAP, alpha=ALPHA, vmin=0.0, vmax=1.0, aspect=aspect,
                                    interpolation="bilinear")
                 ax.set_xticks([])
                 ax.set_yticks([])

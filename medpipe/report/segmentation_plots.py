@@ -1,12 +1,18 @@
-"""Pictures of segmentations: axial overlays of truth and prediction on the image."""
+"""Pictures of segmentations: axial overlays of truth and prediction on the image.
+
+Colour-blind safe: the truth is outlined in Okabe-Ito sky blue (solid), the prediction in orange
+(dashed), both over a thin black halo so they show on dark and bright tissue alike; the legend names them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medpipe.io import atomic_path
+from medpipe.report import colours
 
 
 def _axial(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -43,15 +49,16 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, affine: 
     for ax, contours in zip(axes, (False, True), strict=True):
         ax.imshow(vi, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if contours:
-            if view(t).any():
-                ax.contour(view(t).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-            if view(p).any():
-                ax.contour(view(p).astype(float), levels=[0.5], colors="red", linewidths=1.2)
+            _outline(ax, view(t), colours.TRUTH, "solid")
+            _outline(ax, view(p), colours.PREDICTION, "dashed")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, va="center")
         ax.text(0.96, 0.5, "L", color="yellow", transform=ax.transAxes, va="center")
-    axes[1].set_title("truth (green), prediction (red)", fontsize=9)
+    axes[1].set_title(f"truth ({colours.TRUTH_NAME}), prediction ({colours.PREDICTION_NAME})", fontsize=9)
+    axes[1].legend(handles=[_legend_line(colours.TRUTH, "solid", "truth"),
+                            _legend_line(colours.PREDICTION, "dashed", "prediction")],
+                   loc="lower right", fontsize=8, framealpha=0.8)
     axes[0].set_title(f"axial slice {k}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -59,6 +66,26 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, affine: 
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return k
+
+
+def _halo() -> list:
+    import matplotlib.patheffects as pe
+
+    return [pe.Stroke(linewidth=3.2, foreground="black"), pe.Normal()]
+
+
+def _outline(ax: Any, mask: np.ndarray, colour: str, style: str) -> None:
+    """The boundary of ``mask`` (rows, columns) as a contour line over a black halo (nothing for an empty mask)."""
+    if not mask.any():
+        return
+    cs = ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.6, linestyles=style)
+    cs.set(path_effects=_halo())
+
+
+def _legend_line(colour: str, style: str, label: str) -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=colour, linestyle=style, linewidth=1.6, label=label, path_effects=_halo())
 
 
 def nib_axes(affine: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Training figures: the loss / validation-metric curve of any trainer and a GAN's sample grid.
 
 matplotlib is imported lazily with the Agg backend; figures are written atomically
-(``medpipe.io.atomic_path``).
+(``medpipe.io.atomic_path``). Colours are Okabe-Ito (:mod:`medpipe.report.colours`: no red next to green),
+and each loss has its own line style as well.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import Any
 import numpy as np
 
 from medpipe.io import atomic_path
+from medpipe.report import colours
 
-_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:red")
+#: the losses' colours and styles; the validation metric is orange dots
+_COLOURS = (colours.BLUE, colours.REDDISH_PURPLE, colours.BLUISH_GREEN, colours.BLACK)
+_STYLES = ("-", "--", "-.", ":")
+_METRIC = colours.ORANGE
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -43,11 +48,11 @@ def curve_png(history: Sequence[dict[str, Any]], path: Path, title: str, *, metr
     losses = losses or {"loss": "train loss"}
     groups = sorted({h[group] for h in history}) if group else [None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for (col, name), colour in zip(losses.items(), _COLOURS, strict=False):
+    for (col, name), colour, style in zip(losses.items(), _COLOURS, _STYLES, strict=False):
         for g in groups:
             rows = [h for h in history if (group is None or h[group] == g) and h.get(col) is not None]
             tag = f" ({group} {g})" if len(groups) > 1 else ""
-            ax.plot([h["epoch"] for h in rows], [h[col] for h in rows], color=colour, alpha=0.8,
+            ax.plot([h["epoch"] for h in rows], [h[col] for h in rows], color=colour, linestyle=style, alpha=0.8,
                     label=f"{name}{tag}" if g == groups[0] or not tag else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss" if len(losses) == 1 else "loss", color=_COLOURS[0] if len(losses) == 1 else "black")
@@ -59,10 +64,10 @@ def curve_png(history: Sequence[dict[str, Any]], path: Path, title: str, *, metr
         ax2 = ax.twinx()
         for pts in points:
             if pts:
-                ax2.plot(*zip(*pts, strict=True), "o-", color="tab:orange", ms=3, alpha=0.8)
+                ax2.plot(*zip(*pts, strict=True), "o-", color=_METRIC, ms=3, alpha=0.8)
         if metric_range is not None:
             ax2.set_ylim(*metric_range)
-        ax2.set_ylabel(metric_label, color="tab:orange")
+        ax2.set_ylabel(f"{metric_label} (orange dots)", color=_METRIC)
     ax.set_title(title, fontsize=9)
     _save(fig, path)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from medpipe.errors import MedpipeError
 from medpipe.inference.package import MANIFEST, ModelPackage, export_package
+from medpipe.stage import from_run_path
 
 TRAINING_KINDS = ("train_segmenter", "train_classifier")
 EVALUATION_KINDS = ("evaluate", "evaluate_classifier")
@@ -63,7 +64,5 @@ def export_model(run_dir: Path | str, out: Path | str, stage: str | None = None)
             raise MedpipeError(f"--stage {stage}: {'no' if not matches else 'several'} training stages match "
                                f"(trained: {', '.join(trained)})")
         key = matches[0]
-    src = Path(stages[key]["outputs"]["model"])
-    if not src.is_absolute():
-        src = run_dir / src
+    src = Path(from_run_path(stages[key]["outputs"]["model"], run_dir))
     return export_package(ModelPackage.load(src), Path(out), held_out_metrics(run_dir, key))

@@ -18,23 +18,22 @@ images.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from medpipe.data.datalist import load_datalist
+from medpipe.data.datalist import datalist_json, load_datalist
 from medpipe.data.images import to_uint8, write_png
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import load_generator
 from medpipe.io import sha256_file, write_text_atomic
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
 class AugmentParams(StageParams):
-    generator: str | None = Field(default=None, description="generator.pt of train_gan; None: the artifact 'generator'")
-    datalist: str | None = Field(default=None, description="datalist.json to augment; None: the artifact 'datalist'")
+    generator: InputPath | None = Field(default=None, description="generator.pt of train_gan; None: the artifact 'generator'")
+    datalist: InputPath | None = Field(default=None, description="datalist.json to augment; None: the artifact 'datalist'")
     n: int = Field(ge=1, description="number of synthetic images to add to the train split")
     target_class: int | None = Field(default=None, ge=0, description="class to generate; None: the generator's "
                                                                       "target class")
@@ -90,7 +89,7 @@ def augment(ctx: RunContext, p: AugmentParams) -> StageResult:
                                 {"generator": str(gen_path), "class": target, "n": p.n, "seed": ctx.seed,
                                  "source_datalist": str(dl_path)}]}
     out = ctx.stage_dir / "datalist.json"
-    write_text_atomic(out, json.dumps(out_doc, indent=1) + "\n")
+    write_text_atomic(out, datalist_json(out_doc, out, relative_within=ctx.run_dir))
     counts = np.bincount([int(it["class"]) for it in out_doc["train"] if it.get("class") is not None]).tolist()
     ctx.log.info("added %d synthetic images of class %d (%s) to the train split (now %s per class) -> %s", p.n,
                  target, names.get(target, f"class {target}"), counts, out)

@@ -54,7 +54,7 @@ from medpipe.data.datalist_builder import (
     write_datalist,
 )
 from medpipe.errors import StageError
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, Seed, StageParams, StageResult, stage
 
 __all__ = ["DEFAULT_CHANNELS", "ChannelRule", "CsvLabels", "DatasetParams", "NiftiLabels", "SegLabels",
            "SplitParams", "dataset"]
@@ -63,7 +63,7 @@ __all__ = ["DEFAULT_CHANNELS", "ChannelRule", "CsvLabels", "DatasetParams", "Nif
 class SplitParams(StageParams):
     val: float = Field(default=0.2, ge=0.0, lt=1.0)
     test: float = Field(default=0.2, ge=0.0, lt=1.0)
-    seed: int | None = Field(default=None, description="None: the run's seed")
+    seed: Seed | None = Field(default=None, description="None: the run's seed")
     stratify: bool = Field(default=True, description="keep class / empty-label proportions in every split")
     folds: int | None = Field(default=None, ge=2, description="k-fold over the non-test patients (val is then ignored)")
     fold: int = Field(default=0, ge=0)
@@ -78,7 +78,7 @@ class SplitParams(StageParams):
 
 
 class DatasetParams(StageParams):
-    ingest_dir: str | None = Field(default=None, description="None: the ingest stage's output")
+    ingest_dir: InputPath | None = Field(default=None, description="None: the ingest stage's output")
     channels: dict[str, ChannelRule] = Field(default_factory=lambda: dict(DEFAULT_CHANNELS))
     reference: str = Field(default="FLAIR", description="channel whose grid every channel and label is put on")
     labels: LabelSpec | None = Field(default_factory=lambda: SegLabels())
@@ -116,7 +116,7 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
         **sp.model_dump(exclude={"seed"}), label_names=p.label_names,
         class_names=labels.class_names if isinstance(labels, CsvLabels) else None, rules=p.channels)
     path = ctx.stage_dir / "datalist.json"
-    write_datalist(path, doc)
+    write_datalist(path, doc, relative_within=ctx.run_dir)
     metrics = {"n_train": len(doc["train"]), "n_val": len(doc["val"]), "n_test": len(doc["test"]),
                "n_skipped": len(result.skipped)}
     ctx.log.info("datalist: %d train, %d val, %d test studies (%d patients), %d skipped; %d channel volumes "

@@ -7,7 +7,7 @@ as the dataset stage wrote it (never resampled). Per case and per class: Dice an
 ``monai.metrics``; for multiclass models also the whole tumour (every class > 0).
 
 Outputs in the stage folder: ``cases.csv`` (one row per case), ``overlays/*.png`` (image, ground
-truth contour in green, prediction contour in red, on the slice with most tumour) and
+truth outlined in sky blue, prediction in dashed orange, on the slice with most tumour) and
 ``summary.json``. Metrics::
 
     dice            mean whole-tumour Dice over the cases whose ground truth has tumour
@@ -38,12 +38,12 @@ from medpipe.errors import StageError
 from medpipe.inference.segmentation import SegmentationModel
 from medpipe.io import sha256_file, write_csv_atomic, write_text_atomic
 from medpipe.metrics.segmentation import CaseScores, finite_or_none, score_case, summarise
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
 class EvaluateParams(StageParams):
-    checkpoint: str | None = Field(None, description="None: the train_segmenter stage's checkpoint")
-    datalist: str | None = Field(None, description="None: the dataset stage's datalist")
+    checkpoint: InputPath | None = Field(None, description="None: the train_segmenter stage's checkpoint")
+    datalist: InputPath | None = Field(None, description="None: the dataset stage's datalist")
     split: Literal["train", "val", "test"] = "test"
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
     tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")

@@ -26,17 +26,17 @@ from medpipe.data.datalist import case_name, class_items, load_datalist, model_i
 from medpipe.errors import StageError
 from medpipe.inference.classification import ClassificationModel, valid_tta_axes
 from medpipe.io import sha256_file, write_csv_atomic, write_text_atomic
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import Axis, InputPath, Need, RunContext, StageParams, StageResult, stage
 
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity", "f1", "ppv", "npv", "ece")
 
 
 class EvaluateClassifierParams(StageParams):
-    checkpoints: list[str] | None = Field(None, description="None: the train_classifier stage's checkpoint(s)")
-    datalist: str | None = Field(None, description="None: the datalist the previous stages used")
+    checkpoints: list[InputPath] | None = Field(None, description="None: the train_classifier stage's checkpoint(s)")
+    datalist: InputPath | None = Field(None, description="None: the datalist the previous stages used")
     split: Literal["test", "val", "train"] = "test"
     tta: bool = Field(False, description="average the probabilities over flips (test-time augmentation)")
-    tta_axes: list[int] = Field(default_factory=lambda: [0], description="spatial axes flipped when tta is on")
+    tta_axes: list[Axis] = Field(default_factory=lambda: [0], description="spatial axes flipped when tta is on")
     positive_class: int | None = Field(None, ge=0, description="binary: the positive class (default 1)")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="binary: positive when its probability >= this")
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the 95 % confidence intervals")

@@ -39,17 +39,17 @@ from medpipe.data.datalist import case_name, class_items, load_datalist, model_i
 from medpipe.errors import StageError
 from medpipe.inference.classification import ClassificationModel
 from medpipe.io import sha256_file, write_csv_atomic
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 Method = Literal["gradcam", "gradcampp", "occlusion"]
 ALL_METHODS: list[Method] = ["gradcam", "gradcampp", "occlusion"]
 
 
 class ExplainParams(StageParams):
-    checkpoints: list[str] | None = Field(
+    checkpoints: list[InputPath] | None = Field(
         default=None, description="classifier checkpoint(s); None: the train_classifier stage's; with several "
                                   "(an ensemble), the maps are the first member's")
-    datalist: str | None = Field(default=None, description="None: the dataset stage's datalist")
+    datalist: InputPath | None = Field(default=None, description="None: the dataset stage's datalist")
     split: Literal["train", "val", "test"] = Field(default="test", description="the split whose cases are explained")
     methods: list[Method] = Field(default_factory=lambda: list(ALL_METHODS), min_length=1,
                                   description="gradcam, gradcampp and/or occlusion")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, OutputPath, RunContext, StageParams, StageResult, stage
 
 
 class IngestParams(StageParams):
-    source: str | None = Field(default=None, description="folder, zip, DICOMDIR or file; None: the sample stage's output")
-    out: str | None = Field(default=None, description="output folder; None: this stage's folder in the run directory")
+    source: InputPath | None = Field(default=None, description="folder, zip, DICOMDIR or file; None: the sample stage's output")
+    out: OutputPath | None = Field(default=None, description="output folder; None: this stage's folder in the run directory")
     compress: bool = True
     workers: int | None = Field(default=None, ge=1, description="None: one per CPU core (at most 8)")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from medpipe.stage import RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, OutputPath, RunContext, StageParams, StageResult, stage
 
 
 class MedmnistParams(StageParams):
-    path: str = Field(description="the MedMNIST .npz file (relative paths: from the current folder)")
-    out: str | None = Field(None, description="where the images go; None: this stage's folder")
+    path: InputPath = Field(description="the MedMNIST .npz file (relative paths: from the current folder)")
+    out: OutputPath | None = Field(None, description="where the images go; None: this stage's folder")
     name: str | None = Field(None, description="dataset name; None: from the file name")
 
 

@@ -30,14 +30,14 @@ from medpipe.data.transforms import TransformList, tolerate_missing_keys
 from medpipe.errors import StageError
 from medpipe.inference.segmentation import SegmentationModel
 from medpipe.io import sha256_file, write_csv_atomic
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
 class PredictParams(StageParams):
-    checkpoint: str | None = Field(None, description="None: the train_segmenter stage's checkpoint")
-    datalist: str | None = Field(None, description="None: the dataset stage's datalist (unless ingest_dir is set)")
+    checkpoint: InputPath | None = Field(None, description="None: the train_segmenter stage's checkpoint")
+    datalist: InputPath | None = Field(None, description="None: the dataset stage's datalist (unless ingest_dir is set)")
     split: Literal["train", "val", "test", "all"] = "test"
-    ingest_dir: str | None = Field(None, description="predict every matching study of this ingest folder instead")
+    ingest_dir: InputPath | None = Field(None, description="predict every matching study of this ingest folder instead")
     channels: dict[str, ChannelRule] | None = Field(None, description="with ingest_dir; None: the dataset defaults")
     reference: str | None = Field(None, description="with ingest_dir: the grid channel; None: FLAIR / the last one")
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")

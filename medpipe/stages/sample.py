@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import Field
 
-from medpipe.stage import RunContext, StageParams, StageResult, stage
+from medpipe.stage import OutputPath, RunContext, StageParams, StageResult, stage
 
 
 class SampleParams(StageParams):
-    out: str = "sample_data/brain_tumor"
+    out: OutputPath = "sample_data/brain_tumor"
     cases: int = Field(default=12, ge=1)
     seed: int | None = Field(default=None, ge=0, description="None: the run's seed")
     tumor_fraction: float = Field(default=0.7, ge=0.0, le=1.0)

@@ -15,12 +15,12 @@ from typing import Literal
 from pydantic import Field
 
 from medpipe.errors import StageError
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
 class ScoreParams(StageParams):
-    source: str = Field(description="DICOM folder / zip / DICOMDIR to score, or an ingest output folder")
-    model: str | None = Field(None, description="model package folder; None: the training stage's")
+    source: InputPath = Field(description="DICOM folder / zip / DICOMDIR to score, or an ingest output folder")
+    model: InputPath | None = Field(None, description="model package folder; None: the training stage's")
     explain: bool = Field(False, description="also a saliency / probability map as Parametric Map + RGB SC")
     nifti: bool = Field(False, description="also the mask as NIfTI on the ingest grid")
     seg_type: Literal["binary", "labelmap"] = "binary"

@@ -48,7 +48,7 @@ from medpipe.inference.checkpoint import write_classifier_checkpoint
 from medpipe.inference.package import ClassifierPackageOptions, build_classifier_package
 from medpipe.io import write_csv_atomic
 from medpipe.models.classification import ClassifierName, ClassifierOptions
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import Axis, InputPath, Need, OutputPath, RunContext, Size, StageParams, StageResult, stage
 from medpipe.training.losses import Imbalance
 
 
@@ -56,10 +56,10 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
     """The network options (``stem``, ``widen_factor``, ``norm``, ``encoder``, ``rnn``, ...) come from
     :class:`~medpipe.models.classification.ClassifierOptions`."""
 
-    datalist: str | None = Field(None, description="datalist.json; None: the previous dataset / import stage's")
+    datalist: InputPath | None = Field(None, description="datalist.json; None: the previous dataset / import stage's")
     model: ClassifierName = "resnet18"
     spatial_dims: Literal[2, 3] | None = Field(None, description="None: from the first training image")
-    spatial_size: tuple[int, ...] | None = Field(None, description="default transforms resize images to this")
+    spatial_size: tuple[Size, ...] | None = Field(None, description="default transforms resize images to this")
     imbalance: Imbalance = "none"
     focal_gamma: float = Field(2.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -73,12 +73,15 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
                                                               "(ties: lower loss) or the lowest validation loss")
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better checkpoint")
     folds: int | None = Field(None, ge=2, description="k-fold ensemble over the train + val patients")
-    val_tta_axes: list[int] | None = Field(None, description="flip axes averaged when scoring validation")
+    val_tta_axes: list[Axis] | None = Field(None, description="flip axes averaged when scoring validation")
     train_transforms: TransformList | None = Field(None, description="None: classifier_train_transforms")
     eval_transforms: TransformList | None = Field(None, description="None: classifier_eval_transforms")
     cache: Literal["none", "memory", "disk"] = "memory"
-    cache_dir: str | None = Field(None, description="disk cache folder; None: <run dir>/cache")
+    cache_dir: OutputPath | None = Field(None, description="disk cache folder; None: <run dir>/cache")
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
+    snapshot_every: float = Field(30.0, ge=0.0, le=86400.0,
+                                  description="seconds between training snapshots, from which --resume continues an "
+                                              "interrupted run (0: after every epoch)")
     package: ClassifierPackageOptions = Field(default_factory=ClassifierPackageOptions,
                                               description="the model package written to <stage>/model")
 
@@ -177,6 +180,7 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     from medpipe.training.imbalance import make_sampler
     from medpipe.training.loop import SupervisedStep, Validation, fit, resolve_amp
     from medpipe.training.losses import make_loss
+    from medpipe.training.resume import Snapshot
 
     n_cls = len(names)
     counts = class_counts(train, n_cls)
@@ -234,7 +238,13 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     validate = classifier_validation(net, val_ds, [int(it["class"]) for it in val], select=p.select, device=device,
                                      amp=amp, tta_axes=valid_tta_axes(p.val_tta_axes, dims),
                                      batch_size=max(p.batch_size, 32))
-    run = fit(SupervisedStep(net, loss_fn, opt, classifier_batches(device), device=device, amp=amp), loader,
+    step = SupervisedStep(net, loss_fn, opt, classifier_batches(device), device=device, amp=amp)
+    snapshot = Snapshot(ctx.stage_dir / f"fold{fold}.resume.pt", ctx.resume_key,
+                        objects={k: v for k, v in {"net": net, "optimizer": opt, "scheduler": sched,
+                                                   "scaler": step.scaler}.items() if v is not None},
+                        generators=[loader.generator, getattr(sampler, "generator", None)],
+                        transforms=[train_ds.transform], every_seconds=p.snapshot_every)
+    run = fit(step, loader, snapshot=snapshot,
               epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched, validate=validate,
               val_every=p.val_every, val_columns=("val_loss", "val_auc"), floor=CLASSIFIER_FLOOR[p.select],
               on_best=save, patience=p.patience, fixed={"fold": fold}, progress=advance, log=ctx.log,

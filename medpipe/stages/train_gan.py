@@ -59,7 +59,7 @@ from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_gan_checkpoint
 from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.models.gan import GanOptions
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
 class TrainGanParams(StageParams, GanOptions):
@@ -67,7 +67,7 @@ class TrainGanParams(StageParams, GanOptions):
     options (``latent_dim``, ``g_channels``, ``d_channels``, ``g_upsample``, ``d_norm``, ``minibatch_std``) come
     from :class:`~medpipe.models.gan.GanOptions`."""
 
-    datalist: str | None = Field(default=None, description="datalist.json; None: the artifact 'datalist' of an "
+    datalist: InputPath | None = Field(default=None, description="datalist.json; None: the artifact 'datalist' of an "
                                                             "earlier stage")
     target_class: int | None = Field(default=None, ge=0, description="the class that augment will generate; None: "
                                                                       "the train split's smallest class")
@@ -98,6 +98,9 @@ class TrainGanParams(StageParams, GanOptions):
                                                                 "stem, trained here from scratch)")
     extractor_width: float = Field(default=0.25, gt=0, description="its widen factor (0.25: 128 features)")
     grid: int = Field(default=10, ge=1, le=32, description="images per row of samples.png")
+    snapshot_every: float = Field(30.0, ge=0.0, le=86400.0,
+                                  description="seconds between training snapshots, from which --resume continues an "
+                                              "interrupted run (0: after every epoch)")
 
 
 def _round(v: float | None) -> float | None:
@@ -128,6 +131,7 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     from medpipe.report.training_plots import curve_png, samples_png
     from medpipe.training.gan import GAN_COLUMNS, GanStep, gan_summary, load_images, train_feature_extractor
     from medpipe.training.loop import ShuffledBatches, Validation, fit
+    from medpipe.training.resume import Snapshot
 
     t_start = time.perf_counter()
     dl_path = ctx.input("datalist", p.datalist)
@@ -214,8 +218,11 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
                    g_loss=g_hinge_loss if p.loss == "hinge" else g_bce_loss,
                    augment=(lambda t: diff_augment(t, gen, flip_axis=p.flip_axis)) if p.diffaugment else (lambda t: t),
                    ema_decay=p.ema_decay, device=device)
+    snapshot = Snapshot(ctx.stage_dir / "gan.resume.pt", ctx.resume_key,
+                        objects={"generator": g_net, "discriminator": d_net, "ema": ema, "opt_g": opt_g,
+                                 "opt_d": opt_d, "step": step}, generators=[gen], every_seconds=p.snapshot_every)
     with ctx.progress("Training GAN", p.epochs) as advance:
-        run = fit(step, ShuffledBatches([gx, gy], min(p.batch_size, len(gx)), gen, drop_last=True),
+        run = fit(step, ShuffledBatches([gx, gy], min(p.batch_size, len(gx)), gen, drop_last=True), snapshot=snapshot,
                   epochs=p.epochs, modules=[g_net], validate=validate if p.fid_every else None,
                   val_every=p.fid_every or 1, validate_first=True, val_columns=("fid",), summarize=gan_summary,
                   summary_columns=GAN_COLUMNS, finite=("d_loss", "g_loss"), progress=advance, log=ctx.log)

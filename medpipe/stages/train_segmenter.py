@@ -36,16 +36,16 @@ from medpipe.inference.checkpoint import write_segmenter_checkpoint
 from medpipe.inference.package import SegmenterPackageOptions, build_segmenter_package
 from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.models.segmentation import SegmenterName, SegmenterOptions
-from medpipe.stage import Need, RunContext, StageParams, StageResult, stage
+from medpipe.stage import InputPath, LabelValue, Need, OutputPath, RunContext, Size, StageParams, StageResult, stage
 
 
 class TrainSegmenterParams(StageParams, SegmenterOptions):
     """The network options (``channels``, ``strides``, ``num_res_units``, ``norm``, ``dropout``) come from
     :class:`~medpipe.models.segmentation.SegmenterOptions`."""
 
-    datalist: str | None = Field(None, description="datalist.json; None: the dataset stage's output")
+    datalist: InputPath | None = Field(None, description="datalist.json; None: the dataset stage's output")
     model: SegmenterName = "unet"
-    roi_size: tuple[int, int, int] = Field((64, 64, 32), description="sliding-window size (voxels)")
+    roi_size: tuple[Size, Size, Size] = Field((64, 64, 32), description="sliding-window size (voxels)")
     batch_size: int = Field(2, ge=1, description="items per step (each gives num_samples patches)")
     epochs: int = Field(100, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -54,14 +54,17 @@ class TrainSegmenterParams(StageParams, SegmenterOptions):
     batch_dice: bool = Field(False, description="Dice loss over the whole batch, not per patch (steadier when "
                                                 "patches without foreground are sampled)")
     target: Target = Field("whole_tumor", description="whole_tumor: label > 0; multiclass: one class per label")
-    label_map: dict[int, int] | None = Field(None, description="multiclass: label value -> class (others: 0)")
+    label_map: dict[LabelValue, LabelValue] | None = Field(None, description="multiclass: label value -> class (others: 0)")
     train_transforms: TransformList | None = Field(None, description="None: segmenter_train_transforms(roi_size)")
     eval_transforms: TransformList | None = Field(None, description="None: segmenter_eval_transforms()")
     cache: Literal["none", "memory", "disk"] = "memory"
-    cache_dir: str | None = Field(None, description="disk cache folder; None: <run dir>/cache")
+    cache_dir: OutputPath | None = Field(None, description="disk cache folder; None: <run dir>/cache")
     val_every: int = Field(5, ge=1)
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val Dice")
     amp: bool | Literal["auto"] = Field("auto", description="mixed precision; auto: on CUDA")
+    snapshot_every: float = Field(30.0, ge=0.0, le=86400.0,
+                                  description="seconds between training snapshots, from which --resume continues an "
+                                              "interrupted run (0: after every epoch)")
     sw_batch_size: int = Field(4, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     package: SegmenterPackageOptions = Field(default_factory=SegmenterPackageOptions,
@@ -89,6 +92,7 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     from medpipe.report.training_plots import curve_png
     from medpipe.training.loop import SupervisedStep, Validation, fit, resolve_amp
     from medpipe.training.losses import segmenter_loss
+    from medpipe.training.resume import Snapshot
     from medpipe.training.segmentation import segmenter_batches, segmenter_validation
 
     train_spec = p.train_transforms or segmenter_train_transforms(p.roi_size)  # both filled by the validator
@@ -140,10 +144,14 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
             eval_transforms=eval_spec, sw_batch_size=p.sw_batch_size, overlap=p.overlap,
             record={"epoch": epoch, "val_dice": v.row["val_dice"], "datalist": str(dl_path), "seed": ctx.seed})
 
+    step = SupervisedStep(net, segmenter_loss(p.batch_dice), opt, segmenter_batches(info, device), device=device,
+                          amp=amp)
+    snapshot = Snapshot(ctx.stage_dir / "train.resume.pt", ctx.resume_key,
+                        objects={k: v for k, v in {"net": net, "optimizer": opt, "scheduler": sched,
+                                                   "scaler": step.scaler}.items() if v is not None},
+                        generators=[loader.generator], transforms=[train_ds.transform], every_seconds=p.snapshot_every)
     with ctx.progress(f"Training {p.model}", p.epochs) as advance:
-        run = fit(SupervisedStep(net, segmenter_loss(p.batch_dice), opt, segmenter_batches(info, device),
-                                 device=device, amp=amp),
-                  loader, epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched,
+        run = fit(step, loader, epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched, snapshot=snapshot,
                   validate=segmenter_validation(net, val_ds, info, p.roi_size, sw_batch_size=p.sw_batch_size,
                                                 overlap=p.overlap, device=device, amp=amp),
                   val_every=p.val_every, val_columns=("val_dice",), on_best=save, patience=p.patience,

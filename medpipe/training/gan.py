@@ -61,6 +61,13 @@ class GanStep:
         self.d_loss, self.g_loss, self.augment, self.ema_decay = d_loss, g_loss, augment, ema_decay
         self.step = 0
 
+    def state_dict(self) -> dict[str, int]:
+        """The iteration count (the moving average's warm-up depends on it), for training snapshots."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
     def __call__(self, batch: tuple[Any, Any]) -> Logs:
         import torch
 

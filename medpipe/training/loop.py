@@ -124,6 +124,7 @@ def fit(
     progress: Callable[[int], None] | None = None,
     log: logging.Logger | None = None,
     label: str = "",
+    snapshot: Any = None,
 ) -> FitResult:
     """Train for ``epochs`` epochs of ``iteration`` over ``batches`` (re-iterated every epoch).
 
@@ -143,8 +144,11 @@ def fit(
         summary_columns: the columns ``summarize`` gives (None in the epoch-0 row of ``validate_first``).
         finite: summary columns that must be finite (else :class:`StageError`: the model diverged).
         fixed: columns added to every row (e.g. ``{"fold": 2}``).
-        progress: advanced by 1 per epoch (and by the epochs left on an early stop).
+        progress: advanced by 1 per epoch (and by the epochs left on an early stop); when it has a
+            ``note(text)`` method it also gets the epoch's losses and validation metrics.
         log: one line per epoch: INFO on validation epochs, DEBUG otherwise; ``label`` prefixes it.
+        snapshot: a :class:`medpipe.training.resume.Snapshot`: training continues from it when it holds a
+            run made under the same key (after an interruption), and is saved as training goes.
 
     Raises:
         StageError: an epoch without a batch, or a non-finite value in a ``finite`` column.
@@ -156,6 +160,32 @@ def fit(
     best_score = floor
     best_epoch, epoch, stopped_early = 0, 0, False
     t0 = time.perf_counter()
+    start = 1
+    resumed = snapshot.restore() if snapshot is not None else None
+    if resumed is not None:
+        history = resumed["history"]
+        if resumed["best"] is not None:
+            kept_score = resumed["best"]["score"]
+            best = Validation(**{**resumed["best"], "score": tuple(kept_score) if kept_score is not None else None})
+        best_score = tuple(resumed["best_score"]) if resumed["best_score"] is not None else None
+        best_epoch, epoch, stopped_early = resumed["best_epoch"], resumed["epoch"], resumed["stopped_early"]
+        t0 -= resumed["seconds"]
+        start = epoch + 1
+        if progress is not None:
+            progress(epoch)
+        if resumed["finished"]:
+            if progress is not None and epochs > epoch:
+                progress(epochs - epoch)
+            return FitResult(history, best, best_epoch, epoch, stopped_early, time.perf_counter() - t0)
+
+    def save_snapshot(epoch: int, finished: bool) -> None:
+        if snapshot is None:
+            return
+        kept = None if best is None else {"row": best.row, "score": best.score, "summary": best.summary,
+                                           "values": best.values}
+        snapshot.save({"epoch": epoch, "history": history, "best": kept, "best_score": best_score,
+                       "best_epoch": best_epoch, "stopped_early": stopped_early, "finished": finished,
+                       "seconds": time.perf_counter() - t0}, force=finished)
 
     def validation(epoch: int, row: dict[str, Any]) -> str:
         nonlocal best, best_score, best_epoch
@@ -168,12 +198,12 @@ def fit(
                 on_best(epoch, v)
         return f"{v.summary}{' (kept)' if kept else f' (kept: epoch {best_epoch})' if best_epoch else ''}"
 
-    if validate is not None and validate_first:
+    if validate is not None and validate_first and resumed is None:
         row0: dict[str, Any] = {**fixed, "epoch": 0, **dict.fromkeys(summary_columns), "seconds": 0.0}
         log.info("%sepoch 0 (before training): %s", label, validation(0, row0))
         history.append(row0)
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start, epochs + 1):
         for m in modules:
             m.train()
         logs: list[Logs] = []
@@ -202,6 +232,11 @@ def fit(
         history.append(row)
         if progress is not None:
             progress(1)
+            note = getattr(progress, "note", None)  # a bar that can show a status line (``medpipe run``'s)
+            if note is not None:
+                shown = {k: v for k, v in row.items() if k not in fixed and k not in ("epoch", "lr", "seconds")
+                         and isinstance(v, float)}
+                note(" ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if patience is not None and best_epoch and epoch - best_epoch >= patience:
             stopped_early = True
             log.info("%searly stop at epoch %d: nothing better for %d epochs (kept: epoch %d)", label, epoch,
@@ -209,6 +244,9 @@ def fit(
             if progress is not None:
                 progress(epochs - epoch)
             break
+        if epoch < epochs:
+            save_snapshot(epoch, finished=False)
+    save_snapshot(epoch, finished=True)
     return FitResult(history, best, best_epoch, epoch, stopped_early, time.perf_counter() - t0)
 
 

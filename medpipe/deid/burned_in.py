@@ -1,0 +1,127 @@
+"""Burned-in text: which images are quarantined, and the optional pixel check with Tesseract.
+
+Header rule (:func:`burned_in_reason`): an image whose Burned In Annotation is ``YES`` is quarantined,
+and so is any ultrasound, secondary capture (SC SOP classes, Modality SC) or "other" (OT) image that does
+not say ``NO`` explicitly: those are where scanners and workstations print names and dates into the pixels.
+De-identifying the header cannot remove them, so such files are not written unless the user opts in.
+
+Pixel check (:func:`pixel_text`, ``--ocr``): the first frame, scaled to 8 bits (and up to at least 1000
+pixels wide), goes through the ``tesseract`` command (Debian package ``tesseract-ocr``); words of three or
+more letters or digits read with confidence >= 60 count, and two or more flag the image.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+from medpipe.errors import ConfigError
+
+SECONDARY_CAPTURE = frozenset({
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",
+})
+ULTRASOUND = frozenset({
+    "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1",
+    "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3",
+})
+MIN_CONFIDENCE = 60.0
+MIN_WORDS = 2
+
+
+def burned_in_reason(ds: Any) -> str | None:
+    """Why this dataset's pixels may hold burned-in text, or None."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return None
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "burned-in annotation: Burned In Annotation is YES"
+    if flag == "NO":
+        return None
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").upper()
+    if sop in SECONDARY_CAPTURE or modality in ("SC", "OT"):
+        kind = "secondary capture" if sop in SECONDARY_CAPTURE else f"{modality} image"
+        return f"possible burned-in text: {kind} without Burned In Annotation NO"
+    if sop in ULTRASOUND or modality == "US":
+        return "possible burned-in text: ultrasound image without Burned In Annotation NO"
+    return None
+
+
+def tesseract_path() -> str:
+    """The ``tesseract`` executable.
+
+    Raises:
+        ConfigError: not installed.
+    """
+    path = shutil.which("tesseract")
+    if path is None:
+        raise ConfigError("--ocr needs the tesseract command, which is not installed",
+                          hint="apt-get install tesseract-ocr (Debian/Ubuntu), or leave out --ocr")
+    return path
+
+
+def _frame_png(ds: Any) -> bytes | None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(ds.pixel_array)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    if samples > 1:
+        if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, str(ds.PhotometricInterpretation), "RGB")
+        arr = arr[..., :3].astype(np.float64).mean(axis=-1)
+    arr = arr.astype(np.float64)
+    if arr.ndim != 2 or arr.size == 0:
+        return None
+    lo, hi = np.percentile(arr, 0.5), np.percentile(arr, 99.5)
+    if hi <= lo:
+        return None
+    img8 = (np.clip((arr - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        img8 = 255 - img8
+    image = Image.fromarray(img8, mode="L")
+    if image.width < 1000:
+        scale = max(1, round(1000 / image.width))
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixel_text(ds: Any, tesseract: str | None = None) -> list[str]:
+    """Words Tesseract reads in the first frame with confidence >= 60 (3+ letters or digits each)."""
+    png = _frame_png(ds)
+    if png is None:
+        return []
+    cmd = [tesseract or tesseract_path(), "stdin", "stdout", "--psm", "11", "-l", "eng", "tsv"]
+    result = subprocess.run(cmd, input=png, capture_output=True, timeout=120, check=False)
+    words = []
+    for line in result.stdout.decode("utf-8", "replace").splitlines()[1:]:
+        cols = line.split("\t")
+        if len(cols) < 12:
+            continue
+        try:
+            conf = float(cols[10])
+        except ValueError:
+            continue
+        word = "".join(c for c in cols[11] if c.isalnum())
+        if conf >= MIN_CONFIDENCE and len(word) >= 3:
+            words.append(word)
+    return words
+
+
+def ocr_reason(ds: Any, tesseract: str | None = None) -> str | None:
+    """A quarantine reason when the pixel check reads text (no words are quoted: they may be PHI)."""
+    words = pixel_text(ds, tesseract)
+    if len(words) >= MIN_WORDS:
+        return f"pixel text check: Tesseract read {len(words)} words in the image"
+    return None
