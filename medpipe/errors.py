@@ -42,3 +42,14 @@ class OutputError(MedpipeError):
 
 class Interrupted(MedpipeError):
     """The user interrupted the work (Ctrl-C); what was finished is kept and a re-run continues."""
+
+
+class PacsError(MedpipeError):
+    """A PACS (DIMSE or DICOMweb) operation that failed; the message names the cause and the fix.
+
+    ``transient``: worth retrying after a pause (connection refused or lost, timeout, a busy PACS).
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient

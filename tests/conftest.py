@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ("tests.pacs_support",)  # private network namespace, a real Orthanc, PACS sample studies
+
 DATA = Path(os.environ.get("MEDPIPE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 
 

@@ -78,7 +78,7 @@ def _root(
 
 
 def _register() -> None:
-    from medpipe.cli import catalog, deid, imports, ingest, report, run, sample, score
+    from medpipe.cli import catalog, deid, imports, ingest, listen, pacs, report, run, sample, score
 
     ingest.register(app)
     catalog.register(app)
@@ -88,6 +88,8 @@ def _register() -> None:
     score.register(app)
     report.register(app)
     deid.register(app)
+    pacs.register(app)
+    listen.register(app)
 
 
 _register()

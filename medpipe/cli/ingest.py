@@ -12,7 +12,9 @@ from rich.text import Text
 
 
 def ingest_command(
-    src: Path = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, or DICOM / NIfTI file."),
+    src: str = typer.Argument(..., help="Folder (searched recursively), .zip, DICOMDIR, DICOM / NIfTI file, or a PACS "
+                                        "query pacs://NODE?StudyDate=...&Modality=MR (pulled into OUT/pacs/NODE; with "
+                                        "--deidentify beside OUT, into OUT.pacs/NODE)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: catalog, volumes, manifest.csv, rejected.csv."),
     workers: int = typer.Option(0, help="Worker processes (0: one per CPU core)."),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="Write .nii.gz (default) or .nii."),
@@ -25,6 +27,7 @@ def ingest_command(
     map_path: Path = typer.Option(None, "--map", help="With --deidentify: the private map (default KEYFILE.map.json)."),
     allow_burned_in: bool = typer.Option(False, "--allow-burned-in", help="With --deidentify: also images that may "
                                                                           "carry burned-in text."),
+    pacs: Path = typer.Option(None, "--pacs", help="PACS node file for pacs:// sources."),
 ) -> None:
     """Index DICOM (and NIfTI) into a catalog, check geometry and write one NIfTI volume per series."""
     from medpipe.cli.progress import RichProgress
@@ -41,8 +44,17 @@ def ingest_command(
     elif key is not None or profile or map_path is not None or allow_burned_in:
         raise ConfigError("--key, --profile, --map and --allow-burned-in only apply with --deidentify")
     console = Console(stderr=False, quiet=quiet)
+    source = Path(src)
+    if src.lower().startswith("pacs://"):
+        from medpipe.pacs.source import pull_source
+
+        # the pulled studies are the identified source: with --deidentify they stay out of OUT, beside it
+        cache = out.parent / f"{out.name}.pacs" if deidentify else out / "pacs"
+        source, pulled = pull_source(src, cache, pacs)
+        console.print(f"pulled {pulled.received} new instance(s) ({pulled.already} already here) into {source}")
     with RichProgress(console) as progress:
-        report = ingest(src, out, workers=workers or None, compress=compress, progress=progress, deidentify=settings)
+        report = ingest(source, out, workers=workers or None, compress=compress, progress=progress,
+                        deidentify=settings)
     if quiet:
         return
     # header text and paths come from the data: printed as plain text (never read as rich markup)

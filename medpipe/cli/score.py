@@ -11,7 +11,8 @@ from rich.table import Table
 
 
 def score_command(
-    src: Path = typer.Argument(..., help="DICOM folder / .zip / DICOMDIR, or an ingest output folder."),
+    src: str = typer.Argument(..., help="DICOM folder / .zip / DICOMDIR, an ingest output folder, or a PACS query "
+                                        "pacs://NODE?StudyDate=...&Modality=MR (pulled into OUT/pacs/NODE)."),
     model: Path = typer.Option(..., "--model", "-m", help="Model package folder (a run's stages/NN_train_*/model, "
                                                           "or one made by `medpipe export`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: results/, scores.csv, ingest/."),
@@ -28,6 +29,10 @@ def score_command(
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry with `run`: every run resumes "
                                                         "(studies scored with the same model and inputs are skipped)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    push: str = typer.Option(None, "--push", help="Send the SEG / SR (/ maps) of the studies scored ok to this PACS "
+                                                  "node (only what was not sent before)."),
+    push_via: str = typer.Option(None, "--push-via", help="dimse (C-STORE) or dicomweb (STOW-RS)."),
+    pacs: Path = typer.Option(None, "--pacs", help="PACS node file for pacs:// sources and --push."),
 ) -> None:
     """Score every study of a DICOM export with a trained model: DICOM SEG / SR (and maps) plus scores.csv."""
     from medpipe.cli.progress import RichProgress, bar_factory
@@ -36,12 +41,17 @@ def score_command(
 
     if seg_type not in ("binary", "labelmap"):
         raise ConfigError(f"--seg-type {seg_type}: expected binary or labelmap")
+    if push_via not in (None, "dimse", "dicomweb"):
+        raise ConfigError(f"--push-via {push_via}: expected dimse or dicomweb")
+    source = _pacs_source(src, out, pacs, quiet) if src.lower().startswith("pacs://") else Path(src)
     options = ScoreOptions(device=device, tta=tta, explain=explain, nifti=nifti, seg_type=seg_type,  # type: ignore[arg-type]
                            readers=readers, writers=writers, cpu_threads=cpu_threads)
     console = Console(quiet=quiet)
     with RichProgress(console) as ingest_progress:
-        report = score(src, model, out, options, progress=bar_factory(ingest_progress),
+        report = score(source, model, out, options, progress=bar_factory(ingest_progress),
                        ingest_progress=ingest_progress)
+    if push:
+        _push_results(push, push_via, pacs, report, console)
     if quiet:
         return
     table = Table(title=f"Scores in {escape(str(report.out))}")
@@ -63,6 +73,28 @@ def score_command(
                   + (f" ({parts} summed over threads)" if parts else ""))
     console.print(f"model {report.model_id[:16]}; results in {escape(str(report.out / 'results'))}, "
                   f"table in {escape(str(report.out / 'scores.csv'))}")
+
+
+def _pacs_source(url: str, out: Path, pacs: Path | None, quiet: bool) -> Path:
+    from medpipe.pacs.source import pull_source
+
+    folder, pulled = pull_source(url, out / "pacs", pacs)
+    if not quiet:
+        Console().print(f"pulled {pulled.received} new instance(s) ({pulled.already} already here) into "
+                        f"{escape(str(folder))}")
+    return folder
+
+
+def _push_results(node_name: str, via: str | None, pacs: Path | None, report, console: Console) -> None:  # type: ignore[no-untyped-def]
+    from medpipe.pacs.nodes import load_nodes
+    from medpipe.pacs.push import push_scored
+
+    node = load_nodes(pacs).get(node_name)
+    pushed = push_scored(node, report.out, report.rows, via=via)  # type: ignore[arg-type]
+    c = pushed.counts
+    console.print(f"pushed to {escape(node.name)}: {c.get('ok', 0) + c.get('warning', 0)} file(s) stored, "
+                  f"{len(pushed.failed)} failed (results sent before are not sent again)")
+    pushed.raise_for_failures()
 
 
 def export_command(

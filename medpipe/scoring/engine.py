@@ -114,6 +114,11 @@ def _sidecar_of(volume: Path) -> Path:
 
 def resolve_source(src: Path, out: Path, workers: int | None, progress: Any = None) -> Path:
     """The ingest folder to score: ``src`` itself when it is one, else ``out/ingest`` after ingesting ``src``."""
+    if str(src).lower().startswith("pacs:"):  # Path("pacs://X?q") reads "pacs:/X?q"; the pull is medpipe.pacs's job
+        from medpipe.errors import SourceError
+
+        raise SourceError(f"{src}: a PACS query is pulled first (medpipe.pacs.source.pull_source), then scored",
+                          hint="use `medpipe score pacs://NODE?...`, which does both")
     src = src.expanduser()
     if (src / "catalog.sqlite").is_file() and (src / "manifest.csv").is_file():
         return src.resolve()

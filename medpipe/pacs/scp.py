@@ -1,0 +1,228 @@
+"""medpipe's storage SCP: receives C-STORE requests and writes each instance, unchanged, into an InstanceStore.
+
+Used as the C-MOVE destination of a pull (started for the pull only), by ``medpipe listen``, and (the
+handler alone) for the C-STORE sub-operations that arrive on a C-GET association.
+
+Each instance is written as pynetdicom received it (``Event.encoded_dataset()``: the data set bytes as
+sent, in the negotiated transfer syntax, behind a fresh file meta header), never decoded and
+re-encoded; every storage SOP class is accepted in every transfer syntax pynetdicom knows, so the
+sender never has to transcode. An object without Study / Series / SOP Instance UIDs, or whose SOP
+Instance UID differs from the request's, is refused with a failure status and counted; a failing
+disk answers "out of resources". Nothing a peer sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medpipe.errors import PacsError
+from medpipe.pacs.store import InstanceStore
+
+log = logging.getLogger("medpipe.pacs")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One instance received and written (or already there)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    path: Path
+    calling_ae: str
+    new: bool
+
+
+class StoreHandler:
+    """The EVT_C_STORE handler: validate the UIDs, write the bytes, answer with a status."""
+
+    def __init__(self, store: InstanceStore, on_stored: Callable[[Stored], None] | None = None) -> None:
+        self.store = store
+        self.on_stored = on_stored
+        self.lock = threading.Lock()
+        self.received = 0
+        self.by_series: dict[str, int] = {}  # instances received per Series Instance UID
+        self.refused = 0
+        self.refusals: list[str] = []
+
+    def _refuse(self, status: int, why: str, calling: str) -> int:
+        with self.lock:
+            self.refused += 1
+            if len(self.refusals) < 100:
+                self.refusals.append(why)
+        log.warning("refused an instance from %s: %s", calling, why)
+        return status
+
+    def __call__(self, event: Any) -> int:
+        calling = _calling_ae(event)
+        try:
+            sop = str(event.request.AffectedSOPInstanceUID or "").strip()
+            study, series, own = _uids(event)
+        except Exception as exc:  # a data set pydicom cannot parse: refuse it, keep serving
+            return self._refuse(CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__}: {exc})"[:200],
+                                calling)
+        if not (study and series and sop):
+            return self._refuse(CANNOT_UNDERSTAND, "no Study, Series or SOP Instance UID", calling)
+        if own != sop:
+            return self._refuse(DOES_NOT_MATCH, f"SOP Instance UID {own!r} differs from the request's {sop!r}",
+                                calling)
+        new = not self.store.has(study, series, sop)
+        try:
+            if new:
+                with event.request.DataSet.getbuffer() as data:  # no copy of the data set
+                    path = self.store.write(study, series, sop, _header(event, calling), data)
+            else:
+                path = self.store.path_for(study, series, sop)
+        except OSError as exc:
+            log.error("cannot write instance %s: %s", sop, exc)
+            return self._refuse(OUT_OF_RESOURCES, f"cannot be written: {exc.strerror or exc}", calling)
+        with self.lock:
+            self.received += 1
+            self.by_series[series] = self.by_series.get(series, 0) + 1
+        if self.on_stored is not None:
+            try:
+                self.on_stored(Stored(study, series, sop, path, calling, new))
+            except Exception:  # the callback's problem must not fail the sender's C-STORE
+                log.exception("on_stored callback failed for %s", sop)
+        return SUCCESS
+
+    def series_count(self, series_uid: str) -> int:
+        with self.lock:
+            return self.by_series.get(series_uid, 0)
+
+
+_UID_TAGS = (0x00080018, 0x0020000D, 0x0020000E)
+
+
+def _uids(event: Any) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance UID) of the received data set, reading its elements only up to (0020,000E)."""
+    from pydicom.filereader import read_dataset
+
+    ts = _syntax(event)
+    if ts.is_deflated:  # the data set must be inflated first: let pynetdicom decode it
+        ds = event.dataset
+    else:
+        fh = event.request.DataSet
+        fh.seek(0)
+        ds = read_dataset(fh, ts.is_implicit_VR, ts.is_little_endian, stop_when=lambda tag, vr, length: tag > 0x0020000E,
+                          specific_tags=list(_UID_TAGS))
+        fh.seek(0)
+    return tuple(str(ds.get(k, "") or "").strip().rstrip("\0") for k in  # type: ignore[return-value]
+                 ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def _syntax(event: Any) -> Any:
+    """The transfer syntax of the presentation context the data set came in (a pydicom UID)."""
+    from pydicom.uid import UID
+
+    ts = event.context.transfer_syntax  # pynetdicom: a str (the accepted syntax), lists elsewhere
+    return UID(ts[0] if isinstance(ts, (list, tuple)) else ts)
+
+
+def _header(event: Any, calling: str) -> bytes:
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from medpipe.pacs.store import part10_header
+
+    req = event.request
+    return part10_header(str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                         str(_syntax(event)), str(PYNETDICOM_IMPLEMENTATION_UID),
+                         PYNETDICOM_IMPLEMENTATION_VERSION, calling if calling != "?" else "")
+
+
+def _calling_ae(event: Any) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except AttributeError:  # pragma: no cover
+        return "?"
+
+
+def storage_contexts(sop_classes: Iterable[str] | None = None) -> list[Any]:
+    """Storage contexts (plus Verification) in every transfer syntax pynetdicom supports: for ``sop_classes``,
+    or for every storage SOP class when None (building all ~170 takes a noticeable fraction of a second)."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] if sop_classes is None \
+        else sorted(set(sop_classes))
+    out = [build_context(c, ALL_TRANSFER_SYNTAXES) for c in classes]
+    out.append(build_context(Verification))
+    return out
+
+
+class StorageSCP:
+    """A storage SCP on ``bind:port`` answering to ``ae_title``; a context manager (start / stop)."""
+
+    def __init__(self, store: InstanceStore, ae_title: str, port: int, bind: str = "", *,
+                 on_stored: Callable[[Stored], None] | None = None, max_pdu: int = 1 << 20,
+                 timeout: float = 60.0, ssl_context: Any = None, max_associations: int = 16,
+                 sop_classes: Iterable[str] | None = None) -> None:
+        self.store = store
+        self.ae_title = ae_title
+        self.port = port
+        self.bind = bind
+        self.handler = StoreHandler(store, on_stored)
+        self.max_pdu = max_pdu
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+        self.max_associations = max_associations
+        self.sop_classes = None if sop_classes is None else sorted(set(sop_classes))
+        self._server: Any = None
+
+    def start(self) -> StorageSCP:
+        from pynetdicom import AE, evt
+
+        from medpipe.pacs.dimse import no_delay, quiet_pynetdicom
+
+        quiet_pynetdicom()
+        ae = AE(self.ae_title)
+        ae.supported_contexts = storage_contexts(self.sop_classes)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.acse_timeout = self.timeout
+        ae.dimse_timeout = self.timeout
+        ae.network_timeout = self.timeout
+        ae.maximum_associations = self.max_associations
+        try:
+            self._server = ae.start_server((self.bind, self.port), block=False, ssl_context=self.ssl_context,
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handler),
+                                                         (evt.EVT_CONN_OPEN, no_delay)])
+        except OSError as exc:
+            where = f"{self.bind or '*'}:{self.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise PacsError(f"cannot receive on {where}: the port is in use (another medpipe pull or listener, "
+                                "or another DICOM server); choose another port (our_port in the node file, or "
+                                "--port)") from None
+            if exc.errno == errno.EACCES:
+                raise PacsError(f"cannot receive on {where}: ports below 1024 need privileges; use a port above "
+                                "1024") from None
+            raise PacsError(f"cannot receive on {where}: {exc.strerror or exc}") from None
+        if self.port == 0:
+            self.port = int(self._server.server_address[1])
+        log.info("storage SCP %s listening on %s:%d", self.ae_title, self.bind or "*", self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def received(self) -> int:
+        return self.handler.received

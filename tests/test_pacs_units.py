@@ -1,0 +1,249 @@
+"""medpipe.pacs without a network: node files, pacs:// URLs, the instance store, retries, context budgets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medpipe.errors import ConfigError, PacsError
+from medpipe.pacs.listing import Instance, SeriesItem, need
+from medpipe.pacs.nodes import default_path, load_nodes, nodes_from_dict
+from medpipe.pacs.query import StudyQuery, parse_pacs_url
+from medpipe.pacs.retry import backoff, with_retries
+from medpipe.pacs.store import InstanceStore, part10_header, safe_component
+
+YAML = """
+defaults:
+  our_ae_title: MEDPIPE
+  our_port: 11112
+nodes:
+  orthanc:
+    ae_title: ORTHANC
+    host: pacs.example.org
+    port: 4242
+    dicomweb: https://pacs.example.org/dicom-web/
+    auth: {username: ai, password_env: PACS_PW}
+    tls: {ca_file: /etc/ssl/ca.pem}
+  web-only:
+    dicomweb: http://127.0.0.1:8042/dicom-web
+    retrieve: [wado]
+"""
+
+TOML = """
+[defaults]
+our_ae_title = "MEDPIPE"
+
+[nodes.orthanc]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+our_port = 11113
+"""
+
+
+def test_node_file_yaml_and_toml(tmp_path: Path) -> None:
+    (tmp_path / "pacs.yaml").write_text(YAML)
+    nf = load_nodes(tmp_path / "pacs.yaml")
+    o = nf.get("orthanc")
+    assert (o.ae_title, o.host, o.port, o.our_ae_title, o.our_port) == ("ORTHANC", "pacs.example.org", 4242,
+                                                                         "MEDPIPE", 11112)
+    assert o.dicomweb == "https://pacs.example.org/dicom-web" and o.retrieve == ("move", "get", "wado")
+    web = nf.get("web-only")
+    assert not web.has_dimse and web.retrieve == ("wado",)
+    with pytest.raises(ConfigError, match="no DIMSE address"):
+        web.dimse_address()
+    (tmp_path / "pacs.toml").write_text(TOML)
+    t = load_nodes(tmp_path / "pacs.toml").get("orthanc")
+    assert (t.our_ae_title, t.our_port, t.dicomweb) == ("MEDPIPE", 11113, None)
+
+
+def test_node_file_errors_name_file_and_field(tmp_path: Path) -> None:
+    p = tmp_path / "pacs.yaml"
+    cases = {
+        "nodes: {a: {ae_title: A, host: h, port: 70000}}": "nodes.a.port: Input should be less than or equal to 65535",
+        "nodes: {a: {ae_title: A, host: h, port: 1, ae_titel: X}}": "nodes.a.ae_titel: unknown setting 'ae_titel' "
+                                                                   "(did you mean 'ae_title'?)",
+        "nodes: {a: {ae_title: A, host: h}}": "nodes.a: Value error, DIMSE needs all of ae_title, host and port",
+        "nodes: {a: {ae_title: 'A\\\\B', host: h, port: 1}}": "nodes.a.ae_title: Value error, an AE title is 1 to 16",
+        "nodes: {a: {ae_title: A, host: h, port: 1, dicomweb: 'pacs:8042'}}": "nodes.a.dicomweb: Value error, "
+                                                                             "expected an http:// or https:// URL",
+        "defaults: {our_port: 0}\nnodes: {a: {ae_title: A, host: h, port: 1}}": "defaults.our_port: Input should be "
+                                                                                "greater than or equal to 1",
+        "nodes: {a: {dicomweb: 'http://x', auth: {username: u}}}": "nodes.a.auth: Value error, give exactly one of "
+                                                                  "password and password_env",
+        "nodes: {a: {}}": "nodes.a: Value error, give ae_title, host and port",
+        "servers: {}": "expected a 'nodes' mapping",
+        "nodes: [": "not valid YAML",
+    }
+    for text, expected in cases.items():
+        p.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_nodes(p)
+        assert str(err.value).startswith(f"{p}: ") and expected in str(err.value), (text, str(err.value))
+    p.write_text(YAML)
+    with pytest.raises(ConfigError, match=r"no PACS node 'orthank' .*did you mean 'orthanc'\?"):
+        load_nodes(p).get("orthank")
+    with pytest.raises(ConfigError, match="not found"):
+        load_nodes(tmp_path / "missing.yaml")
+
+
+def test_default_node_file_and_password_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEDPIPE_PACS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    assert default_path() == tmp_path / "cfg" / "medpipe" / "pacs.yaml"
+    (tmp_path / "cfg" / "medpipe").mkdir(parents=True)
+    (tmp_path / "cfg" / "medpipe" / "pacs.toml").write_text(TOML)
+    assert default_path().name == "pacs.toml" and load_nodes().get("orthanc").port == 4242
+    monkeypatch.setenv("MEDPIPE_PACS", str(tmp_path / "elsewhere.yaml"))
+    assert default_path() == tmp_path / "elsewhere.yaml"
+    node = nodes_from_dict({"nodes": {"w": {"dicomweb": "http://x", "auth": {"username": "u",
+                                                                            "password_env": "PACS_PW"}}}}).get("w")
+    monkeypatch.delenv("PACS_PW", raising=False)
+    with pytest.raises(ConfigError, match="PACS_PW, which is not set"):
+        node.auth.resolve_password()  # type: ignore[union-attr]
+    monkeypatch.setenv("PACS_PW", "s3cret")
+    assert node.auth.resolve_password() == "s3cret"  # type: ignore[union-attr]
+
+
+def test_pacs_url() -> None:
+    src = parse_pacs_url("pacs://orthanc?StudyDate=20240101-20240131&Modality=MR&PatientID=P%201&via=get")
+    assert src.node == "orthanc" and src.via == "get"
+    assert (src.query.study_date, src.query.modality, src.query.patient_id) == ("20240101-20240131", "MR", "P 1")
+    two = parse_pacs_url("pacs://n?StudyInstanceUID=1.2.3,1.2.4")
+    assert two.query.study_uids == ("1.2.3", "1.2.4")
+    assert two.query.study_identifier()["StudyInstanceUID"] == ["1.2.3", "1.2.4"]
+    for bad, msg in [("pacs://orthanc", "without filters would pull the whole PACS"),
+                     ("pacs://orthanc?Modalty=MR", "unknown query key 'Modalty' (did you mean 'Modality'?)"),
+                     ("pacs://orthanc?StudyDate=2024-01-01", "expected YYYYMMDD or a range"),
+                     ("pacs://orthanc?StudyDate=20240201-20240101", "ends before it starts"),
+                     ("pacs://orthanc?StudyInstanceUID=../../etc", "is not a DICOM UID"),
+                     ("pacs://orthanc?Modality=MR&via=ftp", "expected move, get or wado"),
+                     ("pacs:///x?Modality=MR", "expected pacs://NODE?")]:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            parse_pacs_url(bad)
+    assert StudyQuery(study_date="-20240101").study_date == "-20240101"
+
+
+def test_store_is_atomic_and_names_are_safe(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "in")
+    hostile = "../../../../etc/passwd"
+    p = store.write(hostile, "1.2.3", "1.2.3.4", b"abc", b"def")
+    assert p.resolve().is_relative_to(store.root) and p.read_bytes() == b"abcdef"
+    assert safe_component(hostile).startswith("x") and "/" not in safe_component(hostile)
+    assert safe_component("1.2.840.10008 \0") == "1.2.840.10008"
+    assert store.write(hostile, "1.2.3", "1.2.3.4", b"other") == p and p.read_bytes() == b"abcdef"  # kept
+    assert store.present(hostile, "1.2.3") == {"1.2.3.4"} and store.written == 1
+    (p.parent / ".1.2.3.5.dcm.xyz.tmp.dcm").write_bytes(b"half")  # what a killed writer leaves
+    assert store.present(hostile, "1.2.3") == {"1.2.3.4"} and store.clean() == 1
+
+    class Dies:  # the connection drops in the middle of writing an instance
+        def __buffer__(self, flags: int) -> memoryview:
+            raise ConnectionResetError("peer gone")
+
+    with pytest.raises((ConnectionResetError, TypeError)):
+        store.write(hostile, "1.2.3", "1.2.3.6", b"first half", Dies())  # type: ignore[arg-type]
+    assert not store.has(hostile, "1.2.3", "1.2.3.6") and store.present(hostile, "1.2.3") == {"1.2.3.4"}
+    assert [q.name for q in p.parent.iterdir()] == [p.name]  # no half file under any name
+
+
+def test_part10_header_equals_pydicom() -> None:
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    for version, ae in (("PYNETDICOM_304", "ORTHANC"), ("PYNETDICOM_304", ""), ("ODD", "AE1")):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = "1.2.3.45"
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+        meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.3811.3.0.4"
+        meta.ImplementationVersionName = version
+        if ae:
+            meta.SourceApplicationEntityTitle = ae
+        ref = DicomBytesIO()
+        ref.is_little_endian, ref.is_implicit_VR = True, False
+        write_file_meta_info(ref, meta)
+        ours = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2",
+                             "1.2.826.0.1.3680043.9.3811.3.0.4", version, ae)
+        assert ours == b"\0" * 128 + b"DICM" + ref.getvalue()
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3.45"
+    body = io.BytesIO()
+    ds.save_as(body, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    got = pydicom.dcmread(io.BytesIO(ours + body.getvalue()))
+    assert got.SOPInstanceUID == "1.2.3.45" and got.file_meta.SourceApplicationEntityTitle == "AE1"
+
+
+def test_retries_back_off_and_reset_on_progress() -> None:
+    assert [backoff(a, 0.5) for a in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0] and backoff(20, 1.0) == 60.0
+    waits: list[float] = []
+    calls = [0]
+
+    def flaky() -> str:
+        calls[0] += 1
+        if calls[0] < 3:
+            raise PacsError("connection refused", transient=True)
+        return "done"
+
+    assert with_retries(flaky, retries=2, first_delay=0.1, what="x", sleep=waits.append) == "done"
+    assert waits == [0.1, 0.2]
+    calls[0] = 0
+    with pytest.raises(PacsError, match="refused"):
+        with_retries(flaky, retries=1, first_delay=0.1, what="x", sleep=waits.append)
+    with pytest.raises(PacsError, match="permanent"):  # never retried
+        with_retries(lambda: (_ for _ in ()).throw(PacsError("permanent")), retries=5, first_delay=1, what="x",
+                     sleep=lambda s: pytest.fail("slept"))
+    # an attempt that made progress resets the count: 4 failures with 1 retry allowed still succeed
+    calls[0] = -2
+    progress = iter([True, True, True, True])
+    waits.clear()
+    assert with_retries(flaky, retries=1, first_delay=0.1, what="x", sleep=waits.append,
+                        progressed=lambda: next(progress)) == "done"
+    assert waits == [0.1] * 4
+
+
+def test_get_contexts_stay_within_128_and_groups_split() -> None:
+    from medpipe.pacs.retrieve import GET_SYNTAX_TIERS, get_contexts, get_groups
+
+    for n in (1, 3, 7, 8, 21, 22, 63, 64, 127):
+        classes = [f"1.2.3.{i}" for i in range(n)]
+        contexts, roles = get_contexts(classes)
+        assert len(contexts) <= 128 and len(roles) == n
+        assert {str(c.abstract_syntax) for c in contexts[1:]} == set(classes)
+        if n * len(GET_SYNTAX_TIERS[0]) <= 127:  # few classes: one context per (class, syntax): no transcoding
+            assert len(contexts) == 1 + n * len(GET_SYNTAX_TIERS[0])
+    with pytest.raises(ValueError, match="split with get_groups"):
+        get_contexts([f"1.2.3.{i}" for i in range(128)])
+    items = [SeriesItem("1", f"2.{k}", instances=[Instance(f"3.{k}.{i}", f"1.2.3.{k * 50 + i}") for i in range(50)])
+             for k in range(5)]
+    groups = get_groups(items)
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert all(len(set().union(*(i.sop_classes for i in g))) <= 127 for g in groups)
+
+
+def test_push_batches_stay_within_128_contexts(tmp_path: Path) -> None:
+    from medpipe.pacs.push import PushResult, _batches, _contexts
+
+    todo = [(PushResult(tmp_path / f"{i}", f"9.{i}", f"1.2.3.{i}"), (f"1.2.3.{i}", f"9.{i}", "1.2.840.10008.1.2.4.50"))
+            for i in range(100)]
+    batches = _batches(todo)
+    assert sum(len(b) for b in batches) == 100
+    assert all(len(_contexts(b)) <= 128 for b in batches) and len(batches) == 2
+
+
+def test_need_whole_partial_complete(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    listed = SeriesItem("1.2", "1.2.3", instances=[Instance("1.2.3.1", "c"), Instance("1.2.3.2", "c")])
+    assert need(store, listed).whole
+    store.write("1.2", "1.2.3", "1.2.3.1", b"x")
+    partial = need(store, listed)
+    assert not partial.whole and [i.sop_uid for i in partial.instances] == ["1.2.3.2"]
+    counted = SeriesItem("1.2", "1.2.3", count=1)
+    assert need(store, counted).empty  # as many files as the PACS says it has
+    assert need(store, SeriesItem("1.2", "1.2.3", count=5)).whole  # fewer: fetched whole again (kept files stay)
+    assert os.listdir(tmp_path / "1.2" / "1.2.3") == ["1.2.3.1.dcm"]
