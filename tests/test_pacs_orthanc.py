@@ -101,7 +101,7 @@ def test_pull_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: Sample, t
     ct_files = sorted((tmp_path / pacs_sample.ct_study).rglob("*.dcm"))
     for p in ct_files[:3]:
         p.unlink()
-    (ct_files[4].parent / f".{ct_files[4].name}.abc.tmp.dcm").write_bytes(b"half a file")  # a killed run's leftover
+    (ct_files[4].parent / f".medpipe-tmp.abc.tmp.{ct_files[4].name}").write_bytes(b"half a file")  # a killed run's leftover
     third = pull(node, query, tmp_path, methods=(method,))
     assert (third.already, third.received) == (len(pacs_sample.files) - 3, 3)
     assert _assert_same_files(tmp_path, pacs_sample, whole_file=method == "wado") == len(pacs_sample.files)

@@ -135,7 +135,7 @@ def test_store_is_atomic_and_names_are_safe(tmp_path: Path) -> None:
     assert safe_component("1.2.840.10008 \0") == "1.2.840.10008"
     assert store.write(hostile, "1.2.3", "1.2.3.4", b"other") == p and p.read_bytes() == b"abcdef"  # kept
     assert store.present(hostile, "1.2.3") == {"1.2.3.4"} and store.written == 1
-    (p.parent / ".1.2.3.5.dcm.xyz.tmp.dcm").write_bytes(b"half")  # what a killed writer leaves
+    (p.parent / ".medpipe-tmp.xyz.tmp.1.2.3.5.dcm").write_bytes(b"half")  # what a killed writer leaves
     assert store.present(hostile, "1.2.3") == {"1.2.3.4"} and store.clean() == 1
 
     class Dies:  # the connection drops in the middle of writing an instance
