@@ -218,3 +218,25 @@ def test_schema_problems_name_the_item(tmp_path: Path, item: dict, message: str)
     with pytest.raises(StageError) as exc:
         load_datalist(path)
     assert message in str(exc.value)
+
+
+def test_ingested_nifti_files_get_a_reason_and_the_route_that_works(tmp_path: Path) -> None:
+    """Issue: 'no usable study in ... (0 skipped)' with no reason when NIfTI files went through ingest."""
+    import shutil
+
+    from medpipe.data.channels import DEFAULT_CHANNELS
+    from medpipe.data.datalist_builder import build_items
+    from medpipe.ingest import ingest
+
+    src = make_nnunet(tmp_path, n=1)
+    folder = tmp_path / "nifti_files"
+    folder.mkdir()
+    for f in (src / "imagesTr").glob("*.nii.gz"):
+        shutil.copy(f, folder / f.name)
+    ingest(folder, tmp_path / "ingested")
+    result = build_items(tmp_path / "ingested", {"FLAIR": DEFAULT_CHANNELS["FLAIR"]}, "FLAIR", None,
+                         work_dir=tmp_path / "w")
+    text = result.why_empty(tmp_path / "ingested")
+    assert not result.items and "2 skipped" in text
+    assert "came from NIfTI files, which carry no patient, study or series description" in text
+    assert "medpipe import nnunet|msd|csv" in text and "\n" not in text
