@@ -185,3 +185,26 @@ def test_score_uses_the_packages_ensemble_and_post_processing(tmp_path: Path) ->
     assert masks["both"].any() and not np.array_equal(masks["both"], masks["m0"])
     assert not np.array_equal(masks["both"], masks["m1"])
     assert not masks["pruned"].any()  # every component is below 1e5 mL: the package's post-processing applied
+
+
+@pytest.mark.slow
+def test_the_readme_yaml_goes_from_a_nifti_folder_to_cross_validated_dice(tmp_path: Path) -> None:
+    """The YAML of the README's 'Use your own data' section, as a user copies it (only the path changed), shrunk
+    with --set to test size."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### From a folder of NIfTI cases"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    block = section[start:section.index("```", start)]
+    assert "/data/Dataset001_BrainTumour" in block and "folds: 5" in block
+    src = make_nnunet(tmp_path, n=10)
+    pipeline = tmp_path / "my.yaml"
+    pipeline.write_text(block.replace("/data/Dataset001_BrainTumour", str(src)))
+    shrink = {"folds": 2, "epochs": 2, "val_every": 1, "min_epochs": 1, "roi_size": [16, 16, 16], "channels": [4, 8],
+              "strides": [2]}
+    sets = [a for k, v in shrink.items() for a in ("--set", f"train_segmenter.{k}={json.dumps(v)}")]
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(pipeline), "--out", str(run_dir), "--device", "cpu", *sets])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert isinstance(metrics["cv_dice"], float) and len(metrics["cv_dice_folds"]) == 2
+    assert isinstance(metrics["dice"], float) and metrics["ensemble_size"] == 2 and metrics["n_predicted"] == 2

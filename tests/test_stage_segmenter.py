@@ -254,7 +254,7 @@ def test_evaluate_dice_equals_hand_computation(tmp_path: Path, datalist: Path, m
     plain = EXACT_EVAL[:2] + EXACT_EVAL[3:4]  # model grid == source grid: the shift is known in source voxels
     ck = _oracle_checkpoint(monkeypatch, tmp_path, plain, shift=2, roi=SHAPE)
     doc = json.loads(datalist.read_text())
-    doc["test"] = doc["train"]  # three cases, all with tumour
+    doc["test"], doc["train"] = doc["train"], doc["test"]  # three cases, all with tumour (one split per patient)
     dl = tmp_path / "datalist3.json"
     dl.write_text(json.dumps(doc))
     ctx = _ctx(tmp_path, "03_evaluate", {"datalist": str(dl), "checkpoint": str(ck)})

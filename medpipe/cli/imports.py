@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
                                  test=test, folds=folds, fold=fold, seed=seed)
         counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
         typer.echo(f"{fmt} {src}: {sum(s.counts.values())} cases ({counts}); channels {', '.join(s.channels)} on the "
-                   f"{s.reference} grid; labels {', '.join(f'{k}={v}' for k, v in sorted(s.label_names.items()))}")
+                   f"{s.reference} grid; labels "
+                   f"{', '.join(f'{k}={v}' for k, v in sorted(s.label_names.items())) or 'none (no label maps)'}")
         for note in s.notes:
             typer.echo(f"note: {note}")
         if s.resampled:
