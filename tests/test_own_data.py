@@ -111,6 +111,19 @@ def test_dataset_stage_source_and_segmenter_cross_validation(tmp_path: Path) -> 
     assert metrics["cv_dice_sd"] is None or metrics["cv_dice_sd"] >= 0
     dice = [float(r["dice_whole_tumour"]) for r in oof if r["dice_whole_tumour"]]
     assert cv["cv_dice"] == pytest.approx(float(np.mean(dice)), abs=1e-5)
+    # each case was predicted by the model of the fold it was held out of (trained without it)
+    from medpipe.inference.evaluation import score_cases
+    from medpipe.inference.segmentation import SegmentationModel
+    from medpipe.training.classification import kfold_items
+    from medpipe.training.segmentation import has_foreground
+
+    folds = kfold_items(doc["train"], doc["val"], 2, 0, stratum=has_foreground)
+    for f, (_, held) in enumerate(folds):
+        assert sorted(r["patient_id"] for r in oof if r["fold"] == str(f)) == sorted(it["patient_id"] for it in held)
+        model = SegmentationModel.load(train / f"checkpoint_fold{f}.pt")
+        first = next(score_cases(model, held[:1]))
+        row = next(r for r in oof if r["patient_id"] == held[0]["patient_id"])
+        assert float(row["pred_ml"]) == pytest.approx(first.row["pred_ml"])
     assert metrics["ensemble_size"] == 2 and metrics["predict_ensemble_size"] == 2
     from medpipe.inference.package import ModelPackage
 
