@@ -185,6 +185,80 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types an annotation may hold: ``Annotated`` and ``Optional`` removed, unions split."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _tag_of(model: type[BaseModel]) -> set[str]:
+    """The literal values of a model's discriminator-like fields (``source: Literal["nifti"]``)."""
+    import typing
+
+    tags: set[str] = set()
+    for info in model.model_fields.values():
+        if typing.get_origin(info.annotation) is typing.Literal:
+            args = typing.get_args(info.annotation)
+            if len(args) == 1:
+                tags.add(str(args[0]))
+    return tags
+
+
+def nested_names(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], tuple[Any, ...]]:
+    """The parameter names of the (nested) model whose field the last element of ``loc`` names (several models of
+    an undecided union: all their names), and ``loc`` without the union tags
+    pydantic inserts (``labels.nifti.patern`` -> ``labels.patern``), for messages and YAML lines.
+
+    ``channels.FLAIR.SeriesDescription`` resolves to the channel rule (through ``dict[str, ChannelRule]``),
+    ``split.k`` to the split model, ``labels.nifti.x`` to the NIfTI label source of a discriminated union.
+    """
+    import typing
+
+    current: list[Any] = [model]
+    clean: list[Any] = []
+    for part in loc[:-1]:
+        models = [t for t in current if _is_model(t)]
+        nxt: list[Any] = []
+        tagged = False
+        for m in models:
+            if isinstance(part, str) and part in m.model_fields:
+                nxt += _unwrap(m.model_fields[part].annotation)
+        if not nxt:
+            # a union tag (discriminator value or class name): pick the member, drop the tag from the path
+            picked = [t for t in current if _is_model(t) and (str(part) in _tag_of(t) or part == t.__name__)]
+            if picked:
+                current, tagged = picked, True
+        if tagged:
+            continue
+        if not nxt:  # a dict key or a list index: go into the value / item type
+            for t in current:
+                origin = typing.get_origin(t)
+                args = typing.get_args(t)
+                if origin is dict and len(args) == 2:
+                    nxt += _unwrap(args[1])
+                elif origin in (list, tuple) and args:
+                    nxt += _unwrap(args[0])
+        clean.append(part)
+        current = nxt
+        if not current:
+            return list(model.model_fields), loc
+    models = [t for t in current if _is_model(t)]
+    if not models:
+        return list(model.model_fields), loc
+    return list(dict.fromkeys(name for m in models for name in m.model_fields)), (*clean, loc[-1])
+
+
 def _message(err: Mapping[str, Any], known: list[str]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
@@ -290,9 +364,9 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
             stages.append(Stage(i, kind, model.model_validate(params), _line_for(lines, base)))
         except ValidationError as exc:
             for err in exc.errors():
-                loc = tuple(err["loc"])
+                known, loc = nested_names(model, tuple(err["loc"]))
                 errors.append(f"stages[{i}] ({kind}).{_field_path(loc)}: "
-                              f"{_message(err, list(model.model_fields))} {where(base + loc)}")
+                              f"{_message(err, known)} {where(base + loc)}")
     if not stages and not errors:
         errors.append(f"stages: a pipeline needs at least one stage {where(('stages',))}")
     warnings: list[str] = []

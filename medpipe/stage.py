@@ -90,10 +90,12 @@ def artifact(name: str, kind: Literal["file", "folder", "files"], meaning: str) 
 artifact("sample_dir", "folder", "a generated synthetic sample (DICOM studies + labels.csv)")
 artifact("ingest_dir", "folder", "an ingest output folder (catalog.sqlite, volumes, manifest.csv)")
 artifact("datalist", "file", "a datalist.json (train / val / test items)")
-artifact("checkpoint", "file", "a trained segmenter checkpoint")
+artifact("checkpoint", "files", "a trained segmenter checkpoint, or one per fold: an ensemble")
 artifact("classifier", "files", "trained classifier checkpoints (one per fold)")
 artifact("generator", "file", "a trained GAN generator checkpoint")
 artifact("evaluation", "file", "per-case segmentation metrics (cases.csv)")
+artifact("inference", "file", "the inference settings a segmenter was evaluated with (TTA, post-processing): "
+                              "inference.json")
 artifact("masks", "folder", "predicted masks as NIfTI on the source grids")
 artifact("class_predictions", "file", "per-case classifier predictions (predictions.csv)")
 artifact("explanations", "folder", "explanation maps (PNG) and explanations.csv")
@@ -260,8 +262,9 @@ def stage(kind: str, params: type[StageParams], *, needs: tuple[Need, ...] = (),
 
 
 def givers(name: str) -> list[str]:
-    """The stage kinds that give the artifact ``name`` (for error hints)."""
-    return sorted(k for k, d in REGISTRY.items() if name in d.gives)
+    """The stage kinds that make the artifact ``name`` (for error hints): those that give it without needing it
+    (a training stage passes on the datalist it was given, but cannot start a pipeline without one)."""
+    return sorted(k for k, d in REGISTRY.items() if name in d.gives and name not in {n.artifact for n in d.needs})
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,51 @@ def test_kfold_training_gives_an_ensemble(tmp_path: Path, breastmnist: Path) -> 
     assert ev.metrics["ensemble_size"] == 2
 
 
+def test_kfold_threshold_is_chosen_out_of_fold_and_used_downstream(tmp_path: Path, breastmnist: Path) -> None:
+    """threshold_rule: the decision threshold is chosen on the out-of-fold predictions (with the package's TTA and
+    the averaged weights), recorded in every checkpoint and the package, and evaluate_classifier decides with it."""
+    from medpipe.data.datalist import model_inputs
+    from medpipe.data.datasets import make_dataset
+    from medpipe.inference.classification import ClassificationModel
+    from medpipe.inference.package import ModelPackage
+    from medpipe.metrics.classification import choose_threshold
+
+    ctx = _ctx(tmp_path, "01_train_classifier", {"datalist": str(breastmnist)})
+    params = TrainClassifierParams(**{**TINY, "epochs": 2}, folds=2, threshold_rule="accuracy", average="ema",
+                                   ema_decay=0.8, package={"tta": True, "positive_class": 0})
+    result = train_classifier(ctx, params)
+    rows = list(csv.DictReader((ctx.stage_dir / "oof.csv").open()))
+    assert len(rows) == 64 + 24 and {r["fold"] for r in rows} == {"0", "1"}
+    y = np.array([int(r["true"]) for r in rows])
+    prob = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows])
+    t = result.metrics["oof_threshold"]
+    assert t == pytest.approx(choose_threshold(y, prob, positive=0, rule="accuracy"), abs=1e-6)
+    assert result.metrics["oof_accuracy"] == pytest.approx(np.mean(np.where(prob[:, 0] >= t, 0, 1) == y), abs=1e-6)
+    ckpts = result.outputs["classifier"]
+    model = ClassificationModel.load(ckpts[1])
+    assert model.decision == (0, pytest.approx(t)) and model.tta_axes == [0]
+    # fold 1's rows are its own held-out items, scored with the package's flip TTA
+    doc = json.loads(breastmnist.read_text())
+    by_case = {r["case"]: r for r in rows if r["fold"] == "1"}
+    from medpipe.data.datalist import case_name
+
+    held = [it for it in [*doc["train"], *doc["val"]] if case_name(it) in by_case][:4]
+    again = model.predict_proba(make_dataset(model_inputs(held), model.eval_transforms, "none"), tta_axes=[0])
+    assert np.allclose(again[:, 0], [float(by_case[case_name(it)]["prob_0"]) for it in held], atol=1e-5)
+    pkg = ModelPackage.load(result.outputs["model"])
+    assert pkg.outputs["threshold"] == pytest.approx(t) and pkg.outputs["positive_class"] == 0
+    assert result.outputs["datalist"] == str(breastmnist)
+
+    ectx = _ctx(tmp_path, "02_evaluate_classifier", {"datalist": str(breastmnist), **result.outputs})
+    m = evaluate_classifier(ectx, EvaluateClassifierParams(bootstrap=0)).metrics
+    assert m["threshold"] == pytest.approx(t) and m["positive_class"] == "malignant" and m["tta"] is True
+    ectx2 = _ctx(tmp_path, "03_evaluate_classifier", {"datalist": str(breastmnist), **result.outputs})
+    m2 = evaluate_classifier(ectx2, EvaluateClassifierParams(bootstrap=0, positive_class=1)).metrics
+    assert m2["threshold"] == pytest.approx(1 - t) and m2["accuracy"] == pytest.approx(m["accuracy"], abs=0.04)
+    ectx3 = _ctx(tmp_path, "04_evaluate_classifier", {"datalist": str(breastmnist), **result.outputs})
+    assert evaluate_classifier(ectx3, EvaluateClassifierParams(bootstrap=0, threshold=0.5)).metrics["threshold"] == 0.5
+
+
 def test_evaluate_refuses_a_synthetic_test_item(tmp_path: Path, breastmnist: Path) -> None:
     doc = json.loads(breastmnist.read_text())
     doc["test"].append({**doc["train"][0], "synthetic": True})

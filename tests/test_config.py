@@ -122,7 +122,7 @@ def test_evaluate_without_a_checkpoint_fails_validation(tmp_path: Path) -> None:
             split: test
         """)
     assert error_of(path) == (
-        "stages[1] (evaluate): needs 'checkpoint' (a trained segmenter checkpoint) but no earlier stage gives it; "
+        "stages[1] (evaluate): needs 'checkpoint' (a trained segmenter checkpoint, or one per fold: an ensemble) but no earlier stage gives it; "
         f"set checkpoint, or put a train_segmenter stage before it ({path} line 5)")
 
 
@@ -156,17 +156,17 @@ def test_every_missing_need_is_one_line_naming_the_field(tmp_path: Path) -> None
     path = write(tmp_path, f"""\
         name: nothing_given
         stages:
-          - stage: train_classifier
-            epochs: 1
           - stage: explain
             checkpoints: [{tmp_path / "a.pt"}]
+          - stage: train_classifier
+            epochs: 1
         """)
     lines = error_of(path).splitlines()
     assert lines == [
-        "stages[0] (train_classifier): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
-        f"stage gives it; set datalist, or put an augment / dataset / medmnist stage before it ({path} line 3)",
-        "stages[1] (explain): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
-        f"stage gives it; set datalist, or put an augment / dataset / medmnist stage before it ({path} line 5)",
+        "stages[0] (explain): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
+        f"stage gives it; set datalist, or put a dataset / medmnist stage before it ({path} line 3)",
+        "stages[1] (train_classifier): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier "
+        f"stage gives it; set datalist, or put a dataset / medmnist stage before it ({path} line 5)",
     ]  # explain's checkpoints are set: no line for them
 
 
@@ -250,3 +250,94 @@ def test_transform_argument_typos_get_a_suggestion_in_the_same_pass(tmp_path: Pa
     assert any("unknown parameter 'epoch' (did you mean 'epochs'?)" in line for line in lines)
     assert any("train_transforms[1]: RandFlipd: unknown argument 'keyz' (did you mean 'keys'?)" in line
                for line in lines), lines
+
+
+# -- nested parameters: the known names are the nested model's, not the stage's ----------------------------
+
+
+@pytest.mark.parametrize(("stage", "expected"), [
+    ("- stage: dataset\n    channels:\n      FLAIR: {modality: MR, SeriesDescription: flair}\n    reference: FLAIR",
+     "stages[0] (dataset).channels.FLAIR.SeriesDescription: unknown parameter 'SeriesDescription' "
+     "(did you mean 'series_description'?) ({p} line 5)"),
+    ("- stage: dataset\n    channels:\n      FLAIR: {modality: MR, colour: red}\n    reference: FLAIR",
+     "stages[0] (dataset).channels.FLAIR.colour: unknown parameter 'colour'; known: modality, series_description, "
+     "protocol_name, image_type, min_slices ({p} line 5)"),
+    ("- stage: dataset\n    split: {k: 5}",
+     "stages[0] (dataset).split.k: unknown parameter 'k'; known: val, test, seed, stratify, folds, fold ({p} line 4)"),
+    ("- stage: dataset\n    labels: {source: nifti, pattern: x, requird: false}",
+     "stages[0] (dataset).labels.requird: unknown parameter 'requird' (did you mean 'required'?) ({p} line 4)"),
+    ("- stage: dataset\n    labels: {source: csv, path: x.csv, colum: y}",
+     "stages[0] (dataset).labels.colum: unknown parameter 'colum' (did you mean 'column'?) ({p} line 4)"),
+    ("- stage: train_classifier\n    datalist: x.json\n    package: {tta_axis: [0]}",
+     "stages[0] (train_classifier).package.tta_axis: unknown parameter 'tta_axis' (did you mean 'tta_axes'?) "
+     "({p} line 5)"),
+    ("- stage: train_segmenter\n    datalist: x.json\n    package: {zzz: 1}",
+     "stages[0] (train_segmenter).package.zzz: unknown parameter 'zzz'; known: name, tta, intended_use, "
+     "min_component_ml, segment_codes ({p} line 5)"),
+])
+def test_nested_parameter_errors_list_the_nested_models_names(tmp_path: Path, stage: str, expected: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: t\nstages:\n  {stage}\n")
+    lines = error_of(path).splitlines()
+    want = expected.format(p=path)
+    assert want in lines, "\n".join(lines)
+
+
+def test_nested_names_resolves_dicts_lists_and_discriminated_unions() -> None:
+    from medpipe.config import nested_names
+    from medpipe.stages import load_stages
+    from medpipe.stages.dataset import DatasetParams
+
+    load_stages()
+    known, loc = nested_names(DatasetParams, ("labels", "nifti", "patern"))
+    assert loc == ("labels", "patern") and "pattern" in known and "column" not in known
+    known, loc = nested_names(DatasetParams, ("labels", "csv", "colum"))
+    assert "column" in known and "pattern" not in known
+    known, loc = nested_names(DatasetParams, ("nope",))
+    assert "channels" in known and loc == ("nope",)
+
+
+# -- the datalist a training stage was given is the one later stages use ----------------------------------
+
+
+def test_later_stages_take_the_datalist_the_training_stage_was_given(tmp_path: Path) -> None:
+    """Issue: evaluate / predict / evaluate_classifier after a training stage given ``datalist:`` failed after
+    training. The training stages give the datalist they used, so validation passes and nothing else is needed."""
+    (tmp_path / "dl.json").write_text('{"train": [], "val": [], "test": []}')
+    seg = write(tmp_path, f"""\
+        name: seg
+        stages:
+          - stage: train_segmenter
+            datalist: {tmp_path / "dl.json"}
+          - stage: evaluate
+          - stage: predict
+        """)
+    assert [s.kind for s in load_pipeline(seg).stages] == ["train_segmenter", "evaluate", "predict"]
+    cls = write(tmp_path, f"""\
+        name: cls
+        stages:
+          - stage: train_classifier
+            datalist: {tmp_path / "dl.json"}
+          - stage: evaluate_classifier
+          - stage: explain
+        """)
+    assert len(load_pipeline(cls).stages) == 3
+
+
+def test_validate_says_when_no_datalist_is_available(tmp_path: Path) -> None:
+    (tmp_path / "c.pt").write_bytes(b"")
+    path = write(tmp_path, f"""\
+        name: seg
+        stages:
+          - stage: evaluate
+            checkpoint: {tmp_path / "c.pt"}
+          - stage: predict
+            checkpoint: [{tmp_path / "c.pt"}, {tmp_path / "c.pt"}]
+        """)
+    lines = error_of(path).splitlines()
+    assert lines == [
+        "stages[0] (evaluate): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier stage "
+        f"gives it; set datalist, or put a dataset / medmnist stage before it ({path} line 3)",
+        "stages[1] (predict): needs 'datalist' (a datalist.json (train / val / test items)) but no earlier stage "
+        f"gives it; set datalist or ingest_dir, or put a dataset / medmnist stage before it ({path} line 5)",
+    ]

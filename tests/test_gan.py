@@ -141,7 +141,8 @@ def test_train_gan_end_to_end(trained: tuple[Path, Any]) -> None:
     stage_dir, result = trained
     for name in ("generator.pt", "samples.png", "history.csv", "curve.png"):
         assert (stage_dir / name).is_file(), name
-    assert result.outputs == {"generator": str(stage_dir / "generator.pt")}
+    assert result.outputs["generator"] == str(stage_dir / "generator.pt")
+    assert set(result.outputs) == {"generator", "datalist"}  # the datalist it trained on, for later stages
     m = result.metrics
     for key in ("gan_fid", "gan_fid_real_reference", "gan_target_class_rate", "gan_seconds"):
         assert key in m, key

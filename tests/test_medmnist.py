@@ -28,7 +28,11 @@ def test_breastmnist_import_keeps_the_official_split_and_every_pixel(npz: Path, 
     assert s.class_counts == {"train": [147, 399], "val": [21, 57], "test": [42, 114]}
     doc = json.loads(s.datalist.read_text())
     assert doc["class_names"] == {"0": "malignant", "1": "normal, benign"}
-    assert doc["source"]["sha256"] and doc["split"]["official"] is True
+    # the shared copy was re-saved (labels stored as (N,), not the published (N, 1)): its MD5 is not the published
+    # file's, so the split is kept but not certified official
+    assert doc["source"]["sha256"] and doc["split"]["official"] is False and not s.official
+    check = doc["source"]["official_check"]
+    assert check["official_md5"] == "750601b1f35ba3300ea97c75c52ff8f6" and check["matches"] is False
     with np.load(npz) as ref:
         for split in ("train", "val", "test"):
             items = doc[split]
@@ -51,6 +55,44 @@ def test_reimport_rewrites_nothing(npz: Path, tmp_path: Path) -> None:
     assert {f: f.stat().st_mtime_ns for f in sorted((tmp_path / "bm").rglob("*"))} == stamps
     Path(json.loads(first.datalist.read_text())["test"][0]["image"]).unlink()  # a lost file: imported again
     assert import_medmnist(npz, tmp_path / "bm").written
+
+
+def test_only_the_published_file_is_called_official(npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue: a modified (re-split) npz was marked official. Only a file with the published MD5 is."""
+    import hashlib
+    import shutil
+
+    import medpipe.data.medmnist as mm
+
+    published = tmp_path / "published" / "breastmnist.npz"
+    published.parent.mkdir()
+    shutil.copyfile(npz, published)
+    md5 = hashlib.md5(published.read_bytes()).hexdigest()
+    monkeypatch.setitem(mm.OFFICIAL_MD5, "breastmnist", {28: md5})  # pretend this copy is the published file
+    s = import_medmnist(published, tmp_path / "a")
+    assert s.official and json.loads(s.datalist.read_text())["split"]["official"] is True
+    result = CliRunner().invoke(app, ["import", "medmnist", str(published), "--out", str(tmp_path / "a")])
+    assert "split: the official one" in result.output
+
+    with np.load(published) as ref:  # the same images re-split: one validation image moved to train
+        arrays = {k: ref[k] for k in ref.files}
+    arrays["train_images"] = np.concatenate([arrays["train_images"], arrays["val_images"][:1]])
+    arrays["train_labels"] = np.concatenate([arrays["train_labels"], arrays["val_labels"][:1]])
+    arrays["val_images"], arrays["val_labels"] = arrays["val_images"][1:], arrays["val_labels"][1:]
+    resplit = tmp_path / "resplit" / "breastmnist.npz"
+    resplit.parent.mkdir()
+    np.savez_compressed(resplit, **arrays)
+    r = import_medmnist(resplit, tmp_path / "b")
+    doc = json.loads(r.datalist.read_text())
+    assert not r.official and doc["split"]["official"] is False and doc["source"]["official_check"]["matches"] is False
+    result = CliRunner().invoke(app, ["import", "medmnist", str(resplit), "--out", str(tmp_path / "b")])
+    assert "NOT certified official" in result.output
+    # a previous import of the same file made before the check is rewritten with the check
+    stamp = tmp_path / "b" / "import.json"
+    old = json.loads(stamp.read_text())
+    old.pop("official_check")
+    stamp.write_text(json.dumps(old))
+    assert import_medmnist(resplit, tmp_path / "b").written
 
 
 def _fake(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -317,8 +317,9 @@ def test_bootstrap_cases_basics() -> None:
 
     # the same resamples as bootstrap_ci
     assert bootstrap_cases(mean, 40, seed=3)["mean"] == bootstrap_ci(values, seed=3)
-    assert bootstrap_cases(mean, 40, seed=3, n=0)["mean"] == (float(values.mean()),) * 2
-    assert bootstrap_cases(lambda idx: {"v": float(values[idx].mean())}, 1, seed=3)["v"] == (values[0], values[0])
+    # nothing to resample: undefined, not a zero-width interval
+    assert all(math.isnan(x) for x in bootstrap_cases(mean, 40, seed=3, n=0)["mean"])
+    assert all(math.isnan(x) for x in bootstrap_cases(lambda idx: {"v": float(values[idx].mean())}, 1, seed=3)["v"])
 
     # NaN values of a resample are ignored; a metric always NaN gives (nan, nan)
     def partly_nan(idx: np.ndarray) -> dict[str, float]:
@@ -334,7 +335,7 @@ def test_metrics_with_ci_handles_a_single_class_and_tiny_inputs() -> None:
     r = metrics_with_ci(np.array([1, 1, 1, 1]), np.stack([1 - s, s], axis=1), n_boot=100)
     assert math.isnan(r["auc"]["value"]) and all(math.isnan(x) for x in r["auc"]["ci95"])
     r = metrics_with_ci(np.array([1]), np.array([[0.3, 0.7]]))
-    assert r["accuracy"] == {"value": 1.0, "ci95": [1.0, 1.0]}
+    assert r["accuracy"]["value"] == 1.0 and all(math.isnan(x) for x in r["accuracy"]["ci95"])  # one case: undefined
 
 
 # -- figures --------------------------------------------------------------------------------------------
@@ -380,3 +381,48 @@ def test_classification_figures_are_valid_pngs(tmp_path: Path) -> None:
     roc_png(np.ones(3, dtype=int), p2[:3], tmp_path / "roc_one_class.png", class_names=None, positive=None,
             title="one class", ci=None)
     _check_png(tmp_path / "roc_one_class.png", min_kb=4)
+
+
+# -- choosing a decision threshold on held-out predictions -------------------------------------------------------
+
+
+def _binary(scores: list[float], truth: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores)
+    return np.asarray(truth), np.stack([1 - s, s], axis=1)
+
+
+def test_choose_threshold_for_accuracy_takes_the_middle_of_the_best_plateau() -> None:
+    from medpipe.metrics.classification import choose_threshold
+
+    # positives from 0.55 up; one negative at 0.6 cannot be separated: the best cut is between 0.4 and 0.55
+    y, p = _binary([0.1, 0.2, 0.3, 0.4, 0.55, 0.6, 0.7, 0.8, 0.6], [0, 0, 0, 0, 1, 1, 1, 1, 0])
+    t = choose_threshold(y, p, rule="accuracy")
+    assert t == pytest.approx((0.4 + 0.55) / 2)
+    # a tie between two equally good cuts: the median of them
+    y, p = _binary([0.1, 0.3, 0.5, 0.7], [0, 1, 0, 1])
+    assert choose_threshold(y, p, rule="accuracy") == pytest.approx(np.median([0.2, 0.4, 0.6]))
+
+
+def test_choose_threshold_youden_balances_the_classes_and_positive_flips_the_score() -> None:
+    from medpipe.metrics.classification import choose_threshold
+
+    # 2 positives, 8 negatives; accuracy prefers calling one positive negative, Youden's J does not
+    y, p = _binary([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.5, 0.45, 0.9], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    t_acc = choose_threshold(y, p, rule="accuracy")
+    t_j = choose_threshold(y, p, rule="youden")
+    assert t_acc > 0.5 > t_j >= 0.4
+    # the same data with class 0 as positive: the threshold is on the other probability
+    t0 = choose_threshold(y, p, positive=0, rule="youden")
+    assert t0 == pytest.approx(1 - t_j)
+
+
+@pytest.mark.parametrize(("y", "prob", "rule", "message"), [
+    ([0, 0], [[0.6, 0.4], [0.3, 0.7]], "accuracy", "both classes"),
+    ([0, 1], [[0.6, 0.4], [0.3, 0.7]], "f1", "unknown threshold rule"),
+    ([0, 1, 2], [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8]], "accuracy", "binary problems"),
+])
+def test_choose_threshold_refuses(y: list[int], prob: list[list[float]], rule: str, message: str) -> None:
+    from medpipe.metrics.classification import choose_threshold
+
+    with pytest.raises(ValueError, match=message):
+        choose_threshold(np.asarray(y), np.asarray(prob), rule=rule)

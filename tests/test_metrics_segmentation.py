@@ -67,3 +67,28 @@ def test_bootstrap_interval_has_the_level_it_claims() -> None:
     # and it matches the normal-theory interval of a mean of 40 values to within the bootstrap's noise
     se = values.std(ddof=1) / math.sqrt(values.size)
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_validation_loss_is_dice_plus_cross_entropy_and_punishes_confident_over_segmentation() -> None:
+    import torch
+
+    from medpipe.metrics.segmentation import validation_dice, validation_loss
+
+    truth = torch.zeros(1, 1, 8, 8, 4, dtype=torch.long)
+    truth[0, 0, 2:5, 2:5, 1:3] = 1
+
+    def probs(fg: torch.Tensor) -> torch.Tensor:
+        return torch.stack([1 - fg, fg], dim=1).float()
+
+    exact = probs(truth[:, 0].float() * 0.98 + 0.01)
+    over = probs(torch.full((1, 8, 8, 4), 0.99))  # everything confidently foreground
+    assert validation_loss(exact, truth, 2) < 0.1
+    # by hand: mean over the two classes of 1 - soft Dice, plus the mean negative log-probability of the truth
+    fg = over[:, 1]
+    t = truth[:, 0].float()
+    dice_fg = 1 - (2 * (fg * t).sum() + 1e-5) / (fg.sum() + t.sum() + 1e-5)
+    dice_bg = 1 - (2 * ((1 - fg) * (1 - t)).sum() + 1e-5) / ((1 - fg).sum() + (1 - t).sum() + 1e-5)
+    ce = -torch.log(torch.where(t > 0, fg, 1 - fg)).mean()
+    assert validation_loss(over, truth, 2) == pytest.approx(float((dice_fg + dice_bg) / 2 + ce), rel=1e-5)
+    assert validation_loss(over, truth, 2) > 2.0 > validation_loss(exact, truth, 2)
+    assert validation_dice([(exact, truth)], 2) == pytest.approx(1.0)

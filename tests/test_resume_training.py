@@ -80,21 +80,28 @@ def _trained(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_where_it_stopped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("selection", ["", "    average: ema\n    ema_decay: 0.8\n    select_window: 2\n"],
+                         ids=["plain", "ema_window"])
+def test_interrupted_training_resumes_where_it_stopped(tmp_path: Path, selection: str) -> None:
+    """Also with averaged weights and a selection window: the average and the window are in the snapshot."""
     clean = tmp_path / "clean"
-    run_pipeline(load_pipeline(_pipeline(tmp_path)), clean, device="cpu")
+    run_pipeline(load_pipeline(_pipeline(tmp_path, selection)), clean, device="cpu")
     clean_rows, clean_weights = _trained(clean)
 
     run_dir = tmp_path / "interrupted"
     with pytest.raises(Interrupted, match="interrupted in 03_train_segmenter"):
-        run_pipeline(load_pipeline(_pipeline(tmp_path)), run_dir, device="cpu", progress_factory=_interrupting(4))
+        run_pipeline(load_pipeline(_pipeline(tmp_path, selection)), run_dir, device="cpu",
+                     progress_factory=_interrupting(4))
     state = json.loads((run_dir / "state.json").read_text())
     assert state["stages"]["03_train_segmenter"]["status"] == "interrupted"
     snapshot = run_dir / "stages" / "03_train_segmenter" / "train.resume.pt"
     assert snapshot.is_file()
     assert torch.load(snapshot, weights_only=True)["loop"]["epoch"] == 4
 
-    summary = run_pipeline(load_pipeline(_pipeline(tmp_path)), run_dir, resume=True, device="cpu")
+    if selection:
+        saved = torch.load(snapshot, weights_only=True)
+        assert "average" in saved["objects"] and len(saved["loop"]["recent"]) == 2
+    summary = run_pipeline(load_pipeline(_pipeline(tmp_path, selection)), run_dir, resume=True, device="cpu")
     assert summary.skipped == ["00_sample", "01_ingest", "02_dataset"] and summary.ran == ["03_train_segmenter"]
     rows, weights = _trained(run_dir)
     assert rows == clean_rows, "the continued run's history is the uninterrupted run's"

@@ -171,7 +171,8 @@ def test_bootstrap_ci_contains_the_mean_and_is_seeded() -> None:
     mean = float(np.nanmean(values))
     assert lo < mean < hi and 0.79 <= lo and hi <= 0.95
     assert bootstrap_ci(values, seed=3) == (lo, hi)
-    assert bootstrap_ci([0.5], seed=0) == (0.5, 0.5)
+    assert all(math.isnan(x) for x in bootstrap_ci([0.5], seed=0))  # one case: undefined, not [0.5, 0.5]
+    assert all(math.isnan(x) for x in bootstrap_ci(values, seed=0, n=0))
     assert all(math.isnan(x) for x in bootstrap_ci([], seed=0))
 
 
@@ -240,7 +241,8 @@ def test_evaluate_perfect_model_scores_one_on_the_source_grid(tmp_path: Path, da
     ck = _oracle_checkpoint(monkeypatch, tmp_path, EXACT_EVAL)
     ctx = _ctx(tmp_path, "03_evaluate", {"datalist": str(datalist), "checkpoint": str(ck)})
     m = evaluate(ctx, EvaluateParams(bootstrap=200, tta=True)).metrics
-    assert m["dice"] == pytest.approx(1.0) and m["dice_ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    # one case with tumour: the interval is undefined (null), not [1.0, 1.0]
+    assert m["dice"] == pytest.approx(1.0) and m["dice_ci95"] == [None, None]
     assert m["hd95"] == pytest.approx(0.0) and m["n_cases"] == 2 and m["n_with_tumour"] == 1
     assert m["false_positive_cases"] == 0 and m["per_label"]["whole tumour"]["dice"] == pytest.approx(1.0)
     rows = (ctx.stage_dir / "cases.csv").read_text().splitlines()
@@ -252,7 +254,7 @@ def test_evaluate_dice_equals_hand_computation(tmp_path: Path, datalist: Path, m
     plain = EXACT_EVAL[:2] + EXACT_EVAL[3:4]  # model grid == source grid: the shift is known in source voxels
     ck = _oracle_checkpoint(monkeypatch, tmp_path, plain, shift=2, roi=SHAPE)
     doc = json.loads(datalist.read_text())
-    doc["test"] = doc["train"]  # three cases, all with tumour
+    doc["test"], doc["train"] = doc["train"], doc["test"]  # three cases, all with tumour (one split per patient)
     dl = tmp_path / "datalist3.json"
     dl.write_text(json.dumps(doc))
     ctx = _ctx(tmp_path, "03_evaluate", {"datalist": str(dl), "checkpoint": str(ck)})

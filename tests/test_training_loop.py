@@ -217,3 +217,96 @@ def test_shuffled_batches_reshuffle_every_epoch_and_drop_partial_batches() -> No
     batches = list(full)
     assert len(full) == 3 and sorted(torch.cat([t[0] for t in batches]).tolist()) == list(range(10))
     assert all(torch.equal(c, a * 2 + 1) for a, c in batches)
+
+
+# -- robust selection: min_epoch, a window of validations, averaged weights -------------------------------------
+
+
+def test_min_epoch_keeps_nothing_earlier() -> None:
+    result, _, kept = _fit([None, 0.9, 0.3, 0.5, 0.4], 4, min_epoch=3)
+    assert kept == [3] and result.best_epoch == 3  # epoch 1's 0.9 (an early fluke) is not kept
+
+
+def test_window_compares_the_mean_of_the_last_validations() -> None:
+    scores = [None, 0.1, 0.9, 0.1, 0.5, 0.6, 0.6]
+    _, _, kept = _fit(scores, 6)
+    assert kept == [1, 2]  # one validation each: the spike at epoch 2 wins
+    result, _, kept = _fit(scores, 6, window=3)
+    assert kept == [3, 4, 6]  # means 0.367, 0.5, (0.4), 0.567; nothing before three validations
+    assert result.best_epoch == 6
+
+
+def _trajectory_fit(average: object, epochs: int = 3) -> tuple[list[torch.Tensor], list[int]]:
+    """Train with ``average``; return the weights after every step and the number of steps per epoch."""
+    net, opt, step, batches = _setup()
+    average.__init__(net, average.kind, decay=average.decay, start_epoch=average.start_epoch)  # type: ignore[attr-defined,misc]
+    seen: list[torch.Tensor] = []
+
+    def iteration(batch: object) -> dict[str, float]:
+        out = step(batch)
+        seen.append(net.weight.detach().clone())
+        return out
+
+    fit(iteration, batches, epochs=epochs, average=average)
+    return seen, [len(batches)] * epochs
+
+
+def test_ema_is_the_exponential_average_of_the_weights_after_each_step() -> None:
+    from medpipe.training.selection import WeightAverage
+
+    avg = WeightAverage(torch.nn.Linear(3, 2), "ema", decay=0.7)
+    seen, _ = _trajectory_fit(avg)
+    expected = seen[0]
+    for w in seen[1:]:
+        expected = 0.7 * expected + 0.3 * w
+    assert torch.allclose(avg.module.weight, expected, atol=1e-6) and avg.n_averaged == len(seen)
+
+
+def test_swa_is_the_mean_of_the_epoch_ends_from_its_start() -> None:
+    from medpipe.training.selection import WeightAverage
+
+    avg = WeightAverage(torch.nn.Linear(3, 2), "swa", start_epoch=2)
+    seen, per_epoch = _trajectory_fit(avg, epochs=4)
+    ends = [seen[sum(per_epoch[:e]) - 1] for e in range(1, 5)]
+    assert torch.allclose(avg.module.weight, torch.stack(ends[1:]).mean(0), atol=1e-6) and avg.n_averaged == 3
+
+
+def test_averaged_batch_norm_statistics_are_recomputed_for_the_averaged_weights() -> None:
+    from medpipe.training.selection import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    data = [torch.randn(8, 3) + 2 for _ in range(3)]
+    avg = WeightAverage(net, "ema", decay=0.5, bn_batches=lambda: iter(data))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for x in data:
+        net.train()
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+        avg.after_step()
+    state = torch.get_rng_state()
+    module = avg.prepare()
+    assert torch.equal(state, torch.get_rng_state())  # draws no random numbers: training is unchanged
+    with torch.no_grad():
+        hidden = torch.cat([module[0](x) for x in data])
+    assert torch.allclose(module[1].running_mean, hidden.mean(0), atol=1e-5)
+    assert not torch.allclose(module[1].running_mean, net[1].running_mean, atol=1e-3)
+
+
+def test_selection_options_are_checked_against_the_training_length() -> None:
+    from pydantic import ValidationError
+
+    from medpipe.stages.train_classifier import TrainClassifierParams
+    from medpipe.stages.train_segmenter import TrainSegmenterParams
+
+    with pytest.raises(ValidationError, match="min_epochs \\(9\\) is larger than epochs \\(5\\)"):
+        TrainClassifierParams(epochs=5, min_epochs=9)
+    with pytest.raises(ValidationError, match="select_window \\(4\\) is more than the 3 validation"):
+        TrainSegmenterParams(epochs=10, val_every=4, select_window=4)
+    with pytest.raises(ValidationError, match="swa_start is used with average: swa only"):
+        TrainSegmenterParams(swa_start=3)
+    with pytest.raises(ValidationError, match="needs norm: instance or group"):
+        TrainSegmenterParams(average="ema", norm="batch")
+    p = TrainSegmenterParams(epochs=40, average="swa")
+    assert p.swa_start_epoch(40) == 31 and p.first_keepable_epoch(40) == 31

@@ -116,6 +116,8 @@ class BuildResult:
     label_methods: dict[str, int] = field(default_factory=dict)  # how SEGs were placed -> number of studies
     n_resampled: int = 0  # channel volumes resampled onto their reference grid
     foreground: dict[tuple[str, str], bool] = field(default_factory=dict)  # (patient, study) -> labelled voxel
+    n_volumes: int = 0  # volumes in the catalog
+    n_bare: int = 0  # of them, volumes without patient, study or modality (ingested NIfTI files)
 
     def strata(self) -> dict[str, int]:
         """Patient -> stratum for the split: its class, or whether its label maps have a labelled voxel."""
@@ -131,10 +133,16 @@ class BuildResult:
         return strata
 
     def why_empty(self, ingest_dir: Path | str) -> str:
-        """The one-line error for a result without items."""
+        """The one-line error for a result without items (with what to do when the folder holds NIfTI files)."""
         reasons = sorted({s["reason"] for s in self.skipped})[:3]
-        return (f"no usable study in {ingest_dir} ({len(self.skipped)} skipped"
-                + (f"; e.g. {'; '.join(reasons)}" if reasons else "") + ")")
+        text = (f"no usable study in {ingest_dir} ({len(self.skipped)} skipped"
+                + (f"; e.g. {'; '.join(reasons)}" if reasons else
+                   f"; its catalog lists {self.n_volumes} volume(s), none a usable 3D series") + ")")
+        if self.n_bare and self.n_bare * 2 >= self.n_volumes:
+            text += (f"; {self.n_bare} of its volumes came from NIfTI files, which carry no patient, study or series "
+                     "description to pair channels by: import NIfTI datasets with `medpipe import nnunet|msd|csv` or "
+                     "the dataset stage's source: {format: nnunet|msd|csv, path: ...}")
+        return text
 
 
 def study_tag(patient: str, study: str) -> str:
@@ -392,6 +400,8 @@ def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference
     """
     log = log or _log
     with DatalistBuilder(ingest_dir, rules, reference, labels, work_dir=work_dir, log=log) as builder:
+        volumes = builder.catalog.volumes()
+        n_bare = sum(1 for v in volumes if not v.study_uid and not v.patient_id and not v.modality)
         studies = builder.studies()
         manifest = builder.ingest_dir / "manifest.csv"
         if manifest.is_file():
@@ -413,7 +423,7 @@ def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference
                     foreground[(patient, study)] = built.foreground
                 advance(1)
         return BuildResult(items, skipped, builder.inputs, builder.label_names, dict(builder.label_methods),
-                           builder.n_resampled, foreground)
+                           builder.n_resampled, foreground, len(volumes), n_bare)
 
 
 def build_study(ingest_dir: Path | str, study_uid: str, rules: dict[str, ChannelRule], reference: str,

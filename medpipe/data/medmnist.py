@@ -11,6 +11,11 @@ MedMNIST (Yang et al., Scientific Data 2023) ships each dataset as one ``.npz`` 
   **official** split kept as it is (it is what published tables are measured on);
 * ``import.json``: the source file, its sha256 and the counts.
 
+**Official or not.** The split is called ``official`` (``split.official`` in the datalist) only when the
+file's MD5 is the one MedMNIST publishes for that dataset and image size (:data:`OFFICIAL_MD5`, from
+``medmnist.INFO``): a re-split, re-saved or otherwise modified file keeps its split but is not
+certified as the published one (:func:`official_check`, recorded as ``source.official_check``).
+
 Re-importing the same file into the same folder rewrites nothing (the sha256 in ``import.json``
 matches and every file is there). Every file is written atomically. Multi-label datasets
 (ChestMNIST) and ordinal regression are not single-label classification and are refused.
@@ -58,6 +63,54 @@ MULTI_LABEL = {"chestmnist"}
 #: class labels must lie in 0 .. MAX_CLASSES - 1 (MedMNIST has at most 11 classes)
 MAX_CLASSES = 1000
 
+#: MD5 of the published MedMNIST v2/v3 files (``medmnist.INFO``, medmnist 3.0.2): ``{name: {size: md5}}``
+OFFICIAL_MD5: dict[str, dict[int, str]] = {
+    "pathmnist": {28: "a8b06965200029087d5bd730944a56c1", 64: "55aa9c1e0525abe5a6b9d8343a507616",
+                  128: "ac42d08fb904d92c244187169d1fd1d9", 224: "2c51a510bcdc9cf8ddb2af93af1eadec"},
+    "dermamnist": {28: "0744692d530f8e62ec473284d019b0c7", 64: "b70a2f5635c6199aeaa28c31d7202e1f",
+                   128: "2defd784463fa5243564e855ed717de1", 224: "8974907d8e169bef5f5b96bc506ae45d"},
+    "octmnist": {28: "c68d92d5b585d8d81f7112f81e2d0842", 64: "e229e9440236b774d9f0dfef9d07bdaf",
+                 128: "0a97e76651ace45c5d943ee3f65b63ae", 224: "abc493b6d529d5de7569faaef2773ba3"},
+    "pneumoniamnist": {28: "28209eda62fecd6e6a2d98b1501bb15f", 64: "8f4eceb4ccffa70c672198ea285246c6",
+                       128: "05b46931834c231683c68f40c47b2971", 224: "d6a3c71de1b945ea11211b03746c1fe1"},
+    "retinamnist": {28: "bd4c0672f1bba3e3a89f0e4e876791e4", 64: "afda852cc34dcda56f86ad2b2457dbcc",
+                    128: "e48e916a24454daf90583d4e6efb1a18", 224: "eae7e3b6f3fcbda4ae613ebdcbe35348"},
+    "breastmnist": {28: "750601b1f35ba3300ea97c75c52ff8f6", 64: "742edef2a1fd1524b2efff4bd7ba9364",
+                    128: "363e4b3f8d712e9b5de15470a2aaadf1", 224: "b56378a6eefa9fed602bb16d192d4c8b"},
+    "bloodmnist": {28: "7053d0359d879ad8a5505303e11de1dc", 64: "2b94928a2ae4916078ca51e05b6b800b",
+                   128: "adace1e0ed228fccda1f39692059dd4c", 224: "b718ff6835fcbdb22ba9eacccd7b2601"},
+    "tissuemnist": {28: "ebe78ee8b05294063de985d821c1c34b", 64: "123ece2eba09d0aa5d698fda57103344",
+                    128: "61b955355d7425a89687b06cca3ce0c2", 224: "b077128c4a949f0a4eb01517f9037b9c"},
+    "organamnist": {28: "68e3f8846a6bd62f0c9bf841c0d9eacc", 64: "2dcccc29b88e6da5a01161ef20cda288",
+                    128: "eeae80d0a227a8d099027e1b3cfd3b60", 224: "50747347e05c87dd3aaf92c49f9f3170"},
+    "organcmnist": {28: "b9ceb9546e10131b32923c5bbeaea2b1", 64: "3ce34a8724ea6f548e6db4744d03b6a9",
+                    128: "773c1f009daa3fe5d9a2a201b2a7ed94", 224: "050f5e875dc056f6768abf94ec9995d1"},
+    "organsmnist": {28: "9ab87b696fb54e2a387ebe992d6ed5f1", 64: "53a6d115339d874c25e309a994ff46d3",
+                    128: "ded0c5fa01a95dc4978b956f613e9b8e", 224: "b354719e553fbbb2513d5533f52a4cb1"},
+    "organmnist3d": {28: "a0c5a1ff56af4f155c46d46fbb45a2fe", 64: "58a2205adf14a9d0a189cb06dc78bf10"},
+    "nodulemnist3d": {28: "8755a7e9e05a4d9ce80a24c3e7a256f3", 64: "c47c5b7d457bf6332200d2ea6d64ecd8"},
+    "adrenalmnist3d": {28: "bbd3c5a5576322bc4cdfea780653b1ce", 64: "17721accfe9fb005146a47d33bc54b2f"},
+    "fracturemnist3d": {28: "6aa7b0143a6b42da40027a9dda61302f", 64: "f01d7e6316aedf4210da0da5b7437b42"},
+    "vesselmnist3d": {28: "b41fd4f7e7e2feedddb201585ecafa1b", 64: "6bb274a8846e1097066dcd64e2c4520f"},
+    "synapsemnist3d": {28: "1235b78a3cd6280881dd7850a78eadb6", 64: "43bd14ebf3af9d3dd072446fedc14d5e"},
+}
+
+
+def official_check(path: Path, name: str, image_size: int) -> dict[str, Any]:
+    """Whether ``path`` is the published MedMNIST file of ``name`` at ``image_size`` px, by MD5.
+
+    ``{"md5", "official_md5", "matches"}``: ``official_md5`` is None for a dataset medpipe has no MD5 of, and
+    ``matches`` is then False too (an unknown file is never certified).
+    """
+    import hashlib
+
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    expected = OFFICIAL_MD5.get(name, {}).get(int(image_size))
+    return {"md5": h.hexdigest(), "official_md5": expected, "matches": expected is not None and h.hexdigest() == expected}
+
 
 @dataclass(frozen=True)
 class ImportSummary:
@@ -68,6 +121,7 @@ class ImportSummary:
     counts: dict[str, int]  # split -> images
     class_counts: dict[str, list[int]]  # split -> images per class
     written: bool  # False: the folder already held this import
+    official: bool = False  # the file's MD5 is the published MedMNIST file's (the split is the official one)
 
 
 
@@ -238,7 +292,9 @@ def import_medmnist(npz: Path | str, out: Path | str, *, name: str | None = None
                              "source_split": s, "source_index": i})
             rows.append({"file": rel, "split": s, "index": i, "class": int(c), "class_name": class_names[int(c)]})
 
+    check = official_check(npz, name, int(arrays["train_images"].shape[1]))
     complete = previous.get("sha256") == digest and previous.get("name") == name and \
+        previous.get("official_check") == check and \
         all(Path(it["image"]).is_file() for s in SPLITS for it in items[s]) and (out / "datalist.json").is_file()
     if not complete:
         for s in SPLITS:
@@ -253,15 +309,17 @@ def import_medmnist(npz: Path | str, out: Path | str, *, name: str | None = None
         write_csv_atomic(out / "labels.csv", rows, ["file", "split", "index", "class", "class_name"])
         doc = {
             "channels": ["image"], "class_names": {str(k): v for k, v in class_names.items()},
-            "source": {"format": "medmnist", "name": name, "file": str(npz), "sha256": digest, "image_kind": kind},
+            "source": {"format": "medmnist", "name": name, "file": str(npz), "sha256": digest, "image_kind": kind,
+                       "official_check": check},
             **items, "skipped": [],
-            "split": {"official": True, "counts": {s: len(items[s]) for s in SPLITS}},
+            "split": {"official": check["matches"], "counts": {s: len(items[s]) for s in SPLITS}},
         }
         write_text_atomic(out / "datalist.json", json.dumps(doc, indent=1) + "\n")
         write_text_atomic(stamp, json.dumps({"name": name, "file": str(npz), "sha256": digest, "kind": kind,
+                                             "official": check["matches"], "official_check": check,
                                              "counts": {s: len(items[s]) for s in SPLITS}}, indent=1) + "\n")
     return ImportSummary(
         out=out, datalist=out / "datalist.json", name=name, sha256=digest, counts={s: len(items[s]) for s in SPLITS},
         class_counts={s: np.bincount(labels[s], minlength=n_classes).tolist() for s in SPLITS},
-        written=not complete,
+        written=not complete, official=check["matches"],
     )

@@ -110,6 +110,14 @@ def write_classifier_checkpoint(path: Path, *, net: Any, model: dict[str, Any], 
     })
 
 
+def record_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Add the binary decision chosen after training (``{"threshold", "rule", "positive_class", ...}``) to a
+    classifier checkpoint, rewritten atomically (the weights are unchanged)."""
+    doc = read_checkpoint(path, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "medpipe classifier checkpoint")
+    doc["decision"] = dict(decision)
+    save_checkpoint(path, doc)
+
+
 def load_classifier(path: Path | str, device: str) -> tuple[Any, dict[str, Any]]:
     """``(network in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
     from medpipe.models.classification import build_classifier

@@ -88,6 +88,29 @@ class ClassificationModel(Members):
     def eval_transforms(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.doc["eval_transforms"])
 
+    @property
+    def tta_axes(self) -> list[int] | None:
+        """The flip TTA the training stage set for this model (``package.tta``); None: none."""
+        axes = (self.doc.get("inference") or {}).get("tta_axes")
+        return None if axes is None else [int(a) for a in axes]
+
+    @property
+    def decision(self) -> tuple[int, float] | None:
+        """Binary: ``(positive class, threshold)`` chosen after training (``threshold_rule``); None when not recorded."""
+        d = self.doc.get("decision")
+        if not d:
+            return None
+        return int(d["positive_class"]), float(d["threshold"])
+
+    def threshold_for(self, positive: int) -> float | None:
+        """The recorded threshold expressed on ``P(positive)`` (``1 - t`` when it was chosen on the other class's
+        probability); None when none is recorded."""
+        d = self.decision
+        if d is None:
+            return None
+        pos, thr = d
+        return thr if pos == positive else 1.0 - thr
+
     def predict_proba(self, dataset: Any, *, tta_axes: list[int] | None = None, batch_size: int = 32) -> np.ndarray:
         """``(N, C)`` probabilities of a dataset of ``{"image": ...}`` items after the eval transforms."""
         return predict_proba(self.nets, dataset, device=self.device, amp=self.amp,

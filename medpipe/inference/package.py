@@ -89,6 +89,8 @@ class PackageOptions(BaseModel):
 
 
 class SegmenterPackageOptions(PackageOptions):
+    min_component_ml: float | None = Field(None, ge=0.0, le=1e6, description="remove predicted foreground "
+                                                                            "components below this volume (mL)")
     segment_codes: dict[str, SegmentCodes] | None = Field(
         None, description="class name -> SNOMED CT category and type (default: medpipe's table of known names)")
 
@@ -277,9 +279,13 @@ def _training_record(datalist_path: Path, doc: dict[str, Any], extra: dict[str, 
 
 
 def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path: Path, *, name: str,
-                            tta: bool = False, segment_codes: dict[str, Any] | None = None,
+                            tta: bool = False, min_component_ml: float | None = None,
+                            segment_codes: dict[str, Any] | None = None,
                             training: dict[str, Any] | None = None) -> ModelPackage:
-    """The package of trained segmenter checkpoint(s) (one per fold) and the datalist they were trained on.
+    """The package of trained segmenter checkpoint(s) (one per fold: an ensemble, whose mean probabilities
+    :class:`~medpipe.inference.segmentation.SegmentationModel` takes) and the datalist they were trained on.
+
+    ``tta`` and ``min_component_ml`` (``inference`` in ``model.json``) are how ``medpipe score`` applies it.
 
     ``segment_codes``: class name -> ``{"category": code, "type": code}`` for classes the known table
     (:data:`KNOWN_SEGMENT_CODES`) does not cover or codes differently.
@@ -294,10 +300,15 @@ def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path
               "channel_rules": doc.get("channel_rules"), "reference": doc.get("reference"),
               "eval_transforms": ck["eval_transforms"], "roi_size": ck["roi_size"]}
     outputs = {"target": ck["labels"].get("target"), "label_map": ck["labels"].get("label_map"), "classes": classes}
-    inference = {"tta": tta, "sw_batch_size": ck.get("sw_batch_size", 4), "overlap": ck.get("overlap", 0.25)}
+    inference = {"tta": tta, "min_component_ml": min_component_ml, "sw_batch_size": ck.get("sw_batch_size", 4),
+                 "overlap": ck.get("overlap", 0.25)}
+    validation: dict[str, Any] = {"best_val_dice": ck.get("val_dice"), "best_epoch": ck.get("epoch")}
+    if len(checkpoints) > 1:
+        docs = [read_checkpoint(c, SEGMENTER_FORMAT, SEGMENTER_VERSION, "medpipe segmenter checkpoint")
+                for c in checkpoints]
+        validation = {"best_val_dice": [d.get("val_dice") for d in docs], "best_epoch": [d.get("epoch") for d in docs]}
     record = _training_record(datalist_path, doc, {"seed": ck.get("seed"), **(training or {}),
-                                                   "validation": {"best_val_dice": ck.get("val_dice"),
-                                                                  "best_epoch": ck.get("epoch")}})
+                                                   "validation": validation})
     return write_package(folder, kind="segmenter", name=name, checkpoints=checkpoints, network=ck["model"],
                          inputs=inputs, outputs=outputs, inference=inference, training=record)
 

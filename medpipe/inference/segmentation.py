@@ -85,6 +85,7 @@ class Segmentation:
     mask: np.ndarray  # uint8 class map, the grid's shape
     probabilities: np.ndarray  # float32 (classes, *grid shape), background first
     grid: Any  # medpipe.data.volumes.GridSpec
+    removed_components: int = 0  # foreground components below min_component_ml set to background
 
 
 class SegmentationModel(Members):
@@ -132,6 +133,19 @@ class SegmentationModel(Members):
     def eval_transforms(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.doc["eval_transforms"])
 
+    @property
+    def inference(self) -> dict[str, Any]:
+        """How the training stage meant the model to be applied: ``{"tta": bool, "min_component_ml": float | None}``
+        (older checkpoints: no TTA, no post-processing)."""
+        got = self.doc.get("inference") or {}
+        return {"tta": bool(got.get("tta", False)), "min_component_ml": got.get("min_component_ml")}
+
+    def settings(self, tta: bool | None = None, min_component_ml: float | None = None) -> dict[str, Any]:
+        """The inference settings to use: the given ones, else the model's (:attr:`inference`); 0 mL: none."""
+        own = self.inference
+        return {"tta": own["tta"] if tta is None else bool(tta),
+                "min_component_ml": own["min_component_ml"] if min_component_ml is None else (min_component_ml or None)}
+
     def transforms(self, spec: list[dict[str, Any]] | None = None, *, labelled: bool = True) -> Any:
         """The Compose of ``spec`` (default: the checkpoint's eval transforms); ``labelled=False`` tolerates
         items without a ``label`` key."""
@@ -154,9 +168,16 @@ class SegmentationModel(Members):
         assert total is not None  # load() refuses an empty ensemble
         return total / len(self.nets)
 
-    def segment(self, data: dict[str, Any], grid: Any, *, tta: bool = False) -> Segmentation:
-        """Class map and probabilities on ``grid`` of one item after the eval transforms (``data["image"]``)."""
+    def segment(self, data: dict[str, Any], grid: Any, *, tta: bool | None = None,
+                min_component_ml: float | None = None) -> Segmentation:
+        """Class map and probabilities on ``grid`` of one item after the eval transforms (``data["image"]``).
+
+        ``tta`` / ``min_component_ml``: None uses the model's settings (:attr:`inference`); ``min_component_ml=0``
+        removes nothing.
+        """
         from monai.data import MetaTensor
+
+        from medpipe.inference.postprocess import remove_small_components
 
         image = data["image"]
         affine = image.affine if isinstance(image, MetaTensor) else None
@@ -164,5 +185,9 @@ class SegmentationModel(Members):
             raise StageError("the eval transforms lost the image geometry (no affine); keep MONAI's metadata "
                              "(do not end with ToNumpyd / EnsureTyped(track_meta=False))")
         tensor = image.as_tensor() if isinstance(image, MetaTensor) else image
-        native = probabilities_on_grid(self.probabilities(tensor, tta=tta), affine, grid)
-        return Segmentation(native.argmax(0).astype(np.uint8), native, grid)
+        chosen = self.settings(tta, min_component_ml)
+        native = probabilities_on_grid(self.probabilities(tensor, tta=chosen["tta"]), affine, grid)
+        voxel_ml = float(np.prod([float(s) for s in grid.spacing])) / 1000.0
+        mask, removed = remove_small_components(native.argmax(0).astype(np.uint8), voxel_ml,
+                                                chosen["min_component_ml"])
+        return Segmentation(mask, native, grid, removed)

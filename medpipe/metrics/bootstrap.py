@@ -6,6 +6,10 @@ what metrics that are not a mean of per-case values need.
 
 Both draw their resamples from ``np.random.default_rng([seed, 0xB007])``: the same seed gives the same
 interval.
+
+An interval needs at least two cases and at least one resample: with one case (or ``n == 0``) it is
+**undefined** and returned as ``(nan, nan)`` (written as ``null`` in JSON, "undefined" in logs), never
+as a zero-width interval such as ``[0.806, 0.806]``, which would read as certainty.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ VectorStatistic = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 def bootstrap_ci(values: list[float] | np.ndarray, *, seed: int, n: int = 2000, level: float = 0.95
                  ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of ``values`` (NaNs dropped; seeded)."""
+    """Percentile bootstrap confidence interval of the mean of ``values`` (NaNs dropped; seeded).
+
+    ``(nan, nan)`` (undefined) with fewer than two values or ``n == 0``.
+    """
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if v.size == 0:
+    if v.size < 2 or n == 0:
         return (math.nan, math.nan)
-    if v.size == 1 or n == 0:
-        m = float(v.mean())
-        return (m, m)
     rng = np.random.default_rng([seed, 0xB007])
     means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
     alpha = (1 - level) / 2
@@ -54,8 +58,8 @@ def bootstrap_cases(statistic: Statistic | VectorStatistic, n_cases: int, *, see
     undefined on it, e.g. an AUC when the resample holds one class only) are left out of that metric's
     quantiles; a metric NaN on every resample gets ``(nan, nan)``.
 
-    With ``n == 0`` or ``n_cases < 2`` there is nothing to resample: each interval is ``(v, v)``, ``v``
-    the statistic on all cases.
+    With ``n == 0`` or ``n_cases < 2`` there is nothing to resample: each interval is undefined,
+    ``(nan, nan)`` (the statistic is still evaluated once, so its metric names are known).
 
     ``vectorized=True`` declares that ``statistic`` takes a 2-D index array of shape (B, n_cases), one
     resample per row, and returns one array of shape (B,) per metric; it is then called once per block
@@ -76,7 +80,7 @@ def bootstrap_cases(statistic: Statistic | VectorStatistic, n_cases: int, *, see
                     for k, v in statistic(everything[None, :]).items()}
         else:
             full = {k: float(v) for k, v in statistic(everything).items()}
-        return {k: (v, v) for k, v in full.items()}
+        return {k: (math.nan, math.nan) for k in full}
 
     rng = np.random.default_rng([seed, 0xB007])
     block = max(1, _BLOCK_ELEMENTS // n_cases)

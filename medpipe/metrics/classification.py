@@ -37,7 +37,9 @@ from medpipe.metrics.bootstrap import bootstrap_cases
 __all__ = [
     "DEFAULT_THRESHOLD",
     "ECE_BINS",
+    "THRESHOLD_RULES",
     "check_inputs",
+    "choose_threshold",
     "classification_metrics",
     "confusion_matrix",
     "metrics_with_ci",
@@ -127,6 +129,51 @@ def predict_labels(prob: ArrayLike, *, positive: int | None = None, threshold: f
     if p.shape[1] == 2:
         return np.where(p[:, pos] >= thr, pos, 1 - pos).astype(np.int64)
     return np.argmax(p, axis=1).astype(np.int64)
+
+
+#: rules :func:`choose_threshold` knows
+THRESHOLD_RULES = ("accuracy", "youden")
+
+
+def choose_threshold(y_true: ArrayLike, prob: ArrayLike, *, positive: int = 1, rule: str = "accuracy") -> float:
+    """A binary decision threshold on ``prob[:, positive]`` chosen on held-out predictions (e.g. out-of-fold).
+
+    The candidates are the midpoints between consecutive distinct scores (a threshold there changes
+    no prediction under small perturbations of the scores, unlike one at a score). ``rule``:
+
+    * ``accuracy``: the candidates of highest accuracy;
+    * ``youden``: the candidates of highest sensitivity + specificity - 1 (Youden's J).
+
+    When several candidates tie, the median of them is taken (the middle of the best plateau, as far
+    as possible from cases on either side). The result lies strictly between 0 and 1.
+
+    Raises:
+        ValueError: not binary, one class only, or an unknown rule.
+    """
+    y, p = check_inputs(y_true, prob)
+    if p.shape[1] != 2:
+        raise ValueError(f"a decision threshold applies to binary problems, not to {p.shape[1]} classes")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; known: {', '.join(THRESHOLD_RULES)}")
+    is_pos = y == int(positive)
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("choosing a threshold needs cases of both classes")
+    score = np.clip(p[:, int(positive)], 0.0, 1.0)
+    levels = np.unique(score)
+    cuts = np.concatenate([[levels[0] / 2], (levels[1:] + levels[:-1]) / 2, [(levels[-1] + 1.0) / 2]])
+    cuts = cuts[(cuts > 0.0) & (cuts < 1.0)]
+    if cuts.size == 0:
+        return DEFAULT_THRESHOLD
+    called = score[None, :] >= cuts[:, None]  # (thresholds, cases)
+    tp = (called & is_pos[None, :]).sum(1)
+    tn = (~called & ~is_pos[None, :]).sum(1)
+    if rule == "accuracy":
+        value = (tp + tn) / len(y)
+    else:
+        value = tp / n_pos + tn / n_neg - 1.0
+    best = np.flatnonzero(value >= value.max() - 1e-12)
+    return float(np.median(cuts[best]))
 
 
 # -- weighted building blocks: W is (B, N), one row of case weights per resample ---------------------------

@@ -44,6 +44,13 @@ def dice_hd95(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: 
     return out
 
 
+def format_ci(ci: Any) -> str:
+    """``[lo, hi]`` for a log line, or ``undefined (fewer than 2 cases)`` when the interval is None / NaN."""
+    if ci is None or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return "undefined (fewer than 2 cases)"
+    return f"[{float(ci[0]):.3f}, {float(ci[1]):.3f}]"
+
+
 def finite_or_none(x: float | None, nd: int = 6) -> float | None:
     """``x`` rounded for JSON, or None when undefined (NaN / inf)."""
     return None if x is None or math.isnan(x) or math.isinf(x) else round(float(x), nd)
@@ -107,6 +114,30 @@ def summarise(cases: list[CaseScores], class_names: dict[int, str], *, seed: int
     out["per_label"] = per_label
     return out
 
+def crossval_summary(per_fold: list[list[CaseScores]], class_names: dict[int, str], *, seed: int,
+                     n_boot: int = 2000) -> dict[str, Any]:
+    """Cross-validation metrics from the out-of-fold cases of each fold.
+
+    ``cv_dice`` / ``cv_hd95`` (with ``*_ci95``): pooled over every out-of-fold case (each scored by the model
+    that never saw it), as :func:`summarise` defines them; ``cv_dice_folds``: each fold's Dice;
+    ``cv_dice_mean`` and ``cv_dice_sd``: their mean and sample standard deviation (None when fewer than two
+    folds have a defined Dice). ``folds`` and ``pooled`` hold the full :func:`summarise` of each.
+    """
+    folds = [summarise(cases, class_names, seed=seed, n_boot=n_boot) for cases in per_fold]
+    pooled = summarise([c for cases in per_fold for c in cases], class_names, seed=seed, n_boot=n_boot)
+    dice = [f["dice"] for f in folds]
+    defined = [d for d in dice if d is not None]
+    return {
+        "cv_dice": pooled["dice"], "cv_dice_ci95": pooled["dice_ci95"],
+        "cv_hd95": pooled["hd95"], "cv_hd95_ci95": pooled["hd95_ci95"],
+        "cv_dice_folds": dice,
+        "cv_dice_mean": finite_or_none(float(np.mean(defined))) if defined else None,
+        "cv_dice_sd": finite_or_none(float(np.std(defined, ddof=1))) if len(defined) >= 2 else None,
+        "cv_n_cases": pooled["n_cases"], "cv_n_with_tumour": pooled["n_with_tumour"],
+        "folds": folds, "pooled": pooled,
+    }
+
+
 # -- validation Dice (train_segmenter's selection metric) ----------------------------------------------
 
 
@@ -143,3 +174,19 @@ def validation_dice(cases: Iterable[tuple[Any, Any]], classes: int) -> float:
     if scores:
         return float(np.mean(scores))
     return float(np.mean(empty_ok)) if empty_ok else float("nan")
+
+
+def validation_loss(prob: Any, truth: Any, classes: int) -> float:
+    """The training loss's counterpart on one validation case: soft Dice loss (every class, background
+    included, as ``DiceCELoss`` by default) plus cross-entropy, from probabilities ``(1, classes, ...)`` and
+    class indices ``(1, 1, ...)`` on one grid."""
+    import torch
+
+    p = torch.as_tensor(prob).float()
+    t = torch.as_tensor(truth).long()[:, 0]
+    onehot = torch.nn.functional.one_hot(t, classes).movedim(-1, 1).float()
+    dims = tuple(range(2, p.ndim))
+    inter = (p * onehot).sum(dims)
+    dice = 1.0 - (2.0 * inter + 1e-5) / (p.sum(dims) + onehot.sum(dims) + 1e-5)
+    ce = -torch.log(p.gather(1, t[:, None]).clamp_min(1e-7)).mean()
+    return float(dice.mean() + ce)

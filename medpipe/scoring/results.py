@@ -1,6 +1,7 @@
 """Per-study inference and DICOM results of ``medpipe score``.
 
-For a **segmenter** the class map is predicted on the reference series' ingest grid
+For a **segmenter** the class map is predicted on the reference series' ingest grid, with the TTA and
+the small-component removal the package records (``inference`` in ``model.json``)
 (:meth:`SegmentationModel.segment`), then sampled at every source frame's pixel centres in world space
 (:func:`medpipe.dicom.frames.sample_frames`, nearest neighbour), so the DICOM SEG lies on the source
 series' own frames even when ingest resampled a gantry-tilted or unevenly spaced stack. Outputs:
@@ -68,7 +69,8 @@ class ResultWriter:
 
     def infer(self, prep: Any, tta: bool) -> dict[str, Any]:
         if self.package.kind == "segmenter":
-            seg = self.net.segment(prep.data, prep.grid, tta=tta)
+            seg = self.net.segment(prep.data, prep.grid, tta=tta,
+                                   min_component_ml=self.package.inference.get("min_component_ml") or 0)
             return {"mask": seg.mask, "foreground": (1.0 - seg.probabilities[0]).astype(np.float32)
                     if self.options.explain else None}
         return self._classify(prep, tta)

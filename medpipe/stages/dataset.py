@@ -33,6 +33,14 @@ nearest neighbour when it is on another grid); ``{source: csv, path, column}`` a
 ``split.folds: k`` and ``split.fold: i`` the patients outside the test split are divided into k
 folds and fold i is the validation split.
 
+**NIfTI datasets** (no DICOM, no ingest): ``source: {format: nnunet | msd | csv, path: ...}`` reads an
+nnU-Net v2 raw folder, a Medical Segmentation Decathlon task folder or a CSV of cases
+(:mod:`medpipe.data.nifti_datasets`, as ``medpipe import nnunet|msd|csv`` does): channels and label
+names come from the dataset (``reference``: the grid channel, default the first; ``label_names``
+overrides the declared names), every case is checked (channels on one grid or resampled, and said
+so; label values declared) and the cases are split by patient as above. ``ingest_dir``, ``channels``
+and ``labels`` select DICOM series and do not apply.
+
 The work is done by :mod:`medpipe.data.channels` and :mod:`medpipe.data.datalist_builder` (which
 ``predict`` and scoring call directly); this module is the parameters and the wiring.
 """
@@ -40,6 +48,7 @@ The work is done by :mod:`medpipe.data.channels` and :mod:`medpipe.data.datalist
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -54,9 +63,10 @@ from medpipe.data.datalist_builder import (
     write_datalist,
 )
 from medpipe.errors import StageError
+from medpipe.io import sha256_file
 from medpipe.stage import InputPath, Need, RunContext, Seed, StageParams, StageResult, stage
 
-__all__ = ["DEFAULT_CHANNELS", "ChannelRule", "CsvLabels", "DatasetParams", "NiftiLabels", "SegLabels",
+__all__ = ["DEFAULT_CHANNELS", "ChannelRule", "CsvLabels", "DatasetParams", "NiftiLabels", "NiftiSource", "SegLabels",
            "SplitParams", "dataset"]
 
 
@@ -77,7 +87,16 @@ class SplitParams(StageParams):
         return self
 
 
+class NiftiSource(StageParams):
+    """A NIfTI dataset in a layout people already have (see :mod:`medpipe.data.nifti_datasets`)."""
+
+    format: Literal["nnunet", "msd", "csv"] = Field(description="nnunet (v2 raw folder), msd (Decathlon task "
+                                                                "folder) or csv (case_id, channels, label)")
+    path: InputPath = Field(description="the dataset folder (nnunet, msd) or CSV file (csv)")
+
+
 class DatasetParams(StageParams):
+    source: NiftiSource | None = Field(default=None, description="a NIfTI dataset instead of an ingest folder")
     ingest_dir: InputPath | None = Field(default=None, description="None: the ingest stage's output")
     channels: dict[str, ChannelRule] = Field(default_factory=lambda: dict(DEFAULT_CHANNELS))
     reference: str = Field(default="FLAIR", description="channel whose grid every channel and label is put on")
@@ -87,6 +106,12 @@ class DatasetParams(StageParams):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetParams:
+        if self.source is not None:
+            dicom_only = sorted({"ingest_dir", "channels", "labels"} & self.model_fields_set)
+            if dicom_only:
+                raise ValueError(f"source: a NIfTI dataset brings its own channels and labels; remove "
+                                 f"{', '.join(dicom_only)} (they select DICOM series of an ingest folder)")
+            return self
         if not self.channels:
             raise ValueError("channels: at least one channel is needed")
         bad = [c for c in self.channels if not re.fullmatch(r"[A-Za-z0-9_-]+", c)]
@@ -97,9 +122,12 @@ class DatasetParams(StageParams):
         return self
 
 
-@stage("dataset", DatasetParams, needs=(Need("ingest_dir", params=("ingest_dir",)), Need("sample_dir", optional=True)),
+@stage("dataset", DatasetParams,
+       needs=(Need("ingest_dir", params=("ingest_dir", "source")), Need("sample_dir", optional=True)),
        gives=("datalist",))
 def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
+    if p.source is not None:
+        return _from_nifti(ctx, p, p.source)
     ingest_dir = ctx.input("ingest_dir", p.ingest_dir)
     labels = p.labels
     if isinstance(labels, CsvLabels) and labels.path is None:
@@ -123,3 +151,35 @@ def dataset(ctx: RunContext, p: DatasetParams) -> StageResult:
                  "resampled; labels placed by %s", metrics["n_train"], metrics["n_val"], metrics["n_test"],
                  len(result.strata()), len(result.skipped), result.n_resampled, result.label_methods or "-")
     return StageResult(outputs={"datalist": str(path)}, metrics=metrics, inputs=result.inputs)
+
+
+def _from_nifti(ctx: RunContext, p: DatasetParams, src: NiftiSource) -> StageResult:
+    from pathlib import Path
+
+    from medpipe.data.nifti_datasets import import_nifti_dataset, read_source
+    from medpipe.errors import MedpipeError
+
+    path = Path(src.path).expanduser().resolve()
+    sp = p.split
+    seed = ctx.seed if sp.seed is None else sp.seed
+    reference = p.reference if "reference" in p.model_fields_set else None
+    try:
+        n = len(read_source(src.format, path, label_names=p.label_names).cases)
+        with ctx.progress(f"Checking the {src.format} cases", n) as advance:
+            result = import_nifti_dataset(src.format, path, ctx.stage_dir, reference=reference,
+                                          label_names=p.label_names, val=sp.val, test=sp.test, folds=sp.folds,
+                                          fold=sp.fold, seed=seed, stratify=sp.stratify, relative_within=ctx.run_dir,
+                                          log=ctx.log, progress=advance)
+    except MedpipeError as exc:
+        raise StageError(f"source: {exc}", hint=exc.hint) from exc
+    for note in result.notes:
+        ctx.log.info("%s", note)
+    metrics = {"n_train": result.counts["train"], "n_val": result.counts["val"], "n_test": result.counts["test"],
+               "n_skipped": len(result.skipped), "n_resampled": len(result.resampled)}
+    ctx.log.info("datalist from %s %s: %d train, %d val, %d test cases, %d skipped; channels %s on the %s grid, %d "
+                 "volume(s) resampled; labels %s", src.format, path, metrics["n_train"], metrics["n_val"],
+                 metrics["n_test"], metrics["n_skipped"], ", ".join(result.channels), result.reference,
+                 len(result.resampled), result.label_names)
+    declaration = path / "dataset.json" if src.format != "csv" else path
+    inputs = {str(declaration): sha256_file(declaration)} if declaration.is_file() else {}
+    return StageResult(outputs={"datalist": str(result.datalist)}, metrics=metrics, inputs=inputs)

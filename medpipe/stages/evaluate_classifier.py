@@ -2,11 +2,13 @@
 
 Probabilities are the softmax averaged over the ensemble's members and, with ``tta: true``, over
 flips along ``tta_axes`` (default: the first spatial axis, left-right for RAS volumes and for 2D
-images as MONAI loads them). Metrics (:mod:`medpipe.metrics.classification`): ROC AUC, accuracy,
+images as MONAI loads them); by default (``tta`` unset) the TTA the training stage set for its model
+package (``package.tta``), so the evaluation scores what ``medpipe score`` will compute. Metrics (:mod:`medpipe.metrics.classification`): ROC AUC, accuracy,
 sensitivity, specificity, F1, PPV / NPV (binary), expected calibration error, each with a seeded
 percentile-bootstrap 95 % confidence interval over cases. For binary problems ``positive_class``
 says which class is "positive" (sensitivity = its recall; for BreastMNIST the malignant class 0);
-a case is called positive when its probability reaches ``threshold``.
+a case is called positive when its probability reaches ``threshold``; by default (unset) the
+threshold the training stage chose (``threshold_rule``) or 0.5, and the positive class it chose it for.
 
 Writes ``predictions.csv`` (one row per case: truth, probabilities, prediction), ``roc.png``,
 ``confusion.png``, ``calibration.png`` (reliability diagram with ECE) and ``metrics.json``; the
@@ -35,10 +37,14 @@ class EvaluateClassifierParams(StageParams):
     checkpoints: list[InputPath] | None = Field(None, description="None: the train_classifier stage's checkpoint(s)")
     datalist: InputPath | None = Field(None, description="None: the datalist the previous stages used")
     split: Literal["test", "val", "train"] = "test"
-    tta: bool = Field(False, description="average the probabilities over flips (test-time augmentation)")
-    tta_axes: list[Axis] = Field(default_factory=lambda: [0], description="spatial axes flipped when tta is on")
-    positive_class: int | None = Field(None, ge=0, description="binary: the positive class (default 1)")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="binary: positive when its probability >= this")
+    tta: bool | None = Field(None, description="average the probabilities over flips (test-time augmentation); "
+                                               "None: as the model package (the training stage's package.tta)")
+    tta_axes: list[Axis] | None = Field(None, description="spatial axes flipped when tta is on; None: the model's, "
+                                                          "else [0]")
+    positive_class: int | None = Field(None, ge=0, description="binary: the positive class (default: the one the "
+                                                               "threshold was chosen for, else 1)")
+    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="binary: positive when its probability >= this; "
+                                                                      "None: the training stage's choice, else 0.5")
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the 95 % confidence intervals")
     batch_size: int = Field(64, ge=1)
 
@@ -72,15 +78,26 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
     bad = sorted({int(it["class"]) for it in items if not 0 <= int(it["class"]) < n_cls})
     if bad:
         raise StageError(f"classes {bad} of the {p.split} split are unknown to the classifier ({n_cls} classes)")
-    tta = valid_tta_axes(p.tta_axes, dims) if p.tta else None
+    model_axes = model.tta_axes
+    use_tta = p.tta if p.tta is not None else model_axes is not None
+    tta = valid_tta_axes(p.tta_axes or model_axes or [0], dims) if use_tta else None
     try:
         ds = make_dataset(model_inputs(items), model.eval_transforms, "none")
         prob = model.predict_proba(ds, tta_axes=tta, batch_size=p.batch_size)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot run the classifier on the {p.split} split ({type(exc).__name__}: {exc})") from exc
     y = np.asarray([int(it["class"]) for it in items])
-    positive = p.positive_class if n_cls == 2 else None
-    threshold = p.threshold if n_cls == 2 else None
+    positive: int | None = None
+    threshold: float | None = None
+    if n_cls == 2:
+        recorded = model.decision
+        positive = p.positive_class if p.positive_class is not None else recorded[0] if recorded else None
+        threshold = p.threshold if p.threshold is not None else model.threshold_for(1 if positive is None else positive)
+        if threshold is None:
+            threshold = 0.5
+        if p.threshold is None and recorded is not None:
+            ctx.log.info("decision threshold %.4f on P(%s), as chosen in training", threshold,
+                         names[1 if positive is None else positive])
     results = metrics_with_ci(y, prob, positive=positive, threshold=threshold, seed=ctx.seed, n_boot=p.bootstrap)
     pred = predict_labels(prob, positive=positive, threshold=threshold)
 
@@ -115,6 +132,7 @@ def evaluate_classifier(ctx: RunContext, p: EvaluateClassifierParams) -> StageRe
                    tta=bool(tta))
     if n_cls == 2:
         metrics["positive_class"] = names[1 if positive is None else positive]
+        metrics["threshold"] = round(float(threshold), 6) if threshold is not None else None
     write_text_atomic(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     ctx.log.info("%s split (%d cases, %s): AUC %.4f (95%% CI %s), accuracy %.4f, sensitivity %s, specificity %s",
                  p.split, len(y), members, metrics["auc"] or math.nan, metrics["auc_ci95"], metrics["accuracy"],

@@ -10,13 +10,20 @@ Inputs, one of:
 Each study goes through the eval transforms stored in the checkpoint, sliding-window inference
 (optional flip test-time augmentation, ``tta``), and its class probabilities are resampled back onto
 the reference series' volume (the grid and affine of the NIfTI that ingest wrote), where the argmax
-is taken. Output: ``predictions/<patient>_<study hash>.nii.gz`` (uint8 class map, same shape and
+is taken and, optionally, foreground components below ``min_component_ml`` are removed. A k-fold
+``train_segmenter`` gives one checkpoint per fold: their ensemble (mean probabilities) predicts.
+
+**The same masks as ``evaluate``.** ``tta`` and ``min_component_ml`` unset: the settings the
+``evaluate`` stage before this one used (its ``inference.json``), else the model's own (the training
+stage's ``package:`` options, which ``medpipe score`` uses too). So the masks written are the masks
+scored. Output: ``predictions/<patient>_<study hash>.nii.gz`` (uint8 class map, same shape and
 affine as the reference volume) and ``predictions.csv`` (one row per study: UIDs, reference volume,
 mask, predicted volume per class in mL). Optionally ``*_prob.nii.gz`` (float32 foreground probability).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,17 +38,24 @@ from medpipe.errors import StageError
 from medpipe.inference.segmentation import SegmentationModel
 from medpipe.io import sha256_file, write_csv_atomic
 from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
+from medpipe.stages.evaluate import checkpoint_list
 
 
 class PredictParams(StageParams):
-    checkpoint: InputPath | None = Field(None, description="None: the train_segmenter stage's checkpoint")
-    datalist: InputPath | None = Field(None, description="None: the dataset stage's datalist (unless ingest_dir is set)")
+    checkpoint: InputPath | list[InputPath] | None = Field(
+        None, description="None: the train_segmenter stage's checkpoint(s) (several: their ensemble)")
+    datalist: InputPath | None = Field(None, description="None: the datalist the previous stages used (unless "
+                                                         "ingest_dir is set)")
     split: Literal["train", "val", "test", "all"] = "test"
     ingest_dir: InputPath | None = Field(None, description="predict every matching study of this ingest folder instead")
     channels: dict[str, ChannelRule] | None = Field(None, description="with ingest_dir; None: the dataset defaults")
     reference: str | None = Field(None, description="with ingest_dir: the grid channel; None: FLAIR / the last one")
     eval_transforms: TransformList | None = Field(None, description="None: those stored in the checkpoint")
-    tta: bool = Field(False, description="average over flips along each axis (test-time augmentation)")
+    tta: bool | None = Field(None, description="average over flips along each axis (test-time augmentation); None: "
+                                               "as the evaluate stage before, else the model's setting")
+    min_component_ml: float | None = Field(None, ge=0.0, le=1e6,
+                                           description="remove foreground components below this volume (mL); None: "
+                                                       "as the evaluate stage before, else the model's; 0: none")
     probabilities: bool = Field(False, description="also write the foreground probability map")
 
 
@@ -73,17 +87,39 @@ def _items_from_ingest(ctx: RunContext, p: PredictParams, ingest_dir: Path, chan
     return result.items, path
 
 
+def _settings(ctx: RunContext, p: PredictParams, model: SegmentationModel) -> tuple[dict[str, Any], str]:
+    """(tta and min_component_ml to use, where they come from)."""
+    tta, min_ml, origin = p.tta, p.min_component_ml, "set here"
+    evaluated = ctx.artifacts.get("inference")
+    if (tta is None or min_ml is None) and evaluated:
+        try:
+            doc = json.loads(Path(evaluated).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StageError(f"cannot read the evaluate stage's inference settings {evaluated} ({exc})") from exc
+        tta = bool(doc.get("tta", False)) if tta is None else tta
+        min_ml = (doc.get("min_component_ml") or 0.0) if min_ml is None else min_ml
+        origin = "as evaluate" if (p.tta, p.min_component_ml) == (None, None) else "partly as evaluate"
+    elif tta is None and min_ml is None:
+        origin = "the model's"
+    return model.settings(tta, min_ml), origin
+
+
 @stage("predict", PredictParams,
-       needs=(Need("checkpoint", params=("checkpoint",)), Need("datalist", params=("datalist", "ingest_dir"))),
+       needs=(Need("checkpoint", params=("checkpoint",)), Need("datalist", params=("datalist", "ingest_dir")),
+              Need("inference", optional=True)),
        gives=("masks",))
 def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     from medpipe.data.datasets import make_dataset
     from medpipe.data.volumes import read_grid, write_nifti
 
-    ckpt_path = ctx.input("checkpoint", p.checkpoint)
-    model = SegmentationModel.load(ckpt_path, ctx.device, ctx.amp)
+    ckpt_paths = ctx.inputs("checkpoint", checkpoint_list(p.checkpoint), "checkpoint")
+    model = SegmentationModel.load(ckpt_paths, ctx.device, ctx.amp)
+    settings, origin = _settings(ctx, p, model)
+    ctx.log.info("predicting with %d model(s), %s, minimum component %s (%s)", len(ckpt_paths),
+                 "flip TTA" if settings["tta"] else "no TTA", f"{settings['min_component_ml']} mL"
+                 if settings["min_component_ml"] else "none", origin)
     channel_names = model.channels
-    inputs = {str(ckpt_path): sha256_file(ckpt_path)}
+    inputs = {str(c): sha256_file(c) for c in ckpt_paths}
     if p.ingest_dir is not None:
         src = Path(p.ingest_dir).expanduser().resolve()
         if not src.is_dir():
@@ -114,7 +150,7 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
             except Exception as exc:
                 raise StageError(f"study {item.get('study_uid')} of {item.get('patient_id')}: cannot be loaded "
                                  f"({type(exc).__name__}: {exc})") from exc
-            result = model.segment(data, grid, tta=p.tta)
+            result = model.segment(data, grid, tta=settings["tta"], min_component_ml=settings["min_component_ml"] or 0)
             mask = result.mask
             name = case_name(item)
             mask_path = out_dir / f"{name}.nii.gz"
@@ -126,6 +162,8 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
                 "mask": str(mask_path),
                 "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
             }
+            if settings["min_component_ml"]:
+                row["removed_components"] = result.removed_components
             if len(classes) > 1:
                 for c, cname in classes.items():
                     row[f"{cname.replace(' ', '_')}_ml"] = round(float((mask == c).sum()) * voxel_ml, 3)
@@ -140,4 +178,6 @@ def predict(ctx: RunContext, p: PredictParams) -> StageResult:
     seconds = time.perf_counter() - t0
     ctx.log.info("%d studies segmented in %.1f s -> %s", len(rows), seconds, out_dir)
     return StageResult(outputs={"masks": str(out_dir)},
-                       metrics={"n_predicted": len(rows), "predict_seconds": round(seconds, 2)}, inputs=inputs)
+                       metrics={"n_predicted": len(rows), "predict_seconds": round(seconds, 2),
+                                "predict_tta": settings["tta"], "predict_min_component_ml": settings["min_component_ml"],
+                                "predict_ensemble_size": len(ckpt_paths)}, inputs=inputs)

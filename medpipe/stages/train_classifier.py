@@ -18,7 +18,17 @@ when multi-class) with :func:`medpipe.metrics.classification.classification_metr
 cross-entropy; the checkpoint with the best validation AUC is kept (ties: the lower loss), or with
 ``select: loss`` the one with the lowest validation loss (on a validation split of a dozen cases AUC
 jumps between a few values and can pick an epoch whose probabilities are badly calibrated; the loss
-also rewards calibration). Training stops after ``patience`` epochs without a better checkpoint.
+also rewards calibration), or with ``select: last`` the final weights. The selection options of
+:mod:`medpipe.training.selection` apply (``select_window``, ``min_epochs``, ``average: ema | swa``).
+Training stops after ``patience`` epochs without a better checkpoint. A validation split (or fold)
+of fewer than 5 cases is warned about.
+
+**Decision threshold** (binary): ``threshold_rule: accuracy`` (or ``youden``) chooses the threshold on
+the out-of-fold predictions (``folds: k``; without folds: on the validation split) of the kept models,
+computed with the model package's TTA, by :func:`medpipe.metrics.classification.choose_threshold`;
+``fixed`` keeps ``package.threshold``. The threshold is recorded in every checkpoint (``decision``) and
+in the model package, so ``evaluate_classifier`` and ``medpipe score`` decide with it. The predictions
+it was chosen on are written to ``oof.csv``.
 
 **k-fold ensemble** (``folds: k``): the datalist's train and val patients are pooled and divided
 into k stratified folds by patient (:func:`medpipe.data.splits.split_patients`); model i trains on
@@ -50,11 +60,13 @@ from medpipe.io import write_csv_atomic
 from medpipe.models.classification import ClassifierName, ClassifierOptions
 from medpipe.stage import Axis, InputPath, Need, OutputPath, RunContext, Size, StageParams, StageResult, stage
 from medpipe.training.losses import Imbalance
+from medpipe.training.selection import FEW_VALIDATION_CASES, SelectionOptions
 
 
-class TrainClassifierParams(StageParams, ClassifierOptions):
+class TrainClassifierParams(StageParams, ClassifierOptions, SelectionOptions):
     """The network options (``stem``, ``widen_factor``, ``norm``, ``encoder``, ``rnn``, ...) come from
-    :class:`~medpipe.models.classification.ClassifierOptions`."""
+    :class:`~medpipe.models.classification.ClassifierOptions`, the selection options (``select_window``,
+    ``min_epochs``, ``average``, ...) from :class:`~medpipe.training.selection.SelectionOptions`."""
 
     datalist: InputPath | None = Field(None, description="datalist.json; None: the previous dataset / import stage's")
     model: ClassifierName = "resnet18"
@@ -69,8 +81,12 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
     weight_decay: float = Field(1e-4, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     val_every: int = Field(1, ge=1)
-    select: Literal["auc", "loss"] = Field("auc", description="keep the checkpoint with the best validation AUC "
-                                                              "(ties: lower loss) or the lowest validation loss")
+    select: Literal["auc", "loss", "last"] = Field("auc", description="keep the checkpoint with the best validation "
+                                                                      "AUC (ties: lower loss), the lowest validation "
+                                                                      "loss, or the last epoch's")
+    threshold_rule: Literal["fixed", "accuracy", "youden"] = Field(
+        "fixed", description="binary decision threshold: fixed (package.threshold), or chosen on the out-of-fold / "
+                             "validation predictions for the best accuracy or Youden's J")
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better checkpoint")
     folds: int | None = Field(None, ge=2, description="k-fold ensemble over the train + val patients")
     val_tta_axes: list[Axis] | None = Field(None, description="flip axes averaged when scoring validation")
@@ -95,13 +111,13 @@ class TrainClassifierParams(StageParams, ClassifierOptions):
 
 
 @stage("train_classifier", TrainClassifierParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("classifier", "model"))
+       gives=("classifier", "model", "datalist"))
 def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     import numpy as np
 
     from medpipe.metrics.classification import classification_metrics
     from medpipe.report.training_plots import curve_png
-    from medpipe.training.classification import kfold_items
+    from medpipe.training.classification import decide, kfold_items, out_of_fold
 
     t_start = time.perf_counter()
     dl_path = ctx.input("datalist", p.datalist)
@@ -153,15 +169,33 @@ def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
         oof = classification_metrics(np.asarray(oof_true), np.concatenate(oof_prob))
         metrics["oof_auc"] = None if math.isnan(oof["auc"]) else round(float(oof["auc"]), 6)
     po = p.package
+    tta_axes = po.tta_axes if po.tta else None
+    threshold = po.threshold
+    if p.threshold_rule != "fixed":
+        if len(names) != 2:
+            raise StageError(f"threshold_rule {p.threshold_rule}: a decision threshold needs a binary problem; this "
+                             f"one has {len(names)} classes")
+        held = [fv for _, fv in folds]
+        prob = out_of_fold([Path(c) for c in ckpts], held, device=ctx.device, amp=ctx.amp, tta_axes=tta_axes)
+        decision = decide(ctx.stage_dir / "oof.csv", [Path(c) for c in ckpts], held, prob, names,
+                          positive=po.positive_class, rule=p.threshold_rule)
+        threshold = decision["threshold"]
+        metrics.update({f"oof_{k}": v for k, v in decision.items() if k in ("threshold", "accuracy", "auc")})
+        ctx.log.info("decision threshold %.4f on P(%s), chosen for the best %s on %d %s predictions (accuracy %.4f "
+                     "there)", threshold, names[po.positive_class], p.threshold_rule, decision["n"],
+                     "out-of-fold" if len(folds) > 1 else "validation", decision["accuracy"])
     pkg = build_classifier_package(
         ctx.stage_dir / "model", [Path(c) for c in ckpts], dl_path,
-        name=po.name or f"{ctx.run_dir.name} {ctx.stage_dir.name}", tta_axes=po.tta_axes if po.tta else None,
-        positive_class=po.positive_class, threshold=po.threshold,
+        name=po.name or f"{ctx.run_dir.name} {ctx.stage_dir.name}", tta_axes=tta_axes,
+        positive_class=po.positive_class, threshold=threshold,
         class_codes={k: v.model_dump() for k, v in (po.class_codes or {}).items()},
-        validation={k: metrics[k] for k in ("best_val_auc", "oof_auc") if k in metrics},
-        training={"seed": ctx.seed, "stage": ctx.stage_dir.name, "intended_use": po.intended_use})
+        validation={k: metrics[k] for k in ("best_val_auc", "oof_auc", "oof_threshold", "oof_accuracy")
+                    if k in metrics},
+        training={"seed": ctx.seed, "stage": ctx.stage_dir.name, "intended_use": po.intended_use,
+                  "threshold_rule": p.threshold_rule})
     ctx.log.info("model package %s -> %s", pkg.version, pkg.path)
-    return StageResult(outputs={"classifier": ckpts, "model": str(pkg.path)}, metrics=metrics, inputs={})
+    return StageResult(outputs={"classifier": ckpts, "model": str(pkg.path), "datalist": str(dl_path)},
+                       metrics=metrics, inputs={})
 
 
 def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, train: list[dict[str, Any]],
@@ -183,6 +217,10 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     from medpipe.training.resume import Snapshot
 
     n_cls = len(names)
+    if len(val) < FEW_VALIDATION_CASES:
+        ctx.log.warning("fold %d: the checkpoint is chosen on %d validation case(s); with fewer than %d the choice "
+                        "is noise (use fewer or no folds with a larger val split, select_window, average: ema / swa, "
+                        "select: last, min_epochs)", fold, len(val), FEW_VALIDATION_CASES)
     counts = class_counts(train, n_cls)
     if (counts == 0).any():
         missing = [names[c] for c in range(n_cls) if counts[c] == 0]
@@ -228,26 +266,39 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.lr * 0.01) \
         if p.lr_schedule == "cosine" else None
 
+    def bn_batches() -> Any:  # the training images without augmentation (batch norm of averaged weights)
+        for start in range(0, len(bn_ds), p.batch_size):
+            yield torch.stack([bn_ds[i]["image"] for i in range(start, min(start + p.batch_size, len(bn_ds)))])
+
+    bn_ds = make_dataset(model_inputs(train), eval_spec, p.cache, cache_dir) if p.average != "none" else None
+    average = p.weight_average(net, p.epochs, bn_batches)
+    kept_net = average.module if average is not None else net  # what is validated and kept
+
     def save(epoch: int, v: Validation) -> None:
-        write_classifier_checkpoint(ckpt, net=net, model=cfg, names=names, input_shape=input_shape,
+        write_classifier_checkpoint(ckpt, net=kept_net, model=cfg, names=names, input_shape=input_shape,
                                     eval_transforms=eval_spec, record={
                                         "epoch": epoch, "val_auc": v.values["auc"], "val_loss": v.values["val_loss"],
                                         "fold": fold, "datalist": str(doc_path), "seed": ctx.seed,
-                                        "imbalance": p.imbalance, "n_train": len(train), "n_synthetic": n_synthetic})
+                                        "imbalance": p.imbalance, "n_train": len(train), "n_synthetic": n_synthetic,
+                                        "average": p.average,
+                                        "inference": {"tta_axes": p.package.tta_axes if p.package.tta else None}})
 
-    validate = classifier_validation(net, val_ds, [int(it["class"]) for it in val], select=p.select, device=device,
+    validate = classifier_validation(kept_net, val_ds, [int(it["class"]) for it in val], select=p.select, device=device,
                                      amp=amp, tta_axes=valid_tta_axes(p.val_tta_axes, dims),
                                      batch_size=max(p.batch_size, 32))
+    if average is not None:
+        validate = average.wrap(validate)
     step = SupervisedStep(net, loss_fn, opt, classifier_batches(device), device=device, amp=amp)
     snapshot = Snapshot(ctx.stage_dir / f"fold{fold}.resume.pt", ctx.resume_key,
                         objects={k: v for k, v in {"net": net, "optimizer": opt, "scheduler": sched,
-                                                   "scaler": step.scaler}.items() if v is not None},
+                                                   "scaler": step.scaler, "average": average}.items() if v is not None},
                         generators=[loader.generator, getattr(sampler, "generator", None)],
                         transforms=[train_ds.transform], every_seconds=p.snapshot_every)
     run = fit(step, loader, snapshot=snapshot,
               epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched, validate=validate,
               val_every=p.val_every, val_columns=("val_loss", "val_auc"), floor=CLASSIFIER_FLOOR[p.select],
               on_best=save, patience=p.patience, fixed={"fold": fold}, progress=advance, log=ctx.log,
-              label=f"fold {fold} ")
+              label=f"fold {fold} ", window=p.select_window, min_epoch=p.first_keepable_epoch(p.epochs),
+              average=average)
     kept = run.best.values if run.best is not None else {"score": -1.0, "prob": np.zeros((len(val), n_cls))}
     return {"best_val_auc": kept["score"], "best_epoch": run.best_epoch, "epochs": run.epochs}, run.history, kept["prob"]

@@ -110,7 +110,8 @@ def _round(v: float | None) -> float | None:
 # -- the stage --------------------------------------------------------------------------------------------
 
 
-@stage("train_gan", TrainGanParams, needs=(Need("datalist", params=("datalist",)),), gives=("generator",))
+@stage("train_gan", TrainGanParams, needs=(Need("datalist", params=("datalist",)),),
+       gives=("generator", "datalist"))
 def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     import copy
 
@@ -265,4 +266,4 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
                          in_channels=int(x.shape[1]), target_class=target,
                          record={"seed": ctx.seed, "epochs": p.epochs, "datalist": str(dl_path), "metrics": metrics})
     metrics["gan_seconds"] = round(time.perf_counter() - t_start, 2)
-    return StageResult(outputs={"generator": str(out)}, metrics=metrics, inputs={str(dl_path): sha256_file(dl_path)})
+    return StageResult(outputs={"generator": str(out), "datalist": str(dl_path)}, metrics=metrics, inputs={str(dl_path): sha256_file(dl_path)})

@@ -14,7 +14,10 @@ feature extractor) goes through :func:`fit`. What differs between them is one *i
   ``validate_first``, epoch 0);
 * keep-best: a validation is kept when its ``score`` tuple is larger than the kept one's
   (lexicographic, so later entries break ties; ``floor`` is the score to beat at first); ``on_best``
-  then writes the checkpoint;
+  then writes the checkpoint; optionally the score compared is the mean over the last ``window``
+  validations, and no validation before ``min_epoch`` is kept (:mod:`medpipe.training.selection`);
+* averaged weights (``average``: an EMA updated after every step, or SWA at every epoch end), which
+  the validation function then scores;
 * early stopping after ``patience`` epochs without a kept validation;
 * non-finite losses named in ``finite`` stop the run with a :class:`~medpipe.errors.StageError`;
 * history rows (``epoch``, the summary, the validation columns, ``lr``, ``seconds``, plus fixed
@@ -125,6 +128,9 @@ def fit(
     log: logging.Logger | None = None,
     label: str = "",
     snapshot: Any = None,
+    window: int = 1,
+    min_epoch: int = 0,
+    average: Any = None,
 ) -> FitResult:
     """Train for ``epochs`` epochs of ``iteration`` over ``batches`` (re-iterated every epoch).
 
@@ -149,6 +155,11 @@ def fit(
         log: one line per epoch: INFO on validation epochs, DEBUG otherwise; ``label`` prefixes it.
         snapshot: a :class:`medpipe.training.resume.Snapshot`: training continues from it when it holds a
             run made under the same key (after an interruption), and is saved as training goes.
+        window: keep-best compares the mean score of the last ``window`` validations (those with a score); nothing
+            is kept before ``window`` validations have a score.
+        min_epoch: validations of earlier epochs are never kept.
+        average: a :class:`medpipe.training.selection.WeightAverage` (its ``after_step`` is called after every
+            iteration, ``after_epoch`` before the epoch's validation); put it in the snapshot's objects.
 
     Raises:
         StageError: an epoch without a batch, or a non-finite value in a ``finite`` column.
@@ -161,9 +172,11 @@ def fit(
     best_epoch, epoch, stopped_early = 0, 0, False
     t0 = time.perf_counter()
     start = 1
+    recent: list[tuple[float, ...]] = []  # the scores of the last ``window`` validations
     resumed = snapshot.restore() if snapshot is not None else None
     if resumed is not None:
         history = resumed["history"]
+        recent = [tuple(s) for s in resumed.get("recent", [])]
         if resumed["best"] is not None:
             kept_score = resumed["best"]["score"]
             best = Validation(**{**resumed["best"], "score": tuple(kept_score) if kept_score is not None else None})
@@ -183,17 +196,28 @@ def fit(
             return
         kept = None if best is None else {"row": best.row, "score": best.score, "summary": best.summary,
                                            "values": best.values}
-        snapshot.save({"epoch": epoch, "history": history, "best": kept, "best_score": best_score,
+        snapshot.save({"epoch": epoch, "history": history, "best": kept, "best_score": best_score, "recent": recent,
                        "best_epoch": best_epoch, "stopped_early": stopped_early, "finished": finished,
                        "seconds": time.perf_counter() - t0}, force=finished)
 
     def validation(epoch: int, row: dict[str, Any]) -> str:
         nonlocal best, best_score, best_epoch
+        from medpipe.training.selection import window_mean
+
         v = validate(epoch)  # type: ignore[misc]
         row.update(v.row)
-        kept = v.score is not None and (best_score is None or v.score > best_score)
+        score = v.score
+        if score is not None and window > 1:
+            recent.append(tuple(score))
+            del recent[:-window]
+            score = window_mean(recent)
+            v.summary += f" (mean of the last {len(recent)}: {score[0]:.4f})"
+        full = window <= 1 or len(recent) >= window  # a partial window (the first validations) is never kept
+        kept = score is not None and full and epoch >= min_epoch and (best_score is None or score > best_score)
+        if score is not None and epoch < min_epoch:
+            v.summary += f" (before min_epochs {min_epoch}: not kept)"
         if kept:
-            best, best_score, best_epoch = v, v.score, epoch
+            best, best_score, best_epoch = v, score, epoch
             if on_best is not None:
                 on_best(epoch, v)
         return f"{v.summary}{' (kept)' if kept else f' (kept: epoch {best_epoch})' if best_epoch else ''}"
@@ -209,10 +233,14 @@ def fit(
         logs: list[Logs] = []
         for batch in batches:
             logs.append(iteration(batch))
+            if average is not None:
+                average.after_step()
             if scheduler is not None and scheduler_step == "iteration":
                 scheduler.step()
         if scheduler is not None and scheduler_step == "epoch":
             scheduler.step()
+        if average is not None:
+            average.after_epoch(epoch)
         if not logs:
             raise StageError(f"{label}epoch {epoch} got no training batch; check the train split and transforms")
         summary = summarize(logs)

@@ -1,4 +1,5 @@
-"""Segmenter pieces for :func:`medpipe.training.loop.fit`: the batch preparation and the validation."""
+"""Segmenter pieces for :func:`medpipe.training.loop.fit`: the batch preparation, the validation and the
+k-fold stratum (whether a case's label map has foreground)."""
 
 from __future__ import annotations
 
@@ -24,24 +25,52 @@ def segmenter_batches(info: dict[str, Any], device: str) -> Callable[[dict[str, 
     return prepare
 
 
+def has_foreground(item: dict[str, Any]) -> int:
+    """1 when the item's label map has a labelled voxel (the datalist's ``has_foreground`` when recorded, else
+    read from the file), else 0: the stratum of a segmentation k-fold split."""
+    if item.get("has_foreground") is not None:
+        return int(bool(item["has_foreground"]))
+    if not item.get("label"):
+        return 0
+    from medpipe.data.volumes import read_voxels
+
+    return int(bool(read_voxels(item["label"]).any()))
+
+
 def segmenter_validation(net: Any, val_ds: Any, info: dict[str, Any], roi_size: Sequence[int], *,
                          sw_batch_size: int = 4, overlap: float = 0.25, device: str = "cpu",
-                         amp: bool = False) -> Callable[[int], Validation]:
-    """``epoch -> Validation``: sliding-window inference on every val case and
-    :func:`medpipe.metrics.segmentation.validation_dice` (column ``val_dice``; kept when higher)."""
+                         amp: bool = False, select: str = "dice") -> Callable[[int], Validation]:
+    """``epoch -> Validation``: sliding-window inference on every val case,
+    :func:`medpipe.metrics.segmentation.validation_dice` (column ``val_dice``) and
+    :func:`~medpipe.metrics.segmentation.validation_loss` (``val_loss``).
+
+    ``select``: ``dice`` keeps the higher Dice, ``loss`` the lower loss, ``last`` every validation.
+    """
     from medpipe.data.labels import map_labels, n_classes
     from medpipe.inference.segmentation import infer_probabilities
-    from medpipe.metrics.segmentation import validation_dice
+    from medpipe.metrics.segmentation import validation_dice, validation_loss
+
+    losses: list[float] = []
 
     def cases() -> Iterator[tuple[Any, Any]]:
         for i in range(len(val_ds)):
             d = val_ds[i]
             prob = infer_probabilities(net, _plain(d["image"])[None].float(), roi_size, sw_batch_size=sw_batch_size,
                                        overlap=overlap, device=device, amp=amp)
-            yield prob, map_labels(_plain(d["label"][None]), info)
+            truth = map_labels(_plain(d["label"][None]), info)
+            losses.append(validation_loss(prob, truth, n_classes(info)))
+            yield prob, truth
 
     def validate(epoch: int) -> Validation:
+        losses.clear()
         vd = validation_dice(cases(), n_classes(info))
-        return Validation({"val_dice": vd}, None if math.isnan(vd) else (vd,), f"val Dice {vd:.4f}")
+        vl = float(sum(losses) / len(losses)) if losses else math.nan
+        if select == "loss":
+            score = None if math.isnan(vl) else (-vl,)
+        elif select == "last":
+            score = (float(epoch),)
+        else:
+            score = None if math.isnan(vd) else (vd,)
+        return Validation({"val_dice": vd, "val_loss": round(vl, 6)}, score, f"val Dice {vd:.4f}, val loss {vl:.4f}")
 
     return validate
