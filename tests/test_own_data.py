@@ -136,14 +136,14 @@ def test_dataset_stage_source_and_segmenter_cross_validation(tmp_path: Path) -> 
 
 def test_predict_takes_evaluates_settings_unless_told_otherwise(tmp_path: Path) -> None:
     """evaluate overrides the model's TTA; predict follows evaluate; an explicit predict setting wins."""
+    import logging
+
     from medpipe.data.datalist import datalist_json
     from medpipe.inference.segmentation import SegmentationModel
     from medpipe.stage import RunContext
     from medpipe.stages.evaluate import EvaluateParams, evaluate
     from medpipe.stages.predict import PredictParams, predict
     from tests.scoring_helpers import tiny_segmenter_package
-
-    import logging
 
     ds = make_nnunet(tmp_path, n=2)
     pkg = tiny_segmenter_package(tmp_path / "model", rules={"FLAIR": {}, "T1c": {}}, bias=0.5)

@@ -148,9 +148,8 @@ def run_command(
 
 
 #: artifacts worth pointing at after a run, in the order shown
-_LOOK_AT = (("report", "report"), ("model", "model package (`medpipe score ... --model`)"),
-            ("scores", "scored export"), ("masks", "masks"), ("evaluation", "per-case evaluation"),
-            ("class_predictions", "per-case predictions"), ("explanations", "explanations"),
+_LOOK_AT = (("report", "report"), ("model", "model package"), ("scores", "scored export"), ("masks", "masks"),
+            ("evaluation", "evaluation"), ("class_predictions", "predictions"), ("explanations", "explanations"),
             ("checkpoint", "checkpoint"), ("datalist", "datalist"))
 
 
@@ -168,9 +167,9 @@ def _where_to_look(console: Console, summary: object) -> None:
             rows.append((label, str(shown) + (f" (+{len(value) - 1} more)" if isinstance(value, list) and
                                                len(value) > 1 else "")))
     rows.append(("log", str(run_dir / "run.log")))
-    console.print("[bold]Where to look[/]")
+    console.print("[bold]Where to look[/] (the model package is what `medpipe score --model` takes)")
     for label, path in rows:
-        console.print(f"  {escape(label):<40} {escape(path)}")
+        console.print(f"  {escape(label):<14} {escape(path)}", overflow="fold")
 
 
 def register(app: typer.Typer) -> None:

@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
 from pydantic import Field, model_validator
 
 from medpipe.data.datalist import case_name, load_datalist, split_items
