@@ -12,6 +12,19 @@ import pytest
 
 pytest_plugins = ("tests.pacs_support",)  # private network namespace, a real Orthanc, PACS sample studies
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Caches medpipe keeps in the user's folder (transform checks) go to a fresh folder per test run, inherited
+    by the ``medpipe`` commands the tests start, so no test depends on what an earlier run remembered."""
+    import tempfile
+
+    os.environ["MEDPIPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="medpipe-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("MEDPIPE_CACHE_DIR", ""), ignore_errors=True)
+
+
 DATA = Path(os.environ.get("MEDPIPE_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 
 

@@ -79,7 +79,8 @@ def tiny_classifier_package(folder: Path, *, seed: int = 0, threshold: float = 0
 
     from medpipe.inference.checkpoint import write_classifier_checkpoint
     from medpipe.inference.package import build_classifier_package
-    from medpipe.models.classification import build_classifier, classifier_config
+    from medpipe.models.classification import build_classifier
+    from medpipe.models.classification_config import classifier_config
 
     cfg = classifier_config("resnet18", 3, 1, 2, stem="small", widen_factor=0.25)
     torch.manual_seed(seed)

@@ -16,7 +16,8 @@ import torch
 from medpipe.data.datalist import class_items
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import load_ensemble
-from medpipe.models.classification import SliceSequenceClassifier, build_classifier, check_input_size, classifier_config
+from medpipe.models.classification import SliceSequenceClassifier, build_classifier, check_input_size
+from medpipe.models.classification_config import classifier_config
 from medpipe.runner import seed_everything
 from medpipe.stage import RunContext
 from medpipe.stages.evaluate_classifier import EvaluateClassifierParams, evaluate_classifier

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from medpipe.data.transform_defaults import classifier_eval_transforms
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_classifier_checkpoint
-from medpipe.models.classification import build_classifier, classifier_config
+from medpipe.models.classification import build_classifier
+from medpipe.models.classification_config import classifier_config
 from medpipe.models.explain import METHODS, Explainer, explain, hooked_cams, normalize, occlusion_settings
 from medpipe.report.explanation_plots import choose_slices, explanation_png
 from medpipe.runner import seed_everything

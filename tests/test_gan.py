@@ -16,13 +16,8 @@ from pydantic import ValidationError
 from medpipe.data.datalist import class_items, load_datalist
 from medpipe.data.images import to_uint8, write_png
 from medpipe.errors import StageError
-from medpipe.models.gan import (
-    GAN_FORMAT,
-    build_discriminator,
-    build_generator,
-    diff_augment,
-    gan_config,
-)
+from medpipe.models.gan import build_discriminator, build_generator, diff_augment
+from medpipe.models.gan_config import GAN_FORMAT, gan_config
 from medpipe.runner import seed_everything
 from medpipe.stage import RunContext
 from medpipe.stages.augment import AugmentParams, augment

@@ -8,14 +8,10 @@ from typing import get_args
 import pytest
 import torch
 
-from medpipe.models.classification import (
-    CLASSIFIERS,
-    ClassifierConfig,
-    ClassifierOptions,
-    build_classifier,
-    classifier_config,
-)
-from medpipe.models.gan import GanConfig, GanOptions, build_generator, gan_config
+from medpipe.models.classification import build_classifier
+from medpipe.models.classification_config import CLASSIFIERS, ClassifierConfig, ClassifierOptions, classifier_config
+from medpipe.models.gan import build_generator
+from medpipe.models.gan_config import GanConfig, GanOptions, gan_config
 from medpipe.models.segmentation import (
     SEGMENTERS,
     SegmenterConfig,

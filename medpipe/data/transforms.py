@@ -20,12 +20,14 @@ built, i.e. during ``medpipe validate``). :func:`check_safe` runs before anythin
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import inspect
 import json
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
@@ -196,13 +198,75 @@ def transforms_hash(spec: list[dict[str, Any]]) -> str:
     return hashlib.sha256(f"monai {monai.__version__}\n{text}".encode()).hexdigest()[:16]
 
 
+CHECK_CACHE_NAME = "transform-checks.json"
+#: at most this many checked transforms are remembered (the oldest are forgotten first)
+CHECK_CACHE_SIZE = 4096
+
+
+def _check_cache_path() -> Path:
+    from medpipe.user_folders import cache_folder
+
+    return cache_folder() / CHECK_CACHE_NAME
+
+
+@lru_cache(maxsize=1)
+def _check_context() -> str:
+    """What a check's outcome depends on besides the transform: MONAI's version and this module's code."""
+    from importlib.metadata import version
+
+    return f"monai {version('monai')}\n{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}\n"
+
+
+def _read_check_cache(path: Path) -> dict[str, str | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_transform_cached(item: Any) -> None:
+    """:func:`check_transform`, remembering each outcome in the user's cache folder
+    (:func:`medpipe.user_folders.cache_folder`, ``transform-checks.json``) keyed by the transform, MONAI's
+    version and this module's code, so that validating an unchanged transform list does not import MONAI
+    (and torch): the 2-3 s that dominate ``medpipe validate``. Only validation uses it: ``medpipe run``
+    builds every transform with :func:`build_transforms`, which checks again, so a tampered cache file
+    cannot let an unsafe transform run. A cache that cannot be read or written is ignored."""
+    try:
+        text = json.dumps(item, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        check_transform(item)
+        return
+    key = hashlib.sha256((_check_context() + text).encode()).hexdigest()
+    path = _check_cache_path()
+    cache = _read_check_cache(path)
+    if key in cache:
+        problem = cache[key]
+        if problem is None:
+            return
+        raise ValueError(str(problem))
+    try:
+        check_transform(item)
+        problem = None
+    except ValueError as exc:
+        problem = str(exc)
+    cache[key] = problem
+    with contextlib.suppress(OSError):
+        from medpipe.io import write_text_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(dict(list(cache.items())[-CHECK_CACHE_SIZE:])))
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def _checked(item: dict[str, Any]) -> dict[str, Any]:
-    check_transform(item)
+    check_transform_cached(item)
     return item
 
 
 #: a stage parameter holding one MONAI dictionary transform ``{ClassName: {arg: value, ...}}``, checked by
-#: building it during validation
+#: building it during validation (outcomes cached: :func:`check_transform_cached`)
 TransformSpec = Annotated[dict[str, dict[str, Any] | None], AfterValidator(_checked)]
 TransformList = list[TransformSpec]
 

@@ -179,7 +179,7 @@ def write_gan_checkpoint(path: Path, *, generator: Any, model: dict[str, Any], c
     configuration (``model``: :func:`medpipe.models.gan.gan_config`), the class of each generator index
     (``classes``), class names, image size, channels, target class, value range ``[-1, 1]`` and the training
     ``record`` (seed, epochs, datalist, metrics)."""
-    from medpipe.models.gan import GAN_FORMAT, GAN_VERSION
+    from medpipe.models.gan_config import GAN_FORMAT, GAN_VERSION
 
     save_checkpoint(path, {
         "format": GAN_FORMAT, "version": GAN_VERSION, "state_dict": _weights(generator), "model": model,
@@ -191,7 +191,8 @@ def write_gan_checkpoint(path: Path, *, generator: Any, model: dict[str, Any], c
 def load_generator(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
     """``(generator in eval mode on device, checkpoint document)``; loads tensors only (``weights_only``)."""
 
-    from medpipe.models.gan import GAN_FORMAT, GAN_VERSION, build_generator
+    from medpipe.models.gan import build_generator
+    from medpipe.models.gan_config import GAN_FORMAT, GAN_VERSION
 
     doc = read_checkpoint(path, GAN_FORMAT, GAN_VERSION, "medpipe GAN generator (train_gan's generator.pt)")
     net = build_generator(doc["model"])

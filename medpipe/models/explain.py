@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpipe.models.classification import CAM_LAYERS
+from medpipe.models.classification_config import CAM_LAYERS
 
 ExplainMethod = Literal["gradcam", "gradcampp", "occlusion"]
 METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "occlusion")

@@ -9,12 +9,14 @@ augmentation, ensembles) is in :mod:`medpipe.inference.segmentation`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from medpipe.models.base import NetworkConfig, Options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SegmenterName = Literal["unet", "segresnet"]
 #: the segmentation networks (one list: the stage parameters and the builders both use :data:`SegmenterName`)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medpipe.errors import ConfigError
+from medpipe.user_folders import config_folder
 
 ENV_FILE = "MEDPIPE_PACS"
 DEFAULT_NAMES = ("pacs.yaml", "pacs.yml", "pacs.toml")
@@ -208,15 +209,6 @@ def default_path() -> Path:
         if (folder / name).is_file():
             return folder / name
     return folder / DEFAULT_NAMES[0]
-
-
-def config_folder() -> Path:
-    """The user's config folder for medpipe (XDG on Linux, Application Support on macOS, APPDATA on Windows)."""
-    if sys.platform == "win32":
-        return Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "medpipe"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "medpipe"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "medpipe"
 
 
 def load_nodes(path: Path | str | None = None) -> NodeFile:

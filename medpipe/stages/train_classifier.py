@@ -57,7 +57,7 @@ from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_classifier_checkpoint
 from medpipe.inference.package import ClassifierPackageOptions, build_classifier_package
 from medpipe.io import write_csv_atomic
-from medpipe.models.classification import ClassifierName, ClassifierOptions
+from medpipe.models.classification_config import ClassifierName, ClassifierOptions
 from medpipe.stage import Axis, InputPath, Need, OutputPath, RunContext, Size, StageParams, StageResult, stage
 from medpipe.training.losses import Imbalance
 from medpipe.training.selection import FEW_VALIDATION_CASES, SelectionOptions
@@ -209,7 +209,8 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
 
     from medpipe.data.datasets import make_dataset
     from medpipe.inference.classification import valid_tta_axes
-    from medpipe.models.classification import build_classifier, check_input_size, classifier_config
+    from medpipe.models.classification import build_classifier, check_input_size
+    from medpipe.models.classification_config import classifier_config
     from medpipe.training.classification import CLASSIFIER_FLOOR, classifier_batches, classifier_validation
     from medpipe.training.imbalance import make_sampler
     from medpipe.training.loop import SupervisedStep, Validation, fit, resolve_amp

@@ -58,7 +58,7 @@ from medpipe.data.datalist import class_items, class_names, load_datalist, spati
 from medpipe.errors import StageError
 from medpipe.inference.checkpoint import write_gan_checkpoint
 from medpipe.io import sha256_file, write_csv_atomic
-from medpipe.models.gan import GanOptions
+from medpipe.models.gan_config import GanOptions
 from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
@@ -126,9 +126,9 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
         diff_augment,
         g_bce_loss,
         g_hinge_loss,
-        gan_config,
         recalibrate_batchnorm,
     )
+    from medpipe.models.gan_config import gan_config
     from medpipe.report.training_plots import curve_png, samples_png
     from medpipe.training.gan import GAN_COLUMNS, GanStep, gan_summary, load_images, train_feature_extractor
     from medpipe.training.loop import ShuffledBatches, Validation, fit

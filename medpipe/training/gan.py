@@ -112,7 +112,8 @@ def train_feature_extractor(x: Any, y: Any, n_classes: int, *, epochs: int, widt
     import torch
 
     from medpipe.data.datalist import class_counts
-    from medpipe.models.classification import build_classifier, classifier_config
+    from medpipe.models.classification import build_classifier
+    from medpipe.models.classification_config import classifier_config
     from medpipe.models.gan import diff_augment
     from medpipe.training.losses import make_loss
 
