@@ -49,7 +49,7 @@ def classifier_setup(npz: Path, work: Path) -> dict[str, Any]:
     from medpipe.data.datasets import make_dataset
     from medpipe.data.medmnist import import_medmnist
     from medpipe.data.transform_defaults import classifier_eval_transforms, classifier_train_transforms
-    from medpipe.models.classification import classifier_config
+    from medpipe.models.classification_config import classifier_config
 
     summary = import_medmnist(npz, work / "breastmnist")
     doc = load_datalist(summary.datalist)
