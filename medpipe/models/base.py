@@ -1,6 +1,6 @@
 """Typed network configurations: one pydantic model per task, whose JSON form checkpoints store.
 
-A task's *options* model (e.g. :class:`~medpipe.models.classification.ClassifierOptions`) lists the
+A task's *options* model (e.g. :class:`~medpipe.models.classification_config.ClassifierOptions`) lists the
 architecture choices and their defaults once: the stage parameters inherit it (so a pipeline file
 sets them under the same names) and the task's *config* model adds what the data decide (channels,
 classes). :meth:`NetworkConfig.to_dict` is the stored form and :meth:`NetworkConfig.from_dict` reads
@@ -43,6 +43,21 @@ class NetworkConfig(Options):
             return cls.model_validate(doc)
         except ValidationError as exc:
             raise ValueError(config_error(exc)) from None
+
+
+def stored_config(config: type[NetworkConfig], options: type[Options], what: str, fields: dict[str, Any],
+                  chosen: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of a ``config`` made of the data-decided ``fields`` and the ``chosen`` architecture options
+    (checked against ``options``' names, defaults filled in).
+
+    Raises:
+        TypeError: an unknown option (``unknown <what> option(s) ...``).
+        ValueError: a bad value (one line per problem).
+    """
+    unknown = sorted(set(chosen) - set(options.model_fields))
+    if unknown:
+        raise TypeError(f"unknown {what} option(s) {', '.join(unknown)}")
+    return config.from_dict({**fields, **chosen}).to_dict()
 
 
 def config_error(exc: ValidationError) -> str:

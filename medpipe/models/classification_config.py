@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from medpipe.models.base import NetworkConfig, Options
+from medpipe.models.base import NetworkConfig, Options, stored_config
 
 ClassifierName = Literal["densenet121", "resnet18", "resnet34", "resnet50", "efficientnet-b0", "cnn_rnn"]
 
@@ -83,8 +83,5 @@ def classifier_config(name: str, spatial_dims: int, in_channels: int, num_classe
         TypeError: an unknown option.
         ValueError: a bad value (one line per problem).
     """
-    unknown = sorted(set(options) - set(ClassifierOptions.model_fields))
-    if unknown:
-        raise TypeError(f"unknown classifier option(s) {', '.join(unknown)}")
-    return ClassifierConfig.from_dict({"name": name, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                                       "num_classes": num_classes, **options}).to_dict()
+    return stored_config(ClassifierConfig, ClassifierOptions, "classifier", {
+        "name": name, "spatial_dims": spatial_dims, "in_channels": in_channels, "num_classes": num_classes}, options)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medpipe.models.base import NetworkConfig, Options
+from medpipe.models.base import NetworkConfig, Options, stored_config
 
 GAN_FORMAT = "medpipe-gan-generator"
 
@@ -75,8 +75,5 @@ def gan_config(image_size: int | Sequence[int], in_channels: int, num_classes: i
         ValueError: a size not divisible by 4, fewer than 1 channel or class, non-positive widths, an unknown
             ``d_norm`` / ``g_upsample`` (one line per problem).
     """
-    unknown = sorted(set(options) - set(GanOptions.model_fields))
-    if unknown:
-        raise TypeError(f"unknown GAN option(s) {', '.join(unknown)}")
-    return GanConfig.from_dict({"image_size": image_size, "in_channels": in_channels, "num_classes": num_classes,
-                                "embed_dim": embed_dim, **options}).to_dict()
+    return stored_config(GanConfig, GanOptions, "GAN", {"image_size": image_size, "in_channels": in_channels,
+                                                        "num_classes": num_classes, "embed_dim": embed_dim}, options)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from medpipe.models.base import NetworkConfig, Options
+from medpipe.models.base import NetworkConfig, Options, stored_config
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,11 +82,8 @@ def segmenter_config(name: SegmenterName, in_channels: int, out_channels: int, *
         TypeError: an unknown option.
         ValueError: a bad value (one line per problem).
     """
-    unknown = sorted(set(options) - set(SegmenterOptions.model_fields))
-    if unknown:
-        raise TypeError(f"unknown segmenter option(s) {', '.join(unknown)}")
-    return SegmenterConfig.from_dict({"name": name, "in_channels": in_channels, "out_channels": out_channels,
-                                      **options}).to_dict()
+    return stored_config(SegmenterConfig, SegmenterOptions, "segmenter",
+                         {"name": name, "in_channels": in_channels, "out_channels": out_channels}, options)
 
 
 def build_segmenter(name: SegmenterName, in_channels: int, out_channels: int, **options: Any) -> nn.Module:
