@@ -13,6 +13,15 @@ The run directory holds::
 A stage's hash covers its kind, its parameters, the seed / determinism settings and the hash of
 the stage before it, so ``--resume`` skips exactly the stages whose inputs and parameters did not
 change (and everything after a changed stage runs again).
+
+**Distributed runs** (``dist``: several processes started by torchrun or ``medpipe run --nproc N``): rank 0
+is the runner above and alone writes the run folder; the other ranks *follow* (:func:`_follow`). Before each
+stage rank 0 publishes what happens to it: skipped (``--resume``), run by rank 0 alone (every stage but
+training), or run by every rank (stages registered ``distributed=True``: the training stages, which then
+train with DistributedDataParallel), with the artifacts and the resume key the stage needs. The followers
+run the distributed stages and otherwise wait (without a time limit while rank 0's heartbeat goes on; see
+:mod:`medpipe.distributed.group`). Rank 0 waits for every follower to finish a distributed stage before it
+records the stage done; a follower's failure fails the stage with that rank's message.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any
 import yaml
 
 from medpipe.config import Pipeline, Stage
+from medpipe.distributed.group import SINGLE, Distributed, PeerFailed
 from medpipe.errors import ConfigError, Interrupted, MedpipeError, StageError
 from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
@@ -175,10 +185,13 @@ def run_pipeline(
     device: str | None = None,
     progress_factory: ProgressFn = no_progress,
     on_stage: Callable[[str, str], None] | None = None,
+    dist: Distributed = SINGLE,
 ) -> RunSummary:
     """Run every stage of ``pipeline`` in ``run_dir``.
 
     ``overwrite``: start afresh in a folder that holds a run (its run files are deleted first).
+    ``dist``: this process's place in a distributed run (see the module docstring); ranks other than 0 follow
+    rank 0 and write nothing.
 
     Raises:
         ConfigError: the run directory holds another run and neither ``resume`` nor ``overwrite`` is set,
@@ -188,6 +201,8 @@ def run_pipeline(
     """
     cfg = pipeline.config
     run_dir = run_dir.resolve()
+    if not dist.is_main:
+        return _follow(pipeline, run_dir, device or cfg.device, dist)
     state = _read_state(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run folder", hint="choose another --out")
@@ -206,7 +221,7 @@ def run_pipeline(
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage)
+        return _run(pipeline, run_dir, state, device or cfg.device, progress_factory, on_stage, dist)
     finally:
         from medpipe.report.html import write_report_quietly
 
@@ -222,9 +237,10 @@ def _run(
     requested_device: str,
     progress_factory: ProgressFn,
     on_stage: Callable[[str, str], None] | None,
+    dist: Distributed = SINGLE,
 ) -> RunSummary:
     cfg = pipeline.config
-    device, amp = resolve_device(requested_device)
+    device, amp = _device(requested_device, dist)
     write_text_atomic(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.resolved(), sort_keys=False))
     started = datetime.now(timezone.utc).isoformat()
     provenance: dict[str, Any] = {
@@ -241,7 +257,10 @@ def _run(
         "host": platform.node(),
         "inputs": {},
     }
-    log.info("run %s in %s on %s (seed %d)", cfg.name, run_dir, device, cfg.seed)
+    if dist.enabled:
+        provenance["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
+    log.info("run %s in %s on %s (seed %d)%s", cfg.name, run_dir, device, cfg.seed,
+             f"; {dist.world_size} processes ({dist.backend})" if dist.enabled else "")
     _write_json(run_dir / "provenance.json", provenance)  # rewritten with inputs and timings when the run ends
     old_stages: dict[str, Any] = state.get("stages", {})
     new_state: dict[str, Any] = {"version": STATE_VERSION, "pipeline": cfg.name, "stages": {}}
@@ -267,12 +286,17 @@ def _run(
             log.info("%s: unchanged, skipped (--resume)", key)
             if on_stage:
                 on_stage(key, "skipped")
+            dist.publish(f"stage/{stage.index}", {"action": "skip"})
             continue
+        everywhere = dist.enabled and REGISTRY[stage.kind].distributed
         stage_dir = run_dir / "stages" / key
         stage_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed, cfg.deterministic)
         ctx = RunContext(run_dir, stage_dir, cfg.seed, device, amp, cfg.deterministic, dict(artifacts),
-                         logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory, resume_key=digest)
+                         logging.getLogger(f"medpipe.stages.{stage.kind}"), progress_factory, resume_key=digest,
+                         dist=dist if everywhere else SINGLE)
+        dist.publish(f"stage/{stage.index}", {"action": "all", "artifacts": artifacts, "resume_key": digest}
+                     if everywhere else {"action": "main"})
         if on_stage:
             on_stage(key, "running")
         new_state["stages"][key] = {"hash": digest, "status": "running"}
@@ -286,10 +310,15 @@ def _run(
                 warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
                 with torch_threads(cfg.cpu_threads):
                     result = REGISTRY[stage.kind].fn(ctx, stage.params)
+            if everywhere:  # the stage is done when every rank is done with it
+                dist.wait_arrivals(f"stage/{stage.index}/finished", dist.world_size - 1)
         except MedpipeError as exc:
-            new_state["stages"][key] = {"hash": digest, "status": "failed", "error": str(exc)}
+            peer = _peer_failure(dist, everywhere)
+            new_state["stages"][key] = {"hash": digest, "status": "failed", "error": peer or str(exc)}
             _write_json(run_dir / "state.json", new_state)
-            log.error("%s failed: %s", key, exc)
+            log.error("%s failed: %s", key, peer or exc)
+            if peer is not None:
+                raise PeerFailed(peer) from exc
             raise StageError(f"stages[{stage.index}] ({stage.kind}): {exc}", hint=exc.hint) from exc
         except KeyboardInterrupt:
             new_state["stages"][key] = {"hash": digest, "status": "interrupted"}
@@ -298,7 +327,13 @@ def _run(
             raise Interrupted(f"interrupted in {key}; what finished is kept",
                               hint="run the same command with --resume to continue (training restarts from its "
                                    "last snapshot)") from None
-        except BaseException:
+        except BaseException as exc:
+            peer = _peer_failure(dist, everywhere)
+            if peer is not None:  # e.g. a collective broken by the death of the rank that failed
+                new_state["stages"][key] = {"hash": digest, "status": "failed", "error": peer}
+                _write_json(run_dir / "state.json", new_state)
+                log.error("%s failed: %s", key, peer)
+                raise PeerFailed(peer) from exc
             new_state["stages"][key] = {"hash": digest, "status": "failed"}
             _write_json(run_dir / "state.json", new_state)
             log.exception("%s crashed", key)
@@ -328,4 +363,63 @@ def _run(
     provenance["stage_seconds"] = seconds
     _write_json(run_dir / "metrics.json", metrics)
     _write_json(run_dir / "provenance.json", provenance)
+    dist.publish("end", {"ran": ran, "skipped": skipped})
     return RunSummary(run_dir, ran, skipped, metrics, seconds, artifacts)
+
+
+def _peer_failure(dist: Distributed, everywhere: bool) -> str | None:
+    """In a stage every rank runs: the first failure of the job when another rank had it (``rank R: ...``)."""
+    failed = dist.failure() if everywhere else None
+    return failed if failed is not None and not failed.startswith(f"rank {dist.rank}:") else None
+
+
+def _device(requested: str, dist: Distributed) -> tuple[str, bool]:
+    """(device, mixed precision) for the run; in a distributed run on CUDA, this rank's GPU."""
+    device, amp = resolve_device(requested)
+    if dist.enabled and device == "cuda":
+        device = dist.device
+    return device, amp
+
+
+def _follow(pipeline: Pipeline, run_dir: Path, requested_device: str, dist: Distributed) -> RunSummary:
+    """A rank other than 0: run the stages rank 0 says every rank runs, wait through the others; write nothing.
+
+    Raises:
+        StageError: a stage failed on this rank (wrapped as on rank 0).
+        Interrupted: Ctrl-C.
+        PeerFailed: another rank failed first.
+    """
+    cfg = pipeline.config
+    device, amp = _device(requested_device, dist)
+    quiet = logging.getLogger("medpipe")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # rank 0 logs the run; the same lines from every rank would only repeat it
+    ran: list[str] = []
+    try:
+        for stage in pipeline.stages:
+            doc = dist.wait(f"stage/{stage.index}")
+            if doc["action"] != "all":
+                continue
+            key = _stage_key(stage)
+            seed_everything(cfg.seed, cfg.deterministic)
+            ctx = RunContext(run_dir, run_dir / "stages" / key, cfg.seed, device, amp, cfg.deterministic,
+                             dict(doc["artifacts"]), logging.getLogger(f"medpipe.stages.{stage.kind}"), no_progress,
+                             resume_key=doc["resume_key"], dist=dist)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+                    with torch_threads(cfg.cpu_threads):
+                        REGISTRY[stage.kind].fn(ctx, stage.params)
+            except MedpipeError as exc:
+                if isinstance(exc, (Interrupted, PeerFailed)):
+                    raise
+                raise StageError(f"stages[{stage.index}] ({stage.kind}): {exc}", hint=exc.hint) from exc
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted in {key}; what finished is kept") from None
+            dist.arrive(f"stage/{stage.index}/finished")
+            ran.append(key)
+        dist.wait("end")
+    finally:
+        quiet.setLevel(level)
+    return RunSummary(run_dir, ran, [], {}, {}, {})

@@ -19,7 +19,13 @@ by an earlier stage. At run time a stage reads its inputs with :meth:`RunContext
 runner refuses a result that gives what the stage did not declare.
 
 This module is the bottom layer of the pipeline machinery: it imports nothing from medpipe but
-``errors``; stage modules import it and the library, never the runner or the config loader.
+``errors`` and ``distributed`` (what a stage knows of a multi-process run: :attr:`RunContext.dist`);
+stage modules import it and the library, never the runner or the config loader.
+
+**Distributed runs** (``medpipe run --nproc N`` or under torchrun): a stage registered with
+``distributed=True`` (the training stages) runs on every rank, each with ``ctx.dist`` saying which it is;
+such a stage writes its outputs on rank 0 only (``ctx.dist.is_main``) and returns its result there (the
+other ranks' results are ignored). Every other stage runs once, on rank 0, while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medpipe.distributed.group import SINGLE, Distributed
 from medpipe.errors import StageError
 
 #: bounded numbers for stage parameters (every numeric parameter has bounds: a typo such as ``-1`` or
@@ -153,6 +160,8 @@ class RunContext:
     #: identifies this stage's inputs and parameters (the runner's stage hash): a training snapshot left by an
     #: interrupted run is resumed only when it was made under the same key
     resume_key: str = ""
+    #: this process's place in a distributed run (:data:`~medpipe.distributed.group.SINGLE`: the only process)
+    dist: Distributed = SINGLE
 
     def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
         """A progress bar; the yielded function advances it by ``n``."""
@@ -229,18 +238,21 @@ class StageDef:
     params: type[StageParams]
     needs: tuple[Need, ...] = ()
     gives: tuple[str, ...] = ()
+    #: runs on every rank of a distributed run (training); else on rank 0 alone
+    distributed: bool = False
 
 
 REGISTRY: dict[str, StageDef] = {}
 
 
 def stage(kind: str, params: type[StageParams], *, needs: tuple[Need, ...] = (),
-          gives: tuple[str, ...] = ()) -> Callable[[F], F]:
+          gives: tuple[str, ...] = (), distributed: bool = False) -> Callable[[F], F]:
     """Register ``fn(ctx, params) -> StageResult`` as the stage ``kind``.
 
     ``needs``: artifacts taken from earlier stages (or parameters); ``gives``: artifacts it returns in
     ``StageResult.outputs``. Both must name declared artifacts (:func:`artifact`), and every parameter a
-    need names must exist in ``params``.
+    need names must exist in ``params``. ``distributed``: in a multi-process run the stage runs on every rank
+    (see the module docstring), else on rank 0 alone.
     """
     for name in (*(n.artifact for n in needs), *gives):
         if name not in ARTIFACTS:
@@ -255,7 +267,7 @@ def stage(kind: str, params: type[StageParams], *, needs: tuple[Need, ...] = (),
         existing = REGISTRY.get(kind)
         if existing is not None and existing.fn.__module__ != fn.__module__:
             raise RuntimeError(f"stage kind {kind!r} registered twice ({existing.fn.__module__}, {fn.__module__})")
-        REGISTRY[kind] = StageDef(kind, fn, params, tuple(needs), tuple(gives))
+        REGISTRY[kind] = StageDef(kind, fn, params, tuple(needs), tuple(gives), distributed)
         return fn
 
     return register

@@ -25,7 +25,12 @@ def score_command(
     tta: bool = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation (default: the model's)."),
     readers: int = typer.Option(1, "--readers", min=1, max=16, help="Threads reading studies ahead."),
     writers: int = typer.Option(1, "--writers", min=1, max=16, help="Threads writing results."),
-    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, max=1024, help="torch CPU threads."),
+    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, max=1024, help="torch CPU threads (per Dask "
+                                                                                 "worker with --dask)."),
+    dask: str = typer.Option(None, "--dask", help="Score on Dask workers, one task per study, the model loaded once "
+                                                  "per worker: local:N (N worker processes here) or tcp://HOST:PORT "
+                                                  "(a running scheduler; workers must see SRC, MODEL and OUT). Needs "
+                                                  "pip install 'medpipe[dask]'."),
     resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry with `run`: every run resumes "
                                                         "(studies scored with the same model and inputs are skipped)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
@@ -43,9 +48,13 @@ def score_command(
         raise ConfigError(f"--seg-type {seg_type}: expected binary or labelmap")
     if push_via not in (None, "dimse", "dicomweb"):
         raise ConfigError(f"--push-via {push_via}: expected dimse or dicomweb")
+    if dask is not None:
+        from medpipe.scoring.dask import parse_spec
+
+        parse_spec(dask)  # a wrong spec fails before anything is ingested
     source = _pacs_source(src, out, pacs, quiet) if src.lower().startswith("pacs://") else Path(src)
     options = ScoreOptions(device=device, tta=tta, explain=explain, nifti=nifti, seg_type=seg_type,  # type: ignore[arg-type]
-                           readers=readers, writers=writers, cpu_threads=cpu_threads)
+                           readers=readers, writers=writers, cpu_threads=cpu_threads, dask=dask)
     console = Console(quiet=quiet)
     with RichProgress(console) as ingest_progress:
         report = score(source, model, out, options, progress=bar_factory(ingest_progress),
@@ -70,7 +79,8 @@ def score_command(
     parts = ", ".join(f"{k} {secs[k]:.1f} s" for k in ("read", "preprocess", "infer", "write") if k in secs)
     console.print(f"{len(report.rows)} studies: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, "
                   f"{counts.get('failed', 0)} failed ({report.n_reused} already scored); wall {secs['wall']:.1f} s"
-                  + (f" ({parts} summed over threads)" if parts else ""))
+                  + (f" ({parts} summed over {'studies' if dask else 'threads'})" if parts else "")
+                  + (f"; Dask cluster ready in {secs['start_cluster']:.1f} s" if "start_cluster" in secs else ""))
     console.print(f"model {report.model_id[:16]}; results in {escape(str(report.out / 'results'))}, "
                   f"table in {escape(str(report.out / 'scores.csv'))}")
 

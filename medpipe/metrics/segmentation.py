@@ -161,16 +161,32 @@ def validation_dice(cases: Iterable[tuple[Any, Any]], classes: int) -> float:
     whose truth has no foreground are not averaged in (as in ``evaluate``); when no case has any, the
     score is the fraction of them predicted empty. NaN without cases.
     """
+    return combine_validation_dice(validation_case(prob, truth, classes) for prob, truth in cases)
+
+
+def validation_case(prob: Any, truth: Any, classes: int) -> tuple[float | None, float | None]:
+    """One case's share of :func:`validation_dice`: ``(mean foreground Dice over the classes its truth has,
+    None)``, or for a truth without foreground ``(None, 1.0 if nothing was predicted else 0.0)``. Cases scored
+    apart (e.g. on several processes) combine with :func:`combine_validation_dice`."""
+    import numpy as np
+
+    case = [v for v in foreground_dice(prob, truth, classes) if not math.isnan(v)]
+    if case:
+        return float(np.mean(case)), None
+    return None, 1.0 if int((prob.argmax(1) > 0).sum()) == 0 else 0.0
+
+
+def combine_validation_dice(cases: Iterable[tuple[float | None, float | None]]) -> float:
+    """:func:`validation_dice` from the :func:`validation_case` of every case, in case order."""
     import numpy as np
 
     scores: list[float] = []
     empty_ok: list[float] = []
-    for prob, truth in cases:
-        case = [v for v in foreground_dice(prob, truth, classes) if not math.isnan(v)]
-        if case:
-            scores.append(float(np.mean(case)))
-        else:
-            empty_ok.append(1.0 if int((prob.argmax(1) > 0).sum()) == 0 else 0.0)
+    for dice, empty in cases:
+        if dice is not None:
+            scores.append(dice)
+        elif empty is not None:
+            empty_ok.append(empty)
     if scores:
         return float(np.mean(scores))
     return float(np.mean(empty_ok)) if empty_ok else float("nan")

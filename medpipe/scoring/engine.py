@@ -16,6 +16,12 @@ bounded, so memory stays flat in the number of studies. The libraries doing the 
 zlib, numpy, torch, highdicom's bit packing) release the GIL for their heavy parts, so threads give
 real overlap without copying volumes between processes.
 
+The per-study work (read + preprocess, infer, write) is :class:`StudyScorer`, set up once per process with
+the model loaded once; :func:`_execute` is the one place that chooses who runs it: this process's threads
+(the default, above), or with ``ScoreOptions.dask`` one task per study on Dask workers, each worker holding
+its own :class:`StudyScorer` (:mod:`medpipe.scoring.dask`). The driver (this process) alone writes
+``scores.csv`` and the status table, so resume and failure isolation are the same either way.
+
 Failure isolation: whatever goes wrong with one study (unreadable pixels, a channel missing, out of
 memory, a bug) makes that study ``failed`` with a one-line reason; the run goes on and returns normally.
 Every output is written atomically and a study's status row is written after its outputs, so a killed
@@ -25,6 +31,7 @@ new objects derive from the model id and the source UIDs, so a re-scored study g
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import threading
@@ -61,6 +68,11 @@ class ScoreOptions:
     prefetch: int = 2  # studies read ahead of the one being inferred
     cpu_threads: int | None = None  # torch CPU threads for inference (None: torch's default)
     ingest_workers: int | None = None
+    #: the results' content date and time (None: when scoring starts); fixed, a re-run writes identical files
+    created: datetime.datetime | None = None
+    #: None: this process (threads); ``local:N`` (N worker processes on this machine) or ``tcp://HOST:PORT`` (a
+    #: running Dask scheduler): one task per study on Dask workers (:mod:`medpipe.scoring.dask`)
+    dask: str | None = None
 
 
 @dataclass
@@ -174,9 +186,6 @@ def score(src: Path | str, model: Path | str | ModelPackage, out: Path | str, op
         PackageError: the model folder is not a usable package.
         SourceError / CatalogError: ``src`` cannot be read at all.
     """
-    from medpipe.inference.device import resolve_device
-    from medpipe.scoring.results import ResultWriter
-
     options = options or ScoreOptions()
     package = model if isinstance(model, ModelPackage) else ModelPackage.load(model)
     out = Path(out).expanduser().resolve()
@@ -200,13 +209,7 @@ def score(src: Path | str, model: Path | str | ModelPackage, out: Path | str, op
              package.version)
     timer = _Timer()
     if todo:
-        device, amp = resolve_device(options.device)
-        t0 = time.perf_counter()
-        with _torch_threads(options.cpu_threads):
-            net = package.load_model(device, amp)
-            timer.add("load_model", time.perf_counter() - t0)
-            writer = ResultWriter(package, net, out, options)
-            _run(todo, net, writer, builder_args, package, options, status, rows, timer, progress, on_study)
+        _execute(todo, package, out, options, builder_args, status, rows, timer, progress, on_study)
     status.close()
     ordered = [rows[j.study_uid] for j in jobs if j.study_uid in rows]
     write_csv_atomic(out / SCORES_CSV, ordered, _columns(ordered))
@@ -224,6 +227,46 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
                 rest.append(k)
     tail = [k for k in ("model_id", "seconds") if k in rest]
     return first + [k for k in rest if k not in tail] + tail
+
+
+def _execute(todo: list[StudyJob], package: ModelPackage, out: Path, options: ScoreOptions, builder_args: Any,
+             status: ScoreStatus, rows: dict[str, dict[str, Any]], timer: _Timer, progress: ProgressFn | None,
+             on_study: Callable[[dict[str, Any]], None] | None) -> None:
+    """Score ``todo``: the one place that chooses who runs the studies. By default this process (the model
+    loaded once; reader, inference and writer threads overlapped); with ``options.dask`` one task per study on
+    Dask workers (:mod:`medpipe.scoring.dask`, the model loaded once per worker). Either way this process alone
+    records each finished study (status table, ``rows``) in the order studies finish."""
+    import datetime as dt
+
+    created = (options.created or dt.datetime.now()).replace(microsecond=0)  # one content time for the whole run
+    bar = progress("Scoring", len(todo)) if progress else None
+    advance = bar.__enter__() if bar is not None else (lambda n=1: None)
+
+    def finish(job: StudyJob, row: dict[str, Any], times: dict[str, float]) -> None:
+        row.setdefault("model_id", package.id)
+        row["seconds"] = round(row.get("seconds", 0.0), 3)
+        rows[job.study_uid] = row
+        status.record(job.study_uid, package.id, job.fingerprint, row["status"], row)
+        for key, seconds in times.items():
+            timer.add(key, seconds)
+        if on_study:
+            on_study(row)
+        advance(1)
+
+    try:
+        if options.dask:
+            from medpipe.scoring.dask import run_on_dask
+
+            run_on_dask(options.dask, todo, package, out, options, builder_args, created, finish, timer,
+                        scorer=StudyScorer, failed_row=failed_row)
+        else:
+            with _torch_threads(options.cpu_threads):
+                scorer = StudyScorer(package, out, options, builder_args, created)
+                timer.add("load_model", scorer.load_seconds)
+                _run_threads(todo, scorer, options, finish)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 class _torch_threads:
@@ -254,14 +297,15 @@ class _Prepared:
     skipped: str | None = None
     failed: str | None = None
     seconds: float = 0.0
+    #: this study's stage times (read, preprocess, infer, write), summed into the report by whoever runs it
+    times: dict[str, float] = field(default_factory=dict)
 
 
 class _Reader:
-    """Builds a study's model input in a reader thread (one catalog connection per thread)."""
+    """Builds a study's model input (one catalog connection per thread)."""
 
-    def __init__(self, builder_args: Any, net: Any, timer: _Timer, work_dir: Path) -> None:
+    def __init__(self, builder_args: Any, net: Any, work_dir: Path) -> None:
         self.builder_args = builder_args
-        self.timer = timer
         self.work_dir = work_dir
         self.local = threading.local()
         spec = net.eval_transforms
@@ -295,10 +339,10 @@ class _Reader:
             prep.item = item
             data = self.load(dict(item))
             t1 = time.perf_counter()
-            self.timer.add("read", t1 - t0)
+            prep.times["read"] = t1 - t0
             prep.data = self.preprocess(data)
             prep.grid = read_grid(item["reference_volume"])
-            self.timer.add("preprocess", time.perf_counter() - t1)
+            prep.times["preprocess"] = time.perf_counter() - t1
         except StudySkipped as exc:
             prep.skipped = str(exc)
         except MemoryError:
@@ -310,15 +354,88 @@ class _Reader:
         return prep
 
 
-def _run(todo: list[StudyJob], net: Any, writer: Any, builder_args: Any, package: ModelPackage,
-         options: ScoreOptions, status: ScoreStatus, rows: dict[str, dict[str, Any]], timer: _Timer,
-         progress: ProgressFn | None, on_study: Callable[[dict[str, Any]], None] | None) -> None:
-    reader = _Reader(builder_args, net, timer, writer.out / "inputs")
-    tta = bool(package.inference.get("tta", False)) if options.tta is None else options.tta
+class StudyScorer:
+    """The per-study work of a scoring run, set up once per process (the model loaded once):
+    :meth:`read` (+ preprocess), :meth:`infer`, :meth:`write`, or all three for one study: :meth:`score`.
+
+    Every failure of a study becomes its ``failed`` row with a one-line reason (never an exception), so
+    whoever runs the studies (this process's threads, or Dask workers: :mod:`medpipe.scoring.dask`) isolates
+    failures the same way. Inference takes a lock: one study at a time per loaded model, while other threads
+    read and write.
+    """
+
+    def __init__(self, package: ModelPackage, out: Path, options: ScoreOptions, builder_args: Any,
+                 created: Any = None) -> None:
+        from medpipe.inference.device import resolve_device
+        from medpipe.scoring.results import ResultWriter
+
+        self.package = package
+        device, amp = resolve_device(options.device)
+        t0 = time.perf_counter()
+        self.net = package.load_model(device, amp)
+        self.load_seconds = time.perf_counter() - t0
+        self.writer = ResultWriter(package, self.net, out, options, created)
+        self.reader = _Reader(builder_args, self.net, out / "inputs")
+        self.tta = bool(package.inference.get("tta", False)) if options.tta is None else options.tta
+        self._infer_lock = threading.Lock()
+
+    def read(self, job: StudyJob) -> _Prepared:
+        return self.reader(job)
+
+    def infer(self, prep: _Prepared) -> tuple[Any, dict[str, Any] | None]:
+        """``(prediction, None)``, or ``(None, the study's failed row)``."""
+        t0 = time.perf_counter()
+        try:
+            with self._infer_lock:
+                prediction = self.writer.infer(prep, self.tta)
+        except MemoryError:
+            return None, _row(prep, "failed", "out of memory during inference", seconds=prep.seconds)
+        except Exception as exc:  # one study's failure never stops the run
+            log.debug("study %s failed during inference:\n%s", prep.job.study_uid, traceback.format_exc())
+            return None, _row(prep, "failed", f"inference failed: {_one_line(exc)}", seconds=prep.seconds)
+        prep.times["infer"] = time.perf_counter() - t0
+        prep.data = None  # the transformed input is not needed any more
+        return prediction, None
+
+    def write(self, prep: _Prepared, prediction: Any) -> dict[str, Any]:
+        """The study's row (``ok``, or ``failed`` when writing failed); ``seconds`` covers the whole study."""
+        t0 = time.perf_counter()
+        try:
+            row = self.writer.write(prep, prediction)
+        except MemoryError:
+            row = _row(prep, "failed", "out of memory while writing the results")
+        except Exception as exc:  # one study's failure never stops the run
+            log.debug("study %s failed while writing:\n%s", prep.job.study_uid, traceback.format_exc())
+            row = _row(prep, "failed", f"results cannot be written: {_one_line(exc)}")
+        else:
+            prep.times["write"] = time.perf_counter() - t0
+            row["seconds"] = prep.times["write"]
+        row["seconds"] = row.get("seconds", 0.0) + prep.seconds + prep.times.get("infer", 0.0)
+        return row
+
+    def score(self, job: StudyJob) -> tuple[dict[str, Any], dict[str, float]]:
+        """Read, infer and write one study: ``(its row, its stage times)``."""
+        prep = self.read(job)
+        if prep.skipped is not None or prep.failed is not None:
+            return _unread_row(prep), prep.times
+        prediction, failed = self.infer(prep)
+        if failed is not None:
+            return failed, prep.times
+        return self.write(prep, prediction), prep.times
+
+
+def _unread_row(prep: _Prepared) -> dict[str, Any]:
+    status_ = "skipped" if prep.skipped is not None else "failed"
+    return _row(prep, status_, prep.skipped or prep.failed or "", seconds=prep.seconds)
+
+
+def _run_threads(todo: list[StudyJob], scorer: StudyScorer, options: ScoreOptions,
+                 finish: Callable[[StudyJob, dict[str, Any], dict[str, float]], None]) -> None:
+    """This process: reader threads read ahead, this thread infers, writer threads write (see the module doc)."""
     readers = ThreadPoolExecutor(max(1, options.readers), thread_name_prefix="medpipe-read")
     writers = ThreadPoolExecutor(max(1, options.writers), thread_name_prefix="medpipe-write")
     reads: deque[Future[_Prepared]] = deque()
-    writes: deque[tuple[_Prepared, float, Future[dict[str, Any]]]] = deque()
+    writes: deque[tuple[_Prepared, Future[dict[str, Any]]]] = deque()
     queue: Iterator[StudyJob] = iter(todo)
     ahead = max(1, options.prefetch)
 
@@ -327,76 +444,36 @@ def _run(todo: list[StudyJob], net: Any, writer: Any, builder_args: Any, package
             job = next(queue, None)
             if job is None:
                 return
-            reads.append(readers.submit(reader, job))
-
-    def finish(prep: _Prepared, row: dict[str, Any]) -> None:
-        row.setdefault("model_id", package.id)
-        row["seconds"] = round(row.get("seconds", 0.0), 3)
-        rows[prep.job.study_uid] = row
-        status.record(prep.job.study_uid, package.id, prep.job.fingerprint, row["status"], row)
-        if on_study:
-            on_study(row)
-        advance(1)
+            reads.append(readers.submit(scorer.read, job))
 
     def drain(block: bool, at_most: int | None = None) -> None:
         n = 0
-        while writes and (block or writes[0][2].done()) and (at_most is None or n < at_most):
+        while writes and (block or writes[0][1].done()) and (at_most is None or n < at_most):
             n += 1
-            prep, infer_s, fut = writes.popleft()
-            try:
-                row = fut.result()
-            except MemoryError:
-                row = _row(prep, "failed", "out of memory while writing the results")
-            except Exception as exc:  # one study's failure never stops the run
-                log.debug("study %s failed while writing:\n%s", prep.job.study_uid, traceback.format_exc())
-                row = _row(prep, "failed", f"results cannot be written: {_one_line(exc)}")
-            row["seconds"] = row.get("seconds", 0.0) + prep.seconds + infer_s
-            finish(prep, row)
+            prep, fut = writes.popleft()
+            finish(prep.job, fut.result(), prep.times)
 
-    bar = progress("Scoring", len(todo)) if progress else None
-    advance = bar.__enter__() if bar is not None else (lambda n=1: None)
     try:
         fill()
         while reads:
             prep = reads.popleft().result()
             fill()
             if prep.skipped is not None or prep.failed is not None:
-                status_ = "skipped" if prep.skipped is not None else "failed"
-                finish(prep, _row(prep, status_, prep.skipped or prep.failed or "", seconds=prep.seconds))
+                finish(prep.job, _unread_row(prep), prep.times)
                 drain(block=False)
                 continue
-            t0 = time.perf_counter()
-            try:
-                prediction = writer.infer(prep, tta)
-            except MemoryError:
-                finish(prep, _row(prep, "failed", "out of memory during inference", seconds=prep.seconds))
+            prediction, failed = scorer.infer(prep)
+            if failed is not None:
+                finish(prep.job, failed, prep.times)
                 continue
-            except Exception as exc:  # one study's failure never stops the run
-                log.debug("study %s failed during inference:\n%s", prep.job.study_uid, traceback.format_exc())
-                finish(prep, _row(prep, "failed", f"inference failed: {_one_line(exc)}", seconds=prep.seconds))
-                continue
-            infer_s = time.perf_counter() - t0
-            timer.add("infer", infer_s)
-            prep.data = None  # the transformed input is not needed any more
             if len(writes) > max(1, options.writers):  # bounded: memory stays flat
                 drain(block=True, at_most=len(writes) - max(1, options.writers))
-            writes.append((prep, infer_s, writers.submit(_timed_write, writer, prep, prediction, timer)))
+            writes.append((prep, writers.submit(scorer.write, prep, prediction)))
             drain(block=False)
         drain(block=True)
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.__exit__(None, None, None)
-
-
-def _timed_write(writer: Any, prep: _Prepared, prediction: Any, timer: _Timer) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    row = writer.write(prep, prediction)
-    elapsed = time.perf_counter() - t0
-    timer.add("write", elapsed)
-    row["seconds"] = elapsed
-    return row
 
 
 def _row(prep: _Prepared, status: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
@@ -406,3 +483,7 @@ def _row(prep: _Prepared, status: str, reason: str, seconds: float = 0.0) -> dic
     return {"patient_id": prep.job.patient_id, "study_uid": prep.job.study_uid, "status": status,
             "reason": reason, "series_used": series, "seconds": seconds}
 
+
+def failed_row(job: StudyJob, reason: str) -> dict[str, Any]:
+    """The row of a study that failed outside the per-study work (e.g. every worker scoring it died)."""
+    return _row(_Prepared(job), "failed", reason)

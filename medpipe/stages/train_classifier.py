@@ -111,7 +111,7 @@ class TrainClassifierParams(StageParams, ClassifierOptions, SelectionOptions):
 
 
 @stage("train_classifier", TrainClassifierParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("classifier", "model", "datalist"))
+       gives=("classifier", "model", "datalist"), distributed=True)
 def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
     import numpy as np
 
@@ -151,6 +151,8 @@ def train_classifier(ctx: RunContext, p: TrainClassifierParams) -> StageResult:
             fold_metrics.append(m)
             oof_true += [int(it["class"]) for it in fold_val]
             oof_prob.append(prob)
+    if not ctx.dist.is_main:  # a rank of a distributed run: rank 0 writes everything that follows
+        return StageResult()
 
     write_csv_atomic(ctx.stage_dir / "history.csv", history,
                      ["fold", "epoch", "loss", "val_loss", "val_auc", "lr", "seconds"])
@@ -211,8 +213,9 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     from medpipe.inference.classification import valid_tta_axes
     from medpipe.models.classification import build_classifier, check_input_size
     from medpipe.models.classification_config import classifier_config
+    from medpipe.training import ddp
     from medpipe.training.classification import CLASSIFIER_FLOOR, classifier_batches, classifier_validation
-    from medpipe.training.imbalance import make_sampler
+    from medpipe.training.imbalance import make_sampler, sample_weights
     from medpipe.training.loop import SupervisedStep, Validation, fit, resolve_amp
     from medpipe.training.losses import make_loss
     from medpipe.training.resume import Snapshot
@@ -227,14 +230,16 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
         missing = [names[c] for c in range(n_cls) if counts[c] == 0]
         ctx.log.warning("fold %d: no training item of class %s", fold, ", ".join(missing))
     cache_dir = Path(p.cache_dir).expanduser().resolve() if p.cache_dir else ctx.run_dir / "cache"
+    dist, seed = ctx.dist, ctx.seed + fold
+    held = ddp.cached_items(train, p.cache, dist, seed)  # this rank's training items
     try:
-        train_ds = make_dataset(model_inputs(train), train_spec, p.cache, cache_dir)
-        val_ds = make_dataset(model_inputs(val), eval_spec, p.cache, cache_dir)
-        first = val_ds[0]["image"]
+        train_ds = make_dataset(model_inputs(held), train_spec, p.cache, cache_dir)
+        val_ds = make_dataset(model_inputs(ddp.shard(val, dist)), eval_spec, p.cache, cache_dir)
+        first = (val_ds if len(val_ds) else make_dataset(model_inputs(val[:1]), eval_spec))[0]["image"]
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot load the images ({type(exc).__name__}: {exc}); check the transforms "
                          "and the datalist") from exc
-    set_random_state(train_ds.transform, ctx.seed + fold)
+    set_random_state(train_ds.transform, dist.rank_seed(seed))
     input_shape = [int(s) for s in first.shape]
     if len(input_shape) != dims + 1:
         raise StageError(f"the eval transforms give images of shape {input_shape}; a {dims}D classifier needs "
@@ -250,16 +255,27 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
     device = ctx.device
     amp = resolve_amp(p.amp, ctx.amp, device)
     net.to(device)
+    model = ddp.wrap(net, dist)  # what trains; ``net`` holds its weights
     n_synthetic = sum(1 for it in train if it.get("synthetic"))
     ctx.log.info("fold %d: %s (%dD, input %s, %d classes, %.2fM parameters) on %s; %d train (%s per class, %d "
                  "synthetic), %d val; imbalance %s", fold, p.model, dims, input_shape, n_cls,
                  sum(t.numel() for t in net.parameters()) / 1e6, device, len(train), counts.tolist(), n_synthetic,
                  len(val), p.imbalance)
 
-    sampler = make_sampler(p.imbalance, [int(it["class"]) for it in train], counts, ctx.seed + fold)
-    loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=0,
-                        generator=torch.Generator().manual_seed(ctx.seed + fold), drop_last=len(train) > p.batch_size,
-                        pin_memory=device.startswith("cuda"))
+    epoch_start = None
+    if dist.enabled:
+        weights = sample_weights([int(it["class"]) for it in held], counts).tolist() \
+            if p.imbalance == "weighted_sampler" else None
+        per_rank = -(-len(train) // dist.world_size)
+        loader, epoch_start, sampler = ddp.train_loader(train_ds, batch_size=p.batch_size, seed=seed, dist=dist,
+                                                        partitioned=p.cache == "memory", weights=weights,
+                                                        drop_last=per_rank > p.batch_size,
+                                                        pin_memory=device.startswith("cuda"))
+    else:
+        sampler = make_sampler(p.imbalance, [int(it["class"]) for it in train], counts, seed)
+        loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=sampler is None, sampler=sampler,
+                            num_workers=0, generator=torch.Generator().manual_seed(seed),
+                            drop_last=len(train) > p.batch_size, pin_memory=device.startswith("cuda"))
     loss_fn = make_loss(p.imbalance, counts, gamma=p.focal_gamma, label_smoothing=p.label_smoothing)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn.to(device)
@@ -271,8 +287,9 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
         for start in range(0, len(bn_ds), p.batch_size):
             yield torch.stack([bn_ds[i]["image"] for i in range(start, min(start + p.batch_size, len(bn_ds)))])
 
-    bn_ds = make_dataset(model_inputs(train), eval_spec, p.cache, cache_dir) if p.average != "none" else None
-    average = p.weight_average(net, p.epochs, bn_batches)
+    bn_ds = make_dataset(model_inputs(ddp.shard(train, dist)), eval_spec, p.cache, cache_dir) \
+        if p.average != "none" else None
+    average = p.weight_average(net, p.epochs, bn_batches, dist)
     kept_net = average.module if average is not None else net  # what is validated and kept
 
     def save(epoch: int, v: Validation) -> None:
@@ -286,20 +303,22 @@ def _train_fold(ctx: RunContext, p: TrainClassifierParams, *, doc_path: Path, tr
 
     validate = classifier_validation(kept_net, val_ds, [int(it["class"]) for it in val], select=p.select, device=device,
                                      amp=amp, tta_axes=valid_tta_axes(p.val_tta_axes, dims),
-                                     batch_size=max(p.batch_size, 32))
+                                     batch_size=max(p.batch_size, 32), dist=dist)
+    validate = ddp.synced(validate, net, dist)
     if average is not None:
         validate = average.wrap(validate)
-    step = SupervisedStep(net, loss_fn, opt, classifier_batches(device), device=device, amp=amp)
+    step = SupervisedStep(model, loss_fn, opt, classifier_batches(device), device=device, amp=amp)
     snapshot = Snapshot(ctx.stage_dir / f"fold{fold}.resume.pt", ctx.resume_key,
                         objects={k: v for k, v in {"net": net, "optimizer": opt, "scheduler": sched,
                                                    "scaler": step.scaler, "average": average}.items() if v is not None},
                         generators=[loader.generator, getattr(sampler, "generator", None)],
-                        transforms=[train_ds.transform], every_seconds=p.snapshot_every)
-    run = fit(step, loader, snapshot=snapshot,
+                        transforms=[train_ds.transform], every_seconds=p.snapshot_every, dist=dist)
+    run = fit(step, loader, snapshot=snapshot, epoch_start=epoch_start, dist=dist,
               epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched, validate=validate,
               val_every=p.val_every, val_columns=("val_loss", "val_auc"), floor=CLASSIFIER_FLOOR[p.select],
-              on_best=save, patience=p.patience, fixed={"fold": fold}, progress=advance, log=ctx.log,
+              on_best=save if dist.is_main else None, patience=p.patience, fixed={"fold": fold}, progress=advance, log=ctx.log,
               label=f"fold {fold} ", window=p.select_window, min_epoch=p.first_keepable_epoch(p.epochs),
               average=average)
+    ddp.check_identical({"network": net}, dist, ctx.log, f"fold {fold}: ")
     kept = run.best.values if run.best is not None else {"score": -1.0, "prob": np.zeros((len(val), n_cls))}
     return {"best_val_auc": kept["score"], "best_epoch": run.best_epoch, "epochs": run.epochs}, run.history, kept["prob"]

@@ -111,7 +111,7 @@ def _round(v: float | None) -> float | None:
 
 
 @stage("train_gan", TrainGanParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("generator", "datalist"))
+       gives=("generator", "datalist"), distributed=True)
 def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     import copy
 
@@ -130,6 +130,7 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     )
     from medpipe.models.gan_config import gan_config
     from medpipe.report.training_plots import curve_png, samples_png
+    from medpipe.training import ddp
     from medpipe.training.gan import GAN_COLUMNS, GanStep, gan_summary, load_images, train_feature_extractor
     from medpipe.training.loop import ShuffledBatches, Validation, fit
     from medpipe.training.resume import Snapshot
@@ -163,7 +164,7 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     xv, yv = load_images(val_items, p.image_size) if val_items else (x[:0], y[:0])
     if xv.shape[2:] != x.shape[2:]:
         raise StageError(f"val images are {list(xv.shape[2:])} pixels, train images {size}; set image_size")
-    device = ctx.device
+    device, dist = ctx.device, ctx.dist
     ctx.log.info("GAN on %d train images %s (%d channel(s)); target class %d (%s, %d images); conditioned on %s; "
                  "%d CPU thread(s)", len(x), size, x.shape[1], target, names[target], counts[target], p.condition_on,
                  torch.get_num_threads())
@@ -203,7 +204,8 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
     ema = copy.deepcopy(g_net).eval()
     opt_g = torch.optim.Adam(g_net.parameters(), lr=p.lr_g, betas=(p.beta1, 0.999))
     opt_d = torch.optim.Adam(d_net.parameters(), lr=p.lr_d, betas=(p.beta1, 0.999))
-    gen = torch.Generator().manual_seed(ctx.seed + 2)
+    gen = torch.Generator().manual_seed(ctx.seed + 2)  # shuffling (the same on every rank), latents, augmentation
+    latents = torch.Generator().manual_seed(dist.rank_seed(ctx.seed + 2)) if dist.enabled else gen  # a rank's own
     target_idx = torch.full((p.n_eval,), index_of[target], dtype=torch.long)
 
     def sample_ema() -> Any:  # the averaged weights get their own batch-norm statistics, the same way every time
@@ -214,19 +216,27 @@ def train_gan(ctx: RunContext, p: TrainGanParams) -> StageResult:
         value = _round(fid(real_feats, features_and_classes(extractor, sample_ema(), device)[0]))
         return Validation({"fid": value}, None, f"FID {value}")
 
-    step = GanStep(g_net, d_net, ema, opt_g, opt_d, latent_dim=p.latent_dim, generator=gen,
-                   d_loss=d_hinge_loss if p.loss == "hinge" else d_bce_loss,
+    step = GanStep(ddp.wrap(g_net, dist), ddp.wrap(d_net, dist), ema, opt_g, opt_d, latent_dim=p.latent_dim,
+                   generator=latents, d_loss=d_hinge_loss if p.loss == "hinge" else d_bce_loss,
                    g_loss=g_hinge_loss if p.loss == "hinge" else g_bce_loss,
-                   augment=(lambda t: diff_augment(t, gen, flip_axis=p.flip_axis)) if p.diffaugment else (lambda t: t),
-                   ema_decay=p.ema_decay, device=device)
+                   augment=(lambda t: diff_augment(t, latents, flip_axis=p.flip_axis)) if p.diffaugment
+                   else (lambda t: t), ema_decay=p.ema_decay, device=device)
     snapshot = Snapshot(ctx.stage_dir / "gan.resume.pt", ctx.resume_key,
                         objects={"generator": g_net, "discriminator": d_net, "ema": ema, "opt_g": opt_g,
-                                 "opt_d": opt_d, "step": step}, generators=[gen], every_seconds=p.snapshot_every)
+                                 "opt_d": opt_d, "step": step}, generators=[gen, latents] if dist.enabled else [gen],
+                        every_seconds=p.snapshot_every, dist=dist)
+    batches = ShuffledBatches([gx, gy], min(p.batch_size, len(gx)), gen, drop_last=True, rank=dist.rank,
+                              world=dist.world_size)
     with ctx.progress("Training GAN", p.epochs) as advance:
-        run = fit(step, ShuffledBatches([gx, gy], min(p.batch_size, len(gx)), gen, drop_last=True), snapshot=snapshot,
-                  epochs=p.epochs, modules=[g_net], validate=validate if p.fid_every else None,
+        run = fit(step, batches, snapshot=snapshot, dist=dist,
+                  epochs=p.epochs, modules=[g_net], validate=ddp.on_main(validate, dist) if p.fid_every else None,
                   val_every=p.fid_every or 1, validate_first=True, val_columns=("fid",), summarize=gan_summary,
                   summary_columns=GAN_COLUMNS, finite=("d_loss", "g_loss"), progress=advance, log=ctx.log)
+    for net in (g_net, d_net, ema):  # batch-norm statistics: each rank's own batches (G, D), rank 0's (the EMA's)
+        dist.sync_buffers(net)
+    ddp.check_identical({"generator": g_net, "discriminator": d_net, "moving-average generator": ema}, dist, ctx.log)
+    if not dist.is_main:  # a rank of a distributed run: rank 0 writes everything that follows
+        return StageResult()
 
     # the score of the final (moving-average) generator
     fake_feats, fake_pred = features_and_classes(extractor, sample_ema(), device)

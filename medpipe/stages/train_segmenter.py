@@ -116,7 +116,7 @@ class TrainSegmenterParams(StageParams, SegmenterOptions, SelectionOptions):
 
 
 @stage("train_segmenter", TrainSegmenterParams, needs=(Need("datalist", params=("datalist",)),),
-       gives=("checkpoint", "model", "datalist"))
+       gives=("checkpoint", "model", "datalist"), distributed=True)
 def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
     from medpipe.report.training_plots import curve_png
     from medpipe.training.classification import kfold_items
@@ -153,6 +153,8 @@ def train_segmenter(ctx: RunContext, p: TrainSegmenterParams) -> StageResult:
             ckpts.append(ckpt)
             history += rows
             fold_metrics.append(m)
+    if not ctx.dist.is_main:  # a rank of a distributed run: rank 0 writes everything that follows
+        return StageResult()
     columns = ["epoch", "loss", "val_dice", "val_loss", "lr", "seconds"]
     write_csv_atomic(ctx.stage_dir / "history.csv", history, ["fold", *columns] if len(folds) > 1 else columns)
     best = [m["best_val_dice"] for m in fold_metrics]
@@ -202,6 +204,7 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
 
     from medpipe.data.datasets import make_dataset
     from medpipe.models.segmentation import build_from_config, segmenter_config
+    from medpipe.training import ddp
     from medpipe.training.loop import SupervisedStep, Validation, fit, resolve_amp
     from medpipe.training.losses import segmenter_loss
     from medpipe.training.resume import Snapshot
@@ -224,9 +227,10 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
         net = build_from_config(cfg)
     except ValueError as exc:
         raise StageError(str(exc)) from exc
-    device = ctx.device
+    device, dist = ctx.device, ctx.dist
     amp = resolve_amp(p.amp, ctx.amp, device)
     net.to(device)
+    model = ddp.wrap(net, dist)  # what trains; ``net`` holds its weights
     ctx.log.info("%s%s %s: %d inputs (%s), %d classes (%s), %.2fM parameters, on %s%s (%d CPU threads)", label,
                  p.model, cfg["channels"], in_channels, ", ".join(channels), n_classes(info), info["target"],
                  sum(t.numel() for t in net.parameters()) / 1e6, device, " with mixed precision" if amp else "",
@@ -235,16 +239,23 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
     cache_dir = Path(p.cache_dir).expanduser().resolve() if p.cache_dir else ctx.run_dir / "cache"
     t0 = time.perf_counter()
     try:
-        train_ds = make_dataset(train, train_spec, p.cache, cache_dir)
-        val_ds = make_dataset(val, eval_spec, p.cache, cache_dir)
+        train_ds = make_dataset(ddp.cached_items(train, p.cache, dist, seed), train_spec, p.cache, cache_dir)
+        val_ds = make_dataset(ddp.shard(val, dist), eval_spec, p.cache, cache_dir)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise StageError(f"cannot load the training data ({type(exc).__name__}: {exc}); check the transforms "
                          "and the datalist") from exc
-    set_random_state(train_ds.transform, seed)
-    ctx.log.info("%sdata: %d train, %d val studies (cache %s, %.1f s)", label, len(train), len(val), p.cache,
-                 time.perf_counter() - t0)
-    loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=device.startswith("cuda"))
+    set_random_state(train_ds.transform, dist.rank_seed(seed))
+    ctx.log.info("%sdata: %d train, %d val studies (cache %s, %.1f s)%s", label, len(train), len(val), p.cache,
+                 time.perf_counter() - t0, f"; {len(train_ds)} train and {len(val_ds)} val on each of "
+                 f"{dist.world_size} ranks" if dist.enabled else "")
+    epoch_start = None
+    if dist.enabled:
+        loader, epoch_start, _ = ddp.train_loader(train_ds, batch_size=p.batch_size, seed=seed, dist=dist,
+                                                  partitioned=p.cache == "memory",
+                                                  pin_memory=device.startswith("cuda"))
+    else:
+        loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=True, num_workers=0,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=device.startswith("cuda"))
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.lr * 0.02) \
         if p.lr_schedule == "cosine" else None
@@ -261,23 +272,27 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
                     "inference": {"tta": p.package.tta, "min_component_ml": p.package.min_component_ml}})
 
     validate = segmenter_validation(kept_net, val_ds, info, p.roi_size, sw_batch_size=p.sw_batch_size,
-                                    overlap=p.overlap, device=device, amp=amp, select=p.select)
+                                    overlap=p.overlap, device=device, amp=amp, select=p.select, dist=dist)
+    validate = ddp.synced(validate, net, dist)
     if average is not None:
         validate = average.wrap(validate)
-    step = SupervisedStep(net, segmenter_loss(p.batch_dice), opt, segmenter_batches(info, device), device=device,
+    step = SupervisedStep(model, segmenter_loss(p.batch_dice), opt, segmenter_batches(info, device), device=device,
                           amp=amp)
     snapshot = Snapshot(ctx.stage_dir / ("train.resume.pt" if fold is None else f"fold{fold}.resume.pt"),
                         ctx.resume_key,
                         objects={k: v for k, v in {"net": net, "optimizer": opt, "scheduler": sched,
                                                    "scaler": step.scaler, "average": average}.items()
                                  if v is not None},
-                        generators=[loader.generator], transforms=[train_ds.transform], every_seconds=p.snapshot_every)
+                        generators=[loader.generator], transforms=[train_ds.transform], every_seconds=p.snapshot_every,
+                        dist=dist)
     run = fit(step, loader, epochs=p.epochs, modules=[net], optimizer=opt, scheduler=sched, snapshot=snapshot,
-              validate=validate,
-              val_every=p.val_every, val_columns=("val_dice", "val_loss"), on_best=save, patience=p.patience,
+              validate=validate, epoch_start=epoch_start, dist=dist,
+              val_every=p.val_every, val_columns=("val_dice", "val_loss"),
+              on_best=save if dist.is_main else None, patience=p.patience,
               progress=advance, log=ctx.log, label=label, fixed=None if fold is None else {"fold": fold},
               window=p.select_window, min_epoch=p.first_keepable_epoch(p.epochs), average=average)
-    if run.best is None or not ckpt.is_file():
+    ddp.check_identical({"network": net}, dist, ctx.log, label)
+    if run.best is None or (dist.is_main and not ckpt.is_file()):
         raise StageError(f"{label}validation never gave a score (NaN); check the val split's labels")
     best = float(run.best.row["val_dice"])
     ctx.log.info("%strained %d epochs in %.0f s; kept epoch %d (val Dice %.4f) -> %s", label, run.epochs, run.seconds,

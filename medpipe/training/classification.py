@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medpipe.distributed.group import SINGLE, Distributed
 from medpipe.training.loop import Validation
 
 Items = list[dict[str, Any]]
@@ -53,22 +54,28 @@ def classifier_batches(device: str) -> Callable[[dict[str, Any]], tuple[Any, Any
 
 def classifier_validation(net: Any, val_ds: Any, y_val: Any, *, select: Literal["auc", "loss", "last"] = "auc",
                           device: str = "cpu", amp: bool = False, tta_axes: list[int] | None = None,
-                          batch_size: int = 32) -> Callable[[int], Validation]:
+                          batch_size: int = 32, dist: Distributed = SINGLE) -> Callable[[int], Validation]:
     """``epoch -> Validation``: class probabilities of the val images (flip TTA over ``tta_axes``), ROC AUC
     (macro one-vs-rest when multi-class) and cross-entropy (columns ``val_loss``, ``val_auc``, rounded).
 
     Selection: ``auc`` keeps the higher AUC, ties broken by the lower loss (a NaN AUC, e.g. a one-class
     fold, counts as -1); ``loss`` the lower loss; ``last`` every validation (so the last epoch's weights). ``values``: ``auc`` and ``val_loss`` unrounded,
     ``score`` (the AUC or -1) and ``prob`` (``(N, C)``).
+    ``dist`` (several ranks): ``val_ds`` holds this rank's share of the images (:func:`medpipe.training.ddp.shard`)
+    and ``y_val`` the classes of all of them; the probabilities of all ranks are gathered, in item order, and the
+    metrics computed from all of them on every rank.
     """
     from medpipe.inference.classification import predict_proba
     from medpipe.metrics.classification import classification_metrics
+    from medpipe.training.ddp import gather_shards
 
     y = np.asarray(y_val)
 
     def validate(epoch: int) -> Validation:
         net.eval()
         prob = predict_proba([net], val_ds, device=device, amp=amp, tta_axes=tta_axes, batch_size=batch_size)
+        if dist.enabled:
+            prob = np.stack(gather_shards(list(prob), dist))
         auc = classification_metrics(y, prob)["auc"]
         vloss = float(-np.mean(np.log(np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0))))
         score = -1.0 if math.isnan(auc) else float(auc)

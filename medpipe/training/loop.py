@@ -22,7 +22,11 @@ feature extractor) goes through :func:`fit`. What differs between them is one *i
 * non-finite losses named in ``finite`` stop the run with a :class:`~medpipe.errors.StageError`;
 * history rows (``epoch``, the summary, the validation columns, ``lr``, ``seconds``, plus fixed
   columns such as ``fold``), a progress callback advanced once per epoch, and one log line per epoch
-  (INFO on validation epochs, DEBUG otherwise).
+  (INFO on validation epochs, DEBUG otherwise);
+* distributed training (``dist``, one rank of a DistributedDataParallel run, :mod:`medpipe.training.ddp`):
+  ``epoch_start(epoch)`` before every epoch (the sampler's ``set_epoch``), and the epoch summary made from
+  every rank's iteration logs, so every rank sees the same history and takes the same decisions (the
+  validation function gathers its own shards; the snapshot saves on rank 0).
 
 Mixed precision lives in :class:`SupervisedStep` (``torch.autocast`` + ``GradScaler``, on CUDA only:
 :func:`resolve_amp`).
@@ -131,6 +135,8 @@ def fit(
     window: int = 1,
     min_epoch: int = 0,
     average: Any = None,
+    epoch_start: Callable[[int], None] | None = None,
+    dist: Any = None,
 ) -> FitResult:
     """Train for ``epochs`` epochs of ``iteration`` over ``batches`` (re-iterated every epoch).
 
@@ -160,6 +166,9 @@ def fit(
         min_epoch: validations of earlier epochs are never kept.
         average: a :class:`medpipe.training.selection.WeightAverage` (its ``after_step`` is called after every
             iteration, ``after_epoch`` before the epoch's validation); put it in the snapshot's objects.
+        epoch_start: called with the epoch number before every epoch (a distributed sampler's ``set_epoch``).
+        dist: a :class:`medpipe.distributed.group.Distributed` of several ranks: the summary is made from every
+            rank's iteration logs (in rank order). None: one process.
 
     Raises:
         StageError: an epoch without a batch, or a non-finite value in a ``finite`` column.
@@ -228,6 +237,8 @@ def fit(
         history.append(row0)
 
     for epoch in range(start, epochs + 1):
+        if epoch_start is not None:
+            epoch_start(epoch)
         for m in modules:
             m.train()
         logs: list[Logs] = []
@@ -241,6 +252,8 @@ def fit(
             scheduler.step()
         if average is not None:
             average.after_epoch(epoch)
+        if dist is not None and dist.enabled:
+            logs = [entry for rank_logs in dist.all_gather(logs) for entry in rank_logs]
         if not logs:
             raise StageError(f"{label}epoch {epoch} got no training batch; check the train split and transforms")
         summary = summarize(logs)
@@ -311,23 +324,32 @@ class ShuffledBatches:
 
     ``tensors``: equally long tensors indexed together; ``transform``: applied to each batch tuple
     (e.g. augmentation drawing from the same generator); ``drop_last``: only full batches (at least
-    one).
+    one). Distributed (``rank`` of ``world`` ranks, each with a ``generator`` in the same state): every
+    rank draws the same permutation, cut into global batches of ``world * batch_size`` items, and takes
+    every ``world``-th item of each (``batch_size`` per rank). Without ``drop_last`` the permutation is
+    then extended by its own first items to whole global batches (as ``DistributedSampler`` pads), so
+    every rank gets as many batches of as many items.
     """
 
     def __init__(self, tensors: Sequence[Any], batch_size: int, generator: Any, *, drop_last: bool = False,
-                 transform: Callable[..., tuple[Any, ...]] | None = None) -> None:
+                 transform: Callable[..., tuple[Any, ...]] | None = None, rank: int = 0, world: int = 1) -> None:
         self.tensors, self.batch_size, self.generator = list(tensors), int(batch_size), generator
         self.drop_last, self.transform = drop_last, transform
+        self.rank, self.world = int(rank), int(world)
         self.n = len(self.tensors[0])
 
     def __len__(self) -> int:
-        return max(1, self.n // self.batch_size) if self.drop_last else math.ceil(self.n / self.batch_size)
+        size = self.batch_size * self.world
+        return max(1, self.n // size) if self.drop_last else math.ceil(self.n / size)
 
     def __iter__(self) -> Any:
         import torch
 
+        size = self.batch_size * self.world
         perm = torch.randperm(self.n, generator=self.generator)
+        if self.world > 1 and not self.drop_last:
+            perm = perm.repeat(math.ceil(len(self) * size / self.n))[:len(self) * size]
         for b in range(len(self)):
-            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = perm[b * size:(b + 1) * size][self.rank::self.world]
             batch = tuple(t[idx] for t in self.tensors)
             yield self.transform(*batch) if self.transform is not None else batch

@@ -8,7 +8,15 @@ the data loader's and sampler's ``torch.Generator``s and every random MONAI tran
 makes the continued run *identical* to an uninterrupted one (tested).
 
 The snapshot carries a key (the runner's stage hash: parameters, seed, upstream stages): a snapshot
-made under other settings is ignored, never resumed. It is written atomically next to the stage's
+made under other settings is ignored, never resumed.
+
+**Distributed training** (``dist`` of several ranks): the networks, optimisers and loop state are the same
+on every rank, the random states are each rank's own. Rank 0 decides when to save (and tells the others),
+gathers every rank's random states and writes one file; on resume rank 0 decides whether the file is
+usable, and every rank then restores the shared state and its own random states, so the continued run is
+the uninterrupted one. A snapshot made with another number of processes (or by a one-process run) is
+resumed too, with the weights, optimiser and epoch; the ranks' random states then start afresh (a warning
+says the continuation differs from an uninterrupted run, as the data shards do). It is written atomically next to the stage's
 outputs as ``<name>.resume.pt`` and read with ``torch.load(weights_only=True)`` (tensors and plain
 containers only: nothing is unpickled); the runner deletes it once the stage has finished.
 """
@@ -105,16 +113,17 @@ class Snapshot:
     """
 
     def __init__(self, path: Path, key: str, *, objects: Mapping[str, Any], generators: Sequence[Any] = (),
-                 transforms: Sequence[Any] = (), every_seconds: float = 30.0) -> None:
+                 transforms: Sequence[Any] = (), every_seconds: float = 30.0, dist: Any = None) -> None:
         self.path, self.key = Path(path), key
         self.objects = dict(objects)
         self.generators = [g for g in generators if g is not None]
         self.randoms = _random_transforms(transforms)
         self.every_seconds = every_seconds
+        self.dist = dist if dist is not None and dist.enabled else None
         self._last = time.monotonic()
 
-    def restore(self) -> dict[str, Any] | None:
-        """Restore everything from the snapshot and return the loop state; None when there is nothing to resume."""
+    def _readable(self) -> dict[str, Any] | None:
+        """The snapshot's contents when it can be resumed here, else None (saying why)."""
         import torch
 
         if not self.key or not self.path.is_file():
@@ -131,8 +140,53 @@ class Snapshot:
                 len(doc["transforms"]) != len(self.randoms):
             log.warning("training snapshot %s does not fit this training run: not resumed", self.path)
             return None
+        return doc  # type: ignore[no-any-return]
+
+    def restore(self) -> dict[str, Any] | None:
+        """Restore everything from the snapshot and return the loop state; None when there is nothing to resume."""
+        import torch
+
+        if self.dist is None:
+            doc = self._readable()
+        else:  # rank 0 decides; every rank then reads the file itself
+            usable = self.dist.broadcast(self._readable() is not None if self.dist.is_main else None)
+            doc = torch.load(self.path, map_location="cpu", weights_only=True) if usable else None
+        if doc is None:
+            return None
         for name, obj in self.objects.items():
             obj.load_state_dict(doc["objects"][name])
+        randoms = doc
+        if self.dist is not None:
+            ranks = doc.get("ranks") or []
+            if len(ranks) == self.dist.world_size:
+                randoms = ranks[self.dist.rank]
+            else:
+                randoms = None
+                if self.dist.is_main:
+                    log.warning("training snapshot %s was made by %s; this run has %d: training continues from its "
+                                "weights and epoch, but its data order and augmentation differ from an uninterrupted "
+                                "run's", self.path.name, f"{len(ranks)} processes" if ranks else "one process",
+                                self.dist.world_size)
+        elif doc.get("ranks"):
+            randoms = doc["ranks"][0]  # a distributed run's snapshot: rank 0's random states
+        if randoms is not None:
+            self._set_random_states(randoms)
+        loop: dict[str, Any] = _unplain(doc["loop"])
+        log.info("resuming training from its snapshot after epoch %d (%s)", loop["epoch"], self.path.name)
+        return loop
+
+    def _random_states(self) -> dict[str, Any]:
+        import torch
+
+        py = random.getstate()
+        return {"generators": [g.get_state() for g in self.generators],
+                "transforms": [_np_state(t.R.get_state()) for t in self.randoms],
+                "torch": torch.get_rng_state(), "numpy": _np_state(np.random.get_state()),
+                "python": [py[0], list(py[1]), py[2]]}
+
+    def _set_random_states(self, doc: Mapping[str, Any]) -> None:
+        import torch
+
         for gen, state in zip(self.generators, doc["generators"], strict=True):
             gen.set_state(state)
         for t, state in zip(self.randoms, doc["transforms"], strict=True):
@@ -140,27 +194,28 @@ class Snapshot:
         torch.set_rng_state(doc["torch"])
         np.random.set_state(_np_restore(doc["numpy"]))
         random.setstate((doc["python"][0], tuple(doc["python"][1]), doc["python"][2]))
-        loop: dict[str, Any] = _unplain(doc["loop"])
-        log.info("resuming training from its snapshot after epoch %d (%s)", loop["epoch"], self.path.name)
-        return loop
 
     def save(self, loop: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Write a snapshot when ``every_seconds`` have passed since the last (or ``force``); return whether."""
-        import torch
+        """Write a snapshot when ``every_seconds`` have passed since the last (or ``force``); return whether.
 
+        Distributed: every rank calls it at the same points; rank 0's clock decides for all."""
         from medpipe.inference.checkpoint import save_checkpoint
 
-        if not self.key or (not force and time.monotonic() - self._last < self.every_seconds):
+        due = bool(self.key) and (force or time.monotonic() - self._last >= self.every_seconds)
+        if self.dist is not None:
+            due = bool(self.dist.broadcast(due if self.dist.is_main else None))
+        if not due:
             return False
-        py = random.getstate()
-        save_checkpoint(self.path, {
+        randoms = self._random_states()
+        doc: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT, "key": self.key,
             "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
-            "generators": [g.get_state() for g in self.generators],
-            "transforms": [_np_state(t.R.get_state()) for t in self.randoms],
-            "torch": torch.get_rng_state(), "numpy": _np_state(np.random.get_state()),
-            "python": [py[0], list(py[1]), py[2]],
+            **randoms,
             "loop": _plain(dict(loop)),
-        })
+        }
+        if self.dist is not None:
+            doc["ranks"] = self.dist.all_gather(randoms)
+        if self.dist is None or self.dist.is_main:
+            save_checkpoint(self.path, doc)
         self._last = time.monotonic()
         return True

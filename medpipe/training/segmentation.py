@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from medpipe.distributed.group import SINGLE, Distributed
 from medpipe.training.loop import Validation
 
 
@@ -39,31 +40,34 @@ def has_foreground(item: dict[str, Any]) -> int:
 
 def segmenter_validation(net: Any, val_ds: Any, info: dict[str, Any], roi_size: Sequence[int], *,
                          sw_batch_size: int = 4, overlap: float = 0.25, device: str = "cpu",
-                         amp: bool = False, select: str = "dice") -> Callable[[int], Validation]:
+                         amp: bool = False, select: str = "dice", dist: Distributed = SINGLE
+                         ) -> Callable[[int], Validation]:
     """``epoch -> Validation``: sliding-window inference on every val case,
     :func:`medpipe.metrics.segmentation.validation_dice` (column ``val_dice``) and
     :func:`~medpipe.metrics.segmentation.validation_loss` (``val_loss``).
 
     ``select``: ``dice`` keeps the higher Dice, ``loss`` the lower loss, ``last`` every validation.
+    ``dist`` (several ranks): ``val_ds`` holds this rank's share of the cases (:func:`medpipe.training.ddp.shard`);
+    the per-case results of all ranks are gathered and the metrics computed from all of them, in case order, on
+    every rank (the numbers one process computes over all cases).
     """
     from medpipe.data.labels import map_labels, n_classes
     from medpipe.inference.segmentation import infer_probabilities
-    from medpipe.metrics.segmentation import validation_dice, validation_loss
+    from medpipe.metrics.segmentation import combine_validation_dice, validation_case, validation_loss
+    from medpipe.training.ddp import gather_shards
 
-    losses: list[float] = []
-
-    def cases() -> Iterator[tuple[Any, Any]]:
+    def cases() -> Iterator[tuple[tuple[float | None, float | None], float]]:
         for i in range(len(val_ds)):
             d = val_ds[i]
             prob = infer_probabilities(net, _plain(d["image"])[None].float(), roi_size, sw_batch_size=sw_batch_size,
                                        overlap=overlap, device=device, amp=amp)
             truth = map_labels(_plain(d["label"][None]), info)
-            losses.append(validation_loss(prob, truth, n_classes(info)))
-            yield prob, truth
+            yield validation_case(prob, truth, n_classes(info)), validation_loss(prob, truth, n_classes(info))
 
     def validate(epoch: int) -> Validation:
-        losses.clear()
-        vd = validation_dice(cases(), n_classes(info))
+        results = gather_shards(list(cases()), dist)
+        vd = combine_validation_dice(case for case, _ in results)
+        losses = [loss for _, loss in results]
         vl = float(sum(losses) / len(losses)) if losses else math.nan
         if select == "loss":
             score = None if math.isnan(vl) else (-vl,)

@@ -26,7 +26,9 @@ ResNet's EMA scored validation AUC 0.72 where its training weights scored 0.86 o
 when the network has batch-norm layers, :meth:`WeightAverage.prepare` recomputes their statistics
 for the averaged weights (one forward pass over the training images without augmentation, cumulative
 averages, as ``torch.optim.swa_utils.update_bn`` does) before the averaged model is validated or
-saved; the pass draws no random numbers, so it does not change the training that follows.
+saved; the pass draws no random numbers, so it does not change the training that follows. In distributed
+training each rank passes its own share of the images and the statistics are averaged over all ranks'
+batches.
 """
 
 from __future__ import annotations
@@ -85,14 +87,15 @@ class SelectionOptions(BaseModel):
     def swa_start_epoch(self, epochs: int) -> int:
         return self.swa_start if self.swa_start is not None else max(1, epochs - epochs // 4 + 1)
 
-    def weight_average(self, net: Any, epochs: int, bn_batches: Callable[[], Iterable[Any]] | None = None
-                       ) -> WeightAverage | None:
+    def weight_average(self, net: Any, epochs: int, bn_batches: Callable[[], Iterable[Any]] | None = None,
+                       dist: Any = None) -> WeightAverage | None:
         """The :class:`WeightAverage` these options ask for (None: plain weights); ``bn_batches()``: the training
-        inputs without augmentation, for networks with batch norm (:meth:`WeightAverage.prepare`)."""
+        inputs without augmentation, for networks with batch norm (:meth:`WeightAverage.prepare`; distributed:
+        this rank's share of them, ``dist``)."""
         if self.average == "none":
             return None
         return WeightAverage(net, self.average, decay=self.ema_decay, start_epoch=self.swa_start_epoch(epochs),
-                             bn_batches=bn_batches)
+                             bn_batches=bn_batches, dist=dist)
 
 
 class WeightAverage:
@@ -104,8 +107,9 @@ class WeightAverage:
     """
 
     def __init__(self, net: Any, kind: Literal["ema", "swa"], *, decay: float = 0.99, start_epoch: int = 1,
-                 bn_batches: Callable[[], Iterable[Any]] | None = None) -> None:
+                 bn_batches: Callable[[], Iterable[Any]] | None = None, dist: Any = None) -> None:
         self.net = net
+        self.dist = dist if dist is not None and dist.enabled else None
         self.kind = kind
         self.decay = float(decay)
         self.start_epoch = int(start_epoch)
@@ -162,6 +166,15 @@ class WeightAverage:
         with torch.no_grad():
             for x in self.bn_batches():
                 self.module(x.to(device))
+            if self.dist is not None:  # each rank passed its own shard: the mean over all batches of all ranks
+                for m in norms:
+                    count = m.num_batches_tracked.to(m.running_mean.dtype)
+                    total = count.clone()
+                    sums = [m.running_mean.mul_(count), m.running_var.mul_(count), total]
+                    self.dist.all_reduce_sum(sums)
+                    m.running_mean.div_(total.clamp_min(1))
+                    m.running_var.div_(total.clamp_min(1))
+                    m.num_batches_tracked.copy_(total.to(m.num_batches_tracked.dtype))
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         self.module.eval()
