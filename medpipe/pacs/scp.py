@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -206,10 +207,23 @@ class StoreHandler:
 
 
 _UID_TAGS = (0x00080018, 0x0020000D, 0x0020000E)
+_SOP, _STUDY, _SERIES = _UID_TAGS
+#: explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2); the other valid ones have a 2-byte length
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
+_HEAD = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 
 
 def _uids(event: Any) -> tuple[str, str, str]:
-    """(Study, Series, SOP Instance UID) of the received data set, reading its elements only up to (0020,000E)."""
+    """(Study, Series, SOP Instance UID) of the received data set, reading its elements only up to (0020,000E).
+
+    Little endian data sets are read from the element headers directly (:func:`scan_uids`, a tenth of
+    pydicom's time, which is a large part of receiving an instance); anything else, or an element of
+    undefined length before (0020,000E), is read by pydicom.
+    """
     from pydicom.filereader import read_dataset
 
     ts = _syntax(event)
@@ -217,12 +231,52 @@ def _uids(event: Any) -> tuple[str, str, str]:
         ds = event.dataset
     else:
         fh = event.request.DataSet
+        if ts.is_little_endian:
+            with fh.getbuffer() as buf:
+                found = scan_uids(buf, ts.is_implicit_VR)
+            if found is not None:
+                return found
         fh.seek(0)
         ds = read_dataset(fh, ts.is_implicit_VR, ts.is_little_endian, stop_when=lambda tag, vr, length: tag > 0x0020000E,
                           specific_tags=list(_UID_TAGS))
         fh.seek(0)
     return tuple(str(ds.get(k, "") or "").strip().rstrip("\0") for k in  # type: ignore[return-value]
                  ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def scan_uids(buf: bytes | memoryview, implicit: bool) -> tuple[str, str, str] | None:
+    """(Study, Series, SOP Instance UID) from the element headers of a little endian data set, up to (0020,000E).
+
+    None when the walk cannot go on by lengths alone (an element of undefined length, an unknown explicit
+    VR, a truncated header): the caller then asks pydicom, which also reads nested items.
+    """
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(buf)
+    while pos + 8 <= end:
+        group, elem = _HEAD.unpack_from(buf, pos)
+        tag = group << 16 | elem
+        if tag > _SERIES:
+            break
+        if implicit:
+            length = _U32.unpack_from(buf, pos + 4)[0]
+            pos += 8
+        else:
+            vr = bytes(buf[pos + 4:pos + 6])
+            if vr in _SHORT_VRS:
+                length = _U16.unpack_from(buf, pos + 6)[0]
+                pos += 8
+            elif vr in _LONG_VRS and pos + 12 <= end:
+                length = _U32.unpack_from(buf, pos + 8)[0]
+                pos += 12
+            else:
+                return None
+        if length == 0xFFFFFFFF or pos + length > end:
+            return None
+        if tag in (_SOP, _STUDY, _SERIES):
+            values[tag] = bytes(buf[pos:pos + length])
+        pos += length
+    return tuple(values.get(t, b"").decode("ascii", "replace").strip(" \0")  # type: ignore[return-value]
+                 for t in (_STUDY, _SERIES, _SOP))
 
 
 def _syntax(event: Any) -> Any:
