@@ -320,3 +320,49 @@ def test_scan_uids_implicit_vr_and_broken_headers() -> None:
         assert scan_uids(body, implicit) == ("1.2.3", "1.2.3.4", "1.2.3.4.5") == _pydicom_uids(body, implicit)
         assert scan_uids(body[:30], implicit) is None  # an element running past the end
     assert scan_uids(b"\x08\x00\x18\x00ZZ\x04\x001.2\x00", False) is None  # not a VR
+
+
+class _FakeResponse:
+    """A streamed multipart/related WADO-RS answer, handed out in chunks of ``size`` bytes."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        from requests.structures import CaseInsensitiveDict
+
+        self.headers = CaseInsensitiveDict({"Content-Type": 'multipart/related; type="application/dicom"; boundary=XyZ'})
+        self.body, self.size = body, size
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def iter_content(self, chunk_size: int | None = None) -> Any:
+        for a in range(0, len(self.body), self.size):
+            yield self.body[a:a + self.size]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_wado_answer_cut_off_never_gives_a_truncated_instance(size: int) -> None:
+    """dicomweb-client hands out what follows the last boundary when a response ends early: medpipe drops it and
+    says the transfer was cut (transient), wherever the chunks split the closing boundary."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from medpipe.pacs.web import iter_stored
+
+    node = nodes_from_dict({"nodes": {"web": {"dicomweb": "http://127.0.0.1:9/dicom-web"}}}).get("web")
+    one, two = b"DICM-one" * 50, b"DICM-two" * 50
+    head = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n"
+    whole = head + one + b"\r\n" + head + two + b"\r\n--XyZ--\r\n"
+    client = DICOMwebClient(url="http://127.0.0.1:9/dicom-web")
+    for body, complete in ((whole, True), (whole[:-len(b"--XyZ--\r\n")], False), (whole[:-200], False)):
+        client._http_get = lambda url, headers=None, stream=False, body=body: _FakeResponse(body, size)  # type: ignore[method-assign]
+        got: list[bytes] = []
+        if complete:
+            got = list(iter_stored(node, client, "studies/1"))
+            assert got == [one, two]
+            continue
+        with pytest.raises(PacsError) as err:
+            for part in iter_stored(node, client, "studies/1"):
+                got.append(part)
+        assert got == [one] and err.value.transient and "closing multipart boundary" in str(err.value)
