@@ -238,8 +238,18 @@ def test_allow_node_pins_its_address(orthanc: Orthanc, pacs_sample: Sample, tmp_
     assert "came from 127.0.0.1" in lines[0]
 
 
-def test_allow_list_needs_a_dimse_node() -> None:
+def test_allow_list_needs_a_dimse_node(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medpipe.cli import app
     from medpipe.errors import ConfigError
+
+    nodes = write_nodes(tmp_path / "pacs.yaml", {"web": {"dicomweb": "http://127.0.0.1:1/dicom-web"}})
+    result = CliRunner().invoke(app, ["listen", "--port", "11112", "--model", str(tmp_path / "model"), "--out",
+                                      str(tmp_path / "out"), "--pacs", str(nodes), "--allow-node", "web"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "--allow-node web: the node has no DIMSE ae_title and host" in errors[0]
 
     web_only = nodes_from_dict({"nodes": {"web": {"dicomweb": "http://127.0.0.1:1/dicom-web"}}}).get("web")
     with pytest.raises(ConfigError, match="--allow-node web: the node has no DIMSE"):
