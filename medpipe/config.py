@@ -388,14 +388,14 @@ def load_pipeline(path: Path | str, overrides: list[str] | None = None) -> Pipel
 # -- paths: inputs must exist, outputs should stay in the project -------------------------------------------
 
 
-def _role(annotation: Any) -> str | None:
-    """``input`` / ``output`` when the annotation (or one inside a union / list) carries a :class:`PathRole`."""
+def _role(annotation: Any) -> PathRole | None:
+    """The :class:`PathRole` the annotation (or one inside a union / list) carries, if any."""
     import typing
 
     if typing.get_origin(annotation) is typing.Annotated:
         for m in annotation.__metadata__:
             if isinstance(m, PathRole):
-                return m.role
+                return m
     for arg in typing.get_args(annotation):
         role = _role(arg)
         if role:
@@ -404,19 +404,21 @@ def _role(annotation: Any) -> str | None:
 
 
 def _paths(params: BaseModel, loc: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str, str]]:
-    """``(field location, role, value)`` of every path parameter, nested models included."""
+    """``(field location, role, value)`` of every path parameter, nested models included (URLs the parameter
+    accepts instead of a path left out)."""
     out: list[tuple[tuple[Any, ...], str, str]] = []
     for name, info in type(params).model_fields.items():
         value = getattr(params, name)
         if isinstance(value, BaseModel):
             out += _paths(value, loc + (name,))
             continue
-        role = next((m.role for m in info.metadata if isinstance(m, PathRole)), None) or _role(info.annotation)
+        role = next((m for m in info.metadata if isinstance(m, PathRole)), None) or _role(info.annotation)
         if role is None or value is None:
             continue
         values = value if isinstance(value, list) else [value]
         for k, v in enumerate(values):
-            out.append((loc + ((name, k) if isinstance(value, list) else (name,)), role, str(v)))
+            if not role.is_url(str(v)):
+                out.append((loc + ((name, k) if isinstance(value, list) else (name,)), role.role, str(v)))
     return out
 
 

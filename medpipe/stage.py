@@ -53,13 +53,21 @@ LabelValue = Annotated[int, Field(ge=0, le=2**31 - 1, description="a label value
 @dataclass(frozen=True)
 class PathRole:
     """Marks a path parameter (in ``Annotated``) as something a stage reads or writes, for ``validate``:
-    an input must exist (or be written by an earlier stage), an output outside the project is warned about."""
+    an input must exist (or be written by an earlier stage), an output outside the project is warned about.
+    ``schemes``: URL schemes the parameter also accepts instead of a path (``pacs``: ``pacs://NODE?...``);
+    such a value is not checked as a path (the stage's own validator checks it)."""
 
     role: Literal["input", "output"]
+    schemes: tuple[str, ...] = ()
+
+    def is_url(self, value: str) -> bool:
+        return any(value.lower().startswith(f"{s}://") for s in self.schemes)
 
 
 InputPath = Annotated[str, PathRole("input")]
 OutputPath = Annotated[str, PathRole("output")]
+#: a path, or a PACS query ``pacs://NODE?StudyDate=...&Modality=MR`` (see :mod:`medpipe.pacs.source`)
+InputSource = Annotated[str, PathRole("input", schemes=("pacs",))]
 
 
 class StageParams(BaseModel):

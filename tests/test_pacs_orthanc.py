@@ -178,3 +178,39 @@ def test_push_cli_dimse(node_file: Path, orthanc: Orthanc, tmp_path: Path) -> No
     named = runner.invoke(app, ["pacs", "push", "orthanc", str(tmp_path / "new" / "preview.png"), "--pacs",
                                 str(node_file)])  # named explicitly: reported
     assert named.exit_code == 2 and "not a readable DICOM file" in named.output
+
+
+def test_pipeline_score_stage_with_pacs_source(node_file: Path, pacs_sample: Sample, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A YAML pipeline's score stage takes a pacs:// source as `medpipe score` does: pulled into the stage folder."""
+    import yaml
+
+    from medpipe.config import load_pipeline
+    from medpipe.errors import ConfigError
+    from medpipe.runner import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_segmenter_package(tmp_path / "model", bias=1.0)
+    url = f"pacs://orthanc?StudyInstanceUID={pacs_sample.ct_study}&via=get"
+    doc = {"name": "pacs_score", "device": "cpu",
+           "stages": [{"stage": "score", "source": url, "pacs": str(node_file), "model": str(model.path)}]}
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    summary = run_pipeline(load_pipeline(pipeline_file), tmp_path / "run")
+    stage_dir = tmp_path / "run" / "stages" / "00_score"
+    pulled = {p.stem for p in (stage_dir / "pacs" / "orthanc").rglob("*.dcm")}
+    ct = {u for u, f in pacs_sample.by_sop().items() if f in pacs_sample.ct_files}
+    assert ct <= pulled  # (with results an earlier test of this module pushed into the study)
+    assert summary.metrics["pacs_pulled"] == summary.metrics["pacs_instances"] == len(pulled)
+    assert summary.metrics["scored"] == 1
+    with open(stage_dir / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["study_uid"], r["status"]) for r in rows] == [(pacs_sample.ct_study, "ok")]
+    assert {p.name for p in (stage_dir / "results").rglob("*.dcm")} == {"seg.dcm", "sr.dcm"}
+
+    # a bad query is a validation error naming the stage, the field and the line, before anything runs
+    doc["stages"][0]["source"] = "pacs://orthanc?Modalty=CT"
+    pipeline_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(score\).*unknown query key 'Modalty' \(did you mean "
+                                          r"'Modality'\?\).*line"):
+        load_pipeline(pipeline_file)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -247,3 +249,120 @@ def test_need_whole_partial_complete(tmp_path: Path) -> None:
     assert need(store, counted).empty  # as many files as the PACS says it has
     assert need(store, SeriesItem("1.2", "1.2.3", count=5)).whole  # fewer: fetched whole again (kept files stay)
     assert os.listdir(tmp_path / "1.2" / "1.2.3") == ["1.2.3.1.dcm"]
+
+
+def _data_set(path: Path) -> tuple[bytes, Any]:
+    """A Part 10 file's data set bytes and its transfer syntax."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import UID
+
+    data = path.read_bytes()
+    fh = io.BytesIO(data)
+    read_preamble(fh, False)
+    meta = _read_file_meta_info(fh)
+    return data[fh.tell():], UID(meta.TransferSyntaxUID)
+
+
+def _pydicom_uids(body: bytes, implicit: bool) -> tuple[str, str, str]:
+    from pydicom.filereader import read_dataset
+
+    ds = read_dataset(io.BytesIO(body), implicit, True, stop_when=lambda tag, vr, length: tag > 0x0020000E)
+    return tuple(str(ds.get(k, "") or "").strip().rstrip("\0")  # type: ignore[return-value]
+                 for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def test_scan_uids_equals_pydicom_on_real_files(shared_data: Path) -> None:
+    """The storage SCP reads the three UIDs from element headers; on real vendor files it agrees with pydicom,
+    and hands what it cannot walk by lengths (undefined-length sequences) to pydicom."""
+    from types import SimpleNamespace
+
+    from medpipe.pacs.scp import _uids, scan_uids
+
+    scanned = handed_over = 0
+    from pydicom.misc import is_dicom
+
+    for path in sorted(p for p in shared_data.rglob("*") if p.is_file() and is_dicom(p)):
+        body, ts = _data_set(path)
+        if not ts.is_little_endian or ts.is_deflated:
+            continue
+        expected = _pydicom_uids(body, ts.is_implicit_VR)
+        got = scan_uids(body, ts.is_implicit_VR)
+        if got is None:
+            handed_over += 1
+        else:
+            scanned += 1
+            assert got == expected, path
+        event = SimpleNamespace(request=SimpleNamespace(DataSet=io.BytesIO(body)),
+                                context=SimpleNamespace(transfer_syntax=str(ts)))
+        assert _uids(event) == expected, path  # what the handler uses, fallback included
+    assert scanned >= 20 and handed_over >= 1, (scanned, handed_over)
+
+
+def test_scan_uids_implicit_vr_and_broken_headers() -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from medpipe.pacs.scp import scan_uids
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4.5"  # odd length: padded with a NUL
+    ds.Modality = "CT"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.InstanceNumber = 7
+    for implicit in (True, False):
+        fh = DicomBytesIO()
+        fh.is_little_endian, fh.is_implicit_VR = True, implicit
+        write_dataset(fh, ds)
+        body = fh.getvalue()
+        assert scan_uids(body, implicit) == ("1.2.3", "1.2.3.4", "1.2.3.4.5") == _pydicom_uids(body, implicit)
+        assert scan_uids(body[:30], implicit) is None  # an element running past the end
+    assert scan_uids(b"\x08\x00\x18\x00ZZ\x04\x001.2\x00", False) is None  # not a VR
+
+
+class _FakeResponse:
+    """A streamed multipart/related WADO-RS answer, handed out in chunks of ``size`` bytes."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        from requests.structures import CaseInsensitiveDict
+
+        self.headers = CaseInsensitiveDict({"Content-Type": 'multipart/related; type="application/dicom"; boundary=XyZ'})
+        self.body, self.size = body, size
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def iter_content(self, chunk_size: int | None = None) -> Any:
+        for a in range(0, len(self.body), self.size):
+            yield self.body[a:a + self.size]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_wado_answer_cut_off_never_gives_a_truncated_instance(size: int) -> None:
+    """dicomweb-client hands out what follows the last boundary when a response ends early: medpipe drops it and
+    says the transfer was cut (transient), wherever the chunks split the closing boundary."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from medpipe.pacs.web import iter_stored
+
+    node = nodes_from_dict({"nodes": {"web": {"dicomweb": "http://127.0.0.1:9/dicom-web"}}}).get("web")
+    one, two = b"DICM-one" * 50, b"DICM-two" * 50
+    head = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n"
+    whole = head + one + b"\r\n" + head + two + b"\r\n--XyZ--\r\n"
+    client = DICOMwebClient(url="http://127.0.0.1:9/dicom-web")
+    for body, complete in ((whole, True), (whole[:-len(b"--XyZ--\r\n")], False), (whole[:-200], False)):
+        client._http_get = lambda url, headers=None, stream=False, body=body: _FakeResponse(body, size)  # type: ignore[method-assign]
+        got: list[bytes] = []
+        if complete:
+            got = list(iter_stored(node, client, "studies/1"))
+            assert got == [one, two]
+            continue
+        with pytest.raises(PacsError) as err:
+            for part in iter_stored(node, client, "studies/1"):
+                got.append(part)
+        assert got == [one] and err.value.transient and "closing multipart boundary" in str(err.value)

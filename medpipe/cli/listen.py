@@ -24,12 +24,17 @@ def listen_command(
     explain: bool = typer.Option(False, "--explain", help="Also a Parametric Map and overlays (pushed too)."),
     seg_type: str = typer.Option("binary", "--seg-type", help="binary or labelmap."),
     cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, max=1024, help="torch CPU threads."),
-    pacs: Path = typer.Option(None, "--pacs", help="PACS node file (for --push)."),
+    pacs: Path = typer.Option(None, "--pacs", help="PACS node file (for --push and --allow-node)."),
+    allow: list[str] = typer.Option(None, "--allow", help="Calling AE title that may store here (repeat for more); "
+                                                          "with --allow / --allow-node, every other is rejected."),
+    allow_node: list[str] = typer.Option(None, "--allow-node", help="Node (of the node file) that may store here: its "
+                                                                    "ae_title, from its host only (repeatable)."),
 ) -> None:
     """Receive studies (C-STORE), score each once nothing arrived for --idle seconds, push SEG/SR back. Ctrl-C stops."""
     from medpipe.errors import ConfigError
     from medpipe.pacs.listener import Listener, ListenerSettings
     from medpipe.pacs.nodes import check_ae_title, load_nodes
+    from medpipe.pacs.scp import AllowList
     from medpipe.scoring.engine import ScoreOptions
 
     if seg_type not in ("binary", "labelmap"):
@@ -40,7 +45,9 @@ def listen_command(
         ae_title = check_ae_title(ae_title)
     except ValueError as exc:
         raise ConfigError(f"--ae-title {ae_title!r}: {exc}") from None
-    node = load_nodes(pacs).get(push) if push else None
+    nodes = load_nodes(pacs) if push or allow_node else None
+    node = nodes.get(push) if nodes is not None and push else None
+    allowed = AllowList.build(allow or (), [nodes.get(n) for n in allow_node or ()] if nodes is not None else ())
     options = ScoreOptions(device=device, explain=explain, seg_type=seg_type,  # type: ignore[arg-type]
                            cpu_threads=cpu_threads)
     logging.getLogger("medpipe.pacs").setLevel(logging.INFO)
@@ -49,7 +56,8 @@ def listen_command(
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("medpipe.pacs").addHandler(handler)
     listener = Listener(ListenerSettings(model=model, out=out, port=port, ae_title=ae_title, bind=bind, idle=idle,
-                                         push=node, push_via=push_via, options=options))
+                                         push=node, push_via=push_via, options=options,
+                                         allow=allowed or None))
 
     def stop(signum: int, frame: object) -> None:
         listener.request_stop()

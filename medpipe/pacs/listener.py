@@ -34,7 +34,7 @@ from typing import Any
 from medpipe.errors import MedpipeError, PacsError
 from medpipe.pacs.nodes import PacsNode
 from medpipe.pacs.retry import backoff
-from medpipe.pacs.scp import StorageSCP, Stored
+from medpipe.pacs.scp import AllowList, StorageSCP, Stored
 from medpipe.pacs.store import InstanceStore, safe_component
 
 log = logging.getLogger("medpipe.pacs.listen")
@@ -149,6 +149,7 @@ class ListenerSettings:
     push_attempts: int = 8  # pushes of one study before it is marked failed
     poll: float = 0.5
     options: Any = None  # ScoreOptions
+    allow: AllowList | None = None  # calling AE titles (and nodes' addresses) that may store; None: anyone
     events: list[str] = field(default_factory=list)  # what happened, newest last (for tests and the CLI)
 
 
@@ -201,12 +202,15 @@ class Listener:
         if pending:
             log.info("resuming %d pending stud%s (%d caught mid-scoring)", len(pending),
                      "y" if len(pending) == 1 else "ies", resumed)
-        self.scp = StorageSCP(self.store, self.s.ae_title, self.s.port, self.s.bind, on_stored=self._on_stored)
+        self.scp = StorageSCP(self.store, self.s.ae_title, self.s.port, self.s.bind, on_stored=self._on_stored,
+                              allow=self.s.allow)
         self.scp.start()
         self.s.port = self.scp.port
-        log.info("listening as %s on %s:%d; model %s; results in %s%s", self.s.ae_title, self.s.bind or "*",
+        allowed = self.s.allow.addresses if self.s.allow else {}
+        log.info("listening as %s on %s:%d; model %s; results in %s%s; %s", self.s.ae_title, self.s.bind or "*",
                  self.s.port, self.package.name, self.out,
-                 f"; pushing to {self.s.push.name}" if self.s.push else "")
+                 f"; pushing to {self.s.push.name}" if self.s.push else "",
+                 f"accepting only {', '.join(sorted(allowed))}" if allowed else "accepting any calling AE title")
         self.ready.set()
         try:
             while not self._stop.is_set():

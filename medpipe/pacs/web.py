@@ -208,24 +208,99 @@ class WebFinder:
             study_uid, series_uid, fields=list(INSTANCE_FIELDS), **kw), INSTANCE_FIELDS, "SOPInstanceUID")
 
 
+class _ClosingWatch:
+    """A streamed ``requests`` response whose body is watched for the closing multipart delimiter.
+
+    dicomweb-client's multipart decoder hands out whatever follows the last delimiter when the body
+    ends, so a response cut off in the middle of an instance (the server stopped, the connection lost)
+    would give a truncated part as if it were complete. With this watch the caller can tell.
+    """
+
+    def __init__(self, resp: Any, boundary: bytes) -> None:
+        self._resp = resp
+        self.closing = b"\r\n--" + boundary + b"--"
+        self.closed = False
+        self._tail = b""
+
+    @property
+    def headers(self) -> Any:
+        return self._resp.headers
+
+    @property
+    def content(self) -> bytes:
+        data = bytes(self._resp.content)
+        self.closed = self.closing in data
+        return data
+
+    def __enter__(self) -> Any:
+        self._resp.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._resp.__exit__(*exc)
+
+    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        n = len(self.closing)
+        for chunk in self._resp.iter_content(chunk_size=chunk_size):
+            if not self.closed and (self.closing in chunk or self.closing in self._tail + chunk[:n]):
+                self.closed = True
+            self._tail = bytes(chunk[-n:]) if len(chunk) >= n else (self._tail + chunk)[-n:]
+            yield chunk
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for item in content_type.split(";")[1:]:
+        attr, _, value = item.strip().partition("=")
+        if attr.lower() == "boundary":
+            return value.strip().strip('"').encode("utf-8")
+    return None
+
+
 def iter_stored(node: PacsNode, c: Any, path: str) -> Iterator[bytes]:
-    """WADO-RS: the instances under ``path`` (``studies/S/series/X`` or ``.../instances/I``) as stored bytes."""
+    """WADO-RS: the instances under ``path`` (``studies/S/series/X`` or ``.../instances/I``) as stored bytes.
+
+    Each part is handed out only once the next one began or the response's closing boundary arrived: a
+    response that ends before it (a server stopped mid-transfer) is a transient error, and its last,
+    possibly truncated part is dropped, never written.
+    """
     url = f"{node.dicomweb_url()}/{path}"
     what = f"WADO-RS at {node.name}"
+    watch: list[_ClosingWatch] = []
 
     def request() -> Any:
         resp = c._http_get(url, headers={"Accept": ACCEPT_STORED}, stream=True)
         kind = resp.headers.get("Content-Type", "")
         if kind.startswith("application/dicom"):  # non-conformant single part: accept it as one instance
             return iter([resp.content])
-        return c._decode_multipart_message(resp, stream=True)
+        boundary = _boundary(kind)
+        if boundary is None:  # dicomweb-client then yields the body as it is
+            return c._decode_multipart_message(resp, stream=True)
+        watch.append(_ClosingWatch(resp, boundary))
+        return c._decode_multipart_message(watch[0], stream=True)
+
+    def cut() -> PacsError:
+        return PacsError(f"{what}: the answer from {node.name} ended before its closing multipart boundary (the "
+                         "server stopped or the connection was lost mid-transfer); run the same command again: what "
+                         "arrived is kept", transient=True)
 
     parts = _run(node, what, request)
+    held: bytes | None = None
     while True:
-        part = _run(node, what, lambda: next(parts, None))
+        try:
+            part = _run(node, what, lambda: next(parts, None))
+        except PacsError:
+            if watch and not watch[0].closed:
+                raise cut() from None
+            raise
         if part is None:
-            return
-        yield bytes(part)
+            break
+        if held is not None:
+            yield held
+        held = bytes(part)
+    if held is not None:
+        if watch and not watch[0].closed:
+            raise cut()
+        yield held
 
 
 def part_uids(data: bytes) -> tuple[str, str, str]:
