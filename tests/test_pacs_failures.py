@@ -83,21 +83,25 @@ def test_unknown_calling_ae(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Pat
     assert "C-MOVE" in str(err.value) and "without any answer" in str(err.value) and not err.value.transient
 
 
-def test_move_destination_not_configured(open_orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "dcmtk"])
+def test_move_destination_not_configured(open_orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
+                                         engine: str) -> None:
     port = free_port()
-    settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE")
+    settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE", engine=engine)
     line = _fails(tmp_path, settings, "pacs", "pull", "--study", pacs_sample.ct_study, "--via", "move",
                   "--out", str(tmp_path / "out"))
     assert "status 0xC000" in line and "move destination MEDPIPE is not configured" in line
     assert f'"medpipe": ["MEDPIPE", "{LOOPBACK}", {port}] in DicomModalities' in line
     assert not list((tmp_path / "out").rglob("*.dcm"))
     # auto: C-MOVE fails, C-GET takes over, and the warning still carries the fix
-    report = pull(_node(open_orthanc, our_port=port), StudyQuery(study_uids=(pacs_sample.ct_study,)), tmp_path / "auto")
+    report = pull(_node(open_orthanc, our_port=port, engine=engine), StudyQuery(study_uids=(pacs_sample.ct_study,)),
+                  tmp_path / "auto")
     assert report.by_method == {"move": 0, "get": len(pacs_sample.ct_files)}
     assert any("DicomModalities" in w for w in report.warnings) and report.warnings[-1] == "pulled by C-GET instead"
 
 
-def test_move_destination_unknown_standard_status(private_network: object, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "dcmtk"])
+def test_move_destination_unknown_standard_status(private_network: object, tmp_path: Path, engine: str) -> None:
     """0xA801 (the standard's answer) from pynetdicom's own Query/Retrieve SCP."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
@@ -111,14 +115,19 @@ def test_move_destination_unknown_standard_status(private_network: object, tmp_p
     server = ae.start_server((LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_MOVE, on_move)])
     try:
         node = nodes_from_dict({"nodes": {"qr": {"ae_title": "QRSCP", "host": LOOPBACK, "port": port,
-                                                 "our_port": free_port(), "bind": LOOPBACK, "retries": 0}}}).get("qr")
+                                                 "our_port": free_port(), "bind": LOOPBACK, "retries": 0,
+                                                 "engine": engine}}}).get("qr")
+        from medpipe.pacs.dcmtk import DcmtkSession, dcmtk_tool
         from medpipe.pacs.listing import Instance, Need, SeriesItem
         from medpipe.pacs.retrieve import MoveSession
         from medpipe.pacs.scp import StoreHandler
         from medpipe.pacs.store import InstanceStore
 
         item = SeriesItem("1.2.3", "1.2.3.4", instances=[Instance("1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2")])
-        with MoveSession(node, StoreHandler(InstanceStore(tmp_path))) as s, pytest.raises(PacsError) as err:
+        tool = dcmtk_tool(node, "move")
+        session = DcmtkSession(node, InstanceStore(tmp_path), "move", tool) if tool else \
+            MoveSession(node, StoreHandler(InstanceStore(tmp_path)))
+        with session as s, pytest.raises(PacsError) as err:
             s.fetch(item, Need(instances=item.instances or []))
         assert "does not know the move destination MEDPIPE (status 0xA801)" in str(err.value)
         assert "in DicomModalities" in str(err.value)
@@ -228,7 +237,8 @@ def test_orthanc_back_within_the_retries(private_network: object, pacs_sample: S
     o = Orthanc(tmp_path / "orthanc", modalities={"medpipe": ("MEDPIPE", port)}).start()
     try:
         o.upload(pacs_sample.files)
-        node = _node(o, our_port=port, retries=6, retry_delay=0.5)
+        # pynetdicom's storage SCP: on_instance runs inside its C-STORE (dcmtk's engine places files after each run)
+        node = _node(o, our_port=port, retries=6, retry_delay=0.5, engine="pynetdicom")
         tenth = threading.Event()
         count = [0]
 

@@ -13,6 +13,7 @@
         port: 4242
         dicomweb: https://pacs.example.org/dicom-web   # the DICOMweb root (Orthanc: .../dicom-web)
         auth: {username: ai, password_env: PACS_PASSWORD}
+        engine: auto          # C-MOVE by dcmtk's movescu when installed (dcmtk: also C-GET; pynetdicom: never)
         tls: {ca_file: /etc/ssl/hospital-ca.pem}
 
 The same in TOML is ``[defaults]`` and ``[nodes.orthanc]`` tables. Unknown keys are errors (a typo must
@@ -100,6 +101,8 @@ class TlsSettings(_Strict):
 
 
 RetrieveMethod = Literal["move", "get", "wado"]
+#: what carries DIMSE pulls: dcmtk's movescu / getscu (C++) or pynetdicom; see medpipe.pacs.dcmtk
+Engine = Literal["auto", "pynetdicom", "dcmtk"]
 
 
 class PacsNode(_Strict):
@@ -122,6 +125,7 @@ class PacsNode(_Strict):
     retrieve: tuple[RetrieveMethod, ...] = ("move", "get", "wado")  # pull methods tried in this order
     max_pdu: int = Field(1 << 20, ge=0)  # largest PDU we receive (0: unlimited); big PDUs are faster
     parallel: int = Field(4, ge=1, le=32)  # associations (or HTTP requests) at once during a pull, one series each
+    engine: Engine = "auto"  # C-MOVE / C-GET by dcmtk's movescu / getscu or by pynetdicom (auto: see dcmtk.py)
 
     @field_validator("ae_title", "our_ae_title")
     @classmethod

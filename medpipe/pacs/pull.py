@@ -6,7 +6,8 @@
           -> per series: nothing on disk yet -> fetched whole; partly on disk -> its instances listed,
              only the missing ones asked for; complete -> skipped
           -> the node's retrieve methods in order (default C-MOVE, then C-GET, then WADO-RS), each on
-             up to ``parallel`` associations / HTTP requests at once (one series at a time each):
+             up to ``parallel`` associations / HTTP requests at once (one series at a time each), DIMSE
+             by dcmtk's movescu / getscu or by pynetdicom (the node's ``engine``, medpipe.pacs.dcmtk):
              a method that fails for a reason retrying cannot fix hands what is left to the next
           -> every instance on disk (the listing, or the PACS's instance count per series), or a
              PacsError saying how many are missing and why
@@ -134,9 +135,14 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
 
 
 def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem]) -> None:
+    from medpipe.pacs.dcmtk import DcmtkSession, dcmtk_tool
     from medpipe.pacs.scp import StoreHandler
 
-    if way == "move":
+    tool = dcmtk_tool(node, way)
+    if tool is not None:  # movescu receives on our_port itself: one run at a time; getscu runs side by side
+        _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), LABELS[way],
+               workers=1 if way == "move" else node.parallel)
+    elif way == "move":
         from medpipe.pacs.dimse import tls_context
         from medpipe.pacs.retrieve import MoveSession
         from medpipe.pacs.scp import StorageSCP
@@ -161,8 +167,9 @@ def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[Se
 
 
 def _drive(node: PacsNode, store: InstanceStore, items: list[SeriesItem], session: Callable[[], Any],
-           label: str) -> None:
-    """Fetch what ``items`` lack on up to ``node.parallel`` sessions at once, one series at a time each.
+           label: str, workers: int | None = None) -> None:
+    """Fetch what ``items`` lack on up to ``workers`` (default ``node.parallel``) sessions at once, one series at a
+    time each.
 
     Each worker retries its transient failures in a new session; a series it was fetching goes back
     to the shared queue first. The first error of a worker that gave up is raised once all are done.
@@ -170,7 +177,7 @@ def _drive(node: PacsNode, store: InstanceStore, items: list[SeriesItem], sessio
     work: queue.Queue[SeriesItem] = queue.Queue()
     for item in sorted(items, key=lambda i: -(i.expected or 0)):  # big series first: they finish together
         work.put(item)
-    workers = max(1, min(node.parallel, len(items)))
+    workers = max(1, min(workers or node.parallel, len(items)))
 
     def worker() -> None:
         last = [store.written]

@@ -129,15 +129,12 @@ class MoveSession:
             arrived = self.handler.series_count(item.series_uid) - before
             local = _local(self.assoc)
             if code == 0xA801:
-                raise PacsError(f"{what}: the PACS does not know the move destination {node.our_ae_title} "
-                                f"(status 0xA801); {register_line(node, local)}")
+                raise move_refused(node, what, code, local, sent_nothing=False)
             if 0xA700 <= code <= 0xA7FF:
                 raise PacsError(f"{what}: {node.name} is out of resources (status 0x{code:04X}); try again later",
                                 transient=True)
             if 0xC000 <= code <= 0xCFFF and arrived == 0 and done == 0:
-                raise PacsError(f"{what}: {node.name} refused the C-MOVE (status 0x{code:04X}, nothing sent): the "
-                                f"move destination {node.our_ae_title} is not configured at the PACS, or its entry "
-                                f"points where we do not listen; {register_line(node, local)}")
+                raise move_refused(node, what, code, local, sent_nothing=True)
             if done > 0 and arrived == 0:
                 raise PacsError(f"{what}: {node.name} says it sent {done} instance(s) to {node.our_ae_title} but none "
                                 f"arrived here: its entry for {node.our_ae_title} points to another machine or port; "
@@ -149,6 +146,17 @@ class MoveSession:
                                 f"{status_text(code)}); {ours}", transient=bool(arrived))
             if code != 0x0000:
                 raise PacsError(f"{what}: status 0x{code:04X} ({status_text(code)})")
+
+
+def move_refused(node: PacsNode, what: str, code: int, local: str | None, *, sent_nothing: bool) -> PacsError:
+    """The C-MOVE refusal that means "the PACS does not know (where to reach) our AE": 0xA801, or Orthanc's 0xC000
+    with nothing sent; the line to add at the PACS. Shared by the pynetdicom and dcmtk engines."""
+    if not sent_nothing:
+        return PacsError(f"{what}: the PACS does not know the move destination {node.our_ae_title} "
+                         f"(status 0x{code:04X}); {register_line(node, local)}")
+    return PacsError(f"{what}: {node.name} refused the C-MOVE (status 0x{code:04X}, nothing sent): the move "
+                     f"destination {node.our_ae_title} is not configured at the PACS, or its entry points where we "
+                     f"do not listen; {register_line(node, local)}")
 
 
 def _local(assoc: Any) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from medpipe.io import atomic_path, remove_stale_temporaries
 from medpipe.pacs.query import valid_uid
 
 SUFFIX = ".dcm"
+#: where dcmtk receives before each file is placed (medpipe.pacs.dcmtk); removed by :meth:`InstanceStore.clean`
+STAGING = ".medpipe-staging"
 
 
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, implementation_uid: str,
@@ -65,8 +68,11 @@ class InstanceStore:
         self.on_write = on_write  # called after each new file (from the receiving thread)
 
     def clean(self) -> int:
-        """Remove temporaries a killed run left behind; return how many."""
-        return remove_stale_temporaries(self.root)
+        """Remove temporaries a killed run left behind (and dcmtk's staging folder); return how many files."""
+        staging = self.root / STAGING
+        n = sum(1 for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
+        shutil.rmtree(staging, ignore_errors=True)
+        return n + remove_stale_temporaries(self.root)
 
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
         return self.root / safe_component(study_uid) / safe_component(series_uid)
@@ -101,6 +107,23 @@ class InstanceStore:
         if self.on_write is not None:
             self.on_write(target)
         return target
+
+    def place(self, study_uid: str, series_uid: str, sop_uid: str, complete: Path) -> bool:
+        """Move a complete Part 10 file (on the same file system) to its place with ``os.replace``; one already
+        there is kept and ``complete`` removed. True when placed."""
+        target = self.path_for(study_uid, series_uid, sop_uid)
+        if target.is_file():
+            complete.unlink()
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = complete.stat().st_size
+        os.replace(complete, target)
+        with self._lock:
+            self.written += 1
+            self.bytes += size
+        if self.on_write is not None:
+            self.on_write(target)
+        return True
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*" + SUFFIX) if not p.name.startswith("."))

@@ -1,0 +1,291 @@
+"""dcmtk's ``movescu`` / ``getscu`` as the DIMSE transfer engine of a pull (``engine:`` in the node file).
+
+pynetdicom costs 2-3 ms of CPU per received instance in pure Python; dcmtk's C++ tools a fraction of
+that (benchmarks/README.md, PACS section). With ``engine: auto`` (the default) C-MOVE runs through
+dcmtk's ``movescu`` when it is installed; ``engine: dcmtk`` also uses ``getscu`` for C-GET (see below)
+and fails when the tools are missing; ``engine: pynetdicom`` never uses them.
+
+What medpipe plans stays the same (the series and missing instances from C-FIND); per series one
+tool run fetches them into a staging folder under the output (same file system), then every
+received file is moved (``os.replace``) to its place in the layout, instances already there are
+skipped, and the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
+received; movescu 3.6.7 then ignores ``-od`` and writes to its working folder: it runs in the staging folder); after a run that did not end cleanly the newest staged file (the one possibly cut off) is
+dropped, so the layout never holds a partial file. dcmtk's exit status and error lines become the
+same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
+
+* ``movescu`` receives the C-MOVE itself (``+P our_port``, our AE title as destination), accepting
+  every transfer syntax (``+xa``): the PACS sends what it stores. It binds every interface (it has no
+  bind address) and one port serves one run at a time, so series are moved one after another.
+* ``getscu`` (dcmtk 3.6.7) proposes one storage context per SOP class with several transfer syntaxes
+  and lets the PACS choose: Orthanc then sends compressed instances transcoded to Explicit VR Little
+  Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
+  ``engine: dcmtk`` uses getscu where uncompressed copies are acceptable.
+* dcmtk has no TLS in these tools: a node with DIMSE TLS uses pynetdicom (``engine: dcmtk`` is an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+from medpipe.errors import ConfigError, PacsError
+from medpipe.pacs.dimse import _unreachable, probe, register_line
+from medpipe.pacs.listing import Need, SeriesItem
+from medpipe.pacs.nodes import PacsNode
+from medpipe.pacs.store import STAGING, InstanceStore
+
+#: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set: each small PDU then waits for a delayed ACK
+NODELAY = {"TCP_NODELAY": "1"}
+#: dcmtk's names of C-MOVE / C-GET failure statuses (DU_cmoveStatusString) -> the status code
+STATUS_NAMES = {
+    "MoveDestinationUnknown": 0xA801,
+    "OutOfResourcesNumberOfMatches": 0xA701,
+    "OutOfResourcesSubOperations": 0xA702,
+    "OutOfResources": 0xA700,
+    "IdentifierDoesNotMatchSOPClass": 0xA900,
+    "UnableToProcess": 0xC000,
+    "SOPClassNotSupported": 0x0122,
+}
+
+
+@functools.cache
+def find_tool(name: str) -> tuple[str, str] | str:
+    """(path, version) of dcmtk's ``name`` (``movescu``, ``getscu``), or why there is none.
+
+    pynetdicom installs Python apps of the same names next to the interpreter, and a virtual
+    environment's bin folder usually comes first on PATH: each candidate on PATH (then /usr/bin) is
+    asked for its version, and only one that says ``$dcmtk`` counts.
+    """
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
+    for d in dict.fromkeys(d for d in dirs if d):
+        path = shutil.which(name, path=d)
+        if path is None:
+            continue
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        if first.startswith("$dcmtk"):
+            return path, first.strip("$ ").removeprefix("dcmtk: ")
+    return f"dcmtk's {name} is not installed (apt-get install dcmtk); a {name} that is not dcmtk's does not count"
+
+
+def dcmtk_tool(node: PacsNode, way: str) -> str | None:
+    """The dcmtk tool that runs ``way`` ("move", "get") for ``node``, or None for pynetdicom."""
+    name = {"move": "movescu", "get": "getscu"}.get(way)
+    if name is None or node.engine == "pynetdicom" or (node.engine == "auto" and way == "get"):
+        return None
+    tls = node.tls is not None and node.tls.dimse
+    found = find_tool(name)
+    if node.engine == "dcmtk":
+        if tls:
+            raise ConfigError(f"PACS node {node.name}: engine dcmtk has no DIMSE TLS",
+                              hint="use engine: pynetdicom (or auto) for a node with tls: dimse: true")
+        if isinstance(found, str):
+            raise ConfigError(f"PACS node {node.name}: engine dcmtk, but {found}",
+                              hint="install dcmtk, or use engine: auto / pynetdicom in the node file")
+    if tls or isinstance(found, str):
+        return None
+    return found[0]
+
+
+class DcmtkSession:
+    """``fetch(series, missing)`` by one movescu / getscu run per series and identifier."""
+
+    def __init__(self, node: PacsNode, store: InstanceStore, way: str, tool: str) -> None:
+        self.node = node
+        self.store = store
+        self.way = way
+        self.tool = tool
+        self.method = way
+        self.label = "C-MOVE" if way == "move" else "C-GET"
+        self.staging: Path | None = None
+
+    def __enter__(self) -> Self:
+        self.staging = self.store.root / STAGING / uuid.uuid4().hex
+        self.staging.mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.staging.parent.rmdir()  # only when no other session stages there
+            self.staging = None
+
+    def fetch(self, item: SeriesItem, need: Need) -> None:
+        assert self.staging is not None, "use the session as a context manager"
+        node = self.node
+        what = (f"C-MOVE of series {item.series_uid} from {node.name} to {node.our_ae_title}" if self.way == "move"
+                else f"C-GET of series {item.series_uid} from {node.name}")
+        for keys in identifier_keys(item, need):
+            proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
+                                  env={**os.environ, **NODELAY}, cwd=self.staging)
+            errors = [line for line in proc.stderr.splitlines() if line[:2] in ("E:", "F:", "W:")]
+            clean = proc.returncode == 0 and not any(line[:2] in ("E:", "F:") for line in errors)
+            arrived = place_staged(self.store, self.staging, clean=clean)
+            if not clean:
+                raise failure(node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
+
+    def command(self, keys: list[str]) -> list[str]:
+        node = self.node
+        host, port, aet = node.dimse_address()
+        seconds = str(max(1, math.ceil(node.timeout)))
+        pdu = str(min(max(node.max_pdu or 131072, 4096), 131072))
+        cmd = [self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta", seconds, "-td",
+               seconds, "-pdu", pdu, "+B", "-od", "."]
+        if self.way == "move":
+            cmd += ["-aem", node.our_ae_title, "+P", str(node.our_port), "+xa"]
+        for k in keys:
+            cmd += ["-k", k]
+        return [*cmd, host, str(port)]
+
+
+def identifier_keys(item: SeriesItem, need: Need) -> Iterator[list[str]]:
+    """The ``-k`` keys of each request: SERIES level for a whole series, else IMAGE level in chunks of UIDs."""
+    from medpipe.pacs.retrieve import UIDS_PER_REQUEST
+
+    base = [f"StudyInstanceUID={item.study_uid}", f"SeriesInstanceUID={item.series_uid}"]
+    if need.whole:
+        yield ["QueryRetrieveLevel=SERIES", *base]
+        return
+    uids = [i.sop_uid for i in need.instances]
+    for a in range(0, len(uids), UIDS_PER_REQUEST):
+        yield ["QueryRetrieveLevel=IMAGE", *base, "SOPInstanceUID=" + "\\".join(uids[a:a + UIDS_PER_REQUEST])]
+
+
+def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
+    """Move each file dcmtk received into the layout (atomically; one already there is kept); return how many
+    were placed. After a run that did not end cleanly the newest file, possibly cut off, is dropped."""
+    files = [p for p in staging.iterdir() if p.is_file()]
+    if not clean and files:
+        newest = max(files, key=lambda p: p.stat().st_mtime_ns)
+        newest.unlink()
+        files.remove(newest)
+    placed = 0
+    for path in files:
+        uids = file_uids(path)
+        if uids is None or not all(uids):
+            path.unlink()  # not a file dcmtk could have written from a valid instance: asked again, or reported
+            continue
+        if store.place(*uids, path):
+            placed += 1
+    return placed
+
+
+_META = struct.Struct("<HH2s")
+
+
+def file_uids(path: Path) -> tuple[str, str, str] | None:
+    """(Study, Series, SOP Instance UID) of a Part 10 file: its meta group read by hand, the data set by
+    :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
+    from medpipe.pacs.scp import scan_uids
+
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return None
+    pos, syntax = 132, ""
+    while pos + 8 <= len(data):
+        group, elem, vr = _META.unpack_from(data, pos)
+        if group != 0x0002:
+            break
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            length, head = struct.unpack_from("<I", data, pos + 8)[0], 12
+        else:
+            length, head = struct.unpack_from("<H", data, pos + 6)[0], 8
+        if elem == 0x0010:
+            syntax = data[pos + head:pos + head + length].decode("ascii", "replace").strip(" \0")
+        pos += head + length
+    if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
+            syntax == "1.2.840.10008.1.2.5":
+        found = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+        if found is not None:
+            return found
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID",
+                                                                             "SOPInstanceUID"])
+    except Exception:  # noqa: BLE001 - any parse error: not placed
+        return None
+    return tuple(str(ds.get(k, "") or "").strip() for k in  # type: ignore[return-value]
+                 ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def our_address(node: PacsNode) -> str | None:
+    """Our address towards the PACS (for the line to add there), or None when it cannot be reached."""
+    host, port, _ = node.dimse_address()
+    try:
+        with socket.create_connection((host, port), timeout=min(node.timeout, 5.0)) as sock:
+            return str(sock.getsockname()[0])
+    except OSError:
+        return None
+
+
+def failure(node: PacsNode, way: str, what: str, tool: str, rc: int, stderr: str, arrived: int) -> PacsError:
+    """dcmtk's exit status and error lines as medpipe's one-line cause (see :mod:`medpipe.pacs.dimse`)."""
+    from medpipe.pacs.dimse import status_text
+    from medpipe.pacs.retrieve import move_refused
+
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    text = "\n".join(lines)
+    host, port, aet = node.dimse_address()
+    if "Connection refused" in text:
+        return _unreachable(node, ConnectionRefusedError(), what)
+    if "timed out" in text.lower() and "TCP Initialization Error" in text:
+        return _unreachable(node, TimeoutError(), what)
+    if "Name or service not known" in text or "unknown host" in text.lower():
+        return _unreachable(node, socket.gaierror(), what)
+    if "Association Rejected" in text:
+        if "Calling AE Title Not Recognized" in text:
+            return PacsError(f"{what}: {node.name} rejected the association: it does not know our calling AE "
+                             f"title {node.our_ae_title}; {register_line(node, our_address(node))}")
+        if "Called AE Title Not Recognized" in text:
+            return PacsError(f"{what}: {node.name} rejected the association: '{aet}' is not its AE title; fix "
+                             "ae_title in the node file")
+        transient = "Transient" in text
+        return PacsError(f"{what}: {node.name} rejected the association ({lines[-1]})", transient=transient)
+    code = next((c for name, c in STATUS_NAMES.items() if f": {name}" in text), None)
+    if code is not None:
+        if way == "move" and code == 0xA801:
+            return move_refused(node, what, code, our_address(node), sent_nothing=False)
+        if way == "move" and 0xC000 <= code <= 0xCFFF and arrived == 0:
+            return move_refused(node, what, code, our_address(node), sent_nothing=True)
+        if 0xA700 <= code <= 0xA7FF:
+            return PacsError(f"{what}: {node.name} is out of resources (status 0x{code:04X}); try again later",
+                             transient=True)
+        return PacsError(f"{what}: status 0x{code:04X} ({status_text(code)})", transient=arrived > 0)
+    if "timeout" in text.lower():
+        return PacsError(f"{what}: {node.name} sent no response within {node.timeout:g} s (DIMSE timeout): the PACS "
+                         "may be overloaded; raise timeout in the node file or try again", transient=True)
+    if "Peer aborted Association" in text or "Association Aborted" in text:
+        down = probe(host, port, node.timeout)
+        if isinstance(down, ConnectionRefusedError):
+            return PacsError(f"{what}: {node.name} went away (connection lost, and {host}:{port} now refuses "
+                             "connections); run the same command again when the PACS is back: what arrived is kept",
+                             transient=True)
+        if down is not None:
+            return _unreachable(node, down, what)
+        if arrived == 0:
+            return PacsError(f"{what}: {node.name} ended the association without any answer: it does not accept "
+                             f"this request from our calling AE title {node.our_ae_title}; "
+                             f"{register_line(node, our_address(node))}")
+        return PacsError(f"{what}: connection to {node.name} lost in the middle; run the command again: what "
+                         "arrived is kept", transient=True)
+    if way == "move" and ("Address already in use" in text or "cannot listen" in text.lower()):
+        return PacsError(f"{what}: cannot receive on port {node.our_port}: the port is in use (another medpipe pull "
+                         "or listener, or another DICOM server); choose another port (our_port in the node file)")
+    last = lines[-1] if lines else "no error output"
+    return PacsError(f"{what}: dcmtk's {Path(tool).name} failed (exit status {rc}) in a way medpipe does not "
+                     f"recognise; its last line: {last[:300]}")

@@ -1,0 +1,112 @@
+"""dcmtk's movescu / getscu as the DIMSE transfer engine of a pull (``engine: dcmtk``), against a real Orthanc.
+
+The pulled files equal the uploaded ones, a second pull asks for nothing, missing instances are asked
+for at IMAGE level, no staging folder is left; the failures are the same one-line causes as with
+pynetdicom (unconfigured move destination: in ``test_pacs_failures.py``, for both engines).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medpipe.errors import ConfigError, PacsError
+from medpipe.pacs.dcmtk import STAGING, DcmtkSession, dcmtk_tool, failure, find_tool
+from medpipe.pacs.listing import Need, list_series
+from medpipe.pacs.nodes import PacsNode, nodes_from_dict
+from medpipe.pacs.pull import pull
+from medpipe.pacs.query import StudyQuery
+from medpipe.pacs.store import InstanceStore
+from tests.orthanc_server import LOOPBACK, Orthanc, free_port
+from tests.pacs_support import Sample, dataset_bytes, node_settings, transfer_syntax
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dcmtk() -> None:
+    for name in ("movescu", "getscu"):
+        found = find_tool(name)
+        if isinstance(found, str):
+            if os.environ.get("MEDPIPE_REQUIRE_ORTHANC") == "1":
+                pytest.fail(f"MEDPIPE_REQUIRE_ORTHANC=1 but {found}")
+            pytest.skip(found)
+
+
+def _node(o: Orthanc, **overrides: object) -> PacsNode:
+    return nodes_from_dict({"nodes": {"orthanc": node_settings(o, engine="dcmtk", **overrides)}}).get("orthanc")
+
+
+def test_dcmtk_tools_found_not_pynetdicom_apps(tmp_path: Path) -> None:
+    """pynetdicom's Python apps of the same names (first on a venv's PATH) are not taken for dcmtk's."""
+    path, version = find_tool("movescu")  # type: ignore[misc]
+    assert version.startswith("movescu v3.") and "/.venv/" not in path
+    settings = {"ae_title": "PACS", "host": LOOPBACK, "port": 104}
+    node = nodes_from_dict({"nodes": {"p": settings}}).get("p")  # engine auto: movescu for C-MOVE only
+    assert (dcmtk_tool(node, "move"), dcmtk_tool(node, "get"), dcmtk_tool(node, "wado")) == (path, None, None)
+    node = nodes_from_dict({"nodes": {"p": {**settings, "engine": "pynetdicom"}}}).get("p")
+    assert dcmtk_tool(node, "move") is None
+    node = nodes_from_dict({"nodes": {"p": {**settings, "engine": "dcmtk", "tls": {"dimse": True}}}}).get("p")
+    with pytest.raises(ConfigError, match="engine dcmtk has no DIMSE TLS"):
+        dcmtk_tool(node, "move")
+
+
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_pull_by_dcmtk_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
+                                                 method: str) -> None:
+    node = _node(orthanc)
+    query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
+    report = pull(node, query, tmp_path, methods=(method,))
+    n = len(pacs_sample.files)
+    assert (report.expected, report.received, report.by_method) == (n, n, {method: n})
+    assert not (tmp_path / STAGING).exists() and len(list(tmp_path.rglob("*"))) == len(list(tmp_path.rglob("*.dcm"))) \
+        + len({p.parent for p in tmp_path.rglob("*.dcm")}) + len({p.parent.parent for p in tmp_path.rglob("*.dcm")})
+    originals = pacs_sample.by_sop()
+    for p in tmp_path.rglob("*.dcm"):
+        original = originals[p.stem]
+        if method == "get" and original in pacs_sample.ct_files:
+            # getscu lets the PACS choose the syntax: Orthanc sends the RLE CT decompressed (why auto keeps
+            # pynetdicom for C-GET); the pixels are the same
+            assert transfer_syntax(p) == EXPLICIT_LE
+            import pydicom
+
+            assert (pydicom.dcmread(p).pixel_array == pydicom.dcmread(original).pixel_array).all()
+        else:
+            assert dataset_bytes(p.read_bytes()) == dataset_bytes(original.read_bytes()), p
+            assert transfer_syntax(p) == transfer_syntax(original)
+
+    again = pull(node, query, tmp_path, methods=(method,))
+    assert (again.already, again.received) == (n, 0)
+    ct = sorted((tmp_path / pacs_sample.ct_study).rglob("*.dcm"))
+    for p in ct[:2]:
+        p.unlink()
+    third = pull(node, query, tmp_path, methods=(method,))  # the two missing ones, at IMAGE level
+    assert (third.already, third.received) == (n - 2, 2) and len(list(tmp_path.rglob("*.dcm"))) == n
+
+
+def test_dcmtk_unknown_calling_ae_and_refused_connection(orthanc: Orthanc, pacs_sample: Sample,
+                                                         tmp_path: Path) -> None:
+    node = _node(orthanc, our_ae_title="STRANGER", retries=0)
+    items = list_series(node, StudyQuery(study_uids=(pacs_sample.ct_study,)), web=True)
+    store = InstanceStore(tmp_path / "in")
+    for way in ("move", "get"):
+        with DcmtkSession(node, store, way, dcmtk_tool(node, way) or "") as s, pytest.raises(PacsError) as err:
+            s.fetch(items[0], Need(whole=True))
+        msg = str(err.value)
+        assert "without any answer" in msg and "calling AE title STRANGER" in msg and not err.value.transient, msg
+        assert f'"stranger": ["STRANGER", "{LOOPBACK}", {node.our_port}] in DicomModalities' in msg
+    nobody = _node(orthanc, port=free_port())
+    with DcmtkSession(nobody, store, "get", dcmtk_tool(nobody, "get") or "") as s, pytest.raises(PacsError) as err:
+        s.fetch(items[0], Need(whole=True))
+    assert "connection refused by orthanc" in str(err.value) and err.value.transient
+    assert not list(store.root.rglob("*.dcm")) and not (store.root / STAGING).exists()
+
+
+def test_dcmtk_failure_not_recognised_names_its_last_line() -> None:
+    node = nodes_from_dict({"nodes": {"p": {"ae_title": "PACS", "host": LOOPBACK, "port": 104}}}).get("p")
+    err = failure(node, "get", "C-GET of series 1.2 from p", "/usr/bin/getscu", 3,
+                  "W: something\nE: a new kind of trouble\n", 0)
+    assert str(err) == ("C-GET of series 1.2 from p: dcmtk's getscu failed (exit status 3) in a way medpipe does "
+                        "not recognise; its last line: E: a new kind of trouble")
