@@ -36,7 +36,9 @@ def _dcmtk() -> None:
 
 
 def _node(o: Orthanc, **overrides: object) -> PacsNode:
-    return nodes_from_dict({"nodes": {"orthanc": node_settings(o, engine="dcmtk", **overrides)}}).get("orthanc")
+    # movescu listens on every interface (no bind address): fine in the test's loopback-only network namespace
+    settings = node_settings(o, engine="dcmtk", bind=None, **overrides)
+    return nodes_from_dict({"nodes": {"orthanc": settings}}).get("orthanc")
 
 
 def test_dcmtk_tools_found_not_pynetdicom_apps(tmp_path: Path) -> None:
@@ -51,6 +53,13 @@ def test_dcmtk_tools_found_not_pynetdicom_apps(tmp_path: Path) -> None:
     node = nodes_from_dict({"nodes": {"p": {**settings, "engine": "dcmtk", "tls": {"dimse": True}}}}).get("p")
     with pytest.raises(ConfigError, match="engine dcmtk has no DIMSE TLS"):
         dcmtk_tool(node, "move")
+    # our storage SCP bound to one address: movescu cannot do that, so auto keeps pynetdicom and dcmtk says why
+    node = nodes_from_dict({"nodes": {"p": {**settings, "bind": LOOPBACK}}}).get("p")
+    assert dcmtk_tool(node, "move") is None
+    node = nodes_from_dict({"nodes": {"p": {**settings, "bind": LOOPBACK, "engine": "dcmtk"}}}).get("p")
+    with pytest.raises(ConfigError, match="cannot receive a C-MOVE on bind 127.0.0.1 only"):
+        dcmtk_tool(node, "move")
+    assert dcmtk_tool(node, "get") == find_tool("getscu")[0]
 
 
 @pytest.mark.parametrize("method", ["move", "get"])

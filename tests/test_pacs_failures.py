@@ -87,14 +87,15 @@ def test_unknown_calling_ae(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Pat
 def test_move_destination_not_configured(open_orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
                                          engine: str) -> None:
     port = free_port()
-    settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE", engine=engine)
+    bind = None if engine == "dcmtk" else LOOPBACK  # movescu listens on every interface (loopback only here)
+    settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE", engine=engine, bind=bind)
     line = _fails(tmp_path, settings, "pacs", "pull", "--study", pacs_sample.ct_study, "--via", "move",
                   "--out", str(tmp_path / "out"))
     assert "status 0xC000" in line and "move destination MEDPIPE is not configured" in line
     assert f'"medpipe": ["MEDPIPE", "{LOOPBACK}", {port}] in DicomModalities' in line
     assert not list((tmp_path / "out").rglob("*.dcm"))
     # auto: C-MOVE fails, C-GET takes over, and the warning still carries the fix
-    report = pull(_node(open_orthanc, our_port=port, engine=engine), StudyQuery(study_uids=(pacs_sample.ct_study,)),
+    report = pull(_node(open_orthanc, our_port=port, engine=engine, bind=bind), StudyQuery(study_uids=(pacs_sample.ct_study,)),
                   tmp_path / "auto")
     assert report.by_method == {"move": 0, "get": len(pacs_sample.ct_files)}
     assert any("DicomModalities" in w for w in report.warnings) and report.warnings[-1] == "pulled by C-GET instead"
@@ -115,7 +116,7 @@ def test_move_destination_unknown_standard_status(private_network: object, tmp_p
     server = ae.start_server((LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_MOVE, on_move)])
     try:
         node = nodes_from_dict({"nodes": {"qr": {"ae_title": "QRSCP", "host": LOOPBACK, "port": port,
-                                                 "our_port": free_port(), "bind": LOOPBACK, "retries": 0,
+                                                 "our_port": free_port(), "retries": 0,
                                                  "engine": engine}}}).get("qr")
         from medpipe.pacs.dcmtk import DcmtkSession, dcmtk_tool
         from medpipe.pacs.listing import Instance, Need, SeriesItem

@@ -14,8 +14,9 @@ dropped, so the layout never holds a partial file. dcmtk's exit status and error
 same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
 
 * ``movescu`` receives the C-MOVE itself (``+P our_port``, our AE title as destination), accepting
-  every transfer syntax (``+xa``): the PACS sends what it stores. It binds every interface (it has no
-  bind address) and one port serves one run at a time, so series are moved one after another.
+  every transfer syntax (``+xa``): the PACS sends what it stores. It listens on every interface (it has
+  no bind address: a node with ``bind`` keeps pynetdicom) and one port serves one run at a time, so
+  series are moved one after another.
 * ``getscu`` (dcmtk 3.6.7) proposes one storage context per SOP class with several transfer syntaxes
   and lets the PACS choose: Orthanc then sends compressed instances transcoded to Explicit VR Little
   Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
@@ -87,15 +88,20 @@ def dcmtk_tool(node: PacsNode, way: str) -> str | None:
     if name is None or node.engine == "pynetdicom" or (node.engine == "auto" and way == "get"):
         return None
     tls = node.tls is not None and node.tls.dimse
+    bound = way == "move" and node.bind not in ("", "0.0.0.0", "::")
     found = find_tool(name)
     if node.engine == "dcmtk":
         if tls:
             raise ConfigError(f"PACS node {node.name}: engine dcmtk has no DIMSE TLS",
                               hint="use engine: pynetdicom (or auto) for a node with tls: dimse: true")
+        if bound:
+            raise ConfigError(f"PACS node {node.name}: engine dcmtk cannot receive a C-MOVE on bind {node.bind} "
+                              "only (movescu listens on every interface)",
+                              hint="remove bind from the node, or use engine: pynetdicom (or auto)")
         if isinstance(found, str):
             raise ConfigError(f"PACS node {node.name}: engine dcmtk, but {found}",
                               hint="install dcmtk, or use engine: auto / pynetdicom in the node file")
-    if tls or isinstance(found, str):
+    if tls or bound or isinstance(found, str):
         return None
     return found[0]
 
