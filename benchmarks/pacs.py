@@ -12,7 +12,9 @@
 3. Pulls the whole study ``--repeat`` times per tool, interleaved, each into a fresh folder:
 
    * ``medpipe pacs pull --via move|get|wado`` in a child Python process (the library's own timer:
-     listing the instances by C-FIND / QIDO-RS included; the process wall time also shown);
+     listing the instances by C-FIND / QIDO-RS included; the process wall time also shown), C-MOVE
+     and C-GET once with ``engine: pynetdicom`` and once with ``engine: dcmtk`` (medpipe's planning,
+     dcmtk's movescu / getscu moving the bytes, files placed into medpipe's layout);
    * ``movescu -S ... -k QueryRetrieveLevel=STUDY`` (the C-MOVE destination is movescu's own
      storage SCP) and ``getscu -S ...`` from dcmtk, process wall time (no listing: dcmtk moves the
      study blind).
@@ -21,8 +23,9 @@
    byte for byte. Prints instances/s and MB/s (median of the repeats), the CPU time (user + system)
    each tool's process used per instance (medpipe's includes Python start-up and imports, about
    0.3 s), and PASS / MISS against the aim (medpipe at least dcmtk's throughput, C-MOVE vs movescu
-   and C-GET vs getscu). The dcmtk tools are found by asking each ``movescu`` / ``getscu`` on PATH
-   (then /usr/bin) for its version: pynetdicom installs Python apps of the same names.
+   and C-GET vs getscu, each engine). The dcmtk tools are found by asking each ``movescu`` /
+   ``getscu`` on PATH (then /usr/bin) for its version (:func:`medpipe.pacs.dcmtk.find_tool`):
+   pynetdicom installs Python apps of the same names.
 
 Results also go to ``benchmarks/results/pacs.json``.
 """
@@ -47,17 +50,19 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results" / "pacs.json"
 GEN_VERSION = 1
-#: DCMTK (inside Orthanc, and movescu / getscu) leaves Nagle's algorithm on unless TCP_NODELAY is set: every
-#: small PDU then waits for a delayed ACK (~40 ms), and both tools crawl at ~20 instances/s. Set for both.
-NODELAY = {"TCP_NODELAY": "1"}
 sys.path.insert(0, str(REPO))  # the test suite's DICOM factory and Orthanc runner
+
+#: DCMTK (inside Orthanc, and movescu / getscu) leaves Nagle's algorithm on unless TCP_NODELAY is set: every
+#: small PDU then waits for a delayed ACK (~40 ms), and both tools crawl at ~20 instances/s. Set for both
+#: (medpipe's dcmtk engine sets it for the tools it runs).
+from medpipe.pacs.dcmtk import NODELAY
 
 CHILD = r"""
 import json, sys
 from medpipe.pacs.nodes import load_nodes
 from medpipe.pacs.pull import pull
 from medpipe.pacs.query import StudyQuery
-node = load_nodes(sys.argv[1]).get("orthanc")
+node = load_nodes(sys.argv[1]).get(sys.argv[5])
 r = pull(node, StudyQuery(study_uids=(sys.argv[2],)), sys.argv[3], methods=(sys.argv[4],))
 print(json.dumps({"seconds": r.seconds, "received": r.received, "expected": r.expected, "bytes": r.bytes}))
 """
@@ -114,38 +119,16 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_medpipe(nodes: Path, study: str, out: Path, method: str) -> dict[str, Any]:
+def run_medpipe(nodes: Path, study: str, out: Path, method: str, node: str = "orthanc") -> dict[str, Any]:
     t0, c0 = time.perf_counter(), children_cpu()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(nodes), study, str(out), method], capture_output=True,
-                          text=True, check=False, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(nodes), study, str(out), method, node],
+                          capture_output=True, text=True, check=False, cwd=REPO)
     wall, cpu = time.perf_counter() - t0, children_cpu() - c0
     if proc.returncode != 0:
         raise RuntimeError(f"medpipe {method} failed: {proc.stderr[-2000:]}")
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"seconds": got["seconds"]["total"], "wall": wall, "cpu": cpu, "files": got["received"],
             "transfer": got["seconds"]["transfer"], "list": got["seconds"]["list"]}
-
-
-def dcmtk_tool(name: str) -> tuple[str, str] | str:
-    """(path, version) of dcmtk's ``name``, or why there is none.
-
-    pynetdicom installs Python apps of the same names (movescu, getscu, ...) next to the interpreter,
-    and a virtual environment's bin folder usually comes first on PATH: each candidate on PATH (then
-    /usr/bin) is asked for its version, and only one that says ``$dcmtk`` is used.
-    """
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for d in dict.fromkeys(d for d in dirs if d):
-        path = shutil.which(name, path=d)
-        if path is None:
-            continue
-        try:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        first = out.strip().splitlines()[0] if out.strip() else ""
-        if first.startswith("$dcmtk"):
-            return path, first.strip("$ ").removeprefix("dcmtk: ")
-    return f"dcmtk's {name} is not installed (apt-get install dcmtk); a {name} that is not dcmtk's does not count"
 
 
 def run_dcmtk(tool: str, aet: str, port_args: list[str], orthanc: Any, study: str, out: Path) -> dict[str, Any]:
@@ -172,6 +155,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also cProfile one medpipe C-MOVE pull in this process")
     args = ap.parse_args()
 
+    from medpipe.pacs.dcmtk import find_tool
     from tests.orthanc_server import LOOPBACK, Orthanc, PrivateNetwork, free_port, why_no_orthanc
 
     problem = why_no_orthanc()
@@ -180,7 +164,7 @@ def main() -> int:
         return 2
     tools = {}
     for tool in ("movescu", "getscu"):
-        found = dcmtk_tool(tool)
+        found = find_tool(tool)
         if isinstance(found, str):
             print(f"cannot run: {found}", file=sys.stderr)
             return 2
@@ -211,21 +195,26 @@ def main() -> int:
                 list(pool.map(lambda f: orthanc.upload([f]), files))
             print(f"uploaded to Orthanc {orthanc_version(orthanc)} in {time.perf_counter() - t1:.1f} s")
             nodes = work / "pacs.yaml"
-            nodes.write_text(json.dumps({"nodes": {"orthanc": {
-                "ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port, "our_ae_title": "MEDPIPE",
-                "our_port": ports["MEDPIPE"], "bind": LOOPBACK, "dicomweb": orthanc.dicomweb_url, "retries": 0}}}))
+            node = {"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port, "our_ae_title": "MEDPIPE",
+                    "our_port": ports["MEDPIPE"], "dicomweb": orthanc.dicomweb_url, "retries": 0}
+            nodes.write_text(json.dumps({"nodes": {
+                "orthanc": {**node, "bind": LOOPBACK, "engine": "pynetdicom"},
+                "orthanc-dcmtk": {**node, "engine": "dcmtk"},  # movescu listens on every interface: loopback here
+            }}))
             runs = {
                 "medpipe C-MOVE": lambda out: run_medpipe(nodes, study, out, "move"),
+                "medpipe C-MOVE dcmtk": lambda out: run_medpipe(nodes, study, out, "move", "orthanc-dcmtk"),
                 "movescu (dcmtk)": lambda out: run_dcmtk(tools["movescu"][0], "MOVESCU", ["-aem", "MOVESCU", "--port",
                                                                                   str(ports["MOVESCU"])],
                                                          orthanc, study, out),
                 "medpipe C-GET": lambda out: run_medpipe(nodes, study, out, "get"),
+                "medpipe C-GET dcmtk": lambda out: run_medpipe(nodes, study, out, "get", "orthanc-dcmtk"),
                 "getscu (dcmtk)": lambda out: run_dcmtk(tools["getscu"][0], "GETSCU", [], orthanc, study, out),
                 "medpipe WADO-RS": lambda out: run_medpipe(nodes, study, out, "wado"),
             }
             for rep in range(args.repeat):
                 for name, fn in runs.items():
-                    out = work / "out" / name.split()[0] / name.split()[1]
+                    out = work / "out" / "-".join(name.replace("(", "").replace(")", "").split())
                     shutil.rmtree(out, ignore_errors=True)
                     r = fn(out)
                     if r["files"] != len(files):
@@ -235,7 +224,7 @@ def main() -> int:
                         if r["differ"]:
                             raise RuntimeError(f"{name}: {r['differ']} files differ from the upload")
                     results.setdefault(name, []).append(r)
-                    print(f"  run {rep + 1}: {name:<18} {r['seconds']:6.2f} s ({len(files) / r['seconds']:6.0f} "
+                    print(f"  run {rep + 1}: {name:<20} {r['seconds']:6.2f} s ({len(files) / r['seconds']:6.0f} "
                           f"instances/s)", flush=True)
             if args.profile:
                 profile_move(nodes, study, work / "out" / "profile")
@@ -244,13 +233,14 @@ def main() -> int:
 
     table = summarise(results, len(files), total_mb)
     print()
-    print(f"{'tool':<18} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'wall s':>7} {'CPU ms/inst':>11}  note")
+    print(f"{'tool':<20} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'wall s':>7} {'CPU ms/inst':>11}  note")
     for row in table:
-        print(f"{row['tool']:<18} {row['seconds']:9.2f} {row['instances_per_s']:8.0f} {row['mb_per_s']:7.1f} "
+        print(f"{row['tool']:<20} {row['seconds']:9.2f} {row['instances_per_s']:8.0f} {row['mb_per_s']:7.1f} "
               f"{row['wall']:7.2f} {row['cpu_ms_per_instance']:11.2f}  {row['note']}")
     by = {r["tool"]: r for r in table}
     verdicts = []
-    for ours, theirs in (("medpipe C-MOVE", "movescu (dcmtk)"), ("medpipe C-GET", "getscu (dcmtk)")):
+    for ours, theirs in (("medpipe C-MOVE", "movescu (dcmtk)"), ("medpipe C-MOVE dcmtk", "movescu (dcmtk)"),
+                         ("medpipe C-GET", "getscu (dcmtk)"), ("medpipe C-GET dcmtk", "getscu (dcmtk)")):
         ratio = by[ours]["instances_per_s"] / by[theirs]["instances_per_s"]
         ok = ratio >= 1.0
         verdicts.append({"ours": ours, "theirs": theirs, "ratio": round(ratio, 3), "pass": ok})

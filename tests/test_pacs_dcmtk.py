@@ -1,4 +1,4 @@
-"""dcmtk's movescu / getscu as the DIMSE transfer engine of a pull (``engine: dcmtk``), against a real Orthanc.
+"""dcmtk (movescu + storescp, getscu) as the DIMSE transfer engine of a pull (``engine: dcmtk``), real Orthanc.
 
 The pulled files equal the uploaded ones, a second pull asks for nothing, missing instances are asked
 for at IMAGE level, no staging folder is left; the failures are the same one-line causes as with
@@ -27,7 +27,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 @pytest.fixture(scope="module", autouse=True)
 def _dcmtk() -> None:
-    for name in ("movescu", "getscu"):
+    for name in ("movescu", "storescp", "getscu"):
         found = find_tool(name)
         if isinstance(found, str):
             if os.environ.get("MEDPIPE_REQUIRE_ORTHANC") == "1":
@@ -36,7 +36,7 @@ def _dcmtk() -> None:
 
 
 def _node(o: Orthanc, **overrides: object) -> PacsNode:
-    # movescu listens on every interface (no bind address): fine in the test's loopback-only network namespace
+    # storescp listens on every interface (no bind address): fine in the test's loopback-only network namespace
     settings = node_settings(o, engine="dcmtk", bind=None, **overrides)
     return nodes_from_dict({"nodes": {"orthanc": settings}}).get("orthanc")
 
@@ -46,14 +46,14 @@ def test_dcmtk_tools_found_not_pynetdicom_apps(tmp_path: Path) -> None:
     path, version = find_tool("movescu")  # type: ignore[misc]
     assert version.startswith("movescu v3.") and "/.venv/" not in path
     settings = {"ae_title": "PACS", "host": LOOPBACK, "port": 104}
-    node = nodes_from_dict({"nodes": {"p": settings}}).get("p")  # engine auto: movescu for C-MOVE only
+    node = nodes_from_dict({"nodes": {"p": settings}}).get("p")  # engine auto: dcmtk for C-MOVE only
     assert (dcmtk_tool(node, "move"), dcmtk_tool(node, "get"), dcmtk_tool(node, "wado")) == (path, None, None)
     node = nodes_from_dict({"nodes": {"p": {**settings, "engine": "pynetdicom"}}}).get("p")
     assert dcmtk_tool(node, "move") is None
     node = nodes_from_dict({"nodes": {"p": {**settings, "engine": "dcmtk", "tls": {"dimse": True}}}}).get("p")
     with pytest.raises(ConfigError, match="engine dcmtk has no DIMSE TLS"):
         dcmtk_tool(node, "move")
-    # our storage SCP bound to one address: movescu cannot do that, so auto keeps pynetdicom and dcmtk says why
+    # our storage SCP bound to one address: storescp cannot do that, so auto keeps pynetdicom and dcmtk says why
     node = nodes_from_dict({"nodes": {"p": {**settings, "bind": LOOPBACK}}}).get("p")
     assert dcmtk_tool(node, "move") is None
     node = nodes_from_dict({"nodes": {"p": {**settings, "bind": LOOPBACK, "engine": "dcmtk"}}}).get("p")

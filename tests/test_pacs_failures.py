@@ -87,7 +87,7 @@ def test_unknown_calling_ae(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Pat
 def test_move_destination_not_configured(open_orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
                                          engine: str) -> None:
     port = free_port()
-    bind = None if engine == "dcmtk" else LOOPBACK  # movescu listens on every interface (loopback only here)
+    bind = None if engine == "dcmtk" else LOOPBACK  # storescp listens on every interface (loopback only here)
     settings = node_settings(open_orthanc, our_port=port, our_ae_title="MEDPIPE", engine=engine, bind=bind)
     line = _fails(tmp_path, settings, "pacs", "pull", "--study", pacs_sample.ct_study, "--via", "move",
                   "--out", str(tmp_path / "out"))

@@ -1,22 +1,25 @@
-"""dcmtk's ``movescu`` / ``getscu`` as the DIMSE transfer engine of a pull (``engine:`` in the node file).
+"""dcmtk's ``movescu`` / ``storescp`` / ``getscu`` as the DIMSE transfer engine of a pull (``engine:`` in the
+node file).
 
 pynetdicom costs 2-3 ms of CPU per received instance in pure Python; dcmtk's C++ tools a fraction of
 that (benchmarks/README.md, PACS section). With ``engine: auto`` (the default) C-MOVE runs through
-dcmtk's ``movescu`` when it is installed; ``engine: dcmtk`` also uses ``getscu`` for C-GET (see below)
-and fails when the tools are missing; ``engine: pynetdicom`` never uses them.
+dcmtk when it is installed; ``engine: dcmtk`` also uses ``getscu`` for C-GET (see below) and fails
+when the tools are missing; ``engine: pynetdicom`` never uses them.
 
 What medpipe plans stays the same (the series and missing instances from C-FIND); per series one
 tool run fetches them into a staging folder under the output (same file system), then every
 received file is moved (``os.replace``) to its place in the layout, instances already there are
 skipped, and the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
-received; movescu 3.6.7 then ignores ``-od`` and writes to its working folder: it runs in the staging folder); after a run that did not end cleanly the newest staged file (the one possibly cut off) is
-dropped, so the layout never holds a partial file. dcmtk's exit status and error lines become the
-same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
+received; the tools then write to their working folder whatever ``-od`` says, so they run in the
+staging folder); after a run that did not end cleanly the newest staged file (the one possibly cut
+off) is dropped, so the layout never holds a partial file. dcmtk's exit status and error lines become
+the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
 
-* ``movescu`` receives the C-MOVE itself (``+P our_port``, our AE title as destination), accepting
-  every transfer syntax (``+xa``): the PACS sends what it stores. It listens on every interface (it has
-  no bind address: a node with ``bind`` keeps pynetdicom) and one port serves one run at a time, so
-  series are moved one after another.
+* C-MOVE: ``storescp`` runs for the whole pull on ``our_port`` as our AE (the move destination),
+  accepting every transfer syntax (``+xa``): the PACS sends what it stores; ``movescu`` (without a
+  port of its own: with one, movescu 3.6.7 idles about a second per run) sends one C-MOVE per series.
+  storescp takes one association at a time and writes under the final names, so series are moved one
+  after another. It listens on every interface (no bind address: a node with ``bind`` keeps pynetdicom).
 * ``getscu`` (dcmtk 3.6.7) proposes one storage context per SOP class with several transfer syntaxes
   and lets the PACS choose: Orthanc then sends compressed instances transcoded to Explicit VR Little
   Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
@@ -34,10 +37,12 @@ import shutil
 import socket
 import struct
 import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from medpipe.errors import ConfigError, PacsError
 from medpipe.pacs.dimse import _unreachable, probe, register_line
@@ -84,19 +89,20 @@ def find_tool(name: str) -> tuple[str, str] | str:
 
 def dcmtk_tool(node: PacsNode, way: str) -> str | None:
     """The dcmtk tool that runs ``way`` ("move", "get") for ``node``, or None for pynetdicom."""
-    name = {"move": "movescu", "get": "getscu"}.get(way)
-    if name is None or node.engine == "pynetdicom" or (node.engine == "auto" and way == "get"):
+    names = {"move": ("movescu", "storescp"), "get": ("getscu",)}.get(way)
+    if names is None or node.engine == "pynetdicom" or (node.engine == "auto" and way == "get"):
         return None
     tls = node.tls is not None and node.tls.dimse
     bound = way == "move" and node.bind not in ("", "0.0.0.0", "::")
-    found = find_tool(name)
+    tools = [find_tool(name) for name in names]
+    found = next((t for t in tools if isinstance(t, str)), tools[0])
     if node.engine == "dcmtk":
         if tls:
             raise ConfigError(f"PACS node {node.name}: engine dcmtk has no DIMSE TLS",
                               hint="use engine: pynetdicom (or auto) for a node with tls: dimse: true")
         if bound:
             raise ConfigError(f"PACS node {node.name}: engine dcmtk cannot receive a C-MOVE on bind {node.bind} "
-                              "only (movescu listens on every interface)",
+                              "only (storescp listens on every interface)",
                               hint="remove bind from the node, or use engine: pynetdicom (or auto)")
         if isinstance(found, str):
             raise ConfigError(f"PACS node {node.name}: engine dcmtk, but {found}",
@@ -109,25 +115,25 @@ def dcmtk_tool(node: PacsNode, way: str) -> str | None:
 class DcmtkSession:
     """``fetch(series, missing)`` by one movescu / getscu run per series and identifier."""
 
-    def __init__(self, node: PacsNode, store: InstanceStore, way: str, tool: str) -> None:
+    def __init__(self, node: PacsNode, store: InstanceStore, way: str, tool: str,
+                 staging: Path | None = None) -> None:
         self.node = node
         self.store = store
         self.way = way
         self.tool = tool
         self.method = way
         self.label = "C-MOVE" if way == "move" else "C-GET"
-        self.staging: Path | None = None
+        self.staging = staging  # C-MOVE: the receiver's folder; C-GET: one of its own
+        self._own = staging is None
 
     def __enter__(self) -> Self:
-        self.staging = self.store.root / STAGING / uuid.uuid4().hex
-        self.staging.mkdir(parents=True)
+        if self._own:
+            self.staging = new_staging(self.store)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                self.staging.parent.rmdir()  # only when no other session stages there
+        if self._own and self.staging is not None:
+            drop_staging(self.staging)
             self.staging = None
 
     def fetch(self, item: SeriesItem, need: Need) -> None:
@@ -150,12 +156,77 @@ class DcmtkSession:
         seconds = str(max(1, math.ceil(node.timeout)))
         pdu = str(min(max(node.max_pdu or 131072, 4096), 131072))
         cmd = [self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta", seconds, "-td",
-               seconds, "-pdu", pdu, "+B", "-od", "."]
-        if self.way == "move":
-            cmd += ["-aem", node.our_ae_title, "+P", str(node.our_port), "+xa"]
+               seconds, "-pdu", pdu]
+        cmd += ["-aem", node.our_ae_title] if self.way == "move" else ["+B", "-od", "."]
         for k in keys:
             cmd += ["-k", k]
         return [*cmd, host, str(port)]
+
+
+def new_staging(store: InstanceStore) -> Path:
+    staging = store.root / STAGING / uuid.uuid4().hex
+    staging.mkdir(parents=True)
+    return staging
+
+
+def drop_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()  # only when no other session stages there
+
+
+class MoveReceiver:
+    """dcmtk's ``storescp`` as our C-MOVE destination for one pull: ``our_port``, our AE title, every transfer
+    syntax, bit-preserving, into a staging folder (:attr:`staging`) that the C-MOVE sessions place from."""
+
+    def __init__(self, node: PacsNode, store: InstanceStore) -> None:
+        self.node = node
+        self.store = store
+        self.staging: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def __enter__(self) -> Self:
+        tool = find_tool("storescp")
+        if isinstance(tool, str):
+            raise ConfigError(f"PACS node {self.node.name}: engine dcmtk, but {tool}")
+        node = self.node
+        self.staging = new_staging(self.store)
+        seconds = str(max(1, math.ceil(node.timeout)))
+        pdu = str(min(max(node.max_pdu or 131072, 4096), 131072))
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen([tool[0], "-aet", node.our_ae_title, "+xa", "+B", "-od", ".", "-pdu", pdu,
+                                       "-ta", seconds, "-td", seconds, str(node.our_port)], cwd=self.staging,
+                                      stdout=subprocess.DEVNULL, stderr=self._log, env={**os.environ, **NODELAY})
+        deadline = time.monotonic() + 10.0
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            if probe("127.0.0.1", node.our_port, 1.0) is None:
+                return self
+            time.sleep(0.02)
+        self._log.seek(0)
+        lines = [x.strip() for x in self._log.read().decode("utf-8", "replace").splitlines() if x.strip()]
+        self.__exit__(None, None, None)
+        if any("Address already in use" in x for x in lines):
+            raise PacsError(f"cannot receive on *:{node.our_port}: the port is in use (another medpipe pull or "
+                            "listener, or another DICOM server); choose another port (our_port in the node file)")
+        raise PacsError(f"dcmtk's storescp could not receive on port {node.our_port}"
+                        f"{'; its last line: ' + lines[-1][:300] if lines else ' (it did not start listening)'}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.staging is not None:
+            drop_staging(self.staging)
+            self.staging = None
 
 
 def identifier_keys(item: SeriesItem, need: Need) -> Iterator[list[str]]:
@@ -289,9 +360,6 @@ def failure(node: PacsNode, way: str, what: str, tool: str, rc: int, stderr: str
                              f"{register_line(node, our_address(node))}")
         return PacsError(f"{what}: connection to {node.name} lost in the middle; run the command again: what "
                          "arrived is kept", transient=True)
-    if way == "move" and ("Address already in use" in text or "cannot listen" in text.lower()):
-        return PacsError(f"{what}: cannot receive on port {node.our_port}: the port is in use (another medpipe pull "
-                         "or listener, or another DICOM server); choose another port (our_port in the node file)")
     last = lines[-1] if lines else "no error output"
     return PacsError(f"{what}: dcmtk's {Path(tool).name} failed (exit status {rc}) in a way medpipe does not "
                      f"recognise; its last line: {last[:300]}")

@@ -13,7 +13,7 @@
         port: 4242
         dicomweb: https://pacs.example.org/dicom-web   # the DICOMweb root (Orthanc: .../dicom-web)
         auth: {username: ai, password_env: PACS_PASSWORD}
-        engine: auto          # C-MOVE by dcmtk's movescu when installed (dcmtk: also C-GET; pynetdicom: never)
+        engine: auto          # C-MOVE by dcmtk (movescu + storescp) when installed (dcmtk: also C-GET; pynetdicom: never)
         tls: {ca_file: /etc/ssl/hospital-ca.pem}
 
 The same in TOML is ``[defaults]`` and ``[nodes.orthanc]`` tables. Unknown keys are errors (a typo must

@@ -135,13 +135,16 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
 
 
 def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem]) -> None:
-    from medpipe.pacs.dcmtk import DcmtkSession, dcmtk_tool
+    from medpipe.pacs.dcmtk import DcmtkSession, MoveReceiver, dcmtk_tool
     from medpipe.pacs.scp import StoreHandler
 
     tool = dcmtk_tool(node, way)
-    if tool is not None:  # movescu receives on our_port itself: one run at a time; getscu runs side by side
-        _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), LABELS[way],
-               workers=1 if way == "move" else node.parallel)
+    if tool is not None and way == "move":  # storescp takes one association at a time: one C-MOVE at a time
+        with MoveReceiver(node, store) as receiver:
+            _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool, receiver.staging), "C-MOVE",
+                   workers=1)
+    elif tool is not None:
+        _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), "C-GET")
     elif way == "move":
         from medpipe.pacs.dimse import tls_context
         from medpipe.pacs.retrieve import MoveSession
