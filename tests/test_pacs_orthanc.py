@@ -87,8 +87,8 @@ def _assert_same_files(pulled: Path, pacs_sample: Sample, *, whole_file: bool) -
 @pytest.mark.parametrize(("method", "bind"), [("move", None), ("move", "127.0.0.1"), ("get", None), ("wado", None)])
 def test_pull_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path, method: str,
                                         bind: str | None) -> None:
-    """engine auto: C-MOVE by dcmtk (movescu + storescp) where installed, by pynetdicom with a bind address (movescu has
-    none); C-GET by pynetdicom (test_pacs_dcmtk.py: getscu)."""
+    """engine auto: C-MOVE by dcmtk (movescu + storescp) where installed, by pynetdicom with a bind address
+    (storescp has none); C-GET by pynetdicom (test_pacs_dcmtk.py: getscu)."""
     node = _node(orthanc, bind=bind)
     query = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
     report = pull(node, query, tmp_path, methods=(method,))
