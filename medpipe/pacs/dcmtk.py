@@ -75,7 +75,7 @@ def find_tool(name: str) -> tuple[str, str] | str:
     dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
     for d in dict.fromkeys(d for d in dirs if d):
         path = shutil.which(name, path=d)
-        if path is None:
+        if path is None or not _native(path):  # pynetdicom's are Python scripts: not run (each would import it)
             continue
         try:
             out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
@@ -85,6 +85,14 @@ def find_tool(name: str) -> tuple[str, str] | str:
         if first.startswith("$dcmtk"):
             return path, first.strip("$ ").removeprefix("dcmtk: ")
     return f"dcmtk's {name} is not installed (apt-get install dcmtk); a {name} that is not dcmtk's does not count"
+
+
+def _native(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) != b"#!"
+    except OSError:
+        return False
 
 
 def dcmtk_tool(node: PacsNode, way: str) -> str | None:
