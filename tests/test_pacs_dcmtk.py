@@ -14,7 +14,7 @@ import pytest
 
 from medpipe.errors import ConfigError, PacsError
 from medpipe.pacs.dcmtk import STAGING, DcmtkSession, dcmtk_tool, failure, find_tool
-from medpipe.pacs.listing import Need, list_series
+from medpipe.pacs.listing import Need, SeriesItem, list_series
 from medpipe.pacs.nodes import PacsNode, nodes_from_dict
 from medpipe.pacs.pull import pull
 from medpipe.pacs.query import StudyQuery
@@ -111,6 +111,29 @@ def test_dcmtk_unknown_calling_ae_and_refused_connection(orthanc: Orthanc, pacs_
         s.fetch(items[0], Need(whole=True))
     assert "connection refused by orthanc" in str(err.value) and err.value.transient
     assert not list(store.root.rglob("*.dcm")) and not (store.root / STAGING).exists()
+
+
+def test_dcmtk_timeout(tmp_path: Path) -> None:
+    """A port that accepts connections and never answers: the same line as with pynetdicom, within the timeout."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind((LOOPBACK, 0))
+    silent.listen(8)
+    try:
+        node = nodes_from_dict({"nodes": {"p": {"ae_title": "SILENT", "host": LOOPBACK, "port": silent.getsockname()[1],
+                                                "timeout": 1, "engine": "dcmtk"}}}).get("p")
+        item = SeriesItem("1.2.3", "1.2.3.4")
+        t0 = time.monotonic()
+        for way in ("get", "move"):
+            with DcmtkSession(node, InstanceStore(tmp_path), way, dcmtk_tool(node, way) or "") as s, \
+                    pytest.raises(PacsError) as err:
+                s.fetch(item, Need(whole=True))
+            assert "did not answer the association request within 1 s" in str(err.value) and err.value.transient
+        assert time.monotonic() - t0 < 8
+    finally:
+        silent.close()
 
 
 def test_dcmtk_failure_not_recognised_names_its_last_line() -> None:

@@ -351,6 +351,10 @@ def failure(node: PacsNode, way: str, what: str, tool: str, rc: int, stderr: str
             return PacsError(f"{what}: {node.name} is out of resources (status 0x{code:04X}); try again later",
                              transient=True)
         return PacsError(f"{what}: status 0x{code:04X} ({status_text(code)})", transient=arrived > 0)
+    if "timeout" in text.lower() and ("negotiate association" in text or "Association Request Failed" in text):
+        return PacsError(f"{what}: {node.name} ({host}:{port}) accepted the connection but did not answer the "
+                         f"association request within {node.timeout:g} s: is this a DICOM port (TLS expected?); "
+                         "check port and tls in the node file, or raise timeout", transient=True)
     if "timeout" in text.lower():
         return PacsError(f"{what}: {node.name} sent no response within {node.timeout:g} s (DIMSE timeout): the PACS "
                          "may be overloaded; raise timeout in the node file or try again", transient=True)
