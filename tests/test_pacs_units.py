@@ -366,3 +366,33 @@ def test_wado_answer_cut_off_never_gives_a_truncated_instance(size: int) -> None
             for part in iter_stored(node, client, "studies/1"):
                 got.append(part)
         assert got == [one] and err.value.transient and "closing multipart boundary" in str(err.value)
+
+
+def test_dcmtk_staged_files_placed_atomically(tmp_path: Path) -> None:
+    """What dcmtk received goes into the layout by its UIDs; present ones, unreadable ones and (after a run that
+    did not end cleanly) the newest, possibly cut-off, file never do; a killed pull's staging folder is cleaned."""
+    import shutil
+
+    from medpipe.pacs.dcmtk import file_uids, new_staging, place_staged
+    from tests.dicom_factory import pattern, write_series
+
+    w = write_series(tmp_path / "src", pattern((8, 8, 4), seed=4), patient_id="STAGE", tag="stage", seed=4)
+    files = sorted((tmp_path / "src").rglob("*.dcm"))
+    store = InstanceStore(tmp_path / "out")
+    staging = new_staging(store)
+    for f in files[:2]:
+        shutil.copy(f, staging / f"MR.{f.stem}")
+    (staging / "MR.garbage").write_bytes(b"\0" * 200)
+    first = file_uids(staging / f"MR.{files[0].stem}")
+    assert first is not None and first[:2] == (w.study_uid, w.series_uid)
+    store.write(*first, files[0].read_bytes())  # already present: kept, the staged copy dropped
+    assert place_staged(store, staging, clean=True) == 1 and not list(staging.iterdir())
+    assert store.present(w.study_uid, w.series_uid) == {first[2], file_uids(files[1])[2]}  # type: ignore[index]
+
+    for i, f in enumerate(files[2:]):
+        shutil.copy(f, staging / f.name)
+        os.utime(staging / f.name, ns=(10**18 + i, 10**18 + i))
+    assert place_staged(store, staging, clean=False) == 1  # the newest (files[3]) dropped
+    assert len(store.present(w.study_uid, w.series_uid)) == 3 and not list(staging.iterdir())
+    (staging / "MR.left").write_bytes(b"half")  # a killed pull's leftover
+    assert store.clean() == 1 and not staging.parent.exists()
