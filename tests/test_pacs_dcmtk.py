@@ -95,6 +95,32 @@ def test_pull_by_dcmtk_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: 
     assert (third.already, third.received) == (n - 2, 2) and len(list(tmp_path.rglob("*.dcm"))) == n
 
 
+def test_findscu_lists_what_pynetdicom_lists(orthanc: Orthanc, pacs_sample: Sample) -> None:
+    """engine dcmtk lists by findscu (no pynetdicom import in the pull): the same answers as DimseFinder, and the
+    same one-line cause for an unknown calling AE."""
+    from medpipe.pacs.dcmtk import DcmtkFinder
+    from medpipe.pacs.dimse import DimseFinder
+
+    node = _node(orthanc)
+    tool = dcmtk_tool(node, "find") or ""
+    query = StudyQuery(patient_id=pacs_sample.ct_patient)
+    with DcmtkFinder(node, tool) as ours, DimseFinder(node) as theirs:
+        studies = ours.studies(query)
+        assert [s.values for s in studies] == [s.values for s in theirs.studies(query)]
+        assert [s["StudyInstanceUID"] for s in studies] == [pacs_sample.ct_study]
+        assert [s.values for s in ours.series(pacs_sample.ct_study, "CT")] == \
+            [s.values for s in theirs.series(pacs_sample.ct_study, "CT")]
+        mine = ours.instances(pacs_sample.ct_study, pacs_sample.ct_series)
+        assert sorted(i["SOPInstanceUID"] for i in mine) == \
+            sorted(i["SOPInstanceUID"] for i in theirs.instances(pacs_sample.ct_study, pacs_sample.ct_series))
+        assert len(mine) == len(pacs_sample.ct_files)
+    stranger = _node(orthanc, our_ae_title="STRANGER")
+    with DcmtkFinder(stranger, tool) as f, pytest.raises(PacsError) as err:
+        f.studies(query)
+    assert "C-FIND (study level)" in str(err.value) and "without any answer" in str(err.value)
+    assert "calling AE title STRANGER" in str(err.value)
+
+
 def test_dcmtk_unknown_calling_ae_and_refused_connection(orthanc: Orthanc, pacs_sample: Sample,
                                                          tmp_path: Path) -> None:
     node = _node(orthanc, our_ae_title="STRANGER", retries=0)

@@ -24,6 +24,8 @@ the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
   and lets the PACS choose: Orthanc then sends compressed instances transcoded to Explicit VR Little
   Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
   ``engine: dcmtk`` uses getscu where uncompressed copies are acceptable.
+* The pull's listing (C-FIND) runs through ``findscu`` with ``engine: dcmtk`` (:class:`DcmtkFinder`), so such
+  a pull never imports pynetdicom; ``auto`` lists with pynetdicom, as ``medpipe pacs find`` always does.
 * dcmtk has no TLS in these tools: a node with DIMSE TLS uses pynetdicom (``engine: dcmtk`` is an error).
 """
 
@@ -42,13 +44,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from medpipe.errors import ConfigError, PacsError
-from medpipe.pacs.dimse import _unreachable, probe, register_line
-from medpipe.pacs.listing import Need, SeriesItem
+from medpipe.pacs.dimse import DimseFinder, Found, _text, _unreachable, identifier, probe, register_line
 from medpipe.pacs.nodes import PacsNode
 from medpipe.pacs.store import STAGING, InstanceStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medpipe.pacs.listing import Need, SeriesItem
 
 #: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set: each small PDU then waits for a delayed ACK
 NODELAY = {"TCP_NODELAY": "1"}
@@ -96,9 +100,9 @@ def _native(path: str) -> bool:
 
 
 def dcmtk_tool(node: PacsNode, way: str) -> str | None:
-    """The dcmtk tool that runs ``way`` ("move", "get") for ``node``, or None for pynetdicom."""
-    names = {"move": ("movescu", "storescp"), "get": ("getscu",)}.get(way)
-    if names is None or node.engine == "pynetdicom" or (node.engine == "auto" and way == "get"):
+    """The dcmtk tool that runs ``way`` ("move", "get", "find": the listing) for ``node``, or None for pynetdicom."""
+    names = {"move": ("movescu", "storescp"), "get": ("getscu",), "find": ("findscu",)}.get(way)
+    if names is None or node.engine == "pynetdicom" or (node.engine == "auto" and way in ("get", "find")):
         return None
     tls = node.tls is not None and node.tls.dimse
     bound = way == "move" and node.bind not in ("", "0.0.0.0", "::")
@@ -169,6 +173,51 @@ class DcmtkSession:
         for k in keys:
             cmd += ["-k", k]
         return [*cmd, host, str(port)]
+
+
+class DcmtkFinder(DimseFinder):
+    """C-FIND (Study Root) by dcmtk's ``findscu`` (``engine: dcmtk``): the query as a file, the answers extracted
+    to files and read by pydicom; the same levels and return keys as :class:`~medpipe.pacs.dimse.DimseFinder`,
+    without importing pynetdicom (0.3-0.5 s of a pull's listing on a busy machine)."""
+
+    def __init__(self, node: PacsNode, tool: str) -> None:
+        super().__init__(node)
+        self.tool = tool
+        self.folder: Path | None = None
+
+    def __enter__(self) -> Self:
+        self.folder = Path(tempfile.mkdtemp(prefix="medpipe-findscu-"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def find(self, level: str, keys: dict[str, Any]) -> list[Found]:
+        import pydicom
+
+        assert self.folder is not None, "use the finder as a context manager"
+        node = self.node
+        host, port, aet = node.dimse_address()
+        what = f"C-FIND ({level.lower()} level) at {node.name}"
+        run = self.folder / uuid.uuid4().hex
+        run.mkdir()
+        query = run / "query.dcm"
+        identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
+        seconds = str(max(1, math.ceil(node.timeout)))
+        proc = subprocess.run([self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta",
+                               seconds, "-td", seconds, "-X", "-od", str(run), host, str(port), str(query)],
+                              capture_output=True, text=True, check=False, env={**os.environ, **NODELAY})
+        answers = sorted(run.glob("rsp*.dcm"))
+        if proc.returncode != 0 or any(line[:2] in ("E:", "F:") for line in proc.stderr.splitlines()):
+            raise failure(node, "find", what, self.tool, proc.returncode, proc.stderr, len(answers))
+        out = []
+        for path in answers:
+            ds = pydicom.dcmread(path, force=True)
+            out.append(Found({k: _text(ds, k) for k in keys}))
+        shutil.rmtree(run, ignore_errors=True)
+        return out
 
 
 def new_staging(store: InstanceStore) -> Path:

@@ -103,15 +103,17 @@ def _int(text: str) -> int | None:
 
 
 def list_series(node: PacsNode, query: StudyQuery, *, web: bool = False, store: InstanceStore | None = None,
-                need_classes: bool = False) -> list[SeriesItem]:
+                need_classes: bool = False, dimse_finder: Any = None) -> list[SeriesItem]:
     """The series of the studies matching ``query`` (only ``query.modality``'s series, when given).
 
     Instances are listed for a series when ``store`` holds part of it, when the PACS gives no
     instance count, or (``need_classes``) when the SOP classes are not known from the study level.
-    Without ``store`` every series is listed.
+    Without ``store`` every series is listed. ``dimse_finder``: a finder to use instead of pynetdicom's
+    for DIMSE (a pull with ``engine: dcmtk`` passes dcmtk's).
     """
     items: list[SeriesItem] = []
-    with finder(node, web) as f:
+    use_dimse = node.has_dimse and not web
+    with (dimse_finder if dimse_finder is not None and use_dimse else finder(node, web)) as f:
         for st in f.studies(query):
             study_uid = st["StudyInstanceUID"]
             if not valid_uid(study_uid):

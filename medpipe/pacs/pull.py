@@ -90,7 +90,11 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
         log.info("removed %d partial file(s) an interrupted pull left in %s", stale, store.root)
     t0 = time.perf_counter()
     web_listing = not node.has_dimse or ways == ("wado",)
-    items = with_retries(lambda: list_series(node, query, web=web_listing, store=store, need_classes="get" in ways),
+    from medpipe.pacs.dcmtk import DcmtkFinder, dcmtk_tool
+
+    findscu = None if web_listing else dcmtk_tool(node, "find")  # engine: dcmtk
+    items = with_retries(lambda: list_series(node, query, web=web_listing, store=store, need_classes="get" in ways,
+                                             dimse_finder=DcmtkFinder(node, findscu) if findscu else None),
                          retries=node.retries, first_delay=node.retry_delay, what=f"listing at {node.name}")
     t_list = time.perf_counter()
     expected = sum(i.expected or 0 for i in items)
