@@ -156,8 +156,7 @@ class DcmtkSession:
         for keys in identifier_keys(item, need):
             proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
                                   env={**os.environ, **NODELAY}, cwd=self.staging)
-            errors = [line for line in proc.stderr.splitlines() if line[:2] in ("E:", "F:", "W:")]
-            clean = proc.returncode == 0 and not any(line[:2] in ("E:", "F:") for line in errors)
+            clean = proc.returncode == 0 and not _errors(proc.stderr)
             arrived = place_staged(self.store, self.staging, clean=clean)
             if not clean:
                 raise failure(node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
@@ -165,8 +164,7 @@ class DcmtkSession:
     def command(self, keys: list[str]) -> list[str]:
         node = self.node
         host, port, aet = node.dimse_address()
-        seconds = str(max(1, math.ceil(node.timeout)))
-        pdu = str(min(max(node.max_pdu or 131072, 4096), 131072))
+        seconds, pdu = _limits(node)
         cmd = [self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta", seconds, "-td",
                seconds, "-pdu", pdu]
         cmd += ["-aem", node.our_ae_title] if self.way == "move" else ["+B", "-od", "."]
@@ -205,12 +203,12 @@ class DcmtkFinder(DimseFinder):
         run.mkdir()
         query = run / "query.dcm"
         identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
-        seconds = str(max(1, math.ceil(node.timeout)))
+        seconds, _ = _limits(node)
         proc = subprocess.run([self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta",
                                seconds, "-td", seconds, "-X", "-od", str(run), host, str(port), str(query)],
                               capture_output=True, text=True, check=False, env={**os.environ, **NODELAY})
         answers = sorted(run.glob("rsp*.dcm"))
-        if proc.returncode != 0 or any(line[:2] in ("E:", "F:") for line in proc.stderr.splitlines()):
+        if proc.returncode != 0 or _errors(proc.stderr):
             raise failure(node, "find", what, self.tool, proc.returncode, proc.stderr, len(answers))
         out = []
         for path in answers:
@@ -218,6 +216,16 @@ class DcmtkFinder(DimseFinder):
             out.append(Found({k: _text(ds, k) for k in keys}))
         shutil.rmtree(run, ignore_errors=True)
         return out
+
+
+def _limits(node: PacsNode) -> tuple[str, str]:
+    """The node's timeout in whole seconds and its PDU size within what dcmtk accepts (4096..131072)."""
+    return str(max(1, math.ceil(node.timeout))), str(min(max(node.max_pdu or 131072, 4096), 131072))
+
+
+def _errors(stderr: str) -> bool:
+    """Whether a dcmtk tool logged an error or a fatal error (``E:`` / ``F:`` lines; it may still exit with 0)."""
+    return any(line[:2] in ("E:", "F:") for line in stderr.splitlines())
 
 
 def new_staging(store: InstanceStore) -> Path:
@@ -249,8 +257,7 @@ class MoveReceiver:
             raise ConfigError(f"PACS node {self.node.name}: engine dcmtk, but {tool}")
         node = self.node
         self.staging = new_staging(self.store)
-        seconds = str(max(1, math.ceil(node.timeout)))
-        pdu = str(min(max(node.max_pdu or 131072, 4096), 131072))
+        seconds, pdu = _limits(node)
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen([tool[0], "-aet", node.our_ae_title, "+xa", "+B", "-od", ".", "-pdu", pdu,
                                        "-ta", seconds, "-td", seconds, str(node.our_port)], cwd=self.staging,
