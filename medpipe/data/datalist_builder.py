@@ -91,7 +91,16 @@ class CsvLabels(_Spec):
     class_names: dict[int, str] | None = Field(default=None, description="class -> name (datalist class_names)")
 
 
-LabelSpec = Annotated[SegLabels | NiftiLabels | CsvLabels, Field(discriminator="source")]
+class SrLabels(_Spec):
+    source: Literal["sr"]
+    series_description: str | None = Field(default=None, description="regex choosing among several SRs of a series")
+    required: bool = Field(default=True, description="skip studies without an SR (else their findings are null)")
+
+    _regex = field_validator("series_description")(check_regex)
+
+
+LabelSpec = Annotated[SegLabels | NiftiLabels | CsvLabels | SrLabels, Field(discriminator="source")]
+AnyLabels = SegLabels | NiftiLabels | CsvLabels | SrLabels
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -127,6 +136,8 @@ class BuildResult:
                 s = int(it["class"])
             elif it["label"] is not None:
                 s = int(self.foreground.get((it["patient_id"], it["study_uid"]), False))
+            elif it.get("findings") is not None:
+                s = int(bool(it["findings"]))
             else:
                 s = 0
             strata[it["patient_id"]] = max(strata.get(it["patient_id"], s), s)
@@ -166,7 +177,7 @@ class DatalistBuilder:
     """
 
     def __init__(self, ingest_dir: Path | str, rules: dict[str, ChannelRule], reference: str,
-                 labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                 labels: AnyLabels | None = None, *, work_dir: Path | str,
                  log: logging.Logger | None = None) -> None:
         from medpipe.catalog import open_catalog
 
@@ -216,12 +227,17 @@ class DatalistBuilder:
         chosen = select_channels(cands, self.rules)
         ref = chosen[self.reference]
         ref_grid, images = self._images(chosen, tag)
-        label, klass, foreground = self._label(ref, ref_grid, tag, patient, study)
+        if isinstance(self.labels, SrLabels):
+            label, klass, foreground = None, None, None
+        else:
+            label, klass, foreground = self._label(ref, ref_grid, tag, patient, study)
         item = {
             "image": images, "label": label, "class": klass, "patient_id": patient, "study_uid": study,
             "reference_series_uid": ref.row.series_uid, "reference_volume": str(ref.path),
             "series_uids": {name: c.row.series_uid for name, c in chosen.items()},
         }
+        if isinstance(self.labels, SrLabels):
+            item["findings"], item["findings_source"] = self._sr(self.labels, ref)
         return StudyItem(item, foreground)
 
     def study_by_uid(self, study_uid: str, patient_id: str | None = None) -> StudyItem:
@@ -352,6 +368,40 @@ class DatalistBuilder:
             self.log.info("%s: label map resampled (nearest neighbour) onto the %s grid", tag, self.reference)
         return str(target), None, foreground
 
+    def _sr(self, spec: SrLabels, ref: Candidate) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The point findings of the SR that references the reference series: centres (LPS, mm) and diameters."""
+        from medpipe.dicom.sr import read_findings_sr
+        from medpipe.errors import DicomError
+
+        series = ref.row.series_uid
+        srs = [o for o in self.catalog.objects_referencing(series or "", modality="SR")
+               if spec.series_description is None or re.search(spec.series_description, o.series_description or "")]
+        if not srs:
+            if spec.required:
+                raise StudySkipped(f"no DICOM SR references the {self.reference} series {series}")
+            return None, None
+        if len(srs) > 1:
+            raise StudySkipped(f"{len(srs)} DICOM SRs reference the {self.reference} series: "
+                               + ", ".join(repr(o.series_description) for o in srs)
+                               + "; choose one with labels.series_description")
+        path = srs[0].path
+        try:
+            report = read_findings_sr(path)
+        except (DicomError, OSError, ValueError, AttributeError, KeyError) as exc:
+            raise StudySkipped(f"SR {path} cannot be read: {exc}") from None
+        frame = ref.sidecar.get("FrameOfReferenceUID")
+        if report.findings and frame and report.frame_of_reference_uid != frame:
+            raise StudySkipped(f"SR {path}: its points are in frame of reference {report.frame_of_reference_uid}, "
+                               f"the {self.reference} series in {frame}")
+        out = []
+        for f in report.findings:
+            if f.diameter_mm is None:
+                raise StudySkipped(f"SR {path}: finding {f.label!r} has no diameter; a box needs a size")
+            out.append({"center_lps": [round(float(v), 4) for v in f.center], "diameter_mm": round(f.diameter_mm, 4),
+                        "label": f.label})
+        self.label_methods["SR points"] += 1
+        return out, str(path)
+
     def _load_csv(self, spec: CsvLabels) -> None:
         if spec.path is None:
             raise StageError("labels.path: no labels CSV given")
@@ -390,7 +440,7 @@ class DatalistBuilder:
 
 
 def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference: str,
-                labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                labels: AnyLabels | None = None, *, work_dir: Path | str,
                 log: logging.Logger | None = None, progress: ProgressFn = no_progress) -> BuildResult:
     """An item per usable study of an ingest folder, in (patient_id, study_uid) order.
 
@@ -427,7 +477,7 @@ def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference
 
 
 def build_study(ingest_dir: Path | str, study_uid: str, rules: dict[str, ChannelRule], reference: str,
-                labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                labels: AnyLabels | None = None, *, work_dir: Path | str,
                 patient_id: str | None = None, log: logging.Logger | None = None) -> StudyItem:
     """The item of one study of an ingest folder (the same item :func:`build_items` makes for it).
 

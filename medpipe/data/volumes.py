@@ -25,6 +25,7 @@ import numpy as np
 
 from medpipe.dicom.frames import frames_to_volume
 from medpipe.dicom.geometry import LPS_TO_RAS
+from medpipe.errors import DicomError
 from medpipe.io import atomic_path
 
 
@@ -180,6 +181,33 @@ def seg_to_labelmap(
     return LabelMap(_in_world_space(seg, reference, order, mapping), names, "world space")
 
 
+def _frames_in_world_space(seg: Any, reference: GridSpec, mapping: dict[int, int]) -> np.ndarray:
+    """A SEG whose frames are parallel planes but not a regular volume, placed frame by frame (nearest
+    neighbour, :func:`medpipe.dicom.frames.frames_to_grid`); later segments win where segments overlap."""
+    from medpipe.dicom.frames import frames_to_grid
+    from medpipe.dicom.seg import read_seg_frames
+
+    from medpipe.dicom.geometry import slice_normal
+
+    frames = read_seg_frames(seg)
+    out = np.zeros(reference.shape, dtype=label_dtype(max(mapping.values())))
+    if not frames:
+        return out
+    # the stack's spacing from all frames (empty ones are omitted, so one segment's frames can have gaps)
+    dist = np.unique(np.round([np.dot(f.geometry.position, slice_normal(f.geometry.orientation)) for f in frames], 4))
+    gaps = np.diff(dist)
+    reach = float(gaps[gaps > 1e-3].min()) / 2 if np.any(gaps > 1e-3) else None
+    labelmap = bool(frames) and frames[0].segment_number == 0
+    for n, value in mapping.items():
+        mine = frames if labelmap else [f for f in frames if f.segment_number == n]
+        if not mine:
+            continue
+        pixels = np.stack([(f.pixels == n) if labelmap else (f.pixels > 0) for f in mine])
+        placed = frames_to_grid(pixels, [f.geometry for f in mine], reference.affine, reference.shape, reach=reach)
+        out[placed] = value
+    return out
+
+
 def _combine(masks: np.ndarray, order: list[int], mapping: dict[int, int]) -> np.ndarray:
     """(..., n_segments) binary/fractional masks -> integer labels (later segments win)."""
     out = np.zeros(masks.shape[:-1], dtype=label_dtype(max(mapping.values())))
@@ -229,7 +257,11 @@ def _in_world_space(seg: Any, reference: GridSpec, order: list[int], mapping: di
     try:
         vol = seg.get_volume(segment_numbers=order, combine_segments=False)
     except (ValueError, RuntimeError) as exc:
-        raise SegMismatch(f"SEG frames do not form a regular volume ({exc})") from exc
+        try:  # sheared (gantry tilt) or unevenly spaced frames: place every frame where it lies
+            return _frames_in_world_space(seg, reference, mapping)
+        except DicomError as why:
+            raise SegMismatch(f"SEG frames do not form a regular volume ({exc}) and cannot be placed frame by frame "
+                              f"({why})") from exc
     masks = np.asarray(vol.array)
     if masks.ndim == 3:  # one segment: no channel axis
         masks = masks[..., None]
