@@ -82,6 +82,8 @@ class Datalist(BaseModel):
     channel_rules: dict[str, dict[str, Any]] | None = Field(
         None, description="DICOM series selection rules per channel (dataset stage), for medpipe score")
     label_names: dict[str, str] | None = Field(None, description="label value -> name (background omitted)")
+    label_codes: dict[str, dict[str, dict[str, str]]] | None = Field(
+        None, description="label value -> coded concepts {category, type: {scheme, value, meaning}} (from a DICOM SEG)")
     class_names: dict[str, str] | None = Field(None, description="class index -> name")
     skipped: list[dict[str, Any]] = Field(default_factory=list, description="cases left out, with the reason")
 

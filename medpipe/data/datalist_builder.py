@@ -122,6 +122,7 @@ class BuildResult:
     skipped: list[dict[str, str]]  # {patient_id, study_uid, reason}, one line per study
     inputs: dict[str, str]  # input file -> sha256 (labels CSV, manifest.csv), for provenance
     label_names: dict[int, str] = field(default_factory=dict)  # label value -> SEG segment label
+    label_codes: dict[int, dict[str, Any]] = field(default_factory=dict)  # label value -> SEG segment codes
     label_methods: dict[str, int] = field(default_factory=dict)  # how SEGs were placed -> number of studies
     n_resampled: int = 0  # channel volumes resampled onto their reference grid
     foreground: dict[tuple[str, str], bool] = field(default_factory=dict)  # (patient, study) -> labelled voxel
@@ -191,6 +192,7 @@ class DatalistBuilder:
         self.log = log or _log
         self.catalog: CatalogReader = open_catalog(self.ingest_dir)
         self.label_names: dict[int, str] = {}
+        self.label_codes: dict[int, dict[str, Any]] = {}
         self.label_methods: dict[str, int] = defaultdict(int)
         self.n_resampled = 0
         self.inputs: dict[str, str] = {}
@@ -329,11 +331,14 @@ class DatalistBuilder:
             except (OSError, ValueError, AttributeError, KeyError) as exc:
                 raise StudySkipped(f"SEG {obj.path} cannot be read: {type(exc).__name__}: {exc}") from None
             write_nifti(lm.data, ref_grid.affine, target)
-            info = {"names": {str(k): v for k, v in lm.names.items()}, "method": lm.method, "seg": obj.path,
+            info = {"names": {str(k): v for k, v in lm.names.items()},
+                    "codes": {str(k): v for k, v in lm.codes.items()}, "method": lm.method, "seg": obj.path,
                     "counts": {str(int(v)): int(c) for v, c in zip(*np.unique(lm.data, return_counts=True))}}
             write_text_atomic(meta, json.dumps(info, indent=1) + "\n")
         for k, v in info["names"].items():
             self.label_names.setdefault(int(k), v)
+        for k, c in (info.get("codes") or {}).items():
+            self.label_codes.setdefault(int(k), c)
         self.label_methods[info["method"]] += 1
         foreground = any(int(k) > 0 and c > 0 for k, c in info["counts"].items())
         return str(target), None, foreground
@@ -472,8 +477,8 @@ def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference
                 if built.foreground is not None:
                     foreground[(patient, study)] = built.foreground
                 advance(1)
-        return BuildResult(items, skipped, builder.inputs, builder.label_names, dict(builder.label_methods),
-                           builder.n_resampled, foreground, len(volumes), n_bare)
+        return BuildResult(items, skipped, builder.inputs, builder.label_names, builder.label_codes,
+                           dict(builder.label_methods), builder.n_resampled, foreground, len(volumes), n_bare)
 
 
 def build_study(ingest_dir: Path | str, study_uid: str, rules: dict[str, ChannelRule], reference: str,
@@ -496,7 +501,8 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
                       rules: dict[str, ChannelRule] | None = None) -> dict[str, Any]:
     """The ``datalist.json`` document: ``result``'s items split by patient (:func:`split_patients`).
 
-    ``label_names``: None = the SEG segment labels found; ``class_names``: class -> name, or None;
+    ``label_names``: None = the SEG segment labels found; ``label_codes`` (the SEG segments' SNOMED CT category
+    and type per label value, which the segmenter's model package carries on) are written either way; ``class_names``: class -> name, or None;
     ``rules``: the channel rules that picked the series, recorded as ``channel_rules`` so a model trained
     on the datalist can pick the same series from new DICOM studies.
 
@@ -512,6 +518,7 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
         "reference": reference,
         "channel_rules": {k: r.model_dump(exclude_none=True) for k, r in rules.items()} if rules else None,
         "label_names": {str(k): v for k, v in sorted(names.items())},
+        "label_codes": {str(k): v for k, v in sorted(result.label_codes.items())} or None,
         "class_names": {str(k): v for k, v in sorted(class_names.items())} if class_names else None,
         "train": [it for it in result.items if where[it["patient_id"]] == "train"],
         "val": [it for it in result.items if where[it["patient_id"]] == "val"],

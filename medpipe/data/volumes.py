@@ -17,7 +17,7 @@ Two ways to put a SEG on its reference volume, both exact on an unresampled volu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -126,6 +126,9 @@ class LabelMap:
     data: np.ndarray  # integer label map on the reference grid
     names: dict[int, str]  # label value -> segment label (lower case)
     method: str  # "source instances" or "world space"
+    #: label value -> ``{"category": code, "type": code}`` (``{scheme, value, meaning}`` dicts) from the
+    #: segment's coded concepts; values merged from several segments have none
+    codes: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
 
 
 def read_seg(key: str) -> Any:
@@ -163,9 +166,16 @@ def seg_to_labelmap(
     if any(v <= 0 for v in mapping.values()):
         raise SegMismatch("label values must be positive integers")
     names: dict[int, str] = {}
-    for n, value in mapping.items():  # segments merged into one value: their names joined
-        name = str(seg.get_segment_description(n).segment_label).strip().lower()
-        names[value] = f"{names[value]} + {name}" if value in names else name
+    codes: dict[int, dict[str, dict[str, str]]] = {}
+    for n, value in mapping.items():  # segments merged into one value: their names joined, no codes
+        desc = seg.get_segment_description(n)
+        name = str(desc.segment_label).strip().lower()
+        if value in names:
+            names[value] = f"{names[value]} + {name}"
+            codes.pop(value, None)
+        else:
+            names[value] = name
+            codes[value] = segment_codes(desc)
     order = list(mapping)
     uids = sidecar.get("SourceSOPInstanceUIDs")
     exact = (
@@ -175,10 +185,21 @@ def seg_to_labelmap(
     )
     if exact and isinstance(uids, list):
         try:
-            return LabelMap(_by_source_instance(seg, uids, reference, order, mapping), names, "source instances")
+            return LabelMap(_by_source_instance(seg, uids, reference, order, mapping), names, "source instances",
+                            codes)
         except KeyError:
             pass  # the SEG references other instances: place it in world space
-    return LabelMap(_in_world_space(seg, reference, order, mapping), names, "world space")
+    return LabelMap(_in_world_space(seg, reference, order, mapping), names, "world space", codes)
+
+
+def segment_codes(desc: Any) -> dict[str, dict[str, str]]:
+    """``{"category": code, "type": code}`` of a highdicom segment description (codes as
+    ``{scheme, value, meaning}`` dicts, as a model package's ``segment_codes`` holds them)."""
+
+    def code(c: Any) -> dict[str, str]:
+        return {"scheme": str(c.scheme_designator), "value": str(c.value), "meaning": str(c.meaning)}
+
+    return {"category": code(desc.segmented_property_category), "type": code(desc.segmented_property_type)}
 
 
 def _frames_in_world_space(seg: Any, reference: GridSpec, mapping: dict[int, int]) -> np.ndarray:
