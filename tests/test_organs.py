@@ -217,3 +217,20 @@ def test_totalseg_label_map_lands_where_it_belongs_through_the_dataset_stage(sha
     for value, low, high in ((5, 0, 250), (1, 0, 250), (52, 50, 500)):  # liver, spleen, contrast-filled aorta (HU)
         assert low < float(np.median(ct[placed == value])) < high, value
     assert float(np.median(ct[placed == 32])) > 150  # a vertebra: bone
+
+
+def test_small_components_per_class_or_over_the_whole_foreground() -> None:
+    """A liver (class 1) with a 2-voxel island of kidney (class 2) touching it, and a lone 2-voxel liver island:
+    over the whole foreground only the lone island is small (the kidney island is part of the liver's blob); per
+    class both are removed and nothing else changes."""
+    from medpipe.inference.postprocess import remove_small_components
+
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[2:8, 2:8, 2:8] = 1
+    mask[8, 4:6, 4] = 2  # touches the liver
+    mask[10, 10, 9:11] = 1  # alone
+    whole, n_whole = remove_small_components(mask, 1.0, 3.0)
+    per_class, n_class = remove_small_components(mask, 1.0, 3.0, per_class=True)
+    assert n_whole == 1 and int((whole == 2).sum()) == 2 and whole[10, 10, 9] == 0
+    assert n_class == 2 and not (per_class == 2).any() and per_class[10, 10, 9] == 0
+    assert int((per_class == 1).sum()) == 216 and int((mask == 1).sum()) == 218  # the input is not modified

@@ -92,6 +92,9 @@ class PackageOptions(BaseModel):
 class SegmenterPackageOptions(PackageOptions):
     min_component_ml: float | None = Field(None, ge=0.0, le=1e6, description="remove predicted foreground "
                                                                             "components below this volume (mL)")
+    components: Literal["foreground", "class"] = Field(
+        "foreground", description="min_component_ml applies to components of the whole foreground (tumour "
+                                  "sub-regions) or of each class on its own (organs)")
     segment_codes: dict[str, SegmentCodes] | None = Field(
         None, description="class name -> SNOMED CT category and type (default: medpipe's table of known names)")
 
@@ -322,7 +325,9 @@ def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path
               "channel_rules": doc.get("channel_rules"), "reference": doc.get("reference"),
               "eval_transforms": ck["eval_transforms"], "roi_size": ck["roi_size"]}
     outputs = {"target": ck["labels"].get("target"), "label_map": ck["labels"].get("label_map"), "classes": classes}
-    inference = {"tta": tta, "min_component_ml": min_component_ml, "sw_batch_size": ck.get("sw_batch_size", 4),
+    inference = {"tta": tta, "min_component_ml": min_component_ml,
+                 "components": (ck.get("inference") or {}).get("components", "foreground"),
+                 "sw_batch_size": ck.get("sw_batch_size", 4),
                  "overlap": ck.get("overlap", 0.25)}
     validation: dict[str, Any] = {"best_val_dice": ck.get("val_dice"), "best_epoch": ck.get("epoch")}
     if len(checkpoints) > 1:

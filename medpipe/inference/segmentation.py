@@ -140,6 +140,12 @@ class SegmentationModel(Members):
         got = self.doc.get("inference") or {}
         return {"tta": bool(got.get("tta", False)), "min_component_ml": got.get("min_component_ml")}
 
+    @property
+    def per_class_components(self) -> bool:
+        """Small-component removal per class (organs) rather than over the whole foreground (tumours): the
+        training stage's ``package.components``."""
+        return (self.doc.get("inference") or {}).get("components") == "class"
+
     def settings(self, tta: bool | None = None, min_component_ml: float | None = None) -> dict[str, Any]:
         """The inference settings to use: the given ones, else the model's (:attr:`inference`); 0 mL: none."""
         own = self.inference
@@ -189,5 +195,5 @@ class SegmentationModel(Members):
         native = probabilities_on_grid(self.probabilities(tensor, tta=chosen["tta"]), affine, grid)
         voxel_ml = float(np.prod([float(s) for s in grid.spacing])) / 1000.0
         mask, removed = remove_small_components(native.argmax(0).astype(np.uint8), voxel_ml,
-                                                chosen["min_component_ml"])
+                                                chosen["min_component_ml"], per_class=self.per_class_components)
         return Segmentation(mask, native, grid, removed)
