@@ -70,6 +70,8 @@ def test_organs_pipeline_small(tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert [r["class"] for r in rows] == names and float(rows[0]["dice"]) == pytest.approx(per_label["lungs"]["dice"])
     assert (evaluation / "per_label.png").stat().st_size > 10_000
+    report = (run_dir / "report.html").read_text()
+    assert "Per class (organ): Dice and HD95" in report and "per_label.csv (8 rows)" in report
 
     # the model package names and codes every organ as the truth SEG did
     model = json.loads((run_dir / "stages" / "03_train_segmenter" / "model" / "model.json").read_text())
