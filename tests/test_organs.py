@@ -104,6 +104,16 @@ def test_package_classes_take_the_codes_of_their_labels(organs: dict[str, Any], 
     assert {k: c["name"] for k, c in classes.items()} == doc["label_names"]
     for k, c in classes.items():
         assert {"category": c["category"], "type": c["type"]} == doc["label_codes"][k], c["name"]
+    card = (pkg.path / "model_card.md").read_text()
+    assert "| 5 | liver | Anatomical Structure (91723000) | Liver (10200004) |" in card
+    # with held-out metrics (medpipe export): a row per organ, undefined values said so
+    from medpipe.inference.package import write_card
+
+    per_label = {"lungs": {"dice": 0.95, "dice_ci95": [0.94, 0.96], "hd95": 3.5, "hd95_ci95": [2.0, 5.0], "n": 4},
+                 "airways": {"dice": 0.0, "dice_ci95": [0.0, 0.0], "hd95": None, "hd95_ci95": [None, None], "n": 4}}
+    write_card(pkg, {"04_evaluate": {"dice": 0.9, "dice_ci95": [0.8, 0.95], "per_label": per_label}})
+    card = (pkg.path / "model_card.md").read_text()
+    assert "| lungs | 0.95 [0.94, 0.96] | 3.5 [2, 5] | 4 |" in card and "| airways | 0 [0, 0] | n/a | 4 |" in card
     # a class merged from two labels has no single concept: the fallback, unless the stage's segment_codes names it;
     # segment_codes wins over the labels' codes
     merged = label_info("multiclass", {1: 1, 2: 1, 5: 2}, doc["label_names"])
