@@ -244,3 +244,18 @@ def test_small_components_per_class_or_over_the_whole_foreground() -> None:
     assert n_whole == 1 and int((whole == 2).sum()) == 2 and whole[10, 10, 9] == 0
     assert n_class == 2 and not (per_class == 2).any() and per_class[10, 10, 9] == 0
     assert int((per_class == 1).sum()) == 216 and int((mask == 1).sum()) == 218  # the input is not modified
+
+
+def test_components_below_a_fraction_of_the_largest_are_removed_too() -> None:
+    """Two kidneys of 27 and 18 voxels (a pair: both kept) and a false island of 4 voxels, which is above
+    min_ml but below a fifth of the largest kidney; min_ml 0 still removes nothing."""
+    from medpipe.inference.postprocess import remove_small_components
+
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[1:4, 1:4, 1:4] = 7
+    mask[8:10, 1:4, 1:4] = 7
+    mask[13:15, 13:15, 13] = 7
+    kept, n = remove_small_components(mask, 1.0, 2.0, per_class=True, min_fraction=0.2)
+    assert n == 1 and int((kept == 7).sum()) == 27 + 18 and kept[13, 13, 13] == 0
+    assert remove_small_components(mask, 1.0, 2.0, per_class=True)[1] == 0
+    assert remove_small_components(mask, 1.0, 0.0, per_class=True, min_fraction=0.2)[1] == 0

@@ -95,6 +95,9 @@ class SegmenterPackageOptions(PackageOptions):
     components: Literal["foreground", "class"] = Field(
         "foreground", description="min_component_ml applies to components of the whole foreground (tumour "
                                   "sub-regions) or of each class on its own (organs)")
+    min_component_fraction: float | None = Field(
+        None, ge=0.0, lt=1.0, description="with min_component_ml: also remove components below this fraction of "
+                                          "the largest one of the same class (or foreground)")
     segment_codes: dict[str, SegmentCodes] | None = Field(
         None, description="class name -> SNOMED CT category and type (default: medpipe's table of known names)")
 
@@ -327,6 +330,7 @@ def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path
     outputs = {"target": ck["labels"].get("target"), "label_map": ck["labels"].get("label_map"), "classes": classes}
     inference = {"tta": tta, "min_component_ml": min_component_ml,
                  "components": (ck.get("inference") or {}).get("components", "foreground"),
+                 "min_component_fraction": (ck.get("inference") or {}).get("min_component_fraction"),
                  "sw_batch_size": ck.get("sw_batch_size", 4),
                  "overlap": ck.get("overlap", 0.25)}
     validation: dict[str, Any] = {"best_val_dice": ck.get("val_dice"), "best_epoch": ck.get("epoch")}

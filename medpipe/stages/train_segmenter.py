@@ -259,7 +259,8 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
                     "datalist": str(dl_path), "seed": ctx.seed, "fold": fold, "select": p.select,
                     "average": p.average,
                     "inference": {"tta": p.package.tta, "min_component_ml": p.package.min_component_ml,
-                                  "components": p.package.components}})
+                                  "components": p.package.components,
+                                  "min_component_fraction": p.package.min_component_fraction}})
 
     validate = segmenter_validation(kept_net, val_ds, info, p.roi_size, sw_batch_size=p.sw_batch_size,
                                     overlap=p.overlap, device=device, amp=amp, select=p.select)
