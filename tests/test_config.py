@@ -273,7 +273,7 @@ def test_transform_argument_typos_get_a_suggestion_in_the_same_pass(tmp_path: Pa
      "({p} line 5)"),
     ("- stage: train_segmenter\n    datalist: x.json\n    package: {zzz: 1}",
      "stages[0] (train_segmenter).package.zzz: unknown parameter 'zzz'; known: name, tta, intended_use, "
-     "min_component_ml, segment_codes ({p} line 5)"),
+     "min_component_ml, components, min_component_fraction, segment_codes ({p} line 5)"),
 ])
 def test_nested_parameter_errors_list_the_nested_models_names(tmp_path: Path, stage: str, expected: str) -> None:
     path = tmp_path / "p.yaml"

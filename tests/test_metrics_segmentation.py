@@ -92,3 +92,64 @@ def test_validation_loss_is_dice_plus_cross_entropy_and_punishes_confident_over_
     assert validation_loss(over, truth, 2) == pytest.approx(float((dice_fg + dice_bg) / 2 + ce), rel=1e-5)
     assert validation_loss(over, truth, 2) > 2.0 > validation_loss(exact, truth, 2)
     assert validation_dice([(exact, truth)], 2) == pytest.approx(1.0)
+
+
+def _organ_cases() -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[float, float, float]]:
+    """Three tiny 4-organ cases: truth and prediction class maps (values 1..4), on one anisotropic grid."""
+    spacing = (1.0, 1.0, 2.0)
+    cases = []
+    for shift in (0, 1, 2):
+        truth = np.zeros((24, 24, 10), np.uint8)
+        truth[2:10, 2:10, 1:5] = 1
+        truth[12:20, 2:8, 1:5] = 2
+        truth[2:8, 14:22, 5:9] = 3
+        if shift != 1:
+            truth[14:18, 14:18, 6:8] = 4  # organ 4 absent from case 1's truth
+        pred = np.zeros_like(truth)
+        pred[2 + shift:10 + shift, 2:10, 1:5] = 1  # organ 1 shifted by `shift` voxels
+        pred[12:20, 2:8, 1:4] = 2  # organ 2 loses a slice
+        if shift != 2:
+            pred[2:8, 14:22, 5:9] = 3  # organ 3 missed in case 2
+        pred[14:18, 14:18, 6:8] = 4  # organ 4 predicted everywhere: a false positive in case 1
+        cases.append((pred, truth))
+    return cases, spacing
+
+
+def test_per_organ_metrics_match_a_hand_computation() -> None:
+    """Per class of a 4-organ label map: Dice by counting voxels, HD95 by scipy, the case counts, false
+    positives (class predicted, absent from the truth) and missed organs, and the bootstrap intervals of the
+    per-case values. Guards: classes mixed up, absent classes averaged in as 0 or 1, HD95 of a missed organ."""
+    from medpipe.metrics.segmentation import per_label_rows, score_case, summarise
+
+    cases, spacing = _organ_cases()
+    names = {1: "lungs", 2: "heart", 3: "liver", 4: "spleen"}
+    scored = [score_case(p, t, [1, 2, 3, 4], spacing) for p, t in cases]
+    out = summarise(scored, names, seed=7, n_boot=500)["per_label"]
+    assert list(out) == ["lungs", "heart", "liver", "spleen"]
+
+    def dice(p: np.ndarray, t: np.ndarray) -> float:
+        return 2.0 * float((p & t).sum()) / float(p.sum() + t.sum())
+
+    for k, name in names.items():
+        dices = [dice(p == k, t == k) for p, t in cases if (t == k).any()]
+        hds = [_reference_hd(p == k, t == k, spacing, 95) for p, t in cases if (t == k).any() and (p == k).any()]
+        m = out[name]
+        assert m["n"] == len(dices) and m["n_hd95"] == len(hds), name
+        assert m["dice"] == pytest.approx(np.mean(dices), abs=1e-6), name
+        assert m["hd95"] == pytest.approx(np.mean(hds), abs=1e-3), name
+        assert m["dice_ci95"] == pytest.approx(list(bootstrap_ci(dices, seed=7, n=500)), abs=1e-6), name
+        if len(hds) >= 2:
+            assert m["hd95_ci95"] == pytest.approx(list(bootstrap_ci(hds, seed=7, n=500)), abs=1e-3), name
+        else:
+            assert m["hd95_ci95"] == [None, None], name
+    # by hand: organ 1 shifted 0, 1, 2 of 8 voxels -> Dice 1, 7/8, 6/8; organ 2 keeps 3 of 4 slices -> 6/7
+    assert out["lungs"]["dice"] == pytest.approx((1 + 7 / 8 + 6 / 8) / 3, abs=1e-6)
+    assert out["heart"]["dice"] == pytest.approx(6 / 7, abs=1e-6)
+    # organ 3 missed in case 2: Dice 0 counted, no HD95 for that case; organ 4 absent from case 1's truth
+    assert out["liver"]["dice"] == pytest.approx(2 / 3, abs=1e-6) and out["liver"]["missed_cases"] == 1
+    assert out["liver"]["n_hd95"] == 2
+    assert out["spleen"]["n"] == 2 and out["spleen"]["dice"] == pytest.approx(1.0)
+    assert out["spleen"]["false_positive_cases"] == 1 and out["lungs"]["false_positive_cases"] == 0
+    rows = per_label_rows(out)
+    assert [r["class"] for r in rows] == list(names.values())
+    assert rows[2]["missed_cases"] == 1 and rows[3]["dice_ci95_low"] == pytest.approx(1.0)

@@ -298,22 +298,39 @@ def test_a_model_without_dicom_rules_is_refused_with_one_line(tmp_path: Path) ->
 
 ANATOMY = {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"}
 ORGANS = {1: ("spleen", "78961009", "Spleen"), 5: ("liver", "10200004", "Liver"), 6: ("stomach", "69695003", "Stomach")}
+#: SNOMED CT types of further TotalSegmentator classes in the label map, as TotalSegmentator's own
+#: totalsegmentator_snomed_mapping.csv codes them (laterality modifiers aside)
+TOTALSEG_TYPES = {"pancreas": "15776009", "adrenal_gland_right": "23451007", "colon": "71854001", "aorta": "15825003",
+                  "inferior_vena_cava": "64131007", "portal_vein_and_splenic_vein": "110765007"}
+
+
+def totalseg_names(label_img: nib.Nifti1Image) -> dict[int, str]:
+    """Label value -> TotalSegmentator class name, from the label table in the NIfTI header extension."""
+    import re
+
+    text = label_img.header.extensions[0].get_content().decode()
+    return {int(k): v for k, v in re.findall(r'<Label Key="(\d+)"[^>]*><!\[CDATA\[([^\]]+)\]\]>', text)}
 
 
 @needs_dciodvfy
 def test_real_ct_with_its_label_map_as_the_prediction(tmp_path: Path, shared_data: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """TotalSegmentator's CT (JPEG 2000, blank UIDs) scored with its own label map as the "prediction":
-    the SEG that score writes must put every organ voxel exactly where the label map has it."""
+    """TotalSegmentator's CT (JPEG 2000, blank UIDs) scored with its own label map as the "prediction", every
+    one of the 31 classes in its 20 slices a class of the model: the SEG that score writes must put every voxel
+    of every class exactly where the label map has it, with the organs' SNOMED CT codes."""
     from medpipe.data.volumes import read_grid, seg_to_labelmap
+    from medpipe.inference.package import FALLBACK_CODE
     from medpipe.scoring import results
 
     label_img = nib.load(shared_data / "totalseg_ct" / "example_seg_dicom.nii.gz")
     labels = np.asarray(label_img.dataobj)
+    names = totalseg_names(label_img)
+    values = [int(v) for v in np.unique(labels) if v > 0]
+    assert len(values) == 31 and len(names) == 117
     truth = np.zeros(labels.shape, np.uint8)
-    for k, value in enumerate(ORGANS, start=1):
+    for k, value in enumerate(values, start=1):
         truth[labels == value] = k
-    classes = {str(k): ORGANS[v][0] for k, v in enumerate(ORGANS, start=1)}
+    classes = {str(k): names[v] for k, v in enumerate(values, start=1)}
     codes = {ORGANS[v][0]: {"category": ANATOMY, "type": {"scheme": "SCT", "value": ORGANS[v][1],
                                                            "meaning": ORGANS[v][2]}} for v in ORGANS}
     pkg = tiny_segmenter_package(tmp_path / "organs", classes=classes, segment_codes=codes)
@@ -339,11 +356,22 @@ def test_real_ct_with_its_label_map_as_the_prediction(tmp_path: Path, shared_dat
 
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out / row["seg"]), copy=False)
     placed = seg_to_labelmap(seg, read_grid(vol_path), sidecar)
-    assert np.array_equal(placed.data, truth), "the SEG lands voxel for voxel on the label map"
-    assert [str(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in seg.SegmentSequence] == \
-        ["Spleen", "Liver", "Stomach"]
+    assert np.array_equal(placed.data, truth), "the SEG lands voxel for voxel on the label map, every class"
+    segments = {str(s.SegmentLabel): s for s in seg.SegmentSequence}
+    assert list(segments) == [names[v] for v in values]
+    for name, (value, meaning) in {**{n: (c, m) for n, c, m in ORGANS.values()},
+                                   **{n: (c, None) for n, c in TOTALSEG_TYPES.items()}}.items():
+        seg_type = segments[name].SegmentedPropertyTypeCodeSequence[0]
+        category = segments[name].SegmentedPropertyCategoryCodeSequence[0]
+        assert (seg_type.CodingSchemeDesignator, seg_type.CodeValue) == ("SCT", value), name
+        assert meaning is None or seg_type.CodeMeaning == meaning
+        assert category.CodeValue == ANATOMY["value"], name
+    # classes without a known code (vertebrae, ribs, ...) are marked as the generic fallback, not invented
+    rib = segments["rib_left_6"].SegmentedPropertyTypeCodeSequence[0]
+    assert rib.CodeValue == FALLBACK_CODE["type"]["value"]
     voxel_ml = float(np.prod(label_img.header.get_zooms()[:3])) / 1000
-    assert float(row["liver_ml"]) == pytest.approx(float((truth == 2).sum()) * voxel_ml, abs=1e-3)
+    assert float(row["liver_ml"]) == pytest.approx(float((labels == 5).sum()) * voxel_ml, abs=1e-3)
+    assert float(row["aorta_ml"]) == pytest.approx(float((labels == 52).sum()) * voxel_ml, abs=1e-3)
 
 
 @needs_dciodvfy

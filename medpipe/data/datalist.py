@@ -35,6 +35,18 @@ MAX_PROBLEMS = 10
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+Coordinate = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
+class FindingItem(BaseModel):
+    """A point finding with a size (a lung nodule): what a detector is trained on and scored against."""
+
+    model_config = ConfigDict(extra="allow")
+
+    center_lps: Annotated[list[Coordinate], Field(min_length=3, max_length=3)] = Field(
+        description="the centre in DICOM patient coordinates (LPS, mm) of the image's frame of reference")
+    diameter_mm: float = Field(gt=0, le=1e4, description="its diameter (mm)")
+    label: str | None = Field(None, description="a name (e.g. the SR's tracking identifier)")
 
 
 class DatalistItem(BaseModel):
@@ -52,6 +64,8 @@ class DatalistItem(BaseModel):
     reference_volume: str | None = Field(None, description="the volume whose grid predictions are written on "
                                                            "(default: the last channel)")
     has_foreground: bool | None = Field(None, description="the label map has a labelled voxel (k-fold strata)")
+    findings: list[FindingItem] | None = Field(None, description="detection: the findings (e.g. nodules) of the "
+                                                                 "case; [] none, null unlabelled")
     synthetic: bool = Field(False, description="made by a GAN (augment): allowed in train only")
 
 
@@ -68,6 +82,8 @@ class Datalist(BaseModel):
     channel_rules: dict[str, dict[str, Any]] | None = Field(
         None, description="DICOM series selection rules per channel (dataset stage), for medpipe score")
     label_names: dict[str, str] | None = Field(None, description="label value -> name (background omitted)")
+    label_codes: dict[str, dict[str, dict[str, str]]] | None = Field(
+        None, description="label value -> coded concepts {category, type: {scheme, value, meaning}} (from a DICOM SEG)")
     class_names: dict[str, str] | None = Field(None, description="class index -> name")
     skipped: list[dict[str, Any]] = Field(default_factory=list, description="cases left out, with the reason")
 

@@ -91,7 +91,16 @@ class CsvLabels(_Spec):
     class_names: dict[int, str] | None = Field(default=None, description="class -> name (datalist class_names)")
 
 
-LabelSpec = Annotated[SegLabels | NiftiLabels | CsvLabels, Field(discriminator="source")]
+class SrLabels(_Spec):
+    source: Literal["sr"]
+    series_description: str | None = Field(default=None, description="regex choosing among several SRs of a series")
+    required: bool = Field(default=True, description="skip studies without an SR (else their findings are null)")
+
+    _regex = field_validator("series_description")(check_regex)
+
+
+LabelSpec = Annotated[SegLabels | NiftiLabels | CsvLabels | SrLabels, Field(discriminator="source")]
+AnyLabels = SegLabels | NiftiLabels | CsvLabels | SrLabels
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -113,6 +122,7 @@ class BuildResult:
     skipped: list[dict[str, str]]  # {patient_id, study_uid, reason}, one line per study
     inputs: dict[str, str]  # input file -> sha256 (labels CSV, manifest.csv), for provenance
     label_names: dict[int, str] = field(default_factory=dict)  # label value -> SEG segment label
+    label_codes: dict[int, dict[str, Any]] = field(default_factory=dict)  # label value -> SEG segment codes
     label_methods: dict[str, int] = field(default_factory=dict)  # how SEGs were placed -> number of studies
     n_resampled: int = 0  # channel volumes resampled onto their reference grid
     foreground: dict[tuple[str, str], bool] = field(default_factory=dict)  # (patient, study) -> labelled voxel
@@ -127,6 +137,8 @@ class BuildResult:
                 s = int(it["class"])
             elif it["label"] is not None:
                 s = int(self.foreground.get((it["patient_id"], it["study_uid"]), False))
+            elif it.get("findings") is not None:
+                s = int(bool(it["findings"]))
             else:
                 s = 0
             strata[it["patient_id"]] = max(strata.get(it["patient_id"], s), s)
@@ -166,7 +178,7 @@ class DatalistBuilder:
     """
 
     def __init__(self, ingest_dir: Path | str, rules: dict[str, ChannelRule], reference: str,
-                 labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                 labels: AnyLabels | None = None, *, work_dir: Path | str,
                  log: logging.Logger | None = None) -> None:
         from medpipe.catalog import open_catalog
 
@@ -180,6 +192,7 @@ class DatalistBuilder:
         self.log = log or _log
         self.catalog: CatalogReader = open_catalog(self.ingest_dir)
         self.label_names: dict[int, str] = {}
+        self.label_codes: dict[int, dict[str, Any]] = {}
         self.label_methods: dict[str, int] = defaultdict(int)
         self.n_resampled = 0
         self.inputs: dict[str, str] = {}
@@ -216,12 +229,17 @@ class DatalistBuilder:
         chosen = select_channels(cands, self.rules)
         ref = chosen[self.reference]
         ref_grid, images = self._images(chosen, tag)
-        label, klass, foreground = self._label(ref, ref_grid, tag, patient, study)
+        if isinstance(self.labels, SrLabels):
+            label, klass, foreground = None, None, None
+        else:
+            label, klass, foreground = self._label(ref, ref_grid, tag, patient, study)
         item = {
             "image": images, "label": label, "class": klass, "patient_id": patient, "study_uid": study,
             "reference_series_uid": ref.row.series_uid, "reference_volume": str(ref.path),
             "series_uids": {name: c.row.series_uid for name, c in chosen.items()},
         }
+        if isinstance(self.labels, SrLabels):
+            item["findings"], item["findings_source"] = self._sr(self.labels, ref)
         return StudyItem(item, foreground)
 
     def study_by_uid(self, study_uid: str, patient_id: str | None = None) -> StudyItem:
@@ -313,11 +331,14 @@ class DatalistBuilder:
             except (OSError, ValueError, AttributeError, KeyError) as exc:
                 raise StudySkipped(f"SEG {obj.path} cannot be read: {type(exc).__name__}: {exc}") from None
             write_nifti(lm.data, ref_grid.affine, target)
-            info = {"names": {str(k): v for k, v in lm.names.items()}, "method": lm.method, "seg": obj.path,
+            info = {"names": {str(k): v for k, v in lm.names.items()},
+                    "codes": {str(k): v for k, v in lm.codes.items()}, "method": lm.method, "seg": obj.path,
                     "counts": {str(int(v)): int(c) for v, c in zip(*np.unique(lm.data, return_counts=True))}}
             write_text_atomic(meta, json.dumps(info, indent=1) + "\n")
         for k, v in info["names"].items():
             self.label_names.setdefault(int(k), v)
+        for k, c in (info.get("codes") or {}).items():
+            self.label_codes.setdefault(int(k), c)
         self.label_methods[info["method"]] += 1
         foreground = any(int(k) > 0 and c > 0 for k, c in info["counts"].items())
         return str(target), None, foreground
@@ -351,6 +372,40 @@ class DatalistBuilder:
             write_nifti(resample_to_grid(data, grid.affine, ref_grid, order=0), ref_grid.affine, target)
             self.log.info("%s: label map resampled (nearest neighbour) onto the %s grid", tag, self.reference)
         return str(target), None, foreground
+
+    def _sr(self, spec: SrLabels, ref: Candidate) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The point findings of the SR that references the reference series: centres (LPS, mm) and diameters."""
+        from medpipe.dicom.sr import read_findings_sr
+        from medpipe.errors import DicomError
+
+        series = ref.row.series_uid
+        srs = [o for o in self.catalog.objects_referencing(series or "", modality="SR")
+               if spec.series_description is None or re.search(spec.series_description, o.series_description or "")]
+        if not srs:
+            if spec.required:
+                raise StudySkipped(f"no DICOM SR references the {self.reference} series {series}")
+            return None, None
+        if len(srs) > 1:
+            raise StudySkipped(f"{len(srs)} DICOM SRs reference the {self.reference} series: "
+                               + ", ".join(repr(o.series_description) for o in srs)
+                               + "; choose one with labels.series_description")
+        path = srs[0].path
+        try:
+            report = read_findings_sr(path)
+        except (DicomError, OSError, ValueError, AttributeError, KeyError) as exc:
+            raise StudySkipped(f"SR {path} cannot be read: {exc}") from None
+        frame = ref.sidecar.get("FrameOfReferenceUID")
+        if report.findings and frame and report.frame_of_reference_uid != frame:
+            raise StudySkipped(f"SR {path}: its points are in frame of reference {report.frame_of_reference_uid}, "
+                               f"the {self.reference} series in {frame}")
+        out = []
+        for f in report.findings:
+            if f.diameter_mm is None:
+                raise StudySkipped(f"SR {path}: finding {f.label!r} has no diameter; a box needs a size")
+            out.append({"center_lps": [round(float(v), 4) for v in f.center], "diameter_mm": round(f.diameter_mm, 4),
+                        "label": f.label})
+        self.label_methods["SR points"] += 1
+        return out, str(path)
 
     def _load_csv(self, spec: CsvLabels) -> None:
         if spec.path is None:
@@ -390,7 +445,7 @@ class DatalistBuilder:
 
 
 def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference: str,
-                labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                labels: AnyLabels | None = None, *, work_dir: Path | str,
                 log: logging.Logger | None = None, progress: ProgressFn = no_progress) -> BuildResult:
     """An item per usable study of an ingest folder, in (patient_id, study_uid) order.
 
@@ -422,12 +477,12 @@ def build_items(ingest_dir: Path | str, rules: dict[str, ChannelRule], reference
                 if built.foreground is not None:
                     foreground[(patient, study)] = built.foreground
                 advance(1)
-        return BuildResult(items, skipped, builder.inputs, builder.label_names, dict(builder.label_methods),
-                           builder.n_resampled, foreground, len(volumes), n_bare)
+        return BuildResult(items, skipped, builder.inputs, builder.label_names, builder.label_codes,
+                           dict(builder.label_methods), builder.n_resampled, foreground, len(volumes), n_bare)
 
 
 def build_study(ingest_dir: Path | str, study_uid: str, rules: dict[str, ChannelRule], reference: str,
-                labels: SegLabels | NiftiLabels | CsvLabels | None = None, *, work_dir: Path | str,
+                labels: AnyLabels | None = None, *, work_dir: Path | str,
                 patient_id: str | None = None, log: logging.Logger | None = None) -> StudyItem:
     """The item of one study of an ingest folder (the same item :func:`build_items` makes for it).
 
@@ -446,7 +501,8 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
                       rules: dict[str, ChannelRule] | None = None) -> dict[str, Any]:
     """The ``datalist.json`` document: ``result``'s items split by patient (:func:`split_patients`).
 
-    ``label_names``: None = the SEG segment labels found; ``class_names``: class -> name, or None;
+    ``label_names``: None = the SEG segment labels found; ``label_codes`` (the SEG segments' SNOMED CT category
+    and type per label value, which the segmenter's model package carries on) are written either way; ``class_names``: class -> name, or None;
     ``rules``: the channel rules that picked the series, recorded as ``channel_rules`` so a model trained
     on the datalist can pick the same series from new DICOM studies.
 
@@ -462,6 +518,7 @@ def datalist_document(result: BuildResult, *, channels: list[str], reference: st
         "reference": reference,
         "channel_rules": {k: r.model_dump(exclude_none=True) for k, r in rules.items()} if rules else None,
         "label_names": {str(k): v for k, v in sorted(names.items())},
+        "label_codes": {str(k): v for k, v in sorted(result.label_codes.items())} or None,
         "class_names": {str(k): v for k, v in sorted(class_names.items())} if class_names else None,
         "train": [it for it in result.items if where[it["patient_id"]] == "train"],
         "val": [it for it in result.items if where[it["patient_id"]] == "val"],

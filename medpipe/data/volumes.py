@@ -17,7 +17,7 @@ Two ways to put a SEG on its reference volume, both exact on an unresampled volu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from medpipe.dicom.frames import frames_to_volume
 from medpipe.dicom.geometry import LPS_TO_RAS
+from medpipe.errors import DicomError
 from medpipe.io import atomic_path
 
 
@@ -125,6 +126,9 @@ class LabelMap:
     data: np.ndarray  # integer label map on the reference grid
     names: dict[int, str]  # label value -> segment label (lower case)
     method: str  # "source instances" or "world space"
+    #: label value -> ``{"category": code, "type": code}`` (``{scheme, value, meaning}`` dicts) from the
+    #: segment's coded concepts; values merged from several segments have none
+    codes: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
 
 
 def read_seg(key: str) -> Any:
@@ -162,9 +166,16 @@ def seg_to_labelmap(
     if any(v <= 0 for v in mapping.values()):
         raise SegMismatch("label values must be positive integers")
     names: dict[int, str] = {}
-    for n, value in mapping.items():  # segments merged into one value: their names joined
-        name = str(seg.get_segment_description(n).segment_label).strip().lower()
-        names[value] = f"{names[value]} + {name}" if value in names else name
+    codes: dict[int, dict[str, dict[str, str]]] = {}
+    for n, value in mapping.items():  # segments merged into one value: their names joined, no codes
+        desc = seg.get_segment_description(n)
+        name = str(desc.segment_label).strip().lower()
+        if value in names:
+            names[value] = f"{names[value]} + {name}"
+            codes.pop(value, None)
+        else:
+            names[value] = name
+            codes[value] = segment_codes(desc)
     order = list(mapping)
     uids = sidecar.get("SourceSOPInstanceUIDs")
     exact = (
@@ -174,10 +185,48 @@ def seg_to_labelmap(
     )
     if exact and isinstance(uids, list):
         try:
-            return LabelMap(_by_source_instance(seg, uids, reference, order, mapping), names, "source instances")
+            return LabelMap(_by_source_instance(seg, uids, reference, order, mapping), names, "source instances",
+                            codes)
         except KeyError:
             pass  # the SEG references other instances: place it in world space
-    return LabelMap(_in_world_space(seg, reference, order, mapping), names, "world space")
+    return LabelMap(_in_world_space(seg, reference, order, mapping), names, "world space", codes)
+
+
+def segment_codes(desc: Any) -> dict[str, dict[str, str]]:
+    """``{"category": code, "type": code}`` of a highdicom segment description (codes as
+    ``{scheme, value, meaning}`` dicts, as a model package's ``segment_codes`` holds them)."""
+
+    def code(c: Any) -> dict[str, str]:
+        return {"scheme": str(c.scheme_designator), "value": str(c.value), "meaning": str(c.meaning)}
+
+    return {"category": code(desc.segmented_property_category), "type": code(desc.segmented_property_type)}
+
+
+def _frames_in_world_space(seg: Any, reference: GridSpec, mapping: dict[int, int]) -> np.ndarray:
+    """A SEG whose frames are parallel planes but not a regular volume, placed frame by frame (nearest
+    neighbour, :func:`medpipe.dicom.frames.frames_to_grid`); later segments win where segments overlap."""
+    from medpipe.dicom.frames import frames_to_grid
+    from medpipe.dicom.seg import read_seg_frames
+
+    from medpipe.dicom.geometry import slice_normal
+
+    frames = read_seg_frames(seg)
+    out = np.zeros(reference.shape, dtype=label_dtype(max(mapping.values())))
+    if not frames:
+        return out
+    # the stack's spacing from all frames (empty ones are omitted, so one segment's frames can have gaps)
+    dist = np.unique(np.round([np.dot(f.geometry.position, slice_normal(f.geometry.orientation)) for f in frames], 4))
+    gaps = np.diff(dist)
+    reach = float(gaps[gaps > 1e-3].min()) / 2 if np.any(gaps > 1e-3) else None
+    labelmap = bool(frames) and frames[0].segment_number == 0
+    for n, value in mapping.items():
+        mine = frames if labelmap else [f for f in frames if f.segment_number == n]
+        if not mine:
+            continue
+        pixels = np.stack([(f.pixels == n) if labelmap else (f.pixels > 0) for f in mine])
+        placed = frames_to_grid(pixels, [f.geometry for f in mine], reference.affine, reference.shape, reach=reach)
+        out[placed] = value
+    return out
 
 
 def _combine(masks: np.ndarray, order: list[int], mapping: dict[int, int]) -> np.ndarray:
@@ -229,7 +278,11 @@ def _in_world_space(seg: Any, reference: GridSpec, order: list[int], mapping: di
     try:
         vol = seg.get_volume(segment_numbers=order, combine_segments=False)
     except (ValueError, RuntimeError) as exc:
-        raise SegMismatch(f"SEG frames do not form a regular volume ({exc})") from exc
+        try:  # sheared (gantry tilt) or unevenly spaced frames: place every frame where it lies
+            return _frames_in_world_space(seg, reference, mapping)
+        except DicomError as why:
+            raise SegMismatch(f"SEG frames do not form a regular volume ({exc}) and cannot be placed frame by frame "
+                              f"({why})") from exc
     masks = np.asarray(vol.array)
     if masks.ndim == 3:  # one segment: no channel axis
         masks = masks[..., None]

@@ -305,3 +305,70 @@ def _linear(flat: np.ndarray, points: np.ndarray) -> np.ndarray:
          for c in range(flat.shape[3])],
         axis=-1,
     )
+
+
+def frames_to_grid(frame_pixels: np.ndarray, frames: Sequence[FrameGeometry], affine: np.ndarray,
+                   shape: Sequence[int], *, fill: float = 0, reach: float | None = None) -> np.ndarray:
+    """Values of parallel ``frames`` at every voxel centre of a grid (nearest neighbour): the inverse of
+    :func:`sample_frames` for a label map.
+
+    Each voxel takes the pixel nearest to it on the nearest frame along the frames' normal, when that
+    frame lies within half the frame spacing (the first and last frame: within half their neighbour's
+    spacing) and the pixel within half a pixel; else ``fill``. ``reach`` (mm) replaces the half spacing
+    for every frame: give it when ``frames`` are a subset of a stack (a SEG omits empty frames), so that
+    a voxel between two distant frames is not taken from either. Frames may be sheared (a gantry-tilted
+    stack: each frame has its own in-plane position) or unevenly spaced; they must share one
+    orientation and size.
+
+    Args:
+        frame_pixels: ``(n_frames, rows, columns)``; frame ``i`` lies on ``frames[i]``.
+        frames: their geometry (e.g. :func:`frame_geometries`).
+        affine: 4x4 voxel -> RAS affine of the grid.
+        shape: the grid's ``(X, Y, Z)``.
+
+    Raises:
+        DicomError: frames of different orientations or sizes, or pixels that do not fit ``frames``.
+    """
+    from medpipe.dicom.geometry import slice_normal
+
+    frame_pixels = np.asarray(frame_pixels)
+    if not frames or frame_pixels.shape[0] != len(frames):
+        raise DicomError(f"{frame_pixels.shape[0]} frames of pixels for {len(frames)} frame geometries")
+    iops = np.array([f.orientation for f in frames], dtype=float)
+    if np.abs(iops - iops[0]).max() > 1e-4 or len({(f.rows, f.columns, *f.pixel_spacing) for f in frames}) != 1:
+        raise DicomError("frames of different orientations, sizes or pixel spacings cannot be placed as one stack")
+    rows, cols = frames[0].rows, frames[0].columns
+    if frame_pixels.shape[1:3] != (rows, cols):
+        raise DicomError(f"pixels of shape {frame_pixels.shape[1:3]} do not fit frames of {rows}x{cols}")
+    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    normal = slice_normal(iops[0])
+    row_spacing, col_spacing = frames[0].pixel_spacing
+    positions = np.array([f.position for f in frames], dtype=float)  # LPS
+    dist = positions @ normal
+    order = np.argsort(dist)
+    d_sorted = dist[order]
+    gaps = np.diff(d_sorted) if len(d_sorted) > 1 else np.array([1.0])
+    half_before = np.concatenate([[gaps[0]], gaps]) / 2
+    half_after = np.concatenate([gaps, [gaps[-1]]]) / 2
+    if reach is not None:
+        half_before = half_after = np.full(len(d_sorted), float(reach))
+    a = np.asarray(affine, dtype=float)
+    out = np.full(tuple(int(s) for s in shape), fill, dtype=frame_pixels.dtype)
+    ii, jj = np.meshgrid(np.arange(shape[0], dtype=float), np.arange(shape[1], dtype=float), indexing="ij")
+    lps = np.diag([-1.0, -1.0, 1.0])
+    for k in range(int(shape[2])):
+        ras = a[:3, 0, None, None] * ii + a[:3, 1, None, None] * jj + a[:3, 2, None, None] * k + a[:3, 3, None, None]
+        p = np.tensordot(lps, ras, axes=1)  # (3, X, Y) LPS
+        d = np.tensordot(normal, p, axes=1)
+        s = np.clip(np.searchsorted(d_sorted, d), 0, len(d_sorted) - 1)
+        prev = np.clip(s - 1, 0, len(d_sorted) - 1)
+        nearest = np.where(np.abs(d - d_sorted[prev]) < np.abs(d - d_sorted[s]), prev, s)
+        offset = d - d_sorted[nearest]
+        ok = (offset >= -half_before[nearest] - 1e-6) & (offset <= half_after[nearest] + 1e-6)
+        f = order[nearest]
+        rel = p - np.moveaxis(positions[f], -1, 0)  # from each voxel's frame origin, (3, X, Y)
+        c = np.rint(np.tensordot(row_dir, rel, axes=1) / col_spacing).astype(np.int64)
+        r = np.rint(np.tensordot(col_dir, rel, axes=1) / row_spacing).astype(np.int64)
+        ok &= (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+        out[..., k][ok] = frame_pixels[f[ok], r[ok], c[ok]]
+    return out

@@ -354,3 +354,191 @@ def write_classification_sr(
     sr = build_classification_sr(sources, results, algorithm, identity, **options)
     save_dataset(sr, target)
     return sr
+
+
+# -- findings at points (detections) -----------------------------------------------------------------
+
+#: SCT 27925004 "Nodule", the default finding type of a point finding
+NODULE = Code("27925004", "SCT", "Nodule")
+#: SCT 39607008 "Lung", the default finding site
+LUNG = Code("39607008", "SCT", "Lung")
+#: SCT 81827009 "Diameter" and UCUM "mm"
+DIAMETER = Code("81827009", "SCT", "Diameter")
+MILLIMETER = Code("mm", "UCUM", "millimeter")
+
+
+@dataclass(frozen=True)
+class PointFinding:
+    """A finding at one point of the patient: a nodule's centre, its diameter and (for a detector) its score.
+
+    ``center`` is in the patient coordinate system of DICOM (LPS, mm) of the sources' frame of
+    reference: it becomes a SCOORD3D ``POINT``. ``diameter_mm`` becomes a Diameter measurement (SCT
+    81827009, UCUM ``mm``), ``score`` a Probability measurement (DCM 122157, UCUM ``1``, in [0, 1]).
+    ``label`` is the human-readable tracking identifier (default ``Finding <n>``), ``tracking_uid``
+    its UID (default: derived from the SR's SOP Instance UID and the finding's index).
+    """
+
+    center: tuple[float, float, float]
+    diameter_mm: float | None = None
+    score: float | None = None
+    label: str | None = None
+    finding: CodeLike = NODULE
+    finding_site: CodeLike | None = LUNG
+    tracking_uid: str | None = None
+
+
+def build_findings_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[PointFinding],
+    algorithm: AlgorithmSpec,
+    identity: OutputIdentity,
+    *,
+    equipment: Equipment = DEFAULT_EQUIPMENT,
+    procedure: CodeLike = IMAGING_PROCEDURE,
+    absent: CodeLike = NODULE,
+) -> hd.sr.Comprehensive3DSR:
+    """The findings report (not written): see :func:`write_findings_sr`."""
+    import highdicom as hd
+
+    sources = prepare_sources(sources)
+    frame_of_reference = str(sources[0].get("FrameOfReferenceUID") or "")
+    if not frame_of_reference:
+        raise DicomError("the source series has no Frame Of Reference UID: points cannot be given in its space")
+    report = _Report(algorithm, identity, equipment, procedure)
+    groups = []
+    for i, f in enumerate(findings, start=1):
+        what = f.label or f"Finding {i}"
+        point = np.asarray(f.center, dtype=np.float64)
+        if point.shape != (3,) or not np.all(np.isfinite(point)):
+            raise DicomError(f"finding {what!r}: the centre must be three finite numbers, got {f.center!r}")
+        values = []
+        if f.diameter_mm is not None:
+            if not (np.isfinite(f.diameter_mm) and f.diameter_mm > 0):
+                raise DicomError(f"finding {what!r}: the diameter must be a positive number, got {f.diameter_mm!r}")
+            values.append(hd.sr.Measurement(name=DIAMETER, value=float(f.diameter_mm), unit=MILLIMETER))
+        if f.score is not None:
+            if not 0.0 <= float(f.score) <= 1.0:
+                raise DicomError(f"finding {what!r}: the score must lie in [0, 1], got {f.score!r}")
+            values.append(hd.sr.Measurement(name=PROBABILITY, value=float(f.score), unit=NO_UNITS))
+        try:
+            region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                                         graphic_data=point.reshape(1, 3),
+                                         frame_of_reference_uid=frame_of_reference)
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=f.tracking_uid or derive_uid(identity.sop_instance_uid, "finding", i), identifier=what[:64]),
+                referenced_region=region,
+                finding_type=as_code(f.finding, f"finding {what!r} type"),
+                finding_sites=[hd.sr.FindingSite(as_code(f.finding_site, f"finding {what!r} site"))]
+                if f.finding_site else None,
+                algorithm_id=algorithm.for_sr(),
+                measurements=values or None,
+            ))
+        except (ValueError, TypeError) as exc:
+            raise DicomError(f"finding {what!r}: {exc}") from exc
+    if not groups:  # TID 1500 needs a group: say "absent" (SCT 272519000) of the kind of finding reported
+        finding = as_code(absent, "absent finding")
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derive_uid(identity.sop_instance_uid, "no finding"),
+                                                         identifier=f"No {finding.meaning.lower()}"[:64]),
+            finding_type=finding, algorithm_id=algorithm.for_sr(),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=ABSENT)],
+        ))
+    # no image library (TID 1600): the points are in the frame of reference, and the evidence lists the series
+    return report.document(sources, _measurement_report(report, groups))
+
+
+def write_findings_sr(
+    target: Path | str,
+    sources: Sequence[Dataset],
+    findings: Sequence[PointFinding],
+    algorithm: AlgorithmSpec,
+    identity: OutputIdentity,
+    **options: Any,
+) -> hd.sr.Comprehensive3DSR:
+    """Write a TID 1500 report of point findings (e.g. detected nodules); return it.
+
+    One Planar ROI group (TID 1410) per finding: its centre as a SCOORD3D ``POINT`` in the sources'
+    frame of reference, its diameter (mm) and score as measurements, finding type and site, tracking
+    identifier and UID, and the algorithm. The source series is listed as evidence. Without findings
+    the report holds one Measurement and Qualitative Evaluation group (TID 1501) saying the finding
+    ``absent`` (default SCT "Nodule") is Absent (SCT 272519000).
+
+    Args:
+        target: output file (written atomically).
+        sources: the series the findings were made on (headers suffice).
+        findings: one :class:`PointFinding` each.
+        algorithm: the model (or the generator of ground truth).
+        identity: UIDs, series number and creation time of the SR.
+        **options: ``equipment``, ``procedure``, ``absent`` (the finding reported absent when there is none).
+
+    Raises:
+        DicomError: non-finite centres, non-positive diameters, scores outside [0, 1], sources of
+            several series or without a frame of reference.
+    """
+    sr = build_findings_sr(sources, findings, algorithm, identity, **options)
+    save_dataset(sr, target)
+    return sr
+
+
+@dataclass(frozen=True)
+class FindingsReport:
+    """What :func:`read_findings_sr` finds in a TID 1500 document."""
+
+    findings: list[PointFinding]
+    frame_of_reference_uid: str | None
+    referenced_series: list[str]
+
+
+def read_findings_sr(sr: Dataset | Path | str) -> FindingsReport:
+    """The point findings of a TID 1500 report (as :func:`write_findings_sr` writes them, or any report whose
+    Planar or Volumetric ROI groups have a SCOORD3D ``POINT``): centre, diameter, score, type, site, tracking.
+
+    Groups without a 3D point (2D regions, segment references) are skipped.
+
+    Raises:
+        DicomError: not an SR document, or not a TID 1500 measurement report.
+    """
+    import highdicom as hd
+    import pydicom
+
+    ds = sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
+    if str(ds.get("Modality")) != "SR":
+        raise DicomError(f"not a DICOM SR (Modality {ds.get('Modality')!r})")
+    try:
+        doc = ds if isinstance(ds, hd.sr.Comprehensive3DSR) else hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
+        groups = doc.content.get_planar_roi_measurement_groups() + doc.content.get_volumetric_roi_measurement_groups()
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise DicomError(f"not a TID 1500 measurement report: {exc}") from exc
+    findings: list[PointFinding] = []
+    frames: set[str] = set()
+    for g in groups:
+        region = getattr(g, "roi", None)
+        if region is None or getattr(region, "graphic_type", None) != hd.sr.GraphicTypeValues3D.POINT:
+            continue
+        point = np.asarray(region.value, dtype=np.float64).reshape(-1)[:3]
+        frames.add(str(region.frame_of_reference_uid))
+        diameter = score = None
+        for m in g.get_measurements():
+            if _same_code(m.name, DIAMETER):
+                diameter = float(m.value) * (10.0 if str(m.unit.value) == "cm" else 1.0)
+            elif _same_code(m.name, PROBABILITY):
+                score = float(m.value)
+        sites = g.finding_sites
+        tracking_uid = g.tracking_uid
+        findings.append(PointFinding(
+            center=(float(point[0]), float(point[1]), float(point[2])), diameter_mm=diameter, score=score,
+            label=g.tracking_identifier, finding=_plain_code(g.finding_type) if g.finding_type else NODULE,
+            finding_site=_plain_code(sites[0].value) if sites else None,
+            tracking_uid=str(tracking_uid) if tracking_uid is not None else None))
+    series = sorted({str(s.SeriesInstanceUID) for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                     for s in item.get("ReferencedSeriesSequence", [])})
+    return FindingsReport(findings, frames.pop() if len(frames) == 1 else None, series)
+
+
+def _same_code(a: Any, b: Code) -> bool:
+    return str(a.value) == b.value and str(a.scheme_designator) == b.scheme_designator
+
+
+def _plain_code(c: Any) -> Code:
+    return Code(str(c.value), str(c.scheme_designator), str(c.meaning))

@@ -44,8 +44,9 @@ MANIFEST = "model.json"
 
 Kind = Literal["segmenter", "classifier"]
 
-#: SNOMED CT codes (scheme, value, meaning) of the segment types medpipe knows by name; others fall
-#: back to :data:`FALLBACK_CODE` and should be given in ``segment_codes`` of the training stage.
+#: SNOMED CT codes (scheme, value, meaning) of the segment types medpipe knows by name (with the organs of
+#: :mod:`medpipe.dicom.anatomy`); others fall back to :data:`FALLBACK_CODE` and should be given in
+#: ``segment_codes`` of the training stage, or come with the labels (a DICOM SEG's segments).
 MORPHOLOGICALLY_ABNORMAL = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Abnormal Structure"}
 TISSUE = {"scheme": "SCT", "value": "85756007", "meaning": "Tissue"}
 KNOWN_SEGMENT_CODES: dict[str, dict[str, dict[str, str]]] = {
@@ -91,6 +92,12 @@ class PackageOptions(BaseModel):
 class SegmenterPackageOptions(PackageOptions):
     min_component_ml: float | None = Field(None, ge=0.0, le=1e6, description="remove predicted foreground "
                                                                             "components below this volume (mL)")
+    components: Literal["foreground", "class"] = Field(
+        "foreground", description="min_component_ml applies to components of the whole foreground (tumour "
+                                  "sub-regions) or of each class on its own (organs)")
+    min_component_fraction: float | None = Field(
+        None, ge=0.0, lt=1.0, description="with min_component_ml: also remove components below this fraction of "
+                                          "the largest one of the same class (or foreground)")
     segment_codes: dict[str, SegmentCodes] | None = Field(
         None, description="class name -> SNOMED CT category and type (default: medpipe's table of known names)")
 
@@ -116,10 +123,28 @@ def model_id(manifest: dict[str, Any]) -> str:
 
 
 def segment_code(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"category": code, "type": code}`` for a class name (``given`` wins; then the known table)."""
+    """``{"category": code, "type": code}`` for a class name (``given`` wins; then the known tables)."""
+    from medpipe.dicom.anatomy import anatomy_codes
+
     if given:
         return given
-    return KNOWN_SEGMENT_CODES.get(name.strip().lower(), FALLBACK_CODE)
+    return KNOWN_SEGMENT_CODES.get(name.strip().lower()) or anatomy_codes(name) or FALLBACK_CODE
+
+
+def class_label_codes(labels: dict[str, Any], label_codes: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Class index -> the coded concepts of the one label value it stands for (``labels``: a checkpoint's
+    :func:`~medpipe.data.labels.label_info`; ``label_codes``: a datalist's, label value -> codes, from the
+    SEG the labels came from). Classes merged from several values, and ``whole_tumor``'s, get none."""
+    if not label_codes or labels.get("target") != "multiclass":
+        return {}
+    mapping = {int(k): int(v) for k, v in (labels.get("label_map") or {}).items()} or \
+        {int(c): int(c) for c in labels["classes"]}
+    values: dict[int, list[int]] = {}
+    for value, cls in mapping.items():
+        if cls > 0:
+            values.setdefault(cls, []).append(value)
+    return {str(cls): label_codes[str(vs[0])] for cls, vs in values.items()
+            if len(vs) == 1 and str(vs[0]) in label_codes}
 
 
 @dataclass
@@ -287,20 +312,26 @@ def build_segmenter_package(folder: Path, checkpoints: list[Path], datalist_path
 
     ``tta`` and ``min_component_ml`` (``inference`` in ``model.json``) are how ``medpipe score`` applies it.
 
-    ``segment_codes``: class name -> ``{"category": code, "type": code}`` for classes the known table
-    (:data:`KNOWN_SEGMENT_CODES`) does not cover or codes differently.
+    ``segment_codes``: class name -> ``{"category": code, "type": code}``; it wins over the codes the datalist
+    carries from the truth SEG's segments (``label_codes``), which win over the known tables
+    (:data:`KNOWN_SEGMENT_CODES`, :mod:`medpipe.dicom.anatomy`).
     """
     from medpipe.inference.checkpoint import SEGMENTER_FORMAT, SEGMENTER_VERSION, read_checkpoint
 
     ck = read_checkpoint(checkpoints[0], SEGMENTER_FORMAT, SEGMENTER_VERSION, "medpipe segmenter checkpoint")
     doc = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
     codes = segment_codes or {}
-    classes = {k: {"name": v, **segment_code(v, codes.get(v))} for k, v in ck["labels"]["classes"].items()}
+    from_labels = class_label_codes(ck["labels"], doc.get("label_codes"))
+    classes = {k: {"name": v, **segment_code(v, codes.get(v) or from_labels.get(k))}
+               for k, v in ck["labels"]["classes"].items()}
     inputs = {"channels": list(ck.get("channels") or doc.get("channels") or []),
               "channel_rules": doc.get("channel_rules"), "reference": doc.get("reference"),
               "eval_transforms": ck["eval_transforms"], "roi_size": ck["roi_size"]}
     outputs = {"target": ck["labels"].get("target"), "label_map": ck["labels"].get("label_map"), "classes": classes}
-    inference = {"tta": tta, "min_component_ml": min_component_ml, "sw_batch_size": ck.get("sw_batch_size", 4),
+    inference = {"tta": tta, "min_component_ml": min_component_ml,
+                 "components": (ck.get("inference") or {}).get("components", "foreground"),
+                 "min_component_fraction": (ck.get("inference") or {}).get("min_component_fraction"),
+                 "sw_batch_size": ck.get("sw_batch_size", 4),
                  "overlap": ck.get("overlap", 0.25)}
     validation: dict[str, Any] = {"best_val_dice": ck.get("val_dice"), "best_epoch": ck.get("epoch")}
     if len(checkpoints) > 1:

@@ -140,6 +140,13 @@ class SegmentationModel(Members):
         got = self.doc.get("inference") or {}
         return {"tta": bool(got.get("tta", False)), "min_component_ml": got.get("min_component_ml")}
 
+    @property
+    def component_rule(self) -> dict[str, Any]:
+        """How small components are told (the training stage's ``package.components`` and
+        ``package.min_component_fraction``): ``{"per_class": bool, "min_fraction": float | None}``."""
+        got = self.doc.get("inference") or {}
+        return {"per_class": got.get("components") == "class", "min_fraction": got.get("min_component_fraction")}
+
     def settings(self, tta: bool | None = None, min_component_ml: float | None = None) -> dict[str, Any]:
         """The inference settings to use: the given ones, else the model's (:attr:`inference`); 0 mL: none."""
         own = self.inference
@@ -189,5 +196,5 @@ class SegmentationModel(Members):
         native = probabilities_on_grid(self.probabilities(tensor, tta=chosen["tta"]), affine, grid)
         voxel_ml = float(np.prod([float(s) for s in grid.spacing])) / 1000.0
         mask, removed = remove_small_components(native.argmax(0).astype(np.uint8), voxel_ml,
-                                                chosen["min_component_ml"])
+                                                chosen["min_component_ml"], **self.component_rule)
         return Segmentation(mask, native, grid, removed)

@@ -71,6 +71,7 @@ class CaseScores:
     pred_has: bool  # the prediction has any foreground
     truth_ml: float
     pred_ml: float
+    predicted: frozenset[int] = frozenset()  # the classes the prediction has
 
 
 def score_case(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: Any, hd95: bool = True
@@ -81,7 +82,8 @@ def score_case(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing:
              if len(classes) > 1 else per_class[classes[0]])
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     return CaseScores(per_class, whole, bool(truth.any()), bool(pred.any()),
-                      float((truth > 0).sum()) * voxel_ml, float((pred > 0).sum()) * voxel_ml)
+                      float((truth > 0).sum()) * voxel_ml, float((pred > 0).sum()) * voxel_ml,
+                      frozenset(c for c in classes if bool((pred == c).any())))
 
 
 def summarise(cases: list[CaseScores], class_names: dict[int, str], *, seed: int, n_boot: int) -> dict[str, Any]:
@@ -106,13 +108,33 @@ def summarise(cases: list[CaseScores], class_names: dict[int, str], *, seed: int
     per_label: dict[str, Any] = {}
     for k, name in class_names.items():
         vals = [c.per_class[k] for c in cases]
+        # Dice is NaN exactly when the case's truth lacks the class
+        absent_but_predicted = sum(1 for c in cases if math.isnan(c.per_class[k][0]) and k in c.predicted)
+        present_but_missed = sum(1 for c in cases if not math.isnan(c.per_class[k][0]) and k not in c.predicted)
         dices = [v[0] for v in vals if not math.isnan(v[0])]  # cases whose truth has the class
         hds = [v[1] for v in vals if not math.isnan(v[1])]
         per_label[name] = {"dice": finite_or_none(nanmean(dices)),
                            "dice_ci95": [finite_or_none(x) for x in bootstrap_ci(dices, seed=seed, n=n_boot)],
-                           "hd95": finite_or_none(nanmean(hds), 3), "n": len(dices)}
+                           "hd95": finite_or_none(nanmean(hds), 3),
+                           "hd95_ci95": [finite_or_none(x, 3) for x in bootstrap_ci(hds, seed=seed, n=n_boot)],
+                           "n": len(dices), "n_hd95": len(hds),
+                           "false_positive_cases": absent_but_predicted, "missed_cases": present_but_missed}
     out["per_label"] = per_label
     return out
+#: the columns of ``per_label.csv``
+PER_LABEL_COLUMNS = ("class", "n", "dice", "dice_ci95_low", "dice_ci95_high", "n_hd95", "hd95_mm", "hd95_ci95_low",
+                     "hd95_ci95_high", "false_positive_cases", "missed_cases")
+
+
+def per_label_rows(per_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``per_label.csv`` (undefined values empty)."""
+    return [{"class": name, "n": m["n"], "dice": m["dice"], "dice_ci95_low": m["dice_ci95"][0],
+             "dice_ci95_high": m["dice_ci95"][1], "n_hd95": m["n_hd95"], "hd95_mm": m["hd95"],
+             "hd95_ci95_low": m["hd95_ci95"][0], "hd95_ci95_high": m["hd95_ci95"][1],
+             "false_positive_cases": m["false_positive_cases"], "missed_cases": m["missed_cases"]}
+            for name, m in per_label.items()]
+
+
 
 def crossval_summary(per_fold: list[list[CaseScores]], class_names: dict[int, str], *, seed: int,
                      n_boot: int = 2000) -> dict[str, Any]:

@@ -60,6 +60,7 @@ PICTURES = (
     Picture("roc.png", "ROC curve with the AUC and its 95% CI"),
     Picture("confusion.png", "Confusion matrix (rows: truth, columns: prediction)"),
     Picture("calibration.png", "Calibration: reliability diagram and ECE"),
+    Picture("per_label.png", "Per class (organ): Dice and HD95 with their bootstrap 95% CIs"),
     Picture("overlays/*.png", "Evaluation overlays: truth outlined in sky blue (solid), prediction in orange "
             "(dashed), on the slice with most tumour", limit=12, width=800),
     Picture("*_explain.png", "Explanations (Grad-CAM, Grad-CAM++, occlusion) of the cases chosen", limit=12,
@@ -73,6 +74,7 @@ PICTURES = (
 #: per-case and per-epoch tables: (file, caption, shown open)
 TABLES = (
     ("cases.csv", "Per-case results", True),
+    ("per_label.csv", "Per-class (organ) results", True),
     ("predictions.csv", "Per-case predictions", True),
     ("scores.csv", "Scored studies", True),
     ("explanations.csv", "Cases explained", True),

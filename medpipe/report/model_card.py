@@ -24,6 +24,16 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _per_label_lines(per_label: dict[str, Any]) -> list[str]:
+    def value(m: dict[str, Any], key: str) -> str:
+        v, ci = m.get(key), m.get(f"{key}_ci95")
+        if v is None:
+            return "n/a"
+        return _fmt(v) + ("" if ci is None else " (undefined)" if None in ci else f" {_fmt(ci)}")
+
+    return [f"| {name} | {value(m, 'dice')} | {value(m, 'hd95')} | {m.get('n', '')} |" for name, m in per_label.items()]
+
+
 def model_card_markdown(manifest: dict[str, Any], model_id: str, held_out: dict[str, Any] | None) -> str:
     """The card's Markdown text (deterministic for a given manifest and metrics)."""
     kind = manifest["kind"]
@@ -83,6 +93,9 @@ def model_card_markdown(manifest: dict[str, Any], model_id: str, held_out: dict[
     if held_out:
         for stage_key, metrics in held_out.items():
             out += [f"### {stage_key}", "", "| metric | value |", "|---|---|", *_metric_lines(metrics), ""]
+            if isinstance(metrics.get("per_label"), dict) and len(metrics["per_label"]) > 1:
+                out += ["Per class:", "", "| class | Dice (95% CI) | HD95 mm (95% CI) | cases |", "|---|---|---|---|",
+                        *_per_label_lines(metrics["per_label"]), ""]
     else:
         out += ["Not yet attached: `medpipe export RUN_DIR --out DIR` copies the model with the held-out metrics "
                 "of the run's evaluation stages.", ""]

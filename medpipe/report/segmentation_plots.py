@@ -97,3 +97,43 @@ def nib_axes(affine: np.ndarray) -> np.ndarray:
     for array_axis, (ras_axis, _) in enumerate(ornt):
         order[int(ras_axis)] = array_axis
     return order
+
+
+def per_label_png(per_label: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Per class (organ): mean Dice and mean HD95 (mm) with their bootstrap 95 % CIs as error bars, one row
+    per class, with the number of cases each mean is over. A class without a defined value shows "n/a"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_label)
+    rows = max(1, len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 1.2 + 0.38 * rows), dpi=100, sharey=True)
+    ypos = np.arange(len(names))[::-1]
+    for ax, key, label, colour in ((axes[0], "dice", "Dice", colours.BLUE),
+                                   (axes[1], "hd95", "HD95 (mm)", colours.VERMILLION)):
+        for y, name in zip(ypos, names, strict=True):
+            m = per_label[name]
+            value, ci = m.get(key), m.get(f"{key}_ci95") or [None, None]
+            n = m.get("n" if key == "dice" else "n_hd95", m.get("n"))
+            if value is None:
+                ax.text(0.02, y, "n/a", transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+                continue
+            if ci[0] is not None and ci[1] is not None:
+                ax.errorbar([value], [y], xerr=[[value - ci[0]], [ci[1] - value]], fmt="o", color=colour,
+                            capsize=3, markersize=5)
+            else:
+                ax.plot([value], [y], "o", color=colour, markersize=5)
+            ax.annotate(f"{value:.3g} (n={n})", (value, y), textcoords="offset points", xytext=(6, 5), fontsize=7)
+        ax.set_xlabel(f"{label}, mean and 95 % CI (bootstrap)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_xlim(0.0, 1.05)
+    axes[0].set_yticks(ypos)
+    axes[0].set_yticklabels(names, fontsize=9)
+    axes[1].set_xlim(left=0.0)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -84,7 +84,8 @@ PROTOCOLS: dict[str, MRProtocol] = {
 }
 
 
-def _common_dataset(study: StudyHeader) -> Dataset:
+def _common_dataset(study: StudyHeader, model_name: str = MODEL_NAME,
+                    software_versions: str = f"brain_tumor {GENERATOR_VERSION}") -> Dataset:
     """Patient, General Study, Frame of Reference and General Equipment attributes."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -104,8 +105,8 @@ def _common_dataset(study: StudyHeader) -> Dataset:
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = MANUFACTURER
     ds.InstitutionName = "medpipe synthetic data"
-    ds.ManufacturerModelName = MODEL_NAME
-    ds.SoftwareVersions = f"brain_tumor {GENERATOR_VERSION}"
+    ds.ManufacturerModelName = model_name
+    ds.SoftwareVersions = software_versions
     ds.DeviceSerialNumber = "0"
     return ds
 

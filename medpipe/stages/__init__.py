@@ -12,6 +12,7 @@ from medpipe.stage import REGISTRY, StageDef
 
 STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.sample",
+    "medpipe.stages.sample_chest_ct",
     "medpipe.stages.ingest",
     "medpipe.stages.dataset",
     "medpipe.stages.train_segmenter",

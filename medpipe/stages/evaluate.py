@@ -13,7 +13,9 @@ and ``predict`` follows them unless told otherwise. Per case and per class: Dice
 
 Outputs in the stage folder: ``cases.csv`` (one row per case), ``overlays/*.png`` (image, ground
 truth outlined in sky blue, prediction in dashed orange, on the slice with most tumour),
-``inference.json`` and ``summary.json``. Metrics::
+``inference.json`` and ``summary.json``; for a model with several classes (organs, tumour sub-regions)
+also ``per_label.csv`` (one row per class: Dice and HD95 with their CIs, case counts, false positive
+and missed cases) and ``per_label.png`` (the same as a chart). Metrics::
 
     dice            mean whole-tumour Dice over the cases whose ground truth has tumour
     dice_ci95       its bootstrap 95 % confidence interval (cases resampled, seeded by the run's seed);
@@ -21,7 +23,13 @@ truth outlined in sky blue, prediction in dashed orange, on the slice with most 
     hd95, hd95_ci95 the same for HD95 in mm (cases where truth and prediction are both non-empty)
     dice_all_cases  mean Dice over every case, an empty prediction on an empty truth counting as 1
     false_positive_cases  tumour-free cases with any voxel predicted as tumour
-    per_label       {class name: {dice, dice_ci95, hd95, n}}
+    per_label       {class name: {dice, dice_ci95, hd95, hd95_ci95, n, n_hd95, false_positive_cases,
+                    missed_cases}}: per class as above (n: cases whose truth has the class; n_hd95: of
+                    them, those with the class predicted; false_positive_cases: cases whose truth lacks
+                    the class and whose prediction has it; missed_cases: the reverse)
+
+With several classes, "tumour" in the names above stands for "any class" (every label > 0: for organs,
+the whole labelled anatomy); the per-class figures are in ``per_label``.
 
 Tumour-free cases are left out of ``dice`` because their Dice is undefined (0/0): counting them as 1
 would reward a model for the easy cases; their errors show in ``false_positive_cases``.
@@ -43,7 +51,7 @@ from medpipe.errors import StageError
 from medpipe.inference.evaluation import score_cases
 from medpipe.inference.segmentation import SegmentationModel
 from medpipe.io import sha256_file, write_csv_atomic, write_text_atomic
-from medpipe.metrics.segmentation import CaseScores, format_ci, summarise
+from medpipe.metrics.segmentation import PER_LABEL_COLUMNS, CaseScores, format_ci, per_label_rows, summarise
 from medpipe.stage import InputPath, Need, RunContext, StageParams, StageResult, stage
 
 
@@ -74,7 +82,7 @@ def checkpoint_list(value: str | list[str] | None) -> list[str] | None:
        gives=("evaluation", "inference"))
 def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     from medpipe.data.volumes import read_voxels
-    from medpipe.report.segmentation_plots import overlay_png
+    from medpipe.report.segmentation_plots import overlay_png, per_label_png
 
     ckpt_paths = ctx.inputs("checkpoint", checkpoint_list(p.checkpoint), "checkpoint")
     dl_path = ctx.input("datalist", p.datalist)
@@ -85,6 +93,7 @@ def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     if model.channels and channels and model.channels != channels:
         raise StageError(f"the checkpoint was trained on channels {model.channels}, the datalist has {channels}")
     class_names = model.classes
+    whole = "whole-tumour" if len(class_names) == 1 else "any-class"
     settings = model.settings(p.tta, p.min_component_ml)
     ref_name = p.overlay_channel or doc.get("reference") or (channels[-1] if channels else None)
     show = channels.index(ref_name) if ref_name in channels else len(channels) - 1 if channels else 0
@@ -106,12 +115,12 @@ def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
                 image = image.astype(np.float32, copy=False)
                 if image.ndim == 4:
                     image = image[..., 0]
-                dtxt = "n/a (no tumour)" if math.isnan(case.whole[0]) else f"{case.whole[0]:.3f}"
+                dtxt = "n/a (no label)" if math.isnan(case.whole[0]) else f"{case.whole[0]:.3f}"
                 overlay_png(image, res.truth, res.mask, res.grid.affine, overlays_dir / f"{case_name(item)}.png",
-                            f"{item.get('patient_id')}  {ref_name or ''}  whole-tumour Dice {dtxt}")
-            ctx.log.info("%s: whole-tumour Dice %s, HD95 %s mm (truth %.1f mL, predicted %.1f mL)",
-                         item.get("patient_id"), row["dice_whole_tumour"], row["hd95_whole_tumour"],
-                         row["truth_ml"], row["pred_ml"])
+                            f"{item.get('patient_id')}  {ref_name or ''}  {whole} Dice {dtxt}")
+            ctx.log.info("%s: %s Dice %s, HD95 %s mm (truth %.1f mL, predicted %.1f mL)%s",
+                         item.get("patient_id"), whole, row["dice_whole_tumour"], row["hd95_whole_tumour"],
+                         row["truth_ml"], row["pred_ml"], _per_class_text(case.per_class, class_names))
             advance(1)
     seconds = time.perf_counter() - t0
 
@@ -122,16 +131,31 @@ def evaluate(ctx: RunContext, p: EvaluateParams) -> StageResult:
     if not metrics["n_with_tumour"]:
         ctx.log.warning("no case of the %s split has tumour in its ground truth: dice is undefined", p.split)
     write_csv_atomic(ctx.stage_dir / "cases.csv", rows, list(rows[0]) if rows else ["patient_id"])
+    if len(class_names) > 1:
+        write_csv_atomic(ctx.stage_dir / "per_label.csv", per_label_rows(per_label), list(PER_LABEL_COLUMNS))
+        per_label_png(per_label, ctx.stage_dir / "per_label.png",
+                      f"{p.split} split, {metrics['n_cases']} cases: per-class Dice and HD95")
+        for name, m in per_label.items():
+            ctx.log.info("%s: Dice %s (95%% CI %s, %d cases), HD95 %s mm (95%% CI %s)", name, m["dice"],
+                         format_ci(m["dice_ci95"]), m["n"], m["hd95"], format_ci(m["hd95_ci95"]))
     write_text_atomic(ctx.stage_dir / "summary.json", json.dumps(
         {**metrics, "checkpoint": [str(c) for c in ckpt_paths], "datalist": str(dl_path)}, indent=1) + "\n")
     inference = ctx.stage_dir / "inference.json"
     write_text_atomic(inference, json.dumps({"tta": settings["tta"], "min_component_ml": settings["min_component_ml"]},
                                             indent=1) + "\n")
-    ctx.log.info("%s split: whole-tumour Dice %s (95%% CI %s) on %d cases with tumour; HD95 %s mm; %d false "
-                 "positive(s) on %d tumour-free cases; %s%.1f s", p.split, metrics["dice"],
+    ctx.log.info("%s split: %s Dice %s (95%% CI %s) on %d cases with a label; HD95 %s mm; %d false "
+                 "positive(s) on %d label-free cases; %s%.1f s", p.split, whole, metrics["dice"],
                  format_ci(metrics["dice_ci95"]), metrics["n_with_tumour"], metrics["hd95"],
                  metrics["false_positive_cases"], metrics["n_cases"] - metrics["n_with_tumour"],
                  "flip TTA; " if settings["tta"] else "", seconds)
     return StageResult(metrics=metrics, outputs={"evaluation": str(ctx.stage_dir / "cases.csv"),
                                                  "inference": str(inference)},
                        inputs={str(c): sha256_file(c) for c in ckpt_paths})
+
+
+def _per_class_text(per_class: dict[int, tuple[float, float]], names: dict[int, str]) -> str:
+    """``; Dice per class: lungs 0.97, heart 0.91, ...`` for a case of a model with several classes."""
+    if len(names) < 2:
+        return ""
+    return "; Dice per class: " + ", ".join(
+        f"{names[c]} {'n/a' if math.isnan(d) else f'{d:.3f}'}" for c, (d, _) in per_class.items())

@@ -30,8 +30,8 @@ validation cases is warned about.
 are pooled and dealt into k patient folds stratified by label presence (a patient whose label maps
 have foreground or not); model i trains on the other folds and is selected on fold i
 (``checkpoint_fold<i>.pt``). Then every pooled case is predicted by the model that never saw it, with
-the model's inference settings (``package.tta``, ``package.min_component_ml``): the out-of-fold
-masks (``oof/<case>.nii.gz``), ``oof.csv`` (per case: fold, Dice, HD95, volumes) and
+the model's inference settings (``package.tta``, ``package.min_component_ml``, ``package.components``):
+the out-of-fold masks (``oof/<case>.nii.gz``), ``oof.csv`` (per case: fold, Dice, HD95, volumes) and
 ``crossval.json`` (per fold and pooled: Dice and HD95 with bootstrap CIs). Metrics ``cv_dice`` (pooled
 over every out-of-fold case with foreground) with ``cv_dice_ci95``, ``cv_dice_folds`` (per fold) and
 ``cv_dice_mean`` ± ``cv_dice_sd`` (over folds). The k checkpoints are the ensemble (mean
@@ -269,7 +269,9 @@ def _train_one(ctx: RunContext, p: TrainSegmenterParams, *, dl_path: Path, train
             record={"epoch": epoch, "val_dice": v.row["val_dice"], "val_loss": v.row.get("val_loss"),
                     "datalist": str(dl_path), "seed": ctx.seed, "fold": fold, "select": p.select,
                     "average": p.average,
-                    "inference": {"tta": p.package.tta, "min_component_ml": p.package.min_component_ml}})
+                    "inference": {"tta": p.package.tta, "min_component_ml": p.package.min_component_ml,
+                                  "components": p.package.components,
+                                  "min_component_fraction": p.package.min_component_fraction}})
 
     validate = segmenter_validation(kept_net, val_ds, info, p.roi_size, sw_batch_size=p.sw_batch_size,
                                     overlap=p.overlap, device=device, amp=amp, select=p.select, dist=dist)
