@@ -115,6 +115,28 @@ def test_totalseg_ct_lands_on_label_grid(shared_data: Path, tmp_path: Path) -> N
     # the label map's body classes sit where the CT shows tissue, not air
     body = np.asarray(label.dataobj) > 0
     assert body.sum() > 1000 and np.median(data[body]) > -200
+    # Guards: a flipped or transposed CT (the median check above passes after any flip or transpose). Every
+    # sampled labelled voxel's value equals the DICOM pixel at its world position, found from first principles
+    # (each file's IPP / IOP / PixelSpacing and pydicom's decoded pixels, not medpipe's geometry code).
+    import pydicom
+
+    files = [pydicom.dcmread(f) for f in sorted((shared_data / "totalseg_ct" / "example_ct_dicom").iterdir())]
+    ipp = np.array([[float(v) for v in f.ImagePositionPatient] for f in files])
+    iop = np.array([float(v) for v in files[0].ImageOrientationPatient])
+    row_cos, col_cos = iop[:3], iop[3:]
+    normal = np.cross(row_cos, col_cos)
+    dr, dc = (float(v) for v in files[0].PixelSpacing)
+    pixels = [f.pixel_array * float(f.RescaleSlope) + float(f.RescaleIntercept) for f in files]
+    rng = np.random.default_rng(0)
+    idx = np.argwhere(body)[rng.choice(int(body.sum()), 3000, replace=False)]
+    ras = (label.affine @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
+    lps = ras * np.array([-1.0, -1.0, 1.0])
+    for (i, j, k), p in zip(idx, lps, strict=True):
+        f = int(np.argmin(np.abs((p - ipp) @ normal)))
+        assert abs((p - ipp[f]) @ normal) < 1e-3
+        col = int(round((p - ipp[f]) @ row_cos / dc))
+        row = int(round((p - ipp[f]) @ col_cos / dr))
+        assert data[i, j, k] == pixels[f][row, col], (i, j, k)
 
 
 def _pydicom_test_folders() -> list[Path]:

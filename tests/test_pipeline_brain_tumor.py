@@ -28,14 +28,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(tmp_path: Path) -> list[str]:
-    """Six small studies (all with tumour, so the one test case has a Dice), a tiny U-Net, 2 epochs; then two
+    """Six small studies (all with tumour, so the one test case has a Dice), a tiny U-Net, 40 epochs; then two
     unseen small studies scored."""
     tiny = {"matrix": 64, "pixel_spacing": 3.0, "slices": 16, "slice_thickness": 8.0}
     sets = {
         "stages.0.out": str(tmp_path / "sample"), "stages.0.cases": 6, "stages.0.tumor_fraction": 1.0,
         **{f"stages.0.{k}": v for k, v in tiny.items()},
-        "train_segmenter.channels": [4, 8], "train_segmenter.strides": [2], "train_segmenter.epochs": 2,
-        "train_segmenter.val_every": 1, "evaluate.tta": False, "evaluate.bootstrap": 100,
+        "train_segmenter.channels": [4, 8], "train_segmenter.strides": [2], "train_segmenter.epochs": 40,
+        "train_segmenter.val_every": 10, "evaluate.tta": False, "evaluate.bootstrap": 100,
         "stages.6.out": str(tmp_path / "unseen"), "stages.6.cases": 2, **{f"stages.6.{k}": v for k, v in tiny.items()},
         "score.source": str(tmp_path / "unseen"),
     }
@@ -55,10 +55,12 @@ def test_brain_tumor_pipeline_small(tmp_path: Path) -> None:
     assert [s["stage"] for s in resolved["stages"]] == ["sample", "ingest", "dataset", "train_segmenter", "evaluate",
                                                           "predict", "sample", "score"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert isinstance(metrics["dice"], float) and 0.0 <= metrics["dice"] <= 1.0
+    # Guards: a model that learnt nothing. An empty mask scores 0 and a full one about 0.004 here; 40 tiny
+    # epochs reach about 0.8
+    assert isinstance(metrics["dice"], float) and metrics["dice"] > 0.5
     # one test case: the interval is undefined (null), not a zero-width [dice, dice]
     assert metrics["n_with_tumour"] == 1 and metrics["dice_ci95"] == [None, None]
-    assert metrics["epochs_run"] == 2 and "best_val_dice" in metrics and metrics["n_predicted"] >= 1
+    assert metrics["epochs_run"] == 40 and "best_val_dice" in metrics and metrics["n_predicted"] >= 1
 
     stages = run_dir / "stages"
     train = next(stages.glob("*_train_segmenter"))

@@ -158,7 +158,10 @@ def test_dice_hd95_match_numpy() -> None:
     hand = 2 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum())
     d, h = dice_hd95(pred, truth, [1], spacing=(1.0, 1.0, 2.0))[1]
     assert d == pytest.approx(hand, abs=1e-6)
-    assert h > 0
+    # HD95 against an independent computation (surface distances with scipy, in mm)
+    from tests.test_metrics_segmentation import _reference_hd
+
+    assert h == pytest.approx(_reference_hd(pred, truth, (1.0, 1.0, 2.0), 95), abs=1e-4)
     assert dice_hd95(truth, truth, [1], (1, 1, 1))[1] == (1.0, 0.0)
     empty = np.zeros_like(truth)
     d, h = dice_hd95(pred, empty, [1], (1, 1, 1))[1]  # no truth: undefined (false positives counted apart)
