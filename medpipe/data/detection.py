@@ -12,7 +12,10 @@ the nodule. Box coordinates are continuous voxel indices (voxel centres at integ
 centre maps back to world space through the same affine (:func:`box_centres_world`).
 
 The transforms (:func:`detector_transforms`) follow MONAI's LUNA16 detection tutorial: load,
-channel first, RAS, resample to ``pixdim``, HU window to [0, 1], crop to the body, boxes to image
+channel first, RAS, resample to ``pixdim`` on a grid aligned with the world axes (``diagonal=True``:
+a gantry-tilted series that ingest resampled onto an orthogonal but tilted grid is rotated back, so
+boxes, which are axis-aligned in the image, are axis-aligned in the body too, and the two corners of
+a box map exactly), HU window to [0, 1], crop to the body, boxes to image
 coordinates; for training, ``RandCropBoxByPosNegLabeld`` patches (half of them holding a whole
 nodule), random flips and 90-degree rotations of image and boxes together, boxes clipped to the
 patch (``ClipBoxToImaged``), and intensity jitter.
@@ -100,7 +103,7 @@ def detector_transforms(*, pixdim: Sequence[float], hu_window: Sequence[float], 
         EnsureChannelFirstd(keys=IMAGE),
         EnsureTyped(keys=IMAGE, dtype=np.float32),
         Orientationd(keys=IMAGE, axcodes="RAS"),
-        Spacingd(keys=IMAGE, pixdim=list(pixdim), mode="bilinear"),
+        Spacingd(keys=IMAGE, pixdim=list(pixdim), mode="bilinear", diagonal=True),
         ScaleIntensityRanged(keys=IMAGE, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
         CropForegroundd(keys=IMAGE, source_key=IMAGE, select_fn=lambda x: x > body, margin=4, allow_smaller=True),
     ]

@@ -80,6 +80,12 @@ class DetectionModel:
                                                   with_boxes=False)
         return self._transform
 
+    def preprocess(self, item: dict[str, Any]) -> dict[str, Any]:
+        """A datalist item (``image``: the file, or a one-channel list) with ``image`` preprocessed (``medpipe score``)."""
+        from medpipe.data.detection import detection_item
+
+        return {**item, "image": self.transform()({"image": detection_item(item)["image"]})["image"]}
+
     def detect(self, image: Any) -> list[Finding]:
         """Findings in a preprocessed image (a ``(1, x, y, z)`` MetaTensor, RAS, as :meth:`transform` gives), highest
         score first."""

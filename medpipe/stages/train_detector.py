@@ -13,7 +13,9 @@ LUNA16 does; the checkpoint with the best validation CPM is kept (``checkpoint.p
 
 Outputs: ``checkpoint.pt`` (weights, network configuration, preprocessing and inference settings:
 :class:`medpipe.inference.detection.DetectionModel` needs nothing else), ``history.csv``,
-``curve.png`` and the model package (``model/``) that ``medpipe score`` takes. Gives ``detector``,
+``curve.png`` and the model package (``model/``) that ``medpipe score`` takes; the package's
+``report_threshold`` (which findings ``score`` reports) is the score threshold of 1 false positive
+per validation scan at the kept epoch, unless set. Gives ``detector``,
 ``model`` and the ``datalist`` it used.
 """
 
@@ -58,6 +60,9 @@ class TrainDetectorParams(StageParams, DetectorOptions):
     score_thresh: float = Field(0.02, ge=0.0, lt=1.0, description="detections below this score are dropped")
     nms_thresh: float = Field(0.1, gt=0.0, le=1.0, description="box IoU above which the lower-scored is dropped")
     detections_per_image: int = Field(50, ge=1, le=10000, description="most detections kept per scan")
+    report_threshold: float | None = Field(None, ge=0.0, le=1.0,
+                                           description="findings `medpipe score` reports: score at or above this; None: "
+                                                       "the threshold of 1 false positive per validation scan")
     snapshot_every: float = Field(30.0, ge=0.0, le=86400.0, description="seconds between training snapshots "
                                                                          "(--resume continues from them)")
     name: str | None = Field(None, description="the model package's name")
@@ -130,8 +135,10 @@ def train_detector(ctx: RunContext, p: TrainDetectorParams) -> StageResult:
     ckpt = ctx.stage_dir / "checkpoint.pt"
 
     def save(epoch: int, v: Validation) -> None:
+        at_1fp = float(v.values["threshold_at_1fp"])
+        report = p.report_threshold if p.report_threshold is not None else min(at_1fp, 1.0)
         write_detector_checkpoint(ckpt, net=detector.network, model=cfg.to_dict(), preprocessing=preprocessing,
-                                  inference=inference,
+                                  inference={**inference, "report_threshold": round(report, 6)},
                                   record={"epoch": epoch, "val_cpm": v.row["val_cpm"], "datalist": str(dl_path),
                                           "seed": ctx.seed})
 

@@ -65,7 +65,9 @@ def scan_matches(model: Any, images: Sequence[Any], truths: Sequence[Sequence[di
 def detector_validation(model: Any, images: Sequence[Any], truths: Sequence[Sequence[dict[str, Any]]]
                         ) -> Callable[[int], Validation]:
     """``epoch -> Validation`` with ``val_cpm`` and ``val_sens_1fp`` on the val scans (``model``: a
-    :class:`medpipe.inference.detection.DetectionModel` sharing the trained detector)."""
+    :class:`medpipe.inference.detection.DetectionModel` sharing the trained detector); ``values`` holds the
+    score threshold of 1 false positive per val scan (``threshold_at_1fp``, ``inf`` when no threshold is that
+    selective)."""
     from medpipe.metrics.detection import froc
 
     def validate(epoch: int) -> Validation:
@@ -74,6 +76,7 @@ def detector_validation(model: Any, images: Sequence[Any], truths: Sequence[Sequ
         cpm = f.cpm if np.isfinite(f.cpm) else 0.0
         recall = float(np.max(f.sensitivity)) if f.n_nodules else 0.0
         return Validation(row={"val_cpm": round(f.cpm, 6), "val_sens_1fp": round(f.at_rates[1.0], 6)},
+                          values={"threshold_at_1fp": f.threshold_at(1.0)},
                           score=(cpm, recall, float(epoch)),
                           summary=f"val CPM {f.cpm:.4f}, sensitivity at 1 FP/scan {f.at_rates[1.0]:.3f} "
                                   f"({f.n_nodules} nodules, {f.n_scans} scans)")
