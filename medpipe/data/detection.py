@@ -131,6 +131,14 @@ def detector_transforms(*, pixdim: Sequence[float], hu_window: Sequence[float], 
     return Compose(ts)
 
 
+def plain(x: Any) -> Any:
+    """A tensor without MONAI's metadata: a ``MetaTensor`` sends every operation through its ``__torch_function__``,
+    which made a detector's training step several times slower than the convolutions in it."""
+    import torch
+
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
 def finding_items(doc: dict[str, Any], split: str, *, path: Any) -> list[dict[str, Any]]:
     """The items of ``split`` whose findings are known (``[]``: none; ``null``: unlabelled, left out)."""
     from medpipe.errors import StageError

@@ -91,12 +91,12 @@ class DetectionModel:
         score first."""
         import torch
 
-        from medpipe.data.detection import box_centres_world
+        from medpipe.data.detection import box_centres_world, plain
 
         affine = np.asarray(image.affine, dtype=np.float64)
         self.detector.eval()
         with torch.no_grad():
-            out = self.detector([torch.as_tensor(image).float().to(self.device)], use_inferer=True)[0]
+            out = self.detector([plain(image).float().to(self.device)], use_inferer=True)[0]
         boxes = out[self.detector.target_box_key].detach().cpu().numpy()
         scores = out[self.detector.pred_score_key].detach().cpu().numpy()
         centres, diameters = box_centres_world(boxes, affine)

@@ -38,12 +38,12 @@ class DetectorOptions(Options):
     widths: tuple[Width, Width, Width, Width] = Field((8, 16, 32, 64), description="ResNet features per layer 1-4 "
                                                                                      "(each twice the last)")
     blocks: tuple[int, int, int, int] = Field((1, 1, 1, 1), description="residual blocks per ResNet layer")
-    fpn_channels: Width = Field(32, description="features of every FPN level (and of the heads)")
+    fpn_channels: Width = Field(16, description="features of every FPN level (and of the heads)")
     returned_layers: tuple[Annotated[int, Field(ge=1, le=4)], ...] = Field(
         (1, 2), min_length=1, description="ResNet layers the FPN takes (small targets: low layers)")
     conv1_stride: tuple[int, int, int] = Field((1, 1, 1), description="stride of the first convolution")
     anchor_shapes: tuple[AnchorShape, ...] = Field(
-        ((3, 3, 3), (5, 5, 5), (8, 8, 8)), min_length=1,
+        ((2, 2, 2), (4, 4, 4)), min_length=1,
         description="anchor sizes (voxels) at the finest level; doubled at every coarser level")
 
     @model_validator(mode="after")

@@ -27,14 +27,12 @@ class DetectorStep:
         self.detector, self.optimizer, self.device = detector, optimizer, device
 
     def __call__(self, batch: Any) -> Logs:
-        import torch
-
-        from medpipe.data.detection import BOX, BOX_LABEL, IMAGE
+        from medpipe.data.detection import BOX, BOX_LABEL, IMAGE, plain
 
         patches = [p for item in batch for p in (item if isinstance(item, list) else [item])]
-        images = [torch.as_tensor(p[IMAGE]).float().to(self.device) for p in patches]
-        targets = [{BOX: torch.as_tensor(p[BOX]).float().reshape(-1, 6).to(self.device),
-                    BOX_LABEL: torch.as_tensor(p[BOX_LABEL]).long().reshape(-1).to(self.device)} for p in patches]
+        images = [plain(p[IMAGE]).float().to(self.device) for p in patches]
+        targets = [{BOX: plain(p[BOX]).float().reshape(-1, 6).to(self.device),
+                    BOX_LABEL: plain(p[BOX_LABEL]).long().reshape(-1).to(self.device)} for p in patches]
         self.optimizer.zero_grad(set_to_none=True)
         out = self.detector(images, targets)
         cls_loss, box_loss = out[self.detector.cls_key], out[self.detector.box_reg_key]
