@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
@@ -181,6 +180,3 @@ def _package(ctx: RunContext, p: TrainDetectorParams, ckpt: Path, dl_path: Path)
                                  training={"seed": ctx.seed, "stage": ctx.stage_dir.name})
     ctx.log.info("model package %s -> %s", pkg.version, pkg.path)
     return pkg.path
-
-
-__all__: list[Any] = ["TrainDetectorParams", "train_detector"]
