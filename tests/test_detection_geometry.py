@@ -144,3 +144,27 @@ def test_training_patches_keep_boxes_on_their_nodules(ingested: Path, tmp_path: 
                 assert image[tuple(centre)] * (HU[1] - HU[0]) + HU[0] > -400
                 checked += 1
     assert checked >= 2
+
+
+def test_key_image_pixel_is_the_finding_on_every_acquisition(sample: tuple[Path, list[ChestCase]]) -> None:
+    """``medpipe score``'s key image: the source slice nearest to a finding and the finding's pixel there, from the
+    slices' own geometry; the pixel's centre lies within half a slice (along the normal) and half a pixel (in plane)
+    of the finding, for axial, feet-first, prone and tilted series."""
+    from medpipe.dicom.frames import frame_geometries
+    from medpipe.scoring.results import nearest_frame
+
+    for case in sample[1]:
+        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(case.series_dir.glob("*.dcm"))]
+        frames = frame_geometries(datasets)
+        for n in case.nodules:
+            c = np.asarray(n["center_lps"], dtype=float)
+            i, (r, col) = nearest_frame(frames, tuple(c))
+            fr = frames[i]
+            iop = np.asarray(fr.orientation, float)
+            pixel = (np.asarray(fr.position, float) + round(col) * fr.pixel_spacing[1] * iop[:3]
+                     + round(r) * fr.pixel_spacing[0] * iop[3:])
+            normal = np.cross(iop[:3], iop[3:])
+            d = pixel - c
+            assert abs(float(d @ normal)) <= case.slice_thickness / 2 + 1e-3, (case.acquisition, n)
+            in_plane = d - (d @ normal) * normal
+            assert np.all(np.abs(in_plane) <= max(fr.pixel_spacing) / 2 * np.sqrt(2) + 1e-3), (case.acquisition, n)
