@@ -28,6 +28,8 @@ from torch import nn
 from medpipe.models.base import NetworkConfig, Options
 
 Width = Annotated[int, Field(ge=1, le=1024)]
+Blocks = Annotated[int, Field(ge=1, le=64)]
+Stride = Annotated[int, Field(ge=1, le=4)]
 AnchorShape = tuple[Annotated[float, Field(gt=0, le=1024)], Annotated[float, Field(gt=0, le=1024)],
                     Annotated[float, Field(gt=0, le=1024)]]
 
@@ -37,19 +39,17 @@ class DetectorOptions(Options):
 
     widths: tuple[Width, Width, Width, Width] = Field((8, 16, 32, 64), description="ResNet features per layer 1-4 "
                                                                                      "(each twice the last)")
-    blocks: tuple[int, int, int, int] = Field((1, 1, 1, 1), description="residual blocks per ResNet layer")
+    blocks: tuple[Blocks, Blocks, Blocks, Blocks] = Field((1, 1, 1, 1), description="residual blocks per ResNet layer")
     fpn_channels: Width = Field(16, description="features of every FPN level (and of the heads)")
     returned_layers: tuple[Annotated[int, Field(ge=1, le=4)], ...] = Field(
         (1, 2), min_length=1, description="ResNet layers the FPN takes (small targets: low layers)")
-    conv1_stride: tuple[int, int, int] = Field((1, 1, 1), description="stride of the first convolution")
+    conv1_stride: tuple[Stride, Stride, Stride] = Field((1, 1, 1), description="stride of the first convolution")
     anchor_shapes: tuple[AnchorShape, ...] = Field(
         ((2, 2, 2), (4, 4, 4)), min_length=1,
         description="anchor sizes (voxels) at the finest level; doubled at every coarser level")
 
     @model_validator(mode="after")
     def _check(self) -> DetectorOptions:
-        if any(b < 1 for b in self.blocks):
-            raise ValueError(f"blocks must be at least 1 per layer, got {list(self.blocks)}")
         if any(b != 2 * a for a, b in zip(self.widths, self.widths[1:], strict=False)):
             raise ValueError(f"widths must double from layer to layer (the FPN assumes it), got {list(self.widths)}")
         if list(self.returned_layers) != sorted(set(self.returned_layers)):

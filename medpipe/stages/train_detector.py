@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medpipe.data.datalist import load_datalist
 from medpipe.data.detection import finding_items
@@ -34,7 +35,8 @@ from medpipe.models.detection import DetectorOptions
 from medpipe.stage import InputPath, Need, RunContext, Size, StageParams, StageResult, stage
 from medpipe.training.selection import FEW_VALIDATION_CASES
 
-Millimetres = tuple[float, float, float]
+Millimetre = Annotated[float, Field(gt=0.0, le=100.0)]
+Hounsfield = Annotated[float, Field(ge=-3000.0, le=30000.0)]
 
 
 class TrainDetectorParams(StageParams, DetectorOptions):
@@ -42,8 +44,8 @@ class TrainDetectorParams(StageParams, DetectorOptions):
     ``anchor_shapes``) come from :class:`~medpipe.models.detection.DetectorOptions`."""
 
     datalist: InputPath | None = Field(None, description="datalist.json with findings; None: the dataset stage's")
-    pixdim: Millimetres = Field((4.0, 4.0, 4.0), description="voxel size the detector sees (mm)")
-    hu_window: tuple[float, float] = Field((-1000.0, 500.0), description="HU mapped to [0, 1] (clipped)")
+    pixdim: tuple[Millimetre, Millimetre, Millimetre] = Field((4.0, 4.0, 4.0), description="voxel size the detector sees (mm)")
+    hu_window: tuple[Hounsfield, Hounsfield] = Field((-1000.0, 500.0), description="HU mapped to [0, 1] (clipped)")
     patch_size: tuple[Size, Size, Size] = Field((32, 32, 32), description="training patch (voxels)")
     num_samples: int = Field(4, ge=1, le=64, description="patches per scan per step")
     pos: float = Field(4.0, ge=0.0, description="weight of patches holding a whole nodule")
@@ -65,6 +67,13 @@ class TrainDetectorParams(StageParams, DetectorOptions):
     snapshot_every: float = Field(30.0, ge=0.0, le=86400.0, description="seconds between training snapshots "
                                                                          "(--resume continues from them)")
     name: str | None = Field(None, description="the model package's name")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainDetectorParams:
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"hu_window: the low end ({self.hu_window[0]}) must be below the high end "
+                             f"({self.hu_window[1]})")
+        return self
 
 
 @stage("train_detector", TrainDetectorParams, needs=(Need("datalist", params=("datalist",)),),
