@@ -108,6 +108,7 @@ artifact("datalist", "file", "a datalist.json (train / val / test items)")
 artifact("checkpoint", "files", "a trained segmenter checkpoint, or one per fold: an ensemble")
 artifact("classifier", "files", "trained classifier checkpoints (one per fold)")
 artifact("generator", "file", "a trained GAN generator checkpoint")
+artifact("detector", "file", "a trained detector checkpoint (RetinaNet)")
 artifact("evaluation", "file", "per-case segmentation metrics (cases.csv)")
 artifact("inference", "file", "the inference settings a segmenter was evaluated with (TTA, post-processing): "
                               "inference.json")

@@ -8,11 +8,12 @@
       model_card.md    human-readable: data, splits, metrics with CIs, version, intended use
       metrics.json     held-out metrics found in the run (written by ``medpipe export``)
 
-``model.json`` holds: ``kind`` (``segmenter`` / ``classifier``); ``members`` (weight files and their
+``model.json`` holds: ``kind`` (``segmenter`` / ``classifier`` / ``detector``); ``members`` (weight files and their
 sha256); the network configuration; the inputs (channel names, the DICOM channel selection rules of
 the ``dataset`` stage that fed training, the reference channel, the eval transforms, patch size);
 the outputs (segmenter: classes with coded concepts, SNOMED CT category and type; classifier: class
-names, positive class and decision threshold); inference settings (TTA); and the training record
+names, positive class and decision threshold; detector: the finding's codes); inference settings (TTA; detector:
+resampling, sliding window, score and NMS thresholds); and the training record
 (pipeline, seed, datalist sha256, split sizes, validation metric, medpipe version, git commit).
 
 The **model id** is the sha256 of ``model.json`` in canonical form (sorted keys, no spaces). Because
@@ -42,7 +43,7 @@ PACKAGE_FORMAT = "medpipe-model"
 PACKAGE_VERSION = 1
 MANIFEST = "model.json"
 
-Kind = Literal["segmenter", "classifier"]
+Kind = Literal["segmenter", "classifier", "detector"]
 
 #: SNOMED CT codes (scheme, value, meaning) of the segment types medpipe knows by name (with the organs of
 #: :mod:`medpipe.dicom.anatomy`); others fall back to :data:`FALLBACK_CODE` and should be given in
@@ -222,7 +223,11 @@ class ModelPackage:
         return cls(folder.resolve(), manifest)
 
     def load_model(self, device: str = "cpu", amp: bool = False) -> Any:
-        """The networks, once: a :class:`SegmentationModel` or :class:`ClassificationModel`."""
+        """The networks, once: a :class:`SegmentationModel`, :class:`ClassificationModel` or :class:`DetectionModel`."""
+        if self.kind == "detector":
+            from medpipe.inference.detection import DetectionModel
+
+            return DetectionModel.load(self.members[0], device)
         if self.kind == "segmenter":
             from medpipe.inference.segmentation import SegmentationModel
 
@@ -362,3 +367,24 @@ def build_classifier_package(folder: Path, checkpoints: list[Path], datalist_pat
     record = _training_record(datalist_path, doc, {**(training or {}), "validation": validation or {}})
     return write_package(folder, kind="classifier", name=name, checkpoints=checkpoints, network=ck["model"],
                          inputs=inputs, outputs=outputs, inference=inference, training=record)
+
+
+#: what a lung-nodule detector reports: SCT 27925004 "Nodule" in SCT 39607008 "Lung" (as the sample's truth SR)
+NODULE = {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"}
+LUNG = {"scheme": "SCT", "value": "39607008", "meaning": "Lung"}
+
+
+def build_detector_package(folder: Path, checkpoint: Path, datalist_path: Path, *, name: str,
+                           training: dict[str, Any] | None = None) -> ModelPackage:
+    """The package of a trained detector checkpoint (:mod:`medpipe.inference.detection`) and its datalist."""
+    from medpipe.inference.checkpoint import read_checkpoint
+    from medpipe.inference.detection import DETECTOR_FORMAT, DETECTOR_VERSION
+
+    ck = read_checkpoint(checkpoint, DETECTOR_FORMAT, DETECTOR_VERSION, "medpipe detector checkpoint")
+    doc = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
+    inputs = {"channels": list(doc.get("channels") or []), "channel_rules": doc.get("channel_rules"),
+              "reference": doc.get("reference"), "preprocessing": ck["preprocessing"]}
+    outputs = {"finding": NODULE, "finding_site": LUNG}
+    record = _training_record(datalist_path, doc, {**(training or {}), "validation": ck.get("record") or {}})
+    return write_package(folder, kind="detector", name=name, checkpoints=[checkpoint], network=ck["model"],
+                         inputs=inputs, outputs=outputs, inference=ck["inference"], training=record)

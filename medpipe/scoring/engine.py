@@ -308,6 +308,9 @@ class _Reader:
         self.builder_args = builder_args
         self.work_dir = work_dir
         self.local = threading.local()
+        if not hasattr(net, "eval_transforms"):  # a detector: its own preprocessing (medpipe.inference.detection)
+            self.load, self.preprocess = dict, net.preprocess
+            return
         spec = net.eval_transforms
         split = 0
         while split < len(spec) and next(iter(spec[split])) in LOAD_TRANSFORMS:

@@ -15,6 +15,15 @@ series' own frames even when ingest resampled a gantry-tilted or unevenly spaced
 * ``--nifti``: ``mask.nii.gz`` on the ingest grid;
 * ``preview.png``: rendered **from the written SEG read back** over the source slices it references.
 
+For a **detector**: ``sr.dcm``, a DICOM SR TID 1500 with one Planar ROI group per finding reported
+(score at or above the package's ``report_threshold``: by default the threshold of 1 false positive
+per scan on the validation scans): its centre as a SCOORD3D point in the source series' frame of
+reference, its diameter (mm) and score as measurements (:func:`medpipe.dicom.sr.write_findings_sr`;
+"Nodule absent" when there is none); ``findings.csv`` (every detection, reported or not: centre,
+diameter, score, the source frame nearest to it); and per finding reported a key image
+``finding_NN_sc.dcm``: an RGB Secondary Capture of the source frame nearest to the centre, in a lung
+window, with a circle of the finding's diameter around it.
+
 For a **classifier**: ``sr.dcm`` with each class's probability and the decision at the model's
 threshold (binary) or the most probable class (multi-class); ``--explain``: the Grad-CAM map of the
 decided class as Parametric Map + Secondary Captures (the map is resampled from the network's input
@@ -43,6 +52,8 @@ SC_FRAMES = 3
 PROBABILITY = {"scheme": "DCM", "value": "122157", "meaning": "Probability"}
 #: a finding code for a classifier class without one in the package
 FINDING = {"scheme": "SCT", "value": "404684003", "meaning": "Clinical finding"}
+#: window (centre, width HU) of the detector's key images: lung
+LUNG_WINDOW = (-600.0, 1500.0)
 
 
 def study_folder(out: Path, patient_id: str, study_uid: str) -> Path:
@@ -68,6 +79,8 @@ class ResultWriter:
     # -- inference --------------------------------------------------------------------------------------
 
     def infer(self, prep: Any, tta: bool) -> dict[str, Any]:
+        if self.package.kind == "detector":
+            return {"findings": self.net.detect(prep.data["image"])}
         if self.package.kind == "segmenter":
             seg = self.net.segment(prep.data, prep.grid, tta=tta,
                                    min_component_ml=self.package.inference.get("min_component_ml") or 0)
@@ -121,7 +134,9 @@ class ResultWriter:
             "reference_series_uid": item.get("reference_series_uid"),
         }
         src = _Sources(datasets, keys, frames)
-        if self.package.kind == "segmenter":
+        if self.package.kind == "detector":
+            row.update(self._write_findings(pred, src, folder))
+        elif self.package.kind == "segmenter":
             row.update(self._write_segmentation(prep, pred, src, folder))
         else:
             row.update(self._write_classification(prep, pred, src, folder))
@@ -203,6 +218,48 @@ class ResultWriter:
         out["preview"] = str(self._preview(seg_path, src, folder).relative_to(self.out))
         return out
 
+    def _write_findings(self, pred: dict[str, Any], src: _Sources, folder: Path) -> dict[str, Any]:
+        from medpipe.dicom.sc import write_overlay_sc
+        from medpipe.dicom.sr import PointFinding, write_findings_sr
+        from medpipe.io import write_csv_atomic
+
+        outputs = self.package.outputs
+        threshold = float(self.package.inference.get("report_threshold", 0.5))
+        series_uid = str(src.datasets[0].SeriesInstanceUID)
+        reported = [f for f in pred["findings"] if f.score >= threshold]
+        points = [PointFinding(center=f.center_lps, diameter_mm=round(f.diameter_mm, 2), score=round(f.score, 4),
+                               label=f"Nodule {n}", finding=outputs.get("finding") or FINDING,
+                               finding_site=outputs.get("finding_site"))
+                  for n, f in enumerate(reported, start=1)]
+        sr_path = folder / "sr.dcm"
+        write_findings_sr(sr_path, src.datasets, points, self.algorithm,
+                          self._identity(series_uid, "SR", 2, f"SR {self.package.name}"))
+        rows, keys = [], []
+        for n, f in enumerate(pred["findings"], start=1):
+            i, (r, c) = nearest_frame(src.frames, f.center_lps)
+            row = {"finding": n, "x": round(f.center_lps[0], 2), "y": round(f.center_lps[1], 2),
+                   "z": round(f.center_lps[2], 2), "diameter_mm": round(f.diameter_mm, 2), "score": round(f.score, 4),
+                   "reported": f.score >= threshold, "frame_sop_instance_uid": src.frames[i].sop_instance_uid,
+                   "key_image": ""}
+            if row["reported"]:
+                frame = src.frames[i]
+                radius = max(2.0, f.diameter_mm / 2.0 / min(frame.pixel_spacing))
+                rr, cc = np.mgrid[:frame.rows, :frame.columns]
+                disk = (rr - r) ** 2 + (cc - c) ** 2 <= radius ** 2
+                path = folder / f"finding_{n:02d}_sc.dcm"
+                write_overlay_sc(path, src.full(i), self._identity(series_uid, "SC", 4, f"KEY {self.package.name}", n),
+                                 frame_number=frame.frame_number, outline=disk, window=LUNG_WINDOW,
+                                 description=f"Nodule {n}: {f.diameter_mm:.1f} mm, score {f.score:.2f}"[:64])
+                row["key_image"] = str(path.relative_to(self.out))
+                keys.append(row["key_image"])
+            rows.append(row)
+        csv_path = folder / "findings.csv"
+        write_csv_atomic(csv_path, rows, ["finding", "x", "y", "z", "diameter_mm", "score", "reported",
+                                          "frame_sop_instance_uid", "key_image"])
+        return {"findings": len(reported), "max_score": round(max((f.score for f in pred["findings"]), default=0.0), 4),
+                "report_threshold": round(threshold, 4), "sr": str(sr_path.relative_to(self.out)),
+                "findings_csv": str(csv_path.relative_to(self.out)), "key_images": ";".join(keys)}
+
     def _segment_classes(self) -> dict[int, dict[str, Any]]:
         classes = self.package.outputs.get("classes") or {}
         out = {}
@@ -276,6 +333,22 @@ class ResultWriter:
         seg_preview_png(seg_path, src.frames, src.full, path,
                         title=f"{self.package.name}: the written SEG, read back, over its source frames")
         return path
+
+
+def nearest_frame(frames: list[Any], lps: tuple[float, float, float]) -> tuple[int, tuple[float, float]]:
+    """The source frame whose plane is nearest to the point ``lps`` (patient coordinates, mm) and the point's
+    (row, column) there, from the frame's own position, orientation and pixel spacing."""
+    p = np.asarray(lps, dtype=np.float64)
+    best, where = -1, (0.0, 0.0)
+    dist = np.inf
+    for i, fr in enumerate(frames):
+        iop = np.asarray(fr.orientation, dtype=np.float64)
+        d = p - np.asarray(fr.position, dtype=np.float64)
+        off = abs(float(np.dot(d, np.cross(iop[:3], iop[3:]))))
+        if off < dist:
+            dist, best = off, i
+            where = (float(np.dot(d, iop[3:])) / fr.pixel_spacing[0], float(np.dot(d, iop[:3])) / fr.pixel_spacing[1])
+    return best, where
 
 
 class _Sources:

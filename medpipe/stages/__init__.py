@@ -17,6 +17,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "medpipe.stages.dataset",
     "medpipe.stages.train_segmenter",
     "medpipe.stages.evaluate",
+    "medpipe.stages.train_detector",
+    "medpipe.stages.evaluate_detector",
     "medpipe.stages.predict",
     "medpipe.stages.medmnist",
     "medpipe.stages.train_classifier",
