@@ -1,7 +1,7 @@
 """Detector checkpoints and inference: whole volumes in, findings (centre in LPS mm, diameter, score) out.
 
 A detector checkpoint (``torch.load(weights_only=True)``-readable) holds the network's weights and
-configuration (:class:`medpipe.models.detection.DetectorConfig`), the preprocessing (``pixdim``,
+configuration (:class:`medpipe.models.detection_config.DetectorConfig`), the preprocessing (``pixdim``,
 ``hu_window``) and the inference settings (sliding-window ``roi_size``, ``overlap``, score threshold,
 NMS threshold, detections per scan): :class:`DetectionModel` needs nothing else.
 

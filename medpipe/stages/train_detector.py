@@ -31,7 +31,7 @@ from medpipe.data.datalist import load_datalist
 from medpipe.data.detection import finding_items
 from medpipe.errors import StageError
 from medpipe.io import sha256_file, write_csv_atomic
-from medpipe.models.detection import DetectorOptions
+from medpipe.models.detection_config import DetectorOptions
 from medpipe.stage import InputPath, Need, RunContext, Size, StageParams, StageResult, stage
 from medpipe.training.selection import FEW_VALIDATION_CASES
 
@@ -41,7 +41,7 @@ Hounsfield = Annotated[float, Field(ge=-3000.0, le=30000.0)]
 
 class TrainDetectorParams(StageParams, DetectorOptions):
     """The network options (``widths``, ``blocks``, ``fpn_channels``, ``returned_layers``, ``conv1_stride``,
-    ``anchor_shapes``) come from :class:`~medpipe.models.detection.DetectorOptions`."""
+    ``anchor_shapes``) come from :class:`~medpipe.models.detection_config.DetectorOptions`."""
 
     datalist: InputPath | None = Field(None, description="datalist.json with findings; None: the dataset stage's")
     pixdim: tuple[Millimetre, Millimetre, Millimetre] = Field((4.0, 4.0, 4.0), description="voxel size the detector sees (mm)")
@@ -87,7 +87,8 @@ def train_detector(ctx: RunContext, p: TrainDetectorParams) -> StageResult:
     from medpipe.data.detection import detection_item, detector_transforms
     from medpipe.data.transforms import set_random_state
     from medpipe.inference.detection import DetectionModel, write_detector_checkpoint
-    from medpipe.models.detection import DetectorConfig, build_detector, set_training
+    from medpipe.models.detection import build_detector, set_training
+    from medpipe.models.detection_config import DetectorConfig
     from medpipe.report.training_plots import curve_png
     from medpipe.training.detection import DetectorStep, detector_validation
     from medpipe.training.loop import Validation, fit
