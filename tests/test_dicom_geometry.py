@@ -250,8 +250,11 @@ def test_stack_stored_against_the_normal() -> None:
     assert np.allclose(g.distances, (0.0, 3.0, 6.0)) and g.spacing == pytest.approx(3.0)
     assert g.tilt_deg == pytest.approx(math.degrees(math.atan(0.6 / 6.0)))
     assert np.allclose(g.inplane_offsets, [[0.0, 0.0], [0.0, 0.3], [0.0, 0.6]])
-    # the default normal would see the same stack running backwards
-    assert np.allclose(analyse_stack(AXIAL, pos).distances, (0.0, -3.0, -6.0))
+    # the default normal sees the same stack running backwards; its tilt is still the angle to the normal's
+    # line (5.7 degrees, not 174.3)
+    backwards = analyse_stack(AXIAL, pos)
+    assert np.allclose(backwards.distances, (0.0, -3.0, -6.0))
+    assert backwards.tilt_deg == pytest.approx(g.tilt_deg)
 
 
 def test_analyse_stack_accepts_decimal_values() -> None:

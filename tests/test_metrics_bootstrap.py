@@ -30,6 +30,13 @@ def test_bootstrap_ci_defaults_are_2000_resamples_and_95_percent() -> None:
     assert type(lo) is float and type(hi) is float
 
 
+def test_bootstrap_ci_computes_in_double_precision() -> None:
+    # per-case values often come as float32 (torch, MONAI): the interval is that of their float64 values
+    values = np.random.default_rng(3).uniform(0.5, 1.0, size=37).astype(np.float32)
+    assert bootstrap_ci(values, seed=1, n=500) == bootstrap_ci(values.astype(np.float64), seed=1, n=500)
+    assert bootstrap_ci(list(values), seed=1, n=500) == bootstrap_ci(values.astype(np.float64), seed=1, n=500)
+
+
 def test_bootstrap_ci_drops_nans_and_needs_two_values() -> None:
     values = [0.2, math.nan, 0.9, 0.4]
     assert bootstrap_ci(values, seed=0, n=300) == bootstrap_ci([0.2, 0.9, 0.4], seed=0, n=300)
