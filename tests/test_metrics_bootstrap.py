@@ -162,3 +162,29 @@ def test_a_statistic_of_the_wrong_length_is_refused() -> None:
 
     with pytest.raises(ValueError, match=r"statistic 'm' gave 21 values for 20 resamples"):
         bootstrap_cases(bad, 5, seed=0, n=20, vectorized=True)
+
+
+def test_two_cases_are_enough_to_resample() -> None:
+    values = np.array([0.25, 0.75])
+
+    def mean(idx: np.ndarray) -> dict[str, float]:
+        return {"m": float(values[idx].mean())}
+
+    lo, hi = bootstrap_cases(mean, 2, seed=0, n=400)["m"]
+    assert (lo, hi) == (0.25, 0.75)  # resamples of two cases: means 0.25, 0.5 or 0.75, each end ~25 %
+    assert bootstrap_cases(mean, 2, seed=0, n=400)["m"] == pytest.approx(bootstrap_ci(values, seed=0, n=400))
+
+
+def test_vectorized_values_of_any_shape_and_precision() -> None:
+    """A vectorised statistic may return a column (B, 1) and float32; the interval is that of the float64
+    values (guards the flattening and the float64 conversion)."""
+    values = np.random.default_rng(8).uniform(size=30)
+
+    def flat(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {"m": values[idx].mean(axis=1).astype(np.float32).astype(np.float64)}
+
+    def column32(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {"m": values[idx].mean(axis=1, keepdims=True).astype(np.float32)}
+
+    ref = bootstrap_cases(flat, 30, seed=2, n=300, vectorized=True)
+    assert bootstrap_cases(column32, 30, seed=2, n=300, vectorized=True) == ref

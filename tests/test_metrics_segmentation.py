@@ -269,3 +269,19 @@ def test_foreground_dice_and_validation_dice_by_hand() -> None:
                            3) == pytest.approx(2 / 3)
     assert validation_dice([(prob(pred), empty)], 3) == 0.0
     assert math.isnan(validation_dice([], 3))
+
+
+def test_validation_loss_of_a_case_without_foreground() -> None:
+    """The one-hot truth has every class, also those the case lacks (guards inferring the number of classes
+    from the labels present, which would silently broadcast one channel over all)."""
+    import torch
+
+    from medpipe.metrics.segmentation import validation_loss
+
+    truth = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    prob = torch.stack([torch.full((1, 4, 4, 2), 0.9), torch.full((1, 4, 4, 2), 0.1)], dim=1)
+    n, eps = 32, 1e-5
+    dice_bg = 1 - (2 * 0.9 * n + eps) / (0.9 * n + n + eps)
+    dice_fg = 1 - eps / (0.1 * n + eps)  # nothing to overlap: the foreground's soft Dice loss is ~1
+    expected = (dice_bg + dice_fg) / 2 - math.log(0.9)
+    assert validation_loss(prob, truth, 2) == pytest.approx(expected, rel=1e-5)
