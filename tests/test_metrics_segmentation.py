@@ -285,3 +285,6 @@ def test_validation_loss_of_a_case_without_foreground() -> None:
     dice_fg = 1 - eps / (0.1 * n + eps)  # nothing to overlap: the foreground's soft Dice loss is ~1
     expected = (dice_bg + dice_fg) / 2 - math.log(0.9)
     assert validation_loss(prob, truth, 2) == pytest.approx(expected, rel=1e-5)
+    # certain and right: zero loss; the smoothing terms make the absent class's Dice 1 (not 0/0 or -1)
+    certain = torch.stack([torch.ones(1, 4, 4, 2), torch.zeros(1, 4, 4, 2)], dim=1)
+    assert validation_loss(certain, truth, 2) == pytest.approx(0.0, abs=1e-6)
