@@ -268,7 +268,13 @@ def test_foreground_dice_and_validation_dice_by_hand() -> None:
     assert validation_dice([(prob(empty[:, 0]), empty), (prob(pred), empty), (prob(empty[:, 0]), empty)],
                            3) == pytest.approx(2 / 3)
     assert validation_dice([(prob(pred), empty)], 3) == 0.0
-    assert math.isnan(validation_dice([], 3))
+    # predicted empty with a confidence that varies over the volume: still empty (argmax over the classes)
+    bg = torch.from_numpy(np.random.default_rng(0).uniform(0.6, 0.9, size=(1, 4, 4, 2))).float()
+    varying = torch.stack([bg, (1 - bg) / 2, (1 - bg) / 2], dim=1)
+    assert validation_dice([(varying, empty)], 3) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN without numpy's "mean of empty slice" warning
+        assert math.isnan(validation_dice([], 3))
 
 
 def test_validation_loss_of_a_case_without_foreground() -> None:
