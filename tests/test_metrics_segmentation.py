@@ -154,6 +154,10 @@ def test_score_case_by_hand() -> None:
     assert s.whole == (pytest.approx(1.0), pytest.approx(0.0))
     assert s.truth_has and s.pred_has
     assert s.truth_ml == pytest.approx(16 * 3 / 1000) and s.pred_ml == pytest.approx(16 * 3 / 1000)
+    # hd95=False: Dice only, for every class and for the whole foreground
+    quick = score_case(pred, truth, [1, 2], spacing, hd95=False)
+    assert quick.per_class[1][0] == s.per_class[1][0] and math.isnan(quick.per_class[1][1])
+    assert quick.whole[0] == pytest.approx(1.0) and math.isnan(quick.whole[1])
     # one class: the whole foreground is that class
     one = score_case(pred, truth, [1], spacing)
     assert one.whole == one.per_class[1]
