@@ -9,10 +9,12 @@ mutmut (configured in ``pyproject.toml``, ``[tool.mutmut]``) copies the package 
 small changes to one function at a time (an operator, a constant, a comparison) and runs the tests
 that cover that function against each change. A *killed* mutant made a test fail; a *survived* one
 is a change no test noticed: either a missing test or an equivalent mutant (a change that cannot
-alter behaviour, e.g. a default argument that every caller overrides). The score is
-killed / (killed + survived); mutants without covering tests and timeouts are listed separately.
+alter behaviour). The score is detected / (detected + survived + no tests), detected being killed
+or timed out (the mutant made a test hang); a mutant that no test reaches counts as a survivor.
 Equivalent survivors are listed with their reason in ``benchmarks/mutation_equivalent.txt``
-(``<mutant name>  <reason>``), and count as explained.
+(``<mutant name>  <reason>``): they leave the score's denominator and count as *explained* (detected
+or equivalent, over all). ``not run`` counts the mutants the last run did not reach (a partial run).
+mutmut renumbers a function's mutants when its source changes: rerun and check the list then.
 
 Not in CI: it runs the tests once per mutant (minutes to an hour on 2 cores).
 """
@@ -62,6 +64,7 @@ def _equivalent() -> dict[str, str]:
 
 
 def report(modules: list[str]) -> int:
+    """Print the per-module table of the last run; 1 when a listed equivalent is no longer a survivor."""
     results = _results()
     equivalent = _equivalent()
     by_module: dict[str, Counter[str]] = defaultdict(Counter)
@@ -73,21 +76,31 @@ def report(modules: list[str]) -> int:
         if status == "survived" and name in equivalent:
             status = "equivalent"
         by_module[module][status] += 1
-        if status == "survived":
-            survivors[module].append(name)
-    print(f"{'module':<36} {'killed':>7} {'survived':>9} {'equivalent':>11} {'no tests':>9} {'timeout':>8} {'score':>7}")
+        if status in ("survived", "no tests"):
+            survivors[module].append(f"{name}  ({status})")
+    # score: detected / (detected + survived + no tests), where detected = killed or timed out (a mutant that
+    # makes a test hang is caught too); equivalent mutants are left out (they cannot be killed);
+    # explained: detected or listed as equivalent, over every mutant that was run
+    print(f"{'module':<32} {'killed':>7} {'survived':>9} {'equivalent':>11} {'no tests':>9} {'timeout':>8} "
+          f"{'not run':>8} {'score':>7} {'explained':>10}")
     for module in modules:
         c = by_module.get(module, Counter())
-        killed, survived = c["killed"], c["survived"]
-        decided = killed + survived
+        killed, survived, equiv, untested = c["killed"], c["survived"], c["equivalent"], c["no tests"]
+        killed += c["timeout"]
+        decided = killed + survived + untested
         score = f"{killed / decided:.1%}" if decided else "n/a"
-        print(f"{module:<36} {killed:>7} {survived:>9} {c['equivalent']:>11} {c['no tests']:>9} {c['timeout']:>8} "
-              f"{score:>7}")
+        explained = f"{(killed + equiv) / (decided + equiv):.1%}" if decided + equiv else "n/a"
+        print(f"{module:<32} {c['killed']:>7} {survived:>9} {equiv:>11} {untested:>9} {c['timeout']:>8} "
+              f"{c['not checked']:>8} {score:>7} {explained:>10}")
     for module, names in survivors.items():
-        print(f"\nsurvived in {module} ({len(names)}): `mutmut show NAME` shows the change")
+        print(f"\nnot killed in {module} ({len(names)}): `mutmut show NAME` shows the change")
         for name in sorted(names):
             print(f"  {name}")
-    return 0
+    stale = sorted(n for n in equivalent if results.get(n) not in (None, "survived")
+                   and any(n.startswith(m + ".") for m in modules))
+    if stale:
+        print(f"\nlisted as equivalent in {EQUIVALENT.name} but {', '.join(f'{n}: {results[n]}' for n in stale)}")
+    return 1 if stale else 0
 
 
 def main(argv: list[str] | None = None) -> int:

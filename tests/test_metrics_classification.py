@@ -15,6 +15,7 @@ from medpipe.metrics.classification import (
     classification_metrics,
     confusion_matrix,
     metrics_with_ci,
+    predict_labels,
     reliability,
     roc_auc,
     roc_curve,
@@ -426,3 +427,23 @@ def test_choose_threshold_refuses(y: list[int], prob: list[list[float]], rule: s
 
     with pytest.raises(ValueError, match=message):
         choose_threshold(np.asarray(y), np.asarray(prob), rule=rule)
+
+
+def test_confusion_matrix_and_predict_labels_errors_name_the_argument() -> None:
+    """Each error says which argument is wrong and why (mutation testing found these messages unchecked)."""
+    assert confusion_matrix([0, 0], [0, 0], 1).tolist() == [[2]]  # one class is a valid (1, 1) matrix
+    with pytest.raises(ValueError, match="n_classes must be >= 1, not 0"):
+        confusion_matrix([0], [0], 0)
+    with pytest.raises(ValueError, match="^y_true must hold integer class labels"):
+        confusion_matrix([0.5, 1.0], [0, 1], 2)
+    with pytest.raises(ValueError, match="^y_pred must hold integer class labels"):
+        confusion_matrix([0, 1], [0.5, 1.0], 2)
+    with pytest.raises(ValueError, match="^y_true has 2 cases but y_pred has 3$"):
+        confusion_matrix([0, 1], [0, 1, 1], 2)
+    with pytest.raises(ValueError, match=r"^prob must be a 2-D array \(cases, classes >= 2\), got shape \(3,\)$"):
+        predict_labels([0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"got shape \(3, 1\)$"):
+        predict_labels([[0.1], [0.2], [0.3]])
+    # probabilities given as integers or strings of numbers are read as float64
+    assert predict_labels([[1, 0], [0, 1]]).tolist() == [0, 1]
+    assert predict_labels(np.array([["0.3", "0.7"], ["0.6", "0.4"]])).tolist() == [1, 0]

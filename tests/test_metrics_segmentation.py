@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from medpipe.metrics.bootstrap import bootstrap_ci
-from medpipe.metrics.segmentation import dice_hd95
+from medpipe.metrics.segmentation import CaseScores, dice_hd95
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
@@ -153,3 +154,208 @@ def test_per_organ_metrics_match_a_hand_computation() -> None:
     rows = per_label_rows(out)
     assert [r["class"] for r in rows] == list(names.values())
     assert rows[2]["missed_cases"] == 1 and rows[3]["dice_ci95_low"] == pytest.approx(1.0)
+
+
+# -- the rest of the module, case by case (the tests mutation testing found missing) -------------------------
+
+
+def test_dice_hd95_undefined_values_and_hd95_off() -> None:
+    truth = np.zeros((6, 6, 4), np.uint8)
+    truth[1:3, 1:3, 1:3] = 1  # 8 voxels of class 1; class 2 absent from the truth
+    pred = np.zeros_like(truth)
+    pred[1:3, 1:3, 1:2] = 1  # 4 of them
+    pred[4, 4, 3] = 2  # a false positive of class 2
+    out = dice_hd95(pred, truth, [1, 2, 3], (1.0, 1.0, 1.0))
+    assert out[1][0] == pytest.approx(2 * 4 / (4 + 8)) and out[1][1] == pytest.approx(1.0)
+    assert math.isnan(out[2][0]) and math.isnan(out[2][1])  # truth lacks class 2: both undefined
+    assert math.isnan(out[3][0]) and math.isnan(out[3][1])
+    missed = dice_hd95(np.zeros_like(truth), truth, [1], (1.0, 1.0, 1.0))[1]
+    assert missed[0] == 0.0 and math.isnan(missed[1])  # predicted nothing: Dice 0, no surface to measure
+    off = dice_hd95(pred, truth, [1], (1.0, 1.0, 1.0), hd95=False)[1]
+    assert off[0] == pytest.approx(2 / 3) and math.isnan(off[1])
+
+
+def test_format_ci() -> None:
+    from medpipe.metrics.segmentation import format_ci
+
+    undefined = "undefined (fewer than 2 cases)"
+    assert format_ci(None) == undefined
+    assert format_ci((math.nan, 0.5)) == undefined and format_ci((0.5, math.nan)) == undefined
+    assert format_ci((None, 0.5)) == undefined and format_ci([0.5, None]) == undefined
+    assert format_ci((0.12345, 0.67891)) == "[0.123, 0.679]"
+    assert format_ci((1, 2)) == "[1.000, 2.000]"
+    assert format_ci((np.float32(0.25), np.float64(0.5))) == "[0.250, 0.500]"
+
+
+def test_finite_or_none_and_nanmean() -> None:
+    from medpipe.metrics.segmentation import finite_or_none, nanmean
+
+    assert finite_or_none(None) is None and finite_or_none(math.nan) is None
+    assert finite_or_none(math.inf) is None and finite_or_none(-math.inf) is None
+    assert finite_or_none(0.123456789) == 0.123457 and finite_or_none(12.34567, 3) == 12.346
+    v = finite_or_none(np.float32(0.5))
+    assert v == 0.5 and type(v) is float
+    assert nanmean([1.0, math.nan, 4.0]) == 2.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undefined without numpy's "mean of empty slice" warning
+        assert math.isnan(nanmean([])) and math.isnan(nanmean([math.nan]))
+
+
+def test_score_case_by_hand() -> None:
+    from medpipe.metrics.segmentation import score_case
+
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[1:3, 1:3, 1:3] = 1  # 8 voxels
+    truth[5:7, 5:7, 1:3] = 2  # 8 voxels
+    pred = truth.copy()
+    pred[5:7, 5:7, 1:3] = 1  # class 2 called class 1: per class wrong, whole foreground right
+    spacing = (0.5, 2.0, 3.0)  # 3 mm^3 per voxel
+    s = score_case(pred, truth, [1, 2], spacing)
+    assert s.per_class[1][0] == pytest.approx(2 * 8 / (16 + 8)) and s.per_class[2][0] == 0.0
+    assert s.whole == (pytest.approx(1.0), pytest.approx(0.0))
+    assert s.truth_has and s.pred_has
+    assert s.truth_ml == pytest.approx(16 * 3 / 1000) and s.pred_ml == pytest.approx(16 * 3 / 1000)
+    # hd95=False: Dice only, for every class and for the whole foreground
+    quick = score_case(pred, truth, [1, 2], spacing, hd95=False)
+    assert quick.per_class[1][0] == s.per_class[1][0] and math.isnan(quick.per_class[1][1])
+    assert quick.whole[0] == pytest.approx(1.0) and math.isnan(quick.whole[1])
+    # one class: the whole foreground is that class
+    one = score_case(pred, truth, [1], spacing)
+    assert one.whole == one.per_class[1]
+    # the whole foreground is 1 everywhere the class map is > 0 (not == 1)
+    one_ml = score_case(np.zeros_like(truth), truth, [2], spacing, hd95=False)
+    assert not one_ml.pred_has and one_ml.pred_ml == 0.0 and one_ml.truth_ml == pytest.approx(0.048)
+    empty = score_case(np.zeros_like(truth), np.zeros_like(truth), [1, 2], spacing)
+    assert not empty.truth_has and not empty.pred_has and math.isnan(empty.whole[0])
+
+
+def _case(dice: float, hd: float, truth: bool = True, pred: bool = True,
+          per_class: dict[int, tuple[float, float]] | None = None) -> CaseScores:
+    return CaseScores(per_class or {1: (dice, hd)}, (dice, hd), truth, pred, 1.0, 1.0)
+
+
+def test_summarise_by_hand() -> None:
+    from medpipe.metrics.segmentation import summarise
+
+    nan = math.nan
+    cases = [
+        _case(0.8, 2.0, per_class={1: (0.8, 2.0), 2: (0.6, 4.0)}),
+        _case(0.6, 4.0, per_class={1: (0.4, 1.0), 2: (nan, nan)}),
+        _case(0.0, nan, pred=False, per_class={1: (0.0, nan), 2: (nan, nan)}),  # a missed tumour
+        _case(nan, nan, truth=False, pred=True, per_class={1: (nan, nan), 2: (nan, nan)}),  # false positive
+        _case(nan, nan, truth=False, pred=False, per_class={1: (nan, nan), 2: (nan, nan)}),  # correctly empty
+        _case(1.0, 1.0, per_class={1: (1.0, 1.0), 2: (0.2, 6.0)}),
+        _case(nan, nan, truth=False, pred=True, per_class={1: (nan, nan), 2: (nan, nan)}),  # false positive
+    ]
+    m = summarise(cases, {1: "a", 2: "b"}, seed=3, n_boot=200)
+    assert m["dice"] == pytest.approx((0.8 + 0.6 + 0.0 + 1.0) / 4)
+    assert m["hd95"] == pytest.approx((2.0 + 4.0 + 1.0) / 3, abs=5e-4)
+    # every case: tumour cases by their Dice, tumour-free ones 1 if predicted empty else 0
+    assert m["dice_all_cases"] == pytest.approx((0.8 + 0.6 + 0.0 + 0.0 + 1.0 + 1.0 + 0.0) / 7)
+    assert (m["n_cases"], m["n_with_tumour"], m["false_positive_cases"], m["missed_tumours"]) == (7, 4, 2, 1)
+    assert m["dice_ci95"] == pytest.approx(list(bootstrap_ci([0.8, 0.6, 0.0, 1.0], seed=3, n=200)), abs=1e-6)
+    assert m["hd95_ci95"] == pytest.approx(list(bootstrap_ci([2.0, 4.0, 1.0], seed=3, n=200)), abs=1e-3)
+    a, b = m["per_label"]["a"], m["per_label"]["b"]
+    assert a["dice"] == pytest.approx((0.8 + 0.4 + 0.0 + 1.0) / 4) and a["n"] == 4
+    assert a["hd95"] == pytest.approx((2.0 + 1.0 + 1.0) / 3, abs=5e-4)
+    assert a["dice_ci95"] == pytest.approx(list(bootstrap_ci([0.8, 0.4, 0.0, 1.0], seed=3, n=200)), abs=1e-6)
+    assert b["dice"] == pytest.approx(0.4) and b["n"] == 2 and b["hd95"] == pytest.approx(5.0)
+    # rounding for JSON: 6 places for Dice, 3 for HD95 (mm)
+    r = summarise([_case(1 / 3, 1 / 3), _case(1 / 3, 1 / 3)], {1: "a"}, seed=0, n_boot=10)
+    assert r["dice"] == 0.333333 and r["hd95"] == 0.333 and r["per_label"]["a"]["hd95"] == 0.333
+    assert r["dice_ci95"] == [0.333333, 0.333333] and r["hd95_ci95"] == [0.333, 0.333]
+    # one case: means defined, intervals undefined (None), never zero-width
+    one = summarise([_case(0.5, 2.0)], {1: "a"}, seed=0, n_boot=10)
+    assert one["dice"] == 0.5 and one["dice_ci95"] == [None, None] and one["hd95_ci95"] == [None, None]
+    assert one["per_label"]["a"]["dice_ci95"] == [None, None]
+
+
+def test_crossval_summary_pools_cases_and_keeps_each_fold() -> None:
+    from medpipe.metrics.segmentation import crossval_summary, summarise
+
+    fold1 = [_case(0.9, 1.0), _case(0.7, 3.0)]
+    fold2 = [_case(0.5, 2.0), _case(0.3, 6.0), _case(math.nan, math.nan, truth=False, pred=True)]
+    fold3 = [_case(math.nan, math.nan, truth=False, pred=False)]  # no tumour: its Dice is undefined
+    s = crossval_summary([fold1, fold2, fold3], {1: "a"}, seed=1, n_boot=100)
+    pooled = summarise(fold1 + fold2 + fold3, {1: "a"}, seed=1, n_boot=100)
+    assert s["pooled"] == pooled and s["folds"][0] == summarise(fold1, {1: "a"}, seed=1, n_boot=100)
+    assert s["cv_dice"] == pytest.approx(0.6) and s["cv_dice_ci95"] == pooled["dice_ci95"]
+    assert s["cv_hd95"] == pytest.approx(3.0) and s["cv_hd95_ci95"] == pooled["hd95_ci95"]
+    assert s["cv_dice_folds"] == [pytest.approx(0.8), pytest.approx(0.4), None]
+    assert s["cv_dice_mean"] == pytest.approx(0.6)
+    assert s["cv_dice_sd"] == pytest.approx(math.sqrt(((0.8 - 0.6) ** 2 + (0.4 - 0.6) ** 2) / 1), abs=1e-6)  # ddof=1
+    assert (s["cv_n_cases"], s["cv_n_with_tumour"]) == (6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undefined is None, without numpy's empty-mean / ddof warnings
+        one = crossval_summary([fold1, fold3], {1: "a"}, seed=1, n_boot=100)
+        none = crossval_summary([fold3], {1: "a"}, seed=1, n_boot=100)
+    assert one["cv_dice_mean"] == pytest.approx(0.8) and one["cv_dice_sd"] is None
+    assert none["cv_dice_mean"] is None and none["cv_dice_sd"] is None and none["cv_dice_folds"] == [None]
+    # the default number of resamples is 2000: the interval is that of summarise with 2000 (values spread
+    # enough that one resample more moves the quantiles)
+    rng = np.random.default_rng(0)
+    many = [_case(float(d), 1.0) for d in rng.uniform(0.3, 0.95, size=15)]
+    default = crossval_summary([many[:8], many[8:]], {1: "a"}, seed=1)
+    assert default["cv_dice_ci95"] == summarise(many, {1: "a"}, seed=1, n_boot=2000)["dice_ci95"]
+    assert default["cv_dice_ci95"] != summarise(many, {1: "a"}, seed=1, n_boot=2001)["dice_ci95"]
+
+
+def test_foreground_dice_and_validation_dice_by_hand() -> None:
+    import torch
+
+    from medpipe.metrics.segmentation import foreground_dice, validation_dice
+
+    truth = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    truth[0, 0, :2, :2, 0] = 1  # 4 voxels of class 1, no class 2
+    pred = torch.zeros(1, 4, 4, 2, dtype=torch.long)
+    pred[0, :2, :1, 0] = 1  # 2 of them
+    pred[0, 3, 3, 1] = 2
+
+    def prob(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
+        p = torch.nn.functional.one_hot(labels, classes).movedim(-1, 1).float()
+        return p * 0.8 + 0.2 / classes  # argmax is still the label
+
+    d = foreground_dice(prob(pred), truth, 3)
+    assert len(d) == 2 and d[0] == pytest.approx(2 * 2 / (2 + 4)) and math.isnan(d[1])
+    # the per-case mean over the classes the truth has, averaged over cases
+    truth2 = torch.zeros_like(truth)
+    truth2[0, 0, 2:, 2:, :] = 2  # 8 voxels of class 2
+    pred2 = truth2[:, 0].clone()
+    pred2[0, 2, 2, 0] = 1
+    d2 = foreground_dice(prob(pred2), truth2, 3)
+    assert math.isnan(d2[0]) and d2[1] == pytest.approx(2 * 7 / (7 + 8))
+    cases = [(prob(pred), truth), (prob(pred2), truth2)]
+    assert validation_dice(cases, 3) == pytest.approx((2 / 3 + 14 / 15) / 2)
+    # tumour-free cases do not lower the mean while some case has a tumour ...
+    empty = torch.zeros_like(truth)
+    assert validation_dice([*cases, (prob(empty[:, 0]), empty)], 3) == pytest.approx((2 / 3 + 14 / 15) / 2)
+    # ... and without any, the score is the fraction predicted empty
+    assert validation_dice([(prob(empty[:, 0]), empty), (prob(pred), empty), (prob(empty[:, 0]), empty)],
+                           3) == pytest.approx(2 / 3)
+    assert validation_dice([(prob(pred), empty)], 3) == 0.0
+    # predicted empty with a confidence that varies over the volume: still empty (argmax over the classes)
+    bg = torch.from_numpy(np.random.default_rng(0).uniform(0.6, 0.9, size=(1, 4, 4, 2))).float()
+    varying = torch.stack([bg, (1 - bg) / 2, (1 - bg) / 2], dim=1)
+    assert validation_dice([(varying, empty)], 3) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN without numpy's "mean of empty slice" warning
+        assert math.isnan(validation_dice([], 3))
+
+
+def test_validation_loss_of_a_case_without_foreground() -> None:
+    """The one-hot truth has every class, also those the case lacks (guards inferring the number of classes
+    from the labels present, which would silently broadcast one channel over all)."""
+    import torch
+
+    from medpipe.metrics.segmentation import validation_loss
+
+    truth = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    prob = torch.stack([torch.full((1, 4, 4, 2), 0.9), torch.full((1, 4, 4, 2), 0.1)], dim=1)
+    n, eps = 32, 1e-5
+    dice_bg = 1 - (2 * 0.9 * n + eps) / (0.9 * n + n + eps)
+    dice_fg = 1 - eps / (0.1 * n + eps)  # nothing to overlap: the foreground's soft Dice loss is ~1
+    expected = (dice_bg + dice_fg) / 2 - math.log(0.9)
+    assert validation_loss(prob, truth, 2) == pytest.approx(expected, rel=1e-5)
+    # certain and right: zero loss; the smoothing terms make the absent class's Dice 1 (not 0/0 or -1)
+    certain = torch.stack([torch.ones(1, 4, 4, 2), torch.zeros(1, 4, 4, 2)], dim=1)
+    assert validation_loss(certain, truth, 2) == pytest.approx(0.0, abs=1e-6)

@@ -119,7 +119,7 @@ def analyse_stack(iop: Sequence[float], positions: np.ndarray, normal: np.ndarra
     gaps = np.diff(distances)
     if len(gaps) == 0:
         return StackGeometry(normal, distances, gaps, 0.0, True, 0, 0.0, inplane)
-    spacing = float(np.min(gaps)) if len(gaps) else 0.0
+    spacing = float(np.min(gaps))
     median = float(np.median(gaps))
     # nominal spacing: the median gap, unless gaps of half that size exist (missing slices
     # in the majority of places are not plausible; irregular stacks are caught below)
@@ -135,5 +135,5 @@ def analyse_stack(iop: Sequence[float], positions: np.ndarray, normal: np.ndarra
     extent = positions[-1] - positions[0]
     along = float(extent @ normal)
     lateral = float(np.linalg.norm(extent - along * normal))
-    tilt = float(np.degrees(np.arctan2(lateral, abs(along)))) if len(positions) > 1 else 0.0
+    tilt = float(np.degrees(np.arctan2(lateral, abs(along))))
     return StackGeometry(normal, distances, gaps, spacing, uniform, missing, tilt, inplane)

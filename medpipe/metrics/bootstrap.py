@@ -75,12 +75,8 @@ def bootstrap_cases(statistic: Statistic | VectorStatistic, n_cases: int, *, see
 
     if n == 0 or n_cases < 2:
         everything = np.arange(n_cases)
-        if vectorized:
-            full = {k: float(np.asarray(v, dtype=np.float64).reshape(-1)[0])
-                    for k, v in statistic(everything[None, :]).items()}
-        else:
-            full = {k: float(v) for k, v in statistic(everything).items()}
-        return {k: (math.nan, math.nan) for k in full}
+        names = statistic(everything[None, :] if vectorized else everything)
+        return {k: (math.nan, math.nan) for k in names}
 
     rng = np.random.default_rng([seed, 0xB007])
     block = max(1, _BLOCK_ELEMENTS // n_cases)
@@ -99,11 +95,8 @@ def bootstrap_cases(statistic: Statistic | VectorStatistic, n_cases: int, *, see
         for k, v in vals.items():
             if v.shape != (b,):
                 raise ValueError(f"statistic {k!r} gave {v.size} values for {b} resamples")
-            # a metric missing from earlier blocks counts as NaN there
-            columns.setdefault(k, [np.full(done, math.nan)]).append(v)
-        for k, parts in columns.items():
-            if k not in vals:
-                parts.append(np.full(b, math.nan))
+            # a metric missing from a resample (or a block) counts as NaN there: it is simply not collected
+            columns.setdefault(k, []).append(v)
         done += b
 
     alpha = (1 - level) / 2
