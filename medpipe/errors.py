@@ -7,6 +7,17 @@ Anything else is a bug and propagates with its traceback.
 
 from __future__ import annotations
 
+import logging
+
+#: ``extra=`` of a log record whose problem the command line prints anyway as its one-line ``error:``: run.log
+#: keeps the record, the console shows the problem once (:func:`not_reported_by_cli` filters it there)
+REPORTED: dict[str, bool] = {"reported_by_cli": True}
+
+
+def not_reported_by_cli(record: logging.LogRecord) -> bool:
+    """Console log filter: drop the records marked :data:`REPORTED`."""
+    return not getattr(record, "reported_by_cli", False)
+
 
 class MedpipeError(Exception):
     """Base class: a problem the user can fix (bad input, bad config)."""

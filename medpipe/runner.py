@@ -44,7 +44,7 @@ import yaml
 
 from medpipe.config import Pipeline, Stage
 from medpipe.distributed.group import SINGLE, Distributed, PeerFailed
-from medpipe.errors import ConfigError, Interrupted, MedpipeError, StageError
+from medpipe.errors import REPORTED, ConfigError, Interrupted, MedpipeError, StageError
 from medpipe.inference.device import resolve_device
 from medpipe.io import write_text_atomic
 from medpipe.provenance import git_commit, versions
@@ -316,14 +316,14 @@ def _run(
             peer = _peer_failure(dist, everywhere)
             new_state["stages"][key] = {"hash": digest, "status": "failed", "error": peer or str(exc)}
             _write_json(run_dir / "state.json", new_state)
-            log.error("%s failed: %s", key, peer or exc)
+            log.error("%s failed: %s", key, peer or exc, extra=REPORTED)
             if peer is not None:
                 raise PeerFailed(peer) from exc
             raise StageError(f"stages[{stage.index}] ({stage.kind}): {exc}", hint=exc.hint) from exc
         except KeyboardInterrupt:
             new_state["stages"][key] = {"hash": digest, "status": "interrupted"}
             _write_json(run_dir / "state.json", new_state)
-            log.warning("%s interrupted after %.0f s", key, time.perf_counter() - t0)
+            log.warning("%s interrupted after %.0f s", key, time.perf_counter() - t0, extra=REPORTED)
             raise Interrupted(f"interrupted in {key}; what finished is kept",
                               hint="run the same command with --resume to continue (training restarts from its "
                                    "last snapshot)") from None
@@ -332,7 +332,7 @@ def _run(
             if peer is not None:  # e.g. a collective broken by the death of the rank that failed
                 new_state["stages"][key] = {"hash": digest, "status": "failed", "error": peer}
                 _write_json(run_dir / "state.json", new_state)
-                log.error("%s failed: %s", key, peer)
+                log.error("%s failed: %s", key, peer, extra=REPORTED)
                 raise PeerFailed(peer) from exc
             new_state["stages"][key] = {"hash": digest, "status": "failed"}
             _write_json(run_dir / "state.json", new_state)

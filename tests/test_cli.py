@@ -42,3 +42,17 @@ def test_catalog_of_a_folder_without_one_is_a_one_line_error(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert "no catalog.sqlite" in result.output
     assert result.output.count("\n") <= 2
+
+
+def test_a_failing_stage_is_reported_once_on_the_console_and_kept_in_run_log(tmp_path: Path) -> None:
+    """The runner logs a stage's failure to run.log; the console shows it once, as the command's ``error:`` line
+    (it used to print an ``ERROR medpipe: ... failed`` log line first: two lines for one problem)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "p.yaml").write_text("name: fails\nstages:\n  - stage: ingest\n    source: empty\n    out: ing\n")
+    out = subprocess.run([sys.executable, "-m", "medpipe.cli", "run", "p.yaml", "--out", "run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    problem = "empty: no files found"
+    assert out.stderr.count(problem) == 1, out.stderr
+    assert "error: stages[0] (ingest):" in out.stderr and "ERROR medpipe" not in out.stderr
+    assert "00_ingest failed:" in (tmp_path / "run" / "run.log").read_text()

@@ -73,8 +73,12 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from medpipe.errors import not_reported_by_cli
+
     for handler in logging.getLogger().handlers:  # the console; run.log keeps INFO (see runner)
         handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        if not verbose:  # a failed stage's problem is the command's one-line error, not also a log line
+            handler.addFilter(not_reported_by_cli)
 
 
 def _register() -> None:
