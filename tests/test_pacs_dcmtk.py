@@ -95,12 +95,31 @@ def test_pull_by_dcmtk_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: 
     assert (third.already, third.received) == (n - 2, 2) and len(list(tmp_path.rglob("*.dcm"))) == n
 
 
-def test_findscu_lists_what_pynetdicom_lists(orthanc: Orthanc, pacs_sample: Sample) -> None:
-    """engine dcmtk lists by findscu (no pynetdicom import in the pull): the same answers as DimseFinder, and the
-    same one-line cause for an unknown calling AE."""
+def test_find_tags_are_pydicoms() -> None:
+    from pydicom.datadict import tag_for_keyword
+
+    from medpipe.pacs.dcmtk import FIND_TAGS
+    from medpipe.pacs.dimse import instance_keys, series_keys
+
+    assert {k: tag_for_keyword(k) for k in FIND_TAGS} == FIND_TAGS
+    keys = {*StudyQuery().study_identifier(), *series_keys("1.2", None), *instance_keys("1.2", "1.2.3")}
+    assert keys <= set(FIND_TAGS)
+
+
+def test_findscu_lists_what_pynetdicom_lists(orthanc: Orthanc, pacs_sample: Sample,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine dcmtk lists by findscu (no pynetdicom import in the pull, and no pydicom for plain answers: query by
+    -k, answers read by hand): the same answers as DimseFinder, and the same one-line cause for an unknown
+    calling AE."""
+    import pydicom
+
     from medpipe.pacs.dcmtk import DcmtkFinder
     from medpipe.pacs.dimse import DimseFinder
 
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("findscu's ASCII answers are read without pydicom")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_pydicom)
     node = _node(orthanc)
     tool = dcmtk_tool(node, "find") or ""
     query = StudyQuery(patient_id=pacs_sample.ct_patient)
@@ -168,3 +187,33 @@ def test_dcmtk_failure_not_recognised_names_its_last_line() -> None:
                   "W: something\nE: a new kind of trouble\n", 0)
     assert str(err) == ("C-GET of series 1.2 from p: dcmtk's getscu failed (exit status 3) in a way medpipe does "
                         "not recognise; its last line: E: a new kind of trouble")
+
+
+@pytest.mark.parametrize("name", ["Doe^John", "Müller^Jürgen"])
+def test_answer_values_equal_pydicoms(tmp_path: Path, name: str) -> None:
+    """findscu's answers read by hand (ASCII) or by pydicom (anything else) give what DimseFinder's text gives."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    from medpipe.pacs.dcmtk import answer_values
+    from medpipe.pacs.dimse import _text
+
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SOPClassesInStudy = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"]
+    ds.NumberOfStudyRelatedInstances = 12
+    ds.StudyDescription = ""
+    for implicit in (True, False):
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2" if implicit else EXPLICIT_LE
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"  # what findscu writes
+        ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+        path = tmp_path / f"rsp{implicit}.dcm"
+        ds.save_as(path, enforce_file_format=True, implicit_vr=implicit)
+        keys = {"PatientName": "", "StudyInstanceUID": "", "SOPClassesInStudy": "",
+                "NumberOfStudyRelatedInstances": "", "StudyDescription": "", "AccessionNumber": ""}
+        read = pydicom.dcmread(path)
+        assert answer_values(path, keys) == {k: _text(read, k) for k in keys}
+        assert answer_values(path, keys)["SOPClassesInStudy"] == "1.2.840.10008.5.1.4.1.1.2\\1.2.840.10008.5.1.4.1.1.4"

@@ -193,29 +193,67 @@ class DcmtkFinder(DimseFinder):
             self.folder = None
 
     def find(self, level: str, keys: dict[str, Any]) -> list[Found]:
-        import pydicom
-
         assert self.folder is not None, "use the finder as a context manager"
         node = self.node
         host, port, aet = node.dimse_address()
         what = f"C-FIND ({level.lower()} level) at {node.name}"
         run = self.folder / uuid.uuid4().hex
         run.mkdir()
-        query = run / "query.dcm"
-        identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
         seconds, _ = _limits(node)
         proc = subprocess.run([self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta",
-                               seconds, "-td", seconds, "-X", "-od", str(run), host, str(port), str(query)],
+                               seconds, "-td", seconds, "-X", "-od", str(run), host, str(port),
+                               *_query(run, level, keys)],
                               capture_output=True, text=True, check=False, env={**os.environ, **NODELAY})
         answers = sorted(run.glob("rsp*.dcm"))
         if proc.returncode != 0 or _errors(proc.stderr):
             raise failure(node, "find", what, self.tool, proc.returncode, proc.stderr, len(answers))
-        out = []
-        for path in answers:
-            ds = pydicom.dcmread(path, force=True)
-            out.append(Found({k: _text(ds, k) for k in keys}))
+        out = [Found(answer_values(path, keys)) for path in answers]
         shutil.rmtree(run, ignore_errors=True)
         return out
+
+
+#: tags of the keywords medpipe's C-FIND identifiers use (a test holds them equal to pydicom's dictionary), so
+#: that findscu's query and answers need no pydicom (importing it is most of a fresh pull's listing time)
+FIND_TAGS = {
+    "PatientName": 0x00100010, "PatientID": 0x00100020, "StudyDate": 0x00080020, "StudyTime": 0x00080030,
+    "AccessionNumber": 0x00080050, "ModalitiesInStudy": 0x00080061, "SOPClassesInStudy": 0x00080062,
+    "StudyDescription": 0x00081030, "StudyInstanceUID": 0x0020000D, "NumberOfStudyRelatedSeries": 0x00201206,
+    "NumberOfStudyRelatedInstances": 0x00201208, "SeriesInstanceUID": 0x0020000E, "Modality": 0x00080060,
+    "SeriesNumber": 0x00200011, "SeriesDescription": 0x0008103E, "NumberOfSeriesRelatedInstances": 0x00201209,
+    "SOPInstanceUID": 0x00080018, "SOPClassUID": 0x00080016, "InstanceNumber": 0x00200013,
+}
+
+
+def _query(run: Path, level: str, keys: dict[str, Any]) -> list[str]:
+    """findscu's query: ``-k`` options for plain ASCII values, else a query file written by pydicom."""
+    values = {k: "\\".join(v) if isinstance(v, (list, tuple)) else str(v) for k, v in keys.items()}
+    if all(v.isascii() and "\n" not in v for v in values.values()):
+        return [x for k, v in {"QueryRetrieveLevel": level, **values}.items() for x in ("-k", f"{k}={v}")]
+    query = run / "query.dcm"
+    identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
+    return [str(query)]
+
+
+def answer_values(path: Path, keys: dict[str, Any]) -> dict[str, str]:
+    """The ``keys`` of one findscu answer file as text (what :func:`~medpipe.pacs.dimse._text` gives): read by
+    hand where every value is plain ASCII in a little endian data set without nested items, else by pydicom."""
+    from medpipe.pacs.scp import scan_values
+
+    data = path.read_bytes()
+    found = part10_body(data)
+    tags = {k: FIND_TAGS.get(k) for k in keys}
+    if found is not None and None not in tags.values() and found[1] in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        raw = scan_values(memoryview(data)[found[0]:], found[1] == "1.2.840.10008.1.2",
+                          [t for t in tags.values() if t is not None])
+        if raw is not None and all(v.isascii() for v in raw.values()):
+            parts = {k: [x.strip(" \0") for x in raw.get(t, b"").decode("ascii").split("\\")]  # type: ignore[arg-type]
+                     for k, t in tags.items()}
+            if all(x == x.lstrip() for xs in parts.values() for x in xs):  # pydicom keeps some leading spaces
+                return {k: "\\".join(xs) if any(xs) else "" for k, xs in parts.items()}
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    return {k: _text(ds, k) for k in keys}
 
 
 def _limits(node: PacsNode) -> tuple[str, str]:
@@ -328,12 +366,9 @@ def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
 _META = struct.Struct("<HH2s")
 
 
-def file_uids(path: Path) -> tuple[str, str, str] | None:
-    """(Study, Series, SOP Instance UID) of a Part 10 file: its meta group read by hand, the data set by
-    :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
-    from medpipe.pacs.scp import scan_uids
-
-    data = path.read_bytes()
+def part10_body(data: bytes) -> tuple[int, str] | None:
+    """Where the data set of a Part 10 file starts and its transfer syntax (the meta group read by hand); None
+    without the ``DICM`` prefix."""
     if data[128:132] != b"DICM":
         return None
     pos, syntax = 132, ""
@@ -348,11 +383,24 @@ def file_uids(path: Path) -> tuple[str, str, str] | None:
         if elem == 0x0010:
             syntax = data[pos + head:pos + head + length].decode("ascii", "replace").strip(" \0")
         pos += head + length
+    return pos, syntax
+
+
+def file_uids(path: Path) -> tuple[str, str, str] | None:
+    """(Study, Series, SOP Instance UID) of a Part 10 file: its meta group read by hand, the data set by
+    :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
+    from medpipe.pacs.scp import scan_uids
+
+    data = path.read_bytes()
+    found = part10_body(data)
+    if found is None:
+        return None
+    pos, syntax = found
     if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
             syntax == "1.2.840.10008.1.2.5":
-        found = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
-        if found is not None:
-            return found
+        uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+        if uids is not None:
+            return uids
     import pydicom
 
     try:
