@@ -217,3 +217,48 @@ def test_answer_values_equal_pydicoms(tmp_path: Path, name: str) -> None:
         read = pydicom.dcmread(path)
         assert answer_values(path, keys) == {k: _text(read, k) for k in keys}
         assert answer_values(path, keys)["SOPClassesInStudy"] == "1.2.840.10008.5.1.4.1.1.2\\1.2.840.10008.5.1.4.1.1.4"
+
+
+def test_get_asks_for_a_fresh_study_in_one_request(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """getscu: a study nothing of which is on disk in one STUDY-level C-GET; with a modality filter (other series
+    not wanted) or a study partly on disk, series by series; a transient failure of the study request goes on
+    series by series; any other is the pull's one-line error."""
+    levels: list[str] = []
+    run = DcmtkSession._run
+
+    def spy(self: DcmtkSession, keys: list[str], what: str) -> None:
+        levels.append(keys[0].split("=")[1])
+        run(self, keys, what)
+
+    monkeypatch.setattr(DcmtkSession, "_run", spy)
+    node = _node(orthanc)
+    both = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
+    n = len(pacs_sample.files)
+    report = pull(node, both, tmp_path / "a", methods=("get",))
+    assert (report.received, levels) == (n, ["STUDY", "STUDY"])
+    levels.clear()
+    ct = pull(node, StudyQuery(study_uids=(pacs_sample.ct_study,), modality="CT"), tmp_path / "b", methods=("get",))
+    assert ct.received == len(pacs_sample.ct_files) == len(list((tmp_path / "b").rglob("*.dcm")))
+    assert set(levels) == {"SERIES"}
+
+    def lost(self: DcmtkSession, study_uid: str) -> None:
+        raise PacsError(f"C-GET of study {study_uid}: connection lost in the middle", transient=True)
+
+    monkeypatch.setattr(DcmtkSession, "fetch_study", lost)
+    levels.clear()
+    again = pull(node, both, tmp_path / "c", methods=("get",))
+    assert again.received == n == len(list((tmp_path / "c").rglob("*.dcm"))) and set(levels) == {"SERIES"}
+    monkeypatch.undo()
+
+    from medpipe.pacs.pull import _get_studies
+
+    stranger = _node(orthanc, our_ae_title="STRANGER", retries=0)
+    items = list_series(stranger, StudyQuery(study_uids=(pacs_sample.ct_study,)), web=True)  # QIDO: not restricted
+    store = InstanceStore(tmp_path / "d")
+    with pytest.raises(PacsError) as err:
+        _get_studies(stranger, store, items, dcmtk_tool(stranger, "get") or "")
+    msg = str(err.value)
+    assert msg.startswith(f"C-GET of study {pacs_sample.ct_study} from orthanc: ") and "\n" not in msg, msg
+    assert "calling AE title STRANGER" in msg and not err.value.transient
+    assert not list(store.root.rglob("*.dcm")) and not (store.root / STAGING).exists()

@@ -149,17 +149,26 @@ class DcmtkSession:
             self.staging = None
 
     def fetch(self, item: SeriesItem, need: Need) -> None:
-        assert self.staging is not None, "use the session as a context manager"
-        node = self.node
-        what = (f"C-MOVE of series {item.series_uid} from {node.name} to {node.our_ae_title}" if self.way == "move"
-                else f"C-GET of series {item.series_uid} from {node.name}")
+        what = (f"C-MOVE of series {item.series_uid} from {self.node.name} to {self.node.our_ae_title}"
+                if self.way == "move" else f"C-GET of series {item.series_uid} from {self.node.name}")
         for keys in identifier_keys(item, need):
-            proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
-                                  env={**os.environ, **NODELAY}, cwd=self.staging)
-            clean = proc.returncode == 0 and not _errors(proc.stderr)
-            arrived = place_staged(self.store, self.staging, clean=clean)
-            if not clean:
-                raise failure(node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
+            self._run(keys, what)
+
+    def fetch_study(self, study_uid: str) -> None:
+        """The whole study by one STUDY-level request (one association): what a pull asks for a study nothing of
+        which is on disk yet (:func:`medpipe.pacs.pull.pull`)."""
+        what = (f"C-MOVE of study {study_uid} from {self.node.name} to {self.node.our_ae_title}"
+                if self.way == "move" else f"C-GET of study {study_uid} from {self.node.name}")
+        self._run(["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}"], what)
+
+    def _run(self, keys: list[str], what: str) -> None:
+        assert self.staging is not None, "use the session as a context manager"
+        proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
+                              env={**os.environ, **NODELAY}, cwd=self.staging)
+        clean = proc.returncode == 0 and not _errors(proc.stderr)
+        arrived = place_staged(self.store, self.staging, clean=clean)
+        if not clean:
+            raise failure(self.node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
 
     def command(self, keys: list[str]) -> list[str]:
         node = self.node
@@ -364,6 +373,8 @@ def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
 
 
 _META = struct.Struct("<HH2s")
+#: bytes of a received file read first for its UIDs (the rest only when its header is longer)
+HEAD_BYTES = 65536
 
 
 def part10_body(data: bytes) -> tuple[int, str] | None:
@@ -391,16 +402,20 @@ def file_uids(path: Path) -> tuple[str, str, str] | None:
     :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
     from medpipe.pacs.scp import scan_uids
 
-    data = path.read_bytes()
-    found = part10_body(data)
-    if found is None:
-        return None
-    pos, syntax = found
-    if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
-            syntax == "1.2.840.10008.1.2.5":
-        uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
-        if uids is not None:
-            return uids
+    with open(path, "rb") as fh:
+        data = fh.read(HEAD_BYTES)  # the UIDs come before the pixels: most files need no more
+        found = part10_body(data)
+        if found is None:
+            return None
+        pos, syntax = found
+        if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
+                syntax == "1.2.840.10008.1.2.5":
+            uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+            if (uids is None or not all(uids)) and len(data) == HEAD_BYTES:  # cut off by the head: all of it
+                data += fh.read()
+                uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+            if uids is not None:
+                return uids
     import pydicom
 
     try:

@@ -109,7 +109,7 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
             break
         before = store.written
         try:
-            _run_method(way, node, store, pending)
+            _run_method(way, node, store, pending, whole_studies=not query.modality)
         except PacsError as exc:
             errors.append((way, exc))  # reported in the error or the report's warnings
             log.info("%s: %s", LABELS[way], exc)
@@ -138,7 +138,10 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
     return report
 
 
-def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem]) -> None:
+def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem], *,
+                whole_studies: bool) -> None:
+    """Fetch what ``pending`` lacks by ``way``; ``whole_studies``: the series listed are all of their studies'
+    (no modality filter), so a study not on disk at all may be asked for at STUDY level."""
     from medpipe.pacs.dcmtk import DcmtkSession, MoveReceiver, dcmtk_tool
     from medpipe.pacs.scp import StoreHandler
 
@@ -148,7 +151,11 @@ def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[Se
             _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool, receiver.staging), "C-MOVE",
                    workers=1)
     elif tool is not None:
-        _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), "C-GET")
+        if whole_studies:
+            _get_studies(node, store, pending, tool)
+            pending = [i for i in pending if not need(store, i).empty]
+        if pending:
+            _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), "C-GET")
     elif way == "move":
         from medpipe.pacs.dimse import tls_context
         from medpipe.pacs.retrieve import MoveSession
@@ -171,6 +178,34 @@ def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[Se
         from medpipe.pacs.retrieve import WadoSession
 
         _drive(node, store, pending, lambda: WadoSession(node, store), "WADO-RS")
+
+
+def _get_studies(node: PacsNode, store: InstanceStore, pending: list[SeriesItem], tool: str) -> None:
+    """getscu: each study nothing of which is on disk yet in one STUDY-level C-GET (one association and one
+    process for the study, instead of one per series), up to ``node.parallel`` studies at once.
+
+    A transient failure (connection lost, timeout) is not retried here: what arrived is kept, and the
+    series-by-series pass that follows asks only for what is missing, with its retries. Any other failure
+    is the pull's error as it stands (the same cause would fail every series).
+    """
+    from medpipe.pacs.dcmtk import DcmtkSession
+
+    fresh = list(dict.fromkeys(i.study_uid for i in pending if not store.study_folder(i.study_uid).exists()))
+    if not fresh:
+        return
+
+    def one(study_uid: str) -> None:
+        with DcmtkSession(node, store, "get", tool) as session:
+            try:
+                session.fetch_study(study_uid)
+            except PacsError as exc:
+                if not exc.transient:
+                    raise
+                log.info("%s; going on series by series", exc)
+
+    with ThreadPoolExecutor(max(1, min(node.parallel, len(fresh))), thread_name_prefix="medpipe-C-GET") as pool:
+        for future in [pool.submit(one, uid) for uid in fresh]:
+            future.result()
 
 
 def _drive(node: PacsNode, store: InstanceStore, items: list[SeriesItem], session: Callable[[], Any],
