@@ -411,5 +411,16 @@ def test_dcmtk_staged_files_placed_atomically(tmp_path: Path) -> None:
         os.utime(staging / f.name, ns=(10**18 + i, 10**18 + i))
     assert place_staged(store, staging, clean=False) == 1  # the newest (files[3]) dropped
     assert len(store.present(w.study_uid, w.series_uid)) == 3 and not list(staging.iterdir())
+
+    # while the tool runs, the file it may still be writing (the latest time; times are coarse: ties count) waits
+    w2 = write_series(tmp_path / "src2", pattern((8, 8, 3), seed=6), patient_id="STAGE", tag="stage2", seed=6)
+    more = sorted((tmp_path / "src2").rglob("*.dcm"))
+    for f, t in zip(more, (1, 2, 2), strict=True):
+        shutil.copy(f, staging / f.name)
+        os.utime(staging / f.name, ns=(10**18 + t, 10**18 + t))
+    assert place_staged(store, staging, clean=True, running=True) == 1
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f.name for f in more[1:])
+    assert place_staged(store, staging, clean=False) == 0 and not list(staging.iterdir())  # both possibly cut off
+    assert len(store.present(w2.study_uid, w2.series_uid)) == 1
     (staging / "MR.left").write_bytes(b"half")  # a killed pull's leftover
     assert store.clean() == 1 and not staging.parent.exists()

@@ -54,6 +54,8 @@ from medpipe.pacs.store import STAGING, InstanceStore
 if TYPE_CHECKING:  # pragma: no cover
     from medpipe.pacs.listing import Need, SeriesItem
 
+#: seconds between placing what a running tool has received so far (the layout fills while it runs)
+PLACE_EVERY = 0.05
 #: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set: each small PDU then waits for a delayed ACK
 NODELAY = {"TCP_NODELAY": "1"}
 #: dcmtk's names of C-MOVE / C-GET failure statuses (DU_cmoveStatusString) -> the status code
@@ -162,13 +164,29 @@ class DcmtkSession:
         self._run(["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}"], what)
 
     def _run(self, keys: list[str], what: str) -> None:
+        """One tool run; what it received is placed while it runs (all but the file being written) and at the end."""
         assert self.staging is not None, "use the session as a context manager"
-        proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
-                              env={**os.environ, **NODELAY}, cwd=self.staging)
-        clean = proc.returncode == 0 and not _errors(proc.stderr)
-        arrived = place_staged(self.store, self.staging, clean=clean)
+        arrived = 0
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(self.command(keys), stdout=subprocess.DEVNULL, stderr=err,
+                                    env={**os.environ, **NODELAY}, cwd=self.staging)
+            try:
+                while True:
+                    try:
+                        proc.wait(PLACE_EVERY)
+                        break
+                    except subprocess.TimeoutExpired:
+                        arrived += place_staged(self.store, self.staging, clean=False, running=True)
+            finally:
+                if proc.poll() is None:  # interrupted here: the tool does not outlive the pull
+                    proc.kill()
+                    proc.wait()
+            err.seek(0)
+            stderr = err.read().decode("utf-8", "replace")
+        clean = proc.returncode == 0 and not _errors(stderr)
+        arrived += place_staged(self.store, self.staging, clean=clean)
         if not clean:
-            raise failure(self.node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
+            raise failure(self.node, self.way, what, self.tool, proc.returncode, stderr, arrived)
 
     def command(self, keys: list[str]) -> list[str]:
         node = self.node
@@ -353,16 +371,25 @@ def identifier_keys(item: SeriesItem, need: Need) -> Iterator[list[str]]:
         yield ["QueryRetrieveLevel=IMAGE", *base, "SOPInstanceUID=" + "\\".join(uids[a:a + UIDS_PER_REQUEST])]
 
 
-def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
+def place_staged(store: InstanceStore, staging: Path, *, clean: bool, running: bool = False) -> int:
     """Move each file dcmtk received into the layout (atomically; one already there is kept); return how many
-    were placed. After a run that did not end cleanly the newest file, possibly cut off, is dropped."""
-    files = [p for p in staging.iterdir() if p.is_file()]
-    if not clean and files:
-        newest = max(files, key=lambda p: p.stat().st_mtime_ns)
-        newest.unlink()
-        files.remove(newest)
+    were placed.
+
+    The tools receive one instance at a time, so only the newest file can be incomplete: while they run
+    (``running``) it is left for later, and after a run that did not end cleanly it is dropped (asked again,
+    or reported). "Newest" is every file with the latest modification time, as file systems stamp times
+    coarsely (a complete file and the one begun after it can share a time).
+    """
+    files = [(p, p.stat().st_mtime_ns) for p in staging.iterdir() if p.is_file()]
+    if files and (running or not clean):
+        latest = max(t for _, t in files)
+        if not running:
+            for p, t in files:
+                if t == latest:
+                    p.unlink()
+        files = [(p, t) for p, t in files if t != latest]
     placed = 0
-    for path in files:
+    for path, _ in files:
         uids = file_uids(path)
         if uids is None or not all(uids):
             path.unlink()  # not a file dcmtk could have written from a valid instance: asked again, or reported
