@@ -232,11 +232,29 @@ def test_get_asks_for_a_fresh_study_in_one_request(orthanc: Orthanc, pacs_sample
         run(self, keys, what)
 
     monkeypatch.setattr(DcmtkSession, "_run", spy)
+    import medpipe.pacs.pull as pull_module
+
+    early: list[bool] = []
+    get_studies = pull_module._get_studies
+
+    def spy_studies(*args: object, **kwargs: bool) -> None:
+        early.append(bool(kwargs.get("early")))
+        get_studies(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module, "_get_studies", spy_studies)
     node = _node(orthanc)
     both = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
     n = len(pacs_sample.files)
-    report = pull(node, both, tmp_path / "a", methods=("get",))
-    assert (report.received, levels) == (n, ["STUDY", "STUDY"])
+    events: list[tuple[object, ...]] = []
+    report = pull(node, both, tmp_path / "a", methods=("get",), on_listed=lambda e, t: events.append(("listed", e, t)),
+                  on_instance=lambda path: events.append(("file",)))
+    # a query of study UIDs: the C-GET starts with the listing; progress still hears of the listing first
+    assert (report.received, report.already, report.by_method, levels, early) == \
+        (n, 0, {"get": n}, ["STUDY", "STUDY"], [True])
+    assert events == [("listed", n, n)] + [("file",)] * n
+    nothing = pull(node, StudyQuery(study_uids=("1.2.3.999",)), tmp_path / "none", methods=("get",))
+    assert (nothing.expected, nothing.received) == (0, 0)  # a study the PACS does not have: no error, no file
+    early.clear()
     levels.clear()
     ct = pull(node, StudyQuery(study_uids=(pacs_sample.ct_study,), modality="CT"), tmp_path / "b", methods=("get",))
     assert ct.received == len(pacs_sample.ct_files) == len(list((tmp_path / "b").rglob("*.dcm")))
@@ -257,7 +275,7 @@ def test_get_asks_for_a_fresh_study_in_one_request(orthanc: Orthanc, pacs_sample
     items = list_series(stranger, StudyQuery(study_uids=(pacs_sample.ct_study,)), web=True)  # QIDO: not restricted
     store = InstanceStore(tmp_path / "d")
     with pytest.raises(PacsError) as err:
-        _get_studies(stranger, store, items, dcmtk_tool(stranger, "get") or "")
+        _get_studies(stranger, store, [items[0].study_uid])
     msg = str(err.value)
     assert msg.startswith(f"C-GET of study {pacs_sample.ct_study} from orthanc: ") and "\n" not in msg, msg
     assert "calling AE title STRANGER" in msg and not err.value.transient
