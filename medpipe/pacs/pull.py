@@ -104,7 +104,7 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
                                                  need_classes="get" in ways,
                                                  dimse_finder=DcmtkFinder(node, findscu) if findscu else None),
                              retries=node.retries, first_delay=node.retry_delay, what=f"listing at {node.name}")
-    t_list = time.perf_counter()
+        t_list = time.perf_counter()  # the early C-GET, if any, counts as transfer from here
     if started is not None:
         started.result()  # its PacsErrors are left to the passes below; anything else is a bug to show
     store.on_write = on_instance
