@@ -295,8 +295,13 @@ def _errors(stderr: str) -> bool:
 
 def new_staging(store: InstanceStore) -> Path:
     staging = store.root / STAGING / uuid.uuid4().hex
-    staging.mkdir(parents=True)
-    return staging
+    for _ in range(100):
+        try:
+            staging.mkdir(parents=True)
+            return staging
+        except FileNotFoundError:  # a session that just finished removed the (then empty) parent: again
+            continue
+    raise OSError(f"cannot create the staging folder {staging}")
 
 
 def drop_staging(staging: Path) -> None:
