@@ -6,13 +6,15 @@ that (benchmarks/README.md, PACS section). With ``engine: auto`` (the default) C
 dcmtk when it is installed; ``engine: dcmtk`` also uses ``getscu`` for C-GET (see below) and fails
 when the tools are missing; ``engine: pynetdicom`` never uses them.
 
-What medpipe plans stays the same (the series and missing instances from C-FIND); per series one
-tool run fetches them into a staging folder under the output (same file system), then every
-received file is moved (``os.replace``) to its place in the layout, instances already there are
-skipped, and the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
+What medpipe plans stays the same (the series and missing instances from C-FIND); per series (for
+C-GET, per study nothing of which is on disk: :func:`medpipe.pacs.pull.pull`) one tool run fetches
+them into a staging folder under the output (same file system), and every received file is moved
+(``os.replace``) to its place in the layout while the tool runs and at its end, instances already
+there skipped; the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
 received; the tools then write to their working folder whatever ``-od`` says, so they run in the
-staging folder); after a run that did not end cleanly the newest staged file (the one possibly cut
-off) is dropped, so the layout never holds a partial file. dcmtk's exit status and error lines become
+staging folder). The tools receive one instance at a time, so only the newest staged file can be
+incomplete: it waits for the run's end, and after a run that did not end cleanly it is dropped, so
+the layout never holds a partial file. dcmtk's exit status and error lines become
 the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
 
 * C-MOVE: ``storescp`` runs for the whole pull on ``our_port`` as our AE (the move destination),
@@ -25,7 +27,7 @@ the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
   Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
   ``engine: dcmtk`` uses getscu where uncompressed copies are acceptable.
 * The pull's listing (C-FIND) runs through ``findscu`` with ``engine: dcmtk`` (:class:`DcmtkFinder`), so such
-  a pull never imports pynetdicom; ``auto`` lists with pynetdicom, as ``medpipe pacs find`` always does.
+  a pull never imports pynetdicom (nor pydicom, for plain ASCII queries and answers); ``auto`` lists with pynetdicom, as ``medpipe pacs find`` always does.
 * dcmtk has no TLS in these tools: a node with DIMSE TLS uses pynetdicom (``engine: dcmtk`` is an error).
 """
 

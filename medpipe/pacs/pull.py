@@ -4,7 +4,9 @@
 
     query -> studies -> series (C-FIND, or QIDO-RS for a DICOMweb-only node or --via wado)
           -> per series: nothing on disk yet -> fetched whole; partly on disk -> its instances listed,
-             only the missing ones asked for; complete -> skipped
+             only the missing ones asked for; complete -> skipped (C-GET by getscu: a study nothing of
+             which is on disk first in one STUDY-level request, for a pull of study UIDs started
+             together with the listing; the series passes then ask for what is still missing)
           -> the node's retrieve methods in order (default C-MOVE, then C-GET, then WADO-RS), each on
              up to ``parallel`` associations / HTTP requests at once (one series at a time each), DIMSE
              by dcmtk's movescu / getscu or by pynetdicom (the node's ``engine``, medpipe.pacs.dcmtk):
