@@ -95,12 +95,31 @@ def test_pull_by_dcmtk_equals_upload_and_resumes(orthanc: Orthanc, pacs_sample: 
     assert (third.already, third.received) == (n - 2, 2) and len(list(tmp_path.rglob("*.dcm"))) == n
 
 
-def test_findscu_lists_what_pynetdicom_lists(orthanc: Orthanc, pacs_sample: Sample) -> None:
-    """engine dcmtk lists by findscu (no pynetdicom import in the pull): the same answers as DimseFinder, and the
-    same one-line cause for an unknown calling AE."""
+def test_find_tags_are_pydicoms() -> None:
+    from pydicom.datadict import tag_for_keyword
+
+    from medpipe.pacs.dcmtk import FIND_TAGS
+    from medpipe.pacs.dimse import instance_keys, series_keys
+
+    assert {k: tag_for_keyword(k) for k in FIND_TAGS} == FIND_TAGS
+    keys = {*StudyQuery().study_identifier(), *series_keys("1.2", None), *instance_keys("1.2", "1.2.3")}
+    assert keys <= set(FIND_TAGS)
+
+
+def test_findscu_lists_what_pynetdicom_lists(orthanc: Orthanc, pacs_sample: Sample,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine dcmtk lists by findscu (no pynetdicom import in the pull, and no pydicom for plain answers: query by
+    -k, answers read by hand): the same answers as DimseFinder, and the same one-line cause for an unknown
+    calling AE."""
+    import pydicom
+
     from medpipe.pacs.dcmtk import DcmtkFinder
     from medpipe.pacs.dimse import DimseFinder
 
+    def no_pydicom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("findscu's ASCII answers are read without pydicom")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_pydicom)
     node = _node(orthanc)
     tool = dcmtk_tool(node, "find") or ""
     query = StudyQuery(patient_id=pacs_sample.ct_patient)
@@ -168,3 +187,96 @@ def test_dcmtk_failure_not_recognised_names_its_last_line() -> None:
                   "W: something\nE: a new kind of trouble\n", 0)
     assert str(err) == ("C-GET of series 1.2 from p: dcmtk's getscu failed (exit status 3) in a way medpipe does "
                         "not recognise; its last line: E: a new kind of trouble")
+
+
+@pytest.mark.parametrize("name", ["Doe^John", "Müller^Jürgen"])
+def test_answer_values_equal_pydicoms(tmp_path: Path, name: str) -> None:
+    """findscu's answers read by hand (ASCII) or by pydicom (anything else) give what DimseFinder's text gives."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    from medpipe.pacs.dcmtk import answer_values
+    from medpipe.pacs.dimse import _text
+
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SOPClassesInStudy = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"]
+    ds.NumberOfStudyRelatedInstances = 12
+    ds.StudyDescription = ""
+    for implicit in (True, False):
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2" if implicit else EXPLICIT_LE
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"  # what findscu writes
+        ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+        path = tmp_path / f"rsp{implicit}.dcm"
+        ds.save_as(path, enforce_file_format=True, implicit_vr=implicit)
+        keys = {"PatientName": "", "StudyInstanceUID": "", "SOPClassesInStudy": "",
+                "NumberOfStudyRelatedInstances": "", "StudyDescription": "", "AccessionNumber": ""}
+        read = pydicom.dcmread(path)
+        assert answer_values(path, keys) == {k: _text(read, k) for k in keys}
+        assert answer_values(path, keys)["SOPClassesInStudy"] == "1.2.840.10008.5.1.4.1.1.2\\1.2.840.10008.5.1.4.1.1.4"
+
+
+def test_get_asks_for_a_fresh_study_in_one_request(orthanc: Orthanc, pacs_sample: Sample, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """getscu: a study nothing of which is on disk in one STUDY-level C-GET; with a modality filter (other series
+    not wanted) or a study partly on disk, series by series; a transient failure of the study request goes on
+    series by series; any other is the pull's one-line error."""
+    levels: list[str] = []
+    run = DcmtkSession._run
+
+    def spy(self: DcmtkSession, keys: list[str], what: str) -> None:
+        levels.append(keys[0].split("=")[1])
+        run(self, keys, what)
+
+    monkeypatch.setattr(DcmtkSession, "_run", spy)
+    import medpipe.pacs.pull as pull_module
+
+    early: list[bool] = []
+    get_studies = pull_module._get_studies
+
+    def spy_studies(*args: object, **kwargs: bool) -> None:
+        early.append(bool(kwargs.get("early")))
+        get_studies(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module, "_get_studies", spy_studies)
+    node = _node(orthanc)
+    both = StudyQuery(study_uids=(pacs_sample.mr_study, pacs_sample.ct_study))
+    n = len(pacs_sample.files)
+    events: list[tuple[object, ...]] = []
+    report = pull(node, both, tmp_path / "a", methods=("get",), on_listed=lambda e, t: events.append(("listed", e, t)),
+                  on_instance=lambda path: events.append(("file",)))
+    # a query of study UIDs: the C-GET starts with the listing; progress still hears of the listing first
+    assert (report.received, report.already, report.by_method, levels, early) == \
+        (n, 0, {"get": n}, ["STUDY", "STUDY"], [True])
+    assert events == [("listed", n, n)] + [("file",)] * n
+    nothing = pull(node, StudyQuery(study_uids=("1.2.3.999",)), tmp_path / "none", methods=("get",))
+    assert (nothing.expected, nothing.received) == (0, 0)  # a study the PACS does not have: no error, no file
+    early.clear()
+    levels.clear()
+    ct = pull(node, StudyQuery(study_uids=(pacs_sample.ct_study,), modality="CT"), tmp_path / "b", methods=("get",))
+    assert ct.received == len(pacs_sample.ct_files) == len(list((tmp_path / "b").rglob("*.dcm")))
+    assert set(levels) == {"SERIES"}
+
+    def lost(self: DcmtkSession, study_uid: str) -> None:
+        raise PacsError(f"C-GET of study {study_uid}: connection lost in the middle", transient=True)
+
+    monkeypatch.setattr(DcmtkSession, "fetch_study", lost)
+    levels.clear()
+    again = pull(node, both, tmp_path / "c", methods=("get",))
+    assert again.received == n == len(list((tmp_path / "c").rglob("*.dcm"))) and set(levels) == {"SERIES"}
+    monkeypatch.undo()
+
+    from medpipe.pacs.pull import _get_studies
+
+    stranger = _node(orthanc, our_ae_title="STRANGER", retries=0)
+    items = list_series(stranger, StudyQuery(study_uids=(pacs_sample.ct_study,)), web=True)  # QIDO: not restricted
+    store = InstanceStore(tmp_path / "d")
+    with pytest.raises(PacsError) as err:
+        _get_studies(stranger, store, [items[0].study_uid])
+    msg = str(err.value)
+    assert msg.startswith(f"C-GET of study {pacs_sample.ct_study} from orthanc: ") and "\n" not in msg, msg
+    assert "calling AE title STRANGER" in msg and not err.value.transient
+    assert not list(store.root.rglob("*.dcm")) and not (store.root / STAGING).exists()

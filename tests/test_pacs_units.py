@@ -368,6 +368,23 @@ def test_wado_answer_cut_off_never_gives_a_truncated_instance(size: int) -> None
         assert got == [one] and err.value.transient and "closing multipart boundary" in str(err.value)
 
 
+def test_file_uids_past_the_head(tmp_path: Path) -> None:
+    """A received file whose UIDs come after more than the bytes read first (a long private element): the rest is
+    read, the UIDs found by hand as pydicom finds them."""
+    import pydicom
+
+    from medpipe.pacs.dcmtk import HEAD_BYTES, file_uids
+    from tests.dicom_factory import pattern, write_series
+
+    write_series(tmp_path / "src", pattern((8, 8, 1), seed=5), patient_id="LONG", tag="long", seed=5)
+    src = next((tmp_path / "src").rglob("*.dcm"))
+    ds = pydicom.dcmread(src)
+    block = ds.private_block(0x0007, "MEDPIPE TEST", create=True)
+    block.add_new(0x00, "OB", b"\1" * (HEAD_BYTES + 10))
+    ds.save_as(tmp_path / "long.dcm")
+    assert file_uids(tmp_path / "long.dcm") == (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
 def test_dcmtk_staged_files_placed_atomically(tmp_path: Path) -> None:
     """What dcmtk received goes into the layout by its UIDs; present ones, unreadable ones and (after a run that
     did not end cleanly) the newest, possibly cut-off, file never do; a killed pull's staging folder is cleaned."""
@@ -394,5 +411,16 @@ def test_dcmtk_staged_files_placed_atomically(tmp_path: Path) -> None:
         os.utime(staging / f.name, ns=(10**18 + i, 10**18 + i))
     assert place_staged(store, staging, clean=False) == 1  # the newest (files[3]) dropped
     assert len(store.present(w.study_uid, w.series_uid)) == 3 and not list(staging.iterdir())
+
+    # while the tool runs, the file it may still be writing (the latest time; times are coarse: ties count) waits
+    w2 = write_series(tmp_path / "src2", pattern((8, 8, 3), seed=6), patient_id="STAGE", tag="stage2", seed=6)
+    more = sorted((tmp_path / "src2").rglob("*.dcm"))
+    for f, t in zip(more, (1, 2, 2), strict=True):
+        shutil.copy(f, staging / f.name)
+        os.utime(staging / f.name, ns=(10**18 + t, 10**18 + t))
+    assert place_staged(store, staging, clean=True, running=True) == 1
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f.name for f in more[1:])
+    assert place_staged(store, staging, clean=False) == 0 and not list(staging.iterdir())  # both possibly cut off
+    assert len(store.present(w2.study_uid, w2.series_uid)) == 1
     (staging / "MR.left").write_bytes(b"half")  # a killed pull's leftover
     assert store.clean() == 1 and not staging.parent.exists()

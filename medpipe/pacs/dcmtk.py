@@ -6,13 +6,15 @@ that (benchmarks/README.md, PACS section). With ``engine: auto`` (the default) C
 dcmtk when it is installed; ``engine: dcmtk`` also uses ``getscu`` for C-GET (see below) and fails
 when the tools are missing; ``engine: pynetdicom`` never uses them.
 
-What medpipe plans stays the same (the series and missing instances from C-FIND); per series one
-tool run fetches them into a staging folder under the output (same file system), then every
-received file is moved (``os.replace``) to its place in the layout, instances already there are
-skipped, and the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
+What medpipe plans stays the same (the series and missing instances from C-FIND); per series (for
+C-GET, per study nothing of which is on disk: :func:`medpipe.pacs.pull.pull`) one tool run fetches
+them into a staging folder under the output (same file system), and every received file is moved
+(``os.replace``) to its place in the layout while the tool runs and at its end, instances already
+there skipped; the staging folder is removed. dcmtk writes bit-preserving (``+B``: the data set as
 received; the tools then write to their working folder whatever ``-od`` says, so they run in the
-staging folder); after a run that did not end cleanly the newest staged file (the one possibly cut
-off) is dropped, so the layout never holds a partial file. dcmtk's exit status and error lines become
+staging folder). The tools receive one instance at a time, so only the newest staged file can be
+incomplete: it waits for the run's end, and after a run that did not end cleanly it is dropped, so
+the layout never holds a partial file. dcmtk's exit status and error lines become
 the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
 
 * C-MOVE: ``storescp`` runs for the whole pull on ``our_port`` as our AE (the move destination),
@@ -25,7 +27,7 @@ the same one-line causes as the pynetdicom path (:mod:`medpipe.pacs.dimse`).
   Endian. Hence ``auto`` keeps pynetdicom for C-GET (one context per syntax: nothing transcoded);
   ``engine: dcmtk`` uses getscu where uncompressed copies are acceptable.
 * The pull's listing (C-FIND) runs through ``findscu`` with ``engine: dcmtk`` (:class:`DcmtkFinder`), so such
-  a pull never imports pynetdicom; ``auto`` lists with pynetdicom, as ``medpipe pacs find`` always does.
+  a pull never imports pynetdicom (nor pydicom, for plain ASCII queries and answers); ``auto`` lists with pynetdicom, as ``medpipe pacs find`` always does.
 * dcmtk has no TLS in these tools: a node with DIMSE TLS uses pynetdicom (``engine: dcmtk`` is an error).
 """
 
@@ -54,6 +56,8 @@ from medpipe.pacs.store import STAGING, InstanceStore
 if TYPE_CHECKING:  # pragma: no cover
     from medpipe.pacs.listing import Need, SeriesItem
 
+#: seconds between placing what a running tool has received so far (the layout fills while it runs)
+PLACE_EVERY = 0.05
 #: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set: each small PDU then waits for a delayed ACK
 NODELAY = {"TCP_NODELAY": "1"}
 #: dcmtk's names of C-MOVE / C-GET failure statuses (DU_cmoveStatusString) -> the status code
@@ -149,17 +153,42 @@ class DcmtkSession:
             self.staging = None
 
     def fetch(self, item: SeriesItem, need: Need) -> None:
-        assert self.staging is not None, "use the session as a context manager"
-        node = self.node
-        what = (f"C-MOVE of series {item.series_uid} from {node.name} to {node.our_ae_title}" if self.way == "move"
-                else f"C-GET of series {item.series_uid} from {node.name}")
+        what = (f"C-MOVE of series {item.series_uid} from {self.node.name} to {self.node.our_ae_title}"
+                if self.way == "move" else f"C-GET of series {item.series_uid} from {self.node.name}")
         for keys in identifier_keys(item, need):
-            proc = subprocess.run(self.command(keys), capture_output=True, text=True, check=False,
-                                  env={**os.environ, **NODELAY}, cwd=self.staging)
-            clean = proc.returncode == 0 and not _errors(proc.stderr)
-            arrived = place_staged(self.store, self.staging, clean=clean)
-            if not clean:
-                raise failure(node, self.way, what, self.tool, proc.returncode, proc.stderr, arrived)
+            self._run(keys, what)
+
+    def fetch_study(self, study_uid: str) -> None:
+        """The whole study by one STUDY-level request (one association): what a pull asks for a study nothing of
+        which is on disk yet (:func:`medpipe.pacs.pull.pull`)."""
+        what = (f"C-MOVE of study {study_uid} from {self.node.name} to {self.node.our_ae_title}"
+                if self.way == "move" else f"C-GET of study {study_uid} from {self.node.name}")
+        self._run(["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}"], what)
+
+    def _run(self, keys: list[str], what: str) -> None:
+        """One tool run; what it received is placed while it runs (all but the file being written) and at the end."""
+        assert self.staging is not None, "use the session as a context manager"
+        arrived = 0
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(self.command(keys), stdout=subprocess.DEVNULL, stderr=err,
+                                    env={**os.environ, **NODELAY}, cwd=self.staging)
+            try:
+                while True:
+                    try:
+                        proc.wait(PLACE_EVERY)
+                        break
+                    except subprocess.TimeoutExpired:
+                        arrived += place_staged(self.store, self.staging, clean=False, running=True)
+            finally:
+                if proc.poll() is None:  # interrupted here: the tool does not outlive the pull
+                    proc.kill()
+                    proc.wait()
+            err.seek(0)
+            stderr = err.read().decode("utf-8", "replace")
+        clean = proc.returncode == 0 and not _errors(stderr)
+        arrived += place_staged(self.store, self.staging, clean=clean)
+        if not clean:
+            raise failure(self.node, self.way, what, self.tool, proc.returncode, stderr, arrived)
 
     def command(self, keys: list[str]) -> list[str]:
         node = self.node
@@ -193,29 +222,67 @@ class DcmtkFinder(DimseFinder):
             self.folder = None
 
     def find(self, level: str, keys: dict[str, Any]) -> list[Found]:
-        import pydicom
-
         assert self.folder is not None, "use the finder as a context manager"
         node = self.node
         host, port, aet = node.dimse_address()
         what = f"C-FIND ({level.lower()} level) at {node.name}"
         run = self.folder / uuid.uuid4().hex
         run.mkdir()
-        query = run / "query.dcm"
-        identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
         seconds, _ = _limits(node)
         proc = subprocess.run([self.tool, "-S", "-aet", node.our_ae_title, "-aec", aet, "-to", seconds, "-ta",
-                               seconds, "-td", seconds, "-X", "-od", str(run), host, str(port), str(query)],
+                               seconds, "-td", seconds, "-X", "-od", str(run), host, str(port),
+                               *_query(run, level, keys)],
                               capture_output=True, text=True, check=False, env={**os.environ, **NODELAY})
         answers = sorted(run.glob("rsp*.dcm"))
         if proc.returncode != 0 or _errors(proc.stderr):
             raise failure(node, "find", what, self.tool, proc.returncode, proc.stderr, len(answers))
-        out = []
-        for path in answers:
-            ds = pydicom.dcmread(path, force=True)
-            out.append(Found({k: _text(ds, k) for k in keys}))
+        out = [Found(answer_values(path, keys)) for path in answers]
         shutil.rmtree(run, ignore_errors=True)
         return out
+
+
+#: tags of the keywords medpipe's C-FIND identifiers use (a test holds them equal to pydicom's dictionary), so
+#: that findscu's query and answers need no pydicom (importing it is most of a fresh pull's listing time)
+FIND_TAGS = {
+    "PatientName": 0x00100010, "PatientID": 0x00100020, "StudyDate": 0x00080020, "StudyTime": 0x00080030,
+    "AccessionNumber": 0x00080050, "ModalitiesInStudy": 0x00080061, "SOPClassesInStudy": 0x00080062,
+    "StudyDescription": 0x00081030, "StudyInstanceUID": 0x0020000D, "NumberOfStudyRelatedSeries": 0x00201206,
+    "NumberOfStudyRelatedInstances": 0x00201208, "SeriesInstanceUID": 0x0020000E, "Modality": 0x00080060,
+    "SeriesNumber": 0x00200011, "SeriesDescription": 0x0008103E, "NumberOfSeriesRelatedInstances": 0x00201209,
+    "SOPInstanceUID": 0x00080018, "SOPClassUID": 0x00080016, "InstanceNumber": 0x00200013,
+}
+
+
+def _query(run: Path, level: str, keys: dict[str, Any]) -> list[str]:
+    """findscu's query: ``-k`` options for plain ASCII values, else a query file written by pydicom."""
+    values = {k: "\\".join(v) if isinstance(v, (list, tuple)) else str(v) for k, v in keys.items()}
+    if all(v.isascii() and "\n" not in v for v in values.values()):
+        return [x for k, v in {"QueryRetrieveLevel": level, **values}.items() for x in ("-k", f"{k}={v}")]
+    query = run / "query.dcm"
+    identifier(level, keys).save_as(query, implicit_vr=True, little_endian=True)
+    return [str(query)]
+
+
+def answer_values(path: Path, keys: dict[str, Any]) -> dict[str, str]:
+    """The ``keys`` of one findscu answer file as text (what :func:`~medpipe.pacs.dimse._text` gives): read by
+    hand where every value is plain ASCII in a little endian data set without nested items, else by pydicom."""
+    from medpipe.pacs.scp import scan_values
+
+    data = path.read_bytes()
+    found = part10_body(data)
+    tags = {k: FIND_TAGS.get(k) for k in keys}
+    if found is not None and None not in tags.values() and found[1] in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        raw = scan_values(memoryview(data)[found[0]:], found[1] == "1.2.840.10008.1.2",
+                          [t for t in tags.values() if t is not None])
+        if raw is not None and all(v.isascii() for v in raw.values()):
+            parts = {k: [x.strip(" \0") for x in raw.get(t, b"").decode("ascii").split("\\")]  # type: ignore[arg-type]
+                     for k, t in tags.items()}
+            if all(x == x.lstrip() for xs in parts.values() for x in xs):  # pydicom keeps some leading spaces
+                return {k: "\\".join(xs) if any(xs) else "" for k, xs in parts.items()}
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    return {k: _text(ds, k) for k in keys}
 
 
 def _limits(node: PacsNode) -> tuple[str, str]:
@@ -230,8 +297,13 @@ def _errors(stderr: str) -> bool:
 
 def new_staging(store: InstanceStore) -> Path:
     staging = store.root / STAGING / uuid.uuid4().hex
-    staging.mkdir(parents=True)
-    return staging
+    for _ in range(100):
+        try:
+            staging.mkdir(parents=True)
+            return staging
+        except FileNotFoundError:  # a session that just finished removed the (then empty) parent: again
+            continue
+    raise OSError(f"cannot create the staging folder {staging}")
 
 
 def drop_staging(staging: Path) -> None:
@@ -306,16 +378,25 @@ def identifier_keys(item: SeriesItem, need: Need) -> Iterator[list[str]]:
         yield ["QueryRetrieveLevel=IMAGE", *base, "SOPInstanceUID=" + "\\".join(uids[a:a + UIDS_PER_REQUEST])]
 
 
-def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
+def place_staged(store: InstanceStore, staging: Path, *, clean: bool, running: bool = False) -> int:
     """Move each file dcmtk received into the layout (atomically; one already there is kept); return how many
-    were placed. After a run that did not end cleanly the newest file, possibly cut off, is dropped."""
-    files = [p for p in staging.iterdir() if p.is_file()]
-    if not clean and files:
-        newest = max(files, key=lambda p: p.stat().st_mtime_ns)
-        newest.unlink()
-        files.remove(newest)
+    were placed.
+
+    The tools receive one instance at a time, so only the newest file can be incomplete: while they run
+    (``running``) it is left for later, and after a run that did not end cleanly it is dropped (asked again,
+    or reported). "Newest" is every file with the latest modification time, as file systems stamp times
+    coarsely (a complete file and the one begun after it can share a time).
+    """
+    files = [(p, p.stat().st_mtime_ns) for p in staging.iterdir() if p.is_file()]
+    if files and (running or not clean):
+        latest = max(t for _, t in files)
+        if not running:
+            for p, t in files:
+                if t == latest:
+                    p.unlink()
+        files = [(p, t) for p, t in files if t != latest]
     placed = 0
-    for path in files:
+    for path, _ in files:
         uids = file_uids(path)
         if uids is None or not all(uids):
             path.unlink()  # not a file dcmtk could have written from a valid instance: asked again, or reported
@@ -326,14 +407,13 @@ def place_staged(store: InstanceStore, staging: Path, *, clean: bool) -> int:
 
 
 _META = struct.Struct("<HH2s")
+#: bytes of a received file read first for its UIDs (the rest only when its header is longer)
+HEAD_BYTES = 65536
 
 
-def file_uids(path: Path) -> tuple[str, str, str] | None:
-    """(Study, Series, SOP Instance UID) of a Part 10 file: its meta group read by hand, the data set by
-    :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
-    from medpipe.pacs.scp import scan_uids
-
-    data = path.read_bytes()
+def part10_body(data: bytes) -> tuple[int, str] | None:
+    """Where the data set of a Part 10 file starts and its transfer syntax (the meta group read by hand); None
+    without the ``DICM`` prefix."""
     if data[128:132] != b"DICM":
         return None
     pos, syntax = 132, ""
@@ -348,11 +428,28 @@ def file_uids(path: Path) -> tuple[str, str, str] | None:
         if elem == 0x0010:
             syntax = data[pos + head:pos + head + length].decode("ascii", "replace").strip(" \0")
         pos += head + length
-    if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
-            syntax == "1.2.840.10008.1.2.5":
-        found = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
-        if found is not None:
-            return found
+    return pos, syntax
+
+
+def file_uids(path: Path) -> tuple[str, str, str] | None:
+    """(Study, Series, SOP Instance UID) of a Part 10 file: its meta group read by hand, the data set by
+    :func:`~medpipe.pacs.scp.scan_uids` (little endian), else by pydicom. None for an unreadable file."""
+    from medpipe.pacs.scp import scan_uids
+
+    with open(path, "rb") as fh:
+        data = fh.read(HEAD_BYTES)  # the UIDs come before the pixels: most files need no more
+        found = part10_body(data)
+        if found is None:
+            return None
+        pos, syntax = found
+        if syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or syntax.startswith("1.2.840.10008.1.2.4") or \
+                syntax == "1.2.840.10008.1.2.5":
+            uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+            if (uids is None or not all(uids)) and len(data) == HEAD_BYTES:  # cut off by the head: all of it
+                data += fh.read()
+                uids = scan_uids(memoryview(data)[pos:], syntax == "1.2.840.10008.1.2")
+            if uids is not None:
+                return uids
     import pydicom
 
     try:

@@ -4,7 +4,9 @@
 
     query -> studies -> series (C-FIND, or QIDO-RS for a DICOMweb-only node or --via wado)
           -> per series: nothing on disk yet -> fetched whole; partly on disk -> its instances listed,
-             only the missing ones asked for; complete -> skipped
+             only the missing ones asked for; complete -> skipped (C-GET by getscu: a study nothing of
+             which is on disk first in one STUDY-level request, for a pull of study UIDs started
+             together with the listing; the series passes then ask for what is still missing)
           -> the node's retrieve methods in order (default C-MOVE, then C-GET, then WADO-RS), each on
              up to ``parallel`` associations / HTTP requests at once (one series at a time each), DIMSE
              by dcmtk's movescu / getscu or by pynetdicom (the node's ``engine``, medpipe.pacs.dcmtk):
@@ -93,15 +95,31 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
     from medpipe.pacs.dcmtk import DcmtkFinder, dcmtk_tool
 
     findscu = None if web_listing else dcmtk_tool(node, "find")  # engine: dcmtk
-    items = with_retries(lambda: list_series(node, query, web=web_listing, store=store, need_classes="get" in ways,
-                                             dimse_finder=DcmtkFinder(node, findscu) if findscu else None),
-                         retries=node.retries, first_delay=node.retry_delay, what=f"listing at {node.name}")
-    t_list = time.perf_counter()
+    early = _early_studies(node, query, ways, store)
+    held: list[Path] = []  # files the early C-GET wrote before the listing is known
+    with ThreadPoolExecutor(1, thread_name_prefix="medpipe-C-GET") as pool:
+        started = None
+        if early:
+            store.on_write = held.append
+            started = pool.submit(_get_studies, node, store, early, early=True)
+        items = with_retries(lambda: list_series(node, query, web=web_listing, store=store,
+                                                 need_classes="get" in ways,
+                                                 dimse_finder=DcmtkFinder(node, findscu) if findscu else None),
+                             retries=node.retries, first_delay=node.retry_delay, what=f"listing at {node.name}")
+        t_list = time.perf_counter()  # the early C-GET, if any, counts as transfer from here
+    if started is not None:
+        started.result()  # its PacsErrors are left to the passes below; anything else is a bug to show
+    store.on_write = on_instance
     expected = sum(i.expected or 0 for i in items)
-    to_fetch = sum(max(missing_count(store, i), 0) for i in items)
-    report = PullReport(store.root, items, expected, expected - to_fetch, 0)
+    to_fetch = sum(max(missing_count(store, i), 0) for i in items) + store.written
+    report = PullReport(store.root, items, expected, max(expected - to_fetch, 0), 0)
+    if store.written:
+        report.by_method[ways[0]] = store.written  # the early C-GET
     if on_listed is not None:
         on_listed(expected, to_fetch)
+    if on_instance is not None:
+        for path in held:
+            on_instance(path)
     errors: list[tuple[str, PacsError]] = []
     for way in ways:
         pending = [i for i in items if not need(store, i).empty]
@@ -109,11 +127,11 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
             break
         before = store.written
         try:
-            _run_method(way, node, store, pending)
+            _run_method(way, node, store, pending, whole_studies=not query.modality)
         except PacsError as exc:
             errors.append((way, exc))  # reported in the error or the report's warnings
             log.info("%s: %s", LABELS[way], exc)
-        report.by_method[way] = store.written - before
+        report.by_method[way] = report.by_method.get(way, 0) + store.written - before
     t_end = time.perf_counter()
     report.received = store.written
     report.bytes = store.bytes
@@ -138,7 +156,10 @@ def pull(node: PacsNode, query: StudyQuery, out: Path | str, *, methods: Sequenc
     return report
 
 
-def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem]) -> None:
+def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[SeriesItem], *,
+                whole_studies: bool) -> None:
+    """Fetch what ``pending`` lacks by ``way``; ``whole_studies``: the series listed are all of their studies'
+    (no modality filter), so a study not on disk at all may be asked for at STUDY level."""
     from medpipe.pacs.dcmtk import DcmtkSession, MoveReceiver, dcmtk_tool
     from medpipe.pacs.scp import StoreHandler
 
@@ -148,7 +169,12 @@ def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[Se
             _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool, receiver.staging), "C-MOVE",
                    workers=1)
     elif tool is not None:
-        _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), "C-GET")
+        fresh = [u for u in dict.fromkeys(i.study_uid for i in pending) if not store.study_folder(u).exists()]
+        if whole_studies and fresh:
+            _get_studies(node, store, fresh)
+            pending = [i for i in pending if not need(store, i).empty]
+        if pending:
+            _drive(node, store, pending, lambda: DcmtkSession(node, store, way, tool), "C-GET")
     elif way == "move":
         from medpipe.pacs.dimse import tls_context
         from medpipe.pacs.retrieve import MoveSession
@@ -171,6 +197,46 @@ def _run_method(way: str, node: PacsNode, store: InstanceStore, pending: list[Se
         from medpipe.pacs.retrieve import WadoSession
 
         _drive(node, store, pending, lambda: WadoSession(node, store), "WADO-RS")
+
+
+def _early_studies(node: PacsNode, query: StudyQuery, ways: Sequence[str], store: InstanceStore) -> list[str]:
+    """The studies a pull may fetch while it lists them: C-GET by getscu first, a query of study UIDs and nothing
+    else (each of those studies is wanted whole), and nothing of the study on disk yet."""
+    from medpipe.pacs.dcmtk import dcmtk_tool
+    from medpipe.pacs.query import valid_uid
+
+    if ways[0] != "get" or not node.has_dimse or query.patient_id or query.study_date or query.modality or \
+            query.accession or query.description or dcmtk_tool(node, "get") is None:
+        return []
+    return [u for u in dict.fromkeys(query.study_uids) if valid_uid(u) and not store.study_folder(u).exists()]
+
+
+def _get_studies(node: PacsNode, store: InstanceStore, study_uids: Sequence[str], *, early: bool = False) -> None:
+    """getscu: each study in one STUDY-level C-GET (one association and one process for the study, instead of
+    one per series), up to ``node.parallel`` studies at once.
+
+    A transient failure (connection lost, timeout) is not retried here: what arrived is kept, and the
+    series-by-series pass that follows asks only for what is missing, with its retries. Any other failure
+    is the pull's error as it stands (the same cause would fail every series); ``early`` (started before the
+    listing, which may yet show that a study is not there): every failure is left to the passes after it.
+    """
+    from medpipe.pacs.dcmtk import DcmtkSession, dcmtk_tool
+
+    tool = dcmtk_tool(node, "get")
+    assert tool is not None, "only for engine dcmtk"
+
+    def one(study_uid: str) -> None:
+        with DcmtkSession(node, store, "get", tool) as session:
+            try:
+                session.fetch_study(study_uid)
+            except PacsError as exc:
+                if not (exc.transient or early):
+                    raise
+                log.info("%s; going on series by series", exc)
+
+    with ThreadPoolExecutor(max(1, min(node.parallel, len(study_uids))), thread_name_prefix="medpipe-C-GET") as pool:
+        for future in [pool.submit(one, uid) for uid in study_uids]:
+            future.result()
 
 
 def _drive(node: PacsNode, store: InstanceStore, items: list[SeriesItem], session: Callable[[], Any],

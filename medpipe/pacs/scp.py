@@ -250,12 +250,25 @@ def scan_uids(buf: bytes | memoryview, implicit: bool) -> tuple[str, str, str] |
     None when the walk cannot go on by lengths alone (an element of undefined length, an unknown explicit
     VR, a truncated header): the caller then asks pydicom, which also reads nested items.
     """
+    values = scan_values(buf, implicit, _UID_TAGS)
+    if values is None:
+        return None
+    return tuple(values.get(t, b"").decode("ascii", "replace").strip(" \0")  # type: ignore[return-value]
+                 for t in (_STUDY, _SERIES, _SOP))
+
+
+def scan_values(buf: bytes | memoryview, implicit: bool, tags: Iterable[int]) -> dict[int, bytes] | None:
+    """The raw values of ``tags`` (``group << 16 | element``) found at the top level of a little endian data set,
+    walking element headers up to the largest of them; None where lengths alone cannot tell (see :func:`scan_uids`).
+    """
+    wanted = frozenset(tags)
+    last = max(wanted)
     values: dict[int, bytes] = {}
     pos, end = 0, len(buf)
     while pos + 8 <= end:
         group, elem = _HEAD.unpack_from(buf, pos)
         tag = group << 16 | elem
-        if tag > _SERIES:
+        if tag > last:
             break
         if implicit:
             length = _U32.unpack_from(buf, pos + 4)[0]
@@ -272,11 +285,10 @@ def scan_uids(buf: bytes | memoryview, implicit: bool) -> tuple[str, str, str] |
                 return None
         if length == 0xFFFFFFFF or pos + length > end:
             return None
-        if tag in (_SOP, _STUDY, _SERIES):
+        if tag in wanted:
             values[tag] = bytes(buf[pos:pos + length])
         pos += length
-    return tuple(values.get(t, b"").decode("ascii", "replace").strip(" \0")  # type: ignore[return-value]
-                 for t in (_STUDY, _SERIES, _SOP))
+    return values
 
 
 def _syntax(event: Any) -> Any:

@@ -74,8 +74,11 @@ class InstanceStore:
         shutil.rmtree(staging, ignore_errors=True)
         return n + remove_stale_temporaries(self.root)
 
+    def study_folder(self, study_uid: str) -> Path:
+        return self.root / safe_component(study_uid)
+
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / safe_component(study_uid) / safe_component(series_uid)
+        return self.study_folder(study_uid) / safe_component(series_uid)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.series_folder(study_uid, series_uid) / (safe_component(sop_uid) + SUFFIX)
