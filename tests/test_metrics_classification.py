@@ -467,8 +467,8 @@ def test_check_inputs_messages_name_the_argument_and_the_count() -> None:
         classification_metrics(np.array([0, 2, -1, 1]), p)  # label 0 is valid and must not be listed
     with pytest.raises(ValueError, match=r"^y_true has labels outside 0\.\.1: \[2, 3, 4, 5, 6, 7, 8, 9, 10, 11\]$"):
         confusion_matrix(list(range(2, 14)), [0] * 12, 2)  # at most 10 bad labels listed
-    with pytest.raises(ValueError, match=r"^y_true has 2 cases but prob has 3$"):  # rows, not columns (3)
-        classification_metrics(np.array([0, 1]), np.full((3, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"^y_true has 2 cases but prob has 3$"):  # rows, not columns (4)
+        classification_metrics(np.array([0, 1]), np.full((3, 4), 1 / 4))
     with pytest.raises(ValueError, match=r"^y_true must be a 1-D array of class labels, got shape \(4, 1\)$"):
         classification_metrics(y[:, None], p)
     with pytest.raises(ValueError, match=r"^y_true must hold integer class labels, got dtype <U\d+$"):
