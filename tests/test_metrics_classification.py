@@ -567,6 +567,8 @@ def test_choose_threshold_edges_of_the_candidate_list() -> None:
     assert choose_threshold(y, p) == 0.75
     y, p = _binary([0.5, 1.0], [0, 1])
     assert choose_threshold(y, p) == 0.75
+    # scores only at 0 and 1 leave the one candidate 0.5
+    assert choose_threshold(*_binary([1.0, 0.0, 1.0], [0, 1, 1]), rule="youden") == 0.5
     # scores a rounding step outside [0, 1] are read as 0 and 1
     y, p = _binary([-1e-5, 0.6], [0, 1])
     assert choose_threshold(y, p) == 0.3
