@@ -19,12 +19,15 @@ from pydicom.dataset import Dataset
 
 from medpipe.dicom.frames import (
     FrameGeometry,
+    derived_frame_sources,
     frame_geometries,
     frame_to_slice,
+    frames_to_grid,
     frames_to_volume,
     instance_uid,
     sample_frames,
     slice_to_frame,
+    source_frame_index,
     volume_to_frames,
 )
 from medpipe.dicom.uids import derive_uid
@@ -125,3 +128,93 @@ def test_frame_geometries_refuse_what_has_no_frames() -> None:
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
     with pytest.raises(DicomError, match="mosaic"):
         frame_geometries([ds])
+
+
+# -- frames back onto a grid, frame bookkeeping (found by mutation testing: untested before) -----------------
+
+
+def test_frames_to_grid_inverts_sampling_in_any_frame_order(axial: Ingested) -> None:
+    frames = frame_geometries(axial.sources)
+    labels = two_blocks(axial.volume.shape)
+    pix = sample_frames(labels, axial.affine, frames)
+    back = frames_to_grid(pix, frames, axial.affine, labels.shape)
+    assert back.dtype == np.uint8 and np.array_equal(back, labels)
+    rev = frames[::-1]  # the frames' order is not the slice order: they are sorted along the normal
+    assert np.array_equal(frames_to_grid(pix[::-1], rev, axial.affine, labels.shape), labels)
+    # a frame missing (a SEG omits empty frames): its slice comes from the nearer neighbour within half the
+    # gap, unless reach (mm) says the frames are a subset; the grid beyond the stack is fill
+    keep = [k for k in range(len(frames)) if k != 3]
+    part = [frames[k] for k in keep]
+    spacing = float(np.linalg.norm(axial.affine[:3, 2]))
+    gap = frames_to_grid(pix[keep], part, axial.affine, labels.shape, fill=9)
+    assert np.array_equal(gap[:, :, keep], labels[:, :, keep])
+    assert np.array_equal(gap[:, :, 3], labels[:, :, 4])  # tie between slices 2 and 4: the one after
+    cut = frames_to_grid(pix[keep], part, axial.affine, labels.shape, fill=9, reach=spacing / 2)
+    assert (cut[:, :, 3] == 9).all() and np.array_equal(cut[:, :, keep], labels[:, :, keep])
+    # the end frames reach half their neighbour's spacing beyond themselves, no further
+    big = np.eye(4)
+    big[:3, :3] = axial.affine[:3, :3]
+    big[:3, 3] = axial.affine[:3, 3] - axial.affine[:3, :3] @ np.array([1.0, 1.0, 1.0])  # one voxel more each side
+    wide = frames_to_grid(pix, frames, big, (18, 14, 10), fill=9)
+    assert np.array_equal(wide[1:17, 1:13, 1:9], labels)
+    assert (wide[0] == 9).all() and (wide[17] == 9).all() and (wide[:, 0] == 9).all() and (wide[:, 13] == 9).all()
+    assert (wide[:, :, 0] == 9).all() and (wide[:, :, 9] == 9).all()
+
+
+def test_frames_to_grid_takes_the_pixel_within_half_a_pixel_on_a_sheared_stack() -> None:
+    """Two axial frames of 2x3 pixels (row spacing 2, column spacing 1) on a 1 mm grid, the second
+    shifted by one column (a tilted gantry): each voxel takes the nearest pixel of its own frame."""
+    lps_grid = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel (i, j, k) at LPS (i, j, k)
+    f0 = FrameGeometry("1.1", None, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (2.0, 1.0), 2, 3)
+    f1 = FrameGeometry("1.2", None, (1.0, 0.0, 1.0), (1, 0, 0, 0, 1, 0), (2.0, 1.0), 2, 3)
+    pix = np.array([[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [10, 11, 12]]], dtype=np.int16)
+    g = frames_to_grid(pix, [f0, f1], lps_grid, (5, 4, 2), fill=-1)
+    assert g.dtype == np.int16
+    # frame 0: column c at x = c, row r at y = 2 r; y = 1 is half a row from both: rint(0.5) = 0
+    assert g[:, :, 0].T.tolist() == [[1, 2, 3, -1, -1], [1, 2, 3, -1, -1], [4, 5, 6, -1, -1], [-1] * 5]
+    assert g[:, :, 1].T.tolist() == [[-1, 7, 8, 9, -1], [-1, 7, 8, 9, -1], [-1, 10, 11, 12, -1], [-1] * 5]
+
+
+def test_frames_to_grid_refuses_frames_that_are_not_one_stack() -> None:
+    f0 = FrameGeometry("1.1", None, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (1.0, 1.0), 2, 3)
+    f1 = FrameGeometry("1.2", None, (0.0, 0.0, 1.0), (1, 0, 0, 0, 1, 0), (1.0, 1.0), 2, 3)
+    pix = np.zeros((2, 2, 3), np.uint8)
+    with pytest.raises(DicomError, match=r"^1 frames of pixels for 2 frame geometries$"):
+        frames_to_grid(pix[:1], [f0, f1], np.eye(4), (3, 2, 2))
+    with pytest.raises(DicomError, match=r"^0 frames of pixels for 0 frame geometries$"):
+        frames_to_grid(pix[:0], [], np.eye(4), (3, 2, 2))
+    tilted = FrameGeometry("1.2", None, (0.0, 0.0, 1.0), (1, 0, 0, 0, 0.8, 0.6), (1.0, 1.0), 2, 3)
+    finer = FrameGeometry("1.2", None, (0.0, 0.0, 1.0), (1, 0, 0, 0, 1, 0), (0.5, 1.0), 2, 3)
+    for other in (tilted, finer):
+        with pytest.raises(DicomError, match="^frames of different orientations, sizes or pixel spacings"):
+            frames_to_grid(pix, [f0, other], np.eye(4), (3, 2, 2))
+    with pytest.raises(DicomError, match=r"^pixels of shape \(3, 2\) do not fit frames of 2x3$"):
+        frames_to_grid(np.zeros((2, 3, 2), np.uint8), [f0, f1], np.eye(4), (3, 2, 2))
+
+
+def test_pixel_centres_and_frame_bookkeeping() -> None:
+    f = FrameGeometry("1.1", 2, (10.0, -5.0, 3.0), (0, 1, 0, 0, 0, -1), (2.0, 0.5), 3, 4)  # sagittal
+    centres = f.pixel_centres()
+    assert centres.shape == (3, 4, 3)
+    for r in range(3):
+        for c in range(4):  # LPS: position + column index along the row direction, row index along the column one
+            lps = np.array([10.0, -5.0, 3.0]) + c * 0.5 * np.array([0, 1, 0]) + r * 2.0 * np.array([0, 0, -1])
+            assert np.allclose(centres[r, c], lps * [-1, -1, 1])
+    g = FrameGeometry("1.1", 5, (10.0, -5.0, 3.0), (0, 1, 0, 0, 0, -1), (2.0, 0.5), 3, 4)
+    assert source_frame_index([f, g]) == {("1.1", 2): 0, ("1.1", 5): 1}
+    ds = Dataset()
+    items = []
+    for uid, number in (("1.2.3", 7), ("1.2.4", None), (None, None)):
+        fg = Dataset()
+        if uid is not None:
+            src = Dataset()
+            src.ReferencedSOPInstanceUID = uid
+            if number is not None:
+                src.ReferencedFrameNumber = number
+            der = Dataset()
+            der.SourceImageSequence = [src]
+            fg.DerivationImageSequence = [der]
+        items.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = items
+    assert derived_frame_sources(ds) == [("1.2.3", 7), ("1.2.4", None), (None, None)]
+    assert derived_frame_sources(Dataset()) == []
