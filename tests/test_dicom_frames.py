@@ -218,3 +218,104 @@ def test_pixel_centres_and_frame_bookkeeping() -> None:
     ds.PerFrameFunctionalGroupsSequence = items
     assert derived_frame_sources(ds) == [("1.2.3", 7), ("1.2.4", None), (None, None)]
     assert derived_frame_sources(Dataset()) == []
+
+
+def test_instance_uid_falls_back_to_the_file_meta() -> None:
+    from pydicom.dataset import FileMetaDataset
+
+    ds = Dataset()
+    assert instance_uid(ds) == ""  # neither: blank, no file meta
+    ds.file_meta = FileMetaDataset()
+    assert instance_uid(ds) == ""  # a file meta without the UID
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.9"
+    assert instance_uid(ds) == "1.9"
+    ds.SOPInstanceUID = ""
+    assert instance_uid(ds) == "1.9"  # blank own UID: the file meta's
+    ds.SOPInstanceUID = "1.2.3"
+    assert instance_uid(ds) == "1.2.3"  # the dataset's own first
+
+
+def _plane(**kw: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID, ds.Rows, ds.Columns = "1.2.3", 4, 5
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [1, 2, 3], [1, 0, 0, 0, 1, 0], [0.5, 0.7]
+    for k, v in kw.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # a lowercase CS and a NaN DS, on purpose
+def test_frame_geometries_of_a_classic_instance_and_what_they_refuse() -> None:
+    assert frame_geometries([_plane(NumberOfFrames=1)]) == [
+        FrameGeometry("1.2.3", None, (1.0, 2.0, 3.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.5, 0.7), 4, 5)]
+    refused = [
+        (_plane(SOPInstanceUID=None), r"^source dataset has no SOP Instance UID$"),
+        (_plane(Rows=None), r"^SOP instance 1\.2\.3: no Rows / Columns$"),
+        (_plane(Columns=0), r"^SOP instance 1\.2\.3: no Rows / Columns$"),
+        (_plane(ImageType=["ORIGINAL", "PRIMARY", "M", "mosaic"]),
+         r"^SOP instance 1\.2\.3: a Siemens mosaic holds many slices in one frame; DICOM results cannot be written"),
+        (_plane(NumberOfFrames=2), r"^SOP instance 1\.2\.3: multi-frame object without per-frame functional groups$"),
+        (_plane(ImagePositionPatient=[1, 2]), r"^SOP instance 1\.2\.3: ImagePositionPatient must hold 3 numbers, got"),
+        (_plane(ImageOrientationPatient=[1, 0, 0, 0, 1, "nan"]), r"ImageOrientationPatient must hold 6 numbers"),
+        (_plane(PixelSpacing=[0.5]), r"^SOP instance 1\.2\.3: PixelSpacing must hold 2 numbers, got"),
+    ]
+    for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        refused.append((_plane(**{name: None}), (r"^SOP instance 1\.2\.3: no image plane geometry \("
+                                                 r"ImagePositionPatient / ImageOrientationPatient / PixelSpacing\)$")))
+    for ds, message in refused:
+        with pytest.raises(DicomError, match=message):
+            frame_geometries([ds])
+
+
+def _enhanced_ds(n_frames: int | None = 2, shared: bool = True) -> Dataset:
+    def seq(name: str, **values: object) -> list[Dataset]:
+        item = Dataset()
+        for k, v in values.items():
+            setattr(item, k, v)
+        return [item]
+
+    ds = Dataset()
+    ds.SOPInstanceUID, ds.Rows, ds.Columns = "1.2.9", 3, 2
+    if n_frames is not None:
+        ds.NumberOfFrames = n_frames
+    frames = []
+    for z in (0.0, 2.0):
+        fg = Dataset()
+        fg.PlanePositionSequence = seq("p", ImagePositionPatient=[0, 0, z])
+        frames.append(fg)
+    sh = Dataset()
+    sh.PlaneOrientationSequence = seq("o", ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    sh.PixelMeasuresSequence = seq("m", PixelSpacing=[0.8, 0.9])
+    if shared:
+        ds.SharedFunctionalGroupsSequence = [sh]
+    else:
+        for fg in frames:
+            fg.PlaneOrientationSequence, fg.PixelMeasuresSequence = sh.PlaneOrientationSequence, sh.PixelMeasuresSequence
+    frames[1].PlaneOrientationSequence = seq("o", ImageOrientationPatient=[0, 1, 0, 0, 0, -1])  # per frame wins
+    ds.PerFrameFunctionalGroupsSequence = frames
+    return ds
+
+
+def test_frame_geometries_of_enhanced_functional_groups_by_hand() -> None:
+    want = [FrameGeometry("1.2.9", 1, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.8, 0.9), 3, 2),
+            FrameGeometry("1.2.9", 2, (0.0, 0.0, 2.0), (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), (0.8, 0.9), 3, 2)]
+    assert frame_geometries([_enhanced_ds()]) == want
+    assert frame_geometries([_enhanced_ds(n_frames=None)]) == want  # the count of functional groups
+    assert frame_geometries([_enhanced_ds(shared=False)]) == want
+    with pytest.raises(DicomError, match=r"^SOP instance 1\.2\.9: 2 per-frame functional groups for 3 frames$"):
+        frame_geometries([_enhanced_ds(n_frames=3)])
+    ds = _enhanced_ds()
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    with pytest.raises(DicomError, match=r"^SOP instance 1\.2\.9: frame 2 has no plane position / orientation / pixel"):
+        frame_geometries([ds])
+    ds = _enhanced_ds()
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    with pytest.raises(DicomError, match=r"frame 1 has no plane position / orientation / pixel spacing$"):
+        frame_geometries([ds])
+    ds = _enhanced_ds()
+    del ds.SharedFunctionalGroupsSequence
+    with pytest.raises(DicomError, match=r"frame 1 has no plane position"):
+        frame_geometries([ds])
