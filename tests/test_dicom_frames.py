@@ -259,7 +259,8 @@ def test_frame_geometries_of_a_classic_instance_and_what_they_refuse() -> None:
          r"^SOP instance 1\.2\.3: a Siemens mosaic holds many slices in one frame; DICOM results cannot be written"),
         (_plane(NumberOfFrames=2), r"^SOP instance 1\.2\.3: multi-frame object without per-frame functional groups$"),
         (_plane(ImagePositionPatient=[1, 2]), r"^SOP instance 1\.2\.3: ImagePositionPatient must hold 3 numbers, got"),
-        (_plane(ImageOrientationPatient=[1, 0, 0, 0, 1, "nan"]), r"ImageOrientationPatient must hold 6 numbers"),
+        (_plane(ImageOrientationPatient=[1, 0, 0, 0, 1, "nan"]),
+         r"^SOP instance 1\.2\.3: ImageOrientationPatient must hold 6 numbers, got"),
         (_plane(PixelSpacing=[0.5]), r"^SOP instance 1\.2\.3: PixelSpacing must hold 2 numbers, got"),
     ]
     for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -319,3 +320,39 @@ def test_frame_geometries_of_enhanced_functional_groups_by_hand() -> None:
     del ds.SharedFunctionalGroupsSequence
     with pytest.raises(DicomError, match=r"frame 1 has no plane position"):
         frame_geometries([ds])
+
+
+def test_frame_geometries_of_one_pixel_frames_and_of_mixed_instances() -> None:
+    one = frame_geometries([_plane(Rows=1, Columns=1)])
+    assert [(f.rows, f.columns) for f in one] == [(1, 1)]
+    mixed = frame_geometries([_enhanced_ds(), _plane()])  # an enhanced instance does not end the list
+    assert [(f.sop_instance_uid, f.frame_number) for f in mixed] == [("1.2.9", 1), ("1.2.9", 2), ("1.2.3", None)]
+
+
+def test_enhanced_frame_values_are_checked_per_frame() -> None:
+    for seq, name, bad, message in (
+        ("PlanePositionSequence", "ImagePositionPatient", [0, 0], "ImagePositionPatient must hold 3 numbers"),
+        ("PlaneOrientationSequence", "ImageOrientationPatient", [1, 0, 0, 0, 1],
+         "ImageOrientationPatient must hold 6 numbers"),
+        ("PixelMeasuresSequence", "PixelSpacing", [0.8], "PixelSpacing must hold 2 numbers"),
+    ):
+        ds = _enhanced_ds(shared=False)
+        setattr(getattr(ds.PerFrameFunctionalGroupsSequence[1], seq)[0], name, bad)
+        with pytest.raises(DicomError, match=rf"^SOP instance 1\.2\.9: {message}, got"):
+            frame_geometries([ds])
+    ds = _enhanced_ds(shared=False)
+    del ds.PerFrameFunctionalGroupsSequence[0].PlaneOrientationSequence  # orientation alone missing
+    with pytest.raises(DicomError, match=r"^SOP instance 1\.2\.9: frame 1 has no plane position"):
+        frame_geometries([ds])
+
+
+def test_sample_frames_refusals_say_what_is_wrong() -> None:
+    f = FrameGeometry("1.1", None, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (1.0, 1.0), 2, 3)
+    g = FrameGeometry("1.2", None, (0.0, 0.0, 1.0), (1, 0, 0, 0, 1, 0), (1.0, 1.0), 3, 3)
+    data = np.zeros((3, 3, 2))
+    with pytest.raises(DicomError, match=r"^interpolation must be 'nearest' or 'linear', not 'cubic'$"):
+        sample_frames(data, np.eye(4), [f], interpolation="cubic")  # type: ignore[arg-type]
+    with pytest.raises(DicomError, match=r"^no frames to sample$"):
+        sample_frames(data, np.eye(4), [])
+    with pytest.raises(DicomError, match=r"^source frames have different sizes \[\(2, 3\), \(3, 3\)\]: sample each"):
+        sample_frames(data, np.eye(4), [f, g])
