@@ -356,3 +356,23 @@ def test_sample_frames_refusals_say_what_is_wrong() -> None:
         sample_frames(data, np.eye(4), [])
     with pytest.raises(DicomError, match=r"^source frames have different sizes \[\(2, 3\), \(3, 3\)\]: sample each"):
         sample_frames(data, np.eye(4), [f, g])
+
+
+def _column_stack(zs: list[float]) -> tuple[np.ndarray, list[FrameGeometry]]:
+    """One-pixel axial frames at LPS (0, 0, z) holding 1, 2, ...: each voxel of a 1x1 column shows its frame."""
+    frames = [FrameGeometry(f"1.{i}", None, (0.0, 0.0, z), (1, 0, 0, 0, 1, 0), (1.0, 1.0), 1, 1) for i, z in enumerate(zs)]
+    return np.arange(1, len(zs) + 1, dtype=np.int16).reshape(-1, 1, 1), frames
+
+
+def test_frames_to_grid_nearest_frame_and_its_reach_along_the_normal() -> None:
+    column = np.diag([-1.0, -1.0, 1.0, 1.0])
+    column[2, 3] = -3.0  # voxel k of the (1, 1, 15) grid lies at z = k - 3 mm
+    pix, frames = _column_stack([0.0, 4.0, 8.0])
+    # z = -3 ... 11: each frame reaches 2 mm (half the 4 mm gap) either side, ties go to the later frame
+    got = frames_to_grid(pix, frames, column, (1, 1, 15), fill=-1)[0, 0].tolist()
+    assert got == [-1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, -1]
+    got = frames_to_grid(pix[:2], frames[:2], column, (1, 1, 15), fill=-1)[0, 0].tolist()  # two frames
+    assert got == [-1, 1, 1, 1, 1, 2, 2, 2, 2, 2, -1, -1, -1, -1, -1]
+    # one frame: half a millimetre either side, and fill defaults to 0
+    pix, frames = _column_stack([0.0])
+    assert frames_to_grid(pix, frames, column, (1, 1, 6))[0, 0].tolist() == [0, 0, 0, 1, 0, 0]
