@@ -188,6 +188,9 @@ def test_frames_to_grid_refuses_frames_that_are_not_one_stack() -> None:
     for other in (tilted, finer):
         with pytest.raises(DicomError, match="^frames of different orientations, sizes or pixel spacings"):
             frames_to_grid(pix, [f0, other], np.eye(4), (3, 2, 2))
+    # orientations within 1e-4 (rounding in the header) are one stack
+    nearly = FrameGeometry("1.2", None, (0.0, 0.0, 1.0), (1, 0, 0, 0, 1, 1e-4), (1.0, 1.0), 2, 3)
+    assert frames_to_grid(pix, [f0, nearly], np.eye(4), (3, 2, 2)).shape == (3, 2, 2)
     with pytest.raises(DicomError, match=r"^pixels of shape \(3, 2\) do not fit frames of 2x3$"):
         frames_to_grid(np.zeros((2, 3, 2), np.uint8), [f0, f1], np.eye(4), (3, 2, 2))
 
