@@ -379,3 +379,17 @@ def test_frames_to_grid_nearest_frame_and_its_reach_along_the_normal() -> None:
     # one frame: half a millimetre either side, and fill defaults to 0
     pix, frames = _column_stack([0.0])
     assert frames_to_grid(pix, frames, column, (1, 1, 6))[0, 0].tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def test_sample_frames_output_dtype_default_fill_and_frames_outside() -> None:
+    data = np.zeros((3, 3, 2), np.uint8)
+    data[1:, :, :] = 2
+    lps_grid = np.diag([-1.0, -1.0, 1.0, 1.0])
+    inside = FrameGeometry("1.1", None, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (1.0, 0.5), 1, 3)  # x = 0, 0.5, 1
+    outside = FrameGeometry("1.2", None, (0.0, 0.0, 9.0), (1, 0, 0, 0, 1, 0), (1.0, 0.5), 1, 3)
+    near = sample_frames(data, lps_grid, [outside, inside])  # a frame wholly outside does not end the loop
+    assert near.dtype == np.uint8 and near[0].tolist() == [[0, 0, 0]] and near[1].tolist() == [[0, 2, 2]]
+    lin = sample_frames(data, lps_grid, [inside], interpolation="linear")
+    assert lin.dtype == np.float32 and lin[0].tolist() == [[0.0, 1.0, 2.0]]  # probabilities: float32, never uint8
+    with pytest.raises(DicomError, match=r"^expected a 3D volume \(plus optional trailing axes\), got shape \(3, 3\)$"):
+        sample_frames(data[:, :, 0], lps_grid, [inside])
