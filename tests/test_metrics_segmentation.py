@@ -190,10 +190,24 @@ def test_validation_case_and_combine_by_hand() -> None:
     assert validation_case(prob([1, 0, 2, 2]), truth, 3) == (pytest.approx(2 / 3), None)
     empty = torch.zeros((1, 1, 4), dtype=torch.long)
     assert validation_case(prob([0, 0, 0, 0]), empty, 3) == (None, 1.0)
-    assert validation_case(prob([0, 2, 0, 0]), empty, 3) == (None, 0.0)
+    assert validation_case(prob([0, 1, 0, 0]), empty, 3) == (None, 0.0)  # class 1 counts as foreground
+    soft = torch.tensor([[[0.9, 0.8, 0.95, 0.7], [0.05, 0.1, 0.03, 0.2], [0.05, 0.1, 0.02, 0.1]]])
+    assert validation_case(soft, empty, 3) == (None, 1.0)  # arg-max over the classes: all background
     assert combine_validation_dice([(0.5, None), (None, 1.0), (1.0, None)]) == 0.75  # empty cases left out
     assert combine_validation_dice([(None, 1.0), (None, 0.0), (None, 1.0)]) == pytest.approx(2 / 3)
-    assert math.isnan(combine_validation_dice([]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cases: NaN without a mean of nothing
+        assert math.isnan(combine_validation_dice([]))
+
+
+def test_summarise_rounds_the_hd95_interval_and_uses_n_boot() -> None:
+    from medpipe.metrics.segmentation import summarise
+
+    hds = [1 / 3, 2 / 7, 5 / 11, 1 / 13, 7 / 9, 3 / 17, 9 / 19, 4 / 23]
+    cases = [_case(0.5, h) for h in hds]
+    got = summarise(cases, {1: "a"}, seed=3, n_boot=300)["per_label"]["a"]["hd95_ci95"]
+    assert got == [round(x, 3) for x in bootstrap_ci(hds, seed=3, n=300)]
+    assert got != [round(x, 3) for x in bootstrap_ci(hds, seed=3, n=2000)]
 
 
 # -- the rest of the module, case by case (the tests mutation testing found missing) -------------------------
