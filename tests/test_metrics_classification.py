@@ -447,3 +447,134 @@ def test_confusion_matrix_and_predict_labels_errors_name_the_argument() -> None:
     # probabilities given as integers or strings of numbers are read as float64
     assert predict_labels([[1, 0], [0, 1]]).tolist() == [0, 1]
     assert predict_labels(np.array([["0.3", "0.7"], ["0.6", "0.4"]])).tolist() == [1, 0]
+
+
+# -- found by mutation testing (benchmarks/mutation.py): each test names the slip it guards -------------------
+
+def test_check_inputs_messages_name_the_argument_and_the_count() -> None:
+    p = np.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5], [0.1, 0.9]])
+    y = np.array([0, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"^prob must have at least 2 class columns, got 1$"):
+        classification_metrics(y, p[:, :1])
+    q = p.copy()
+    q[2] = np.nan
+    q[3, 1] = np.inf  # two bad cases, one with a finite value left: the count is of cases, not of values
+    with pytest.raises(ValueError, match=r"^prob has non-finite values \(NaN or inf\) in 2 case\(s\)$"):
+        classification_metrics(y, q)
+    with pytest.raises(ValueError, match=r"^prob must be numeric, got dtype <U\d+$"):
+        classification_metrics(y, p.astype(str))
+    with pytest.raises(ValueError, match=r"^y_true has labels outside 0\.\.1: \[-1, 2\]$"):
+        classification_metrics(np.array([0, 2, -1, 1]), p)  # label 0 is valid and must not be listed
+    with pytest.raises(ValueError, match=r"^y_true has labels outside 0\.\.1: \[2, 3, 4, 5, 6, 7, 8, 9, 10, 11\]$"):
+        confusion_matrix(list(range(2, 14)), [0] * 12, 2)  # at most 10 bad labels listed
+    with pytest.raises(ValueError, match=r"^y_true has 2 cases but prob has 3$"):  # rows, not columns (4)
+        classification_metrics(np.array([0, 1]), np.full((3, 4), 1 / 4))
+    with pytest.raises(ValueError, match=r"^y_true must be a 1-D array of class labels, got shape \(4, 1\)$"):
+        classification_metrics(y[:, None], p)
+    with pytest.raises(ValueError, match=r"^y_true must hold integer class labels, got dtype <U\d+$"):
+        classification_metrics(y.astype(str), p)
+    with pytest.raises(ValueError, match=r"^threshold must not be NaN$"):
+        classification_metrics(y, p, threshold=math.nan)
+
+
+def test_check_inputs_range_is_tested_on_each_side_with_its_tolerance() -> None:
+    y = np.array([0, 1])
+    # above 1 alone (or below 0 alone) is refused: the slip `min < 0 and max > 1` needs both
+    with pytest.raises(ValueError, match=r"got values in \[0\.2, 1\.2\] \(logits instead of softmax outputs\?\)$"):
+        classification_metrics(y, np.array([[0.2, 1.2], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match=r"got values in \[-0\.2, 0\.8\]"):
+        classification_metrics(y, np.array([[-0.2, 0.8], [0.5, 0.5]]))
+    # float32 softmax rounding: exactly the tolerance on either side is accepted
+    ok = classification_metrics(y, np.array([[1 + 1e-4, -1e-4], [0.3, 0.7]]))
+    assert ok["accuracy"] == 1.0
+
+
+def test_probabilities_and_labels_of_every_numeric_dtype_give_the_same_metrics() -> None:
+    y = np.array([0, 1, 1, 0])
+    p = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    ref = classification_metrics(y, p)
+    assert ref["accuracy"] == 0.5 and ref["sensitivity"] == 0.5
+    for prob in (p.astype(np.float32), p.astype(np.int64), p.astype(bool)):
+        assert classification_metrics(y, prob) == ref, prob.dtype
+    for labels in (y.astype(np.float64), y.astype(np.float32), y.astype(bool)):  # integral float labels are read
+        assert classification_metrics(labels, p) == ref, labels.dtype
+
+
+def test_binary_inputs_errors_and_dtypes() -> None:
+    with pytest.raises(ValueError, match=r"^score has non-finite values \(NaN or inf\)$"):
+        roc_auc(np.array([0, 1]), np.array([0.2, np.nan]))
+    with pytest.raises(ValueError, match=r"^y_true_binary has labels outside 0\.\.1: \[2\]$"):
+        roc_curve(np.array([0, 2]), np.array([0.2, 0.3]))  # labels are binary: 2 is not "positive"
+    # a hard classifier's 0/1 predictions as the score: read as float, not negated as bool
+    fpr, tpr, thr = roc_curve(np.array([0, 1, 1]), np.array([False, True, False]))
+    assert fpr.tolist() == [0.0, 0.0, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0] and thr.tolist() == [math.inf, 1.0, 0.0]
+
+
+def test_roc_curve_of_no_cases_is_the_origin_only() -> None:
+    fpr, tpr, thr = roc_curve(np.zeros(0, dtype=int), np.zeros(0))
+    assert np.isnan(fpr).all() and np.isnan(tpr).all() and fpr.shape == tpr.shape == (1,)
+    assert thr.tolist() == [math.inf]
+
+
+def test_reliability_of_three_classes_by_hand() -> None:
+    y = np.array([0, 1, 2, 0])  # the last case is predicted 2: wrong
+    p = np.array([[0.5, 0.3, 0.2], [0.2, 0.4, 0.4 - 1e-9], [0.1, 0.45, 0.45 + 1e-9], [0.3, 0.3, 0.4]])
+    r = reliability(y, p)  # every confidence <= 0.5: the upper bins are empty but present
+    assert r["count"].tolist() == [0, 0, 0, 2, 2, 0, 0, 0, 0, 0] and r["count"].dtype == np.int64
+    np.testing.assert_allclose(r["confidences"], [0.5, 0.4, 0.45 + 1e-9, 0.4])
+    assert r["accuracy"][3] == 0.5 and r["accuracy"][4] == 1.0 and np.isnan(r["accuracy"][9])
+    # bin (0.3, 0.4]: |1 correct - 0.8 confidence|; bin (0.4, 0.5]: |2 - 0.95|; over 4 cases
+    assert r["ece"] == pytest.approx((0.2 + 1.05 - 1e-9) / 4)
+    assert r["ece"] == pytest.approx(classification_metrics(y, p)["ece"])
+    one = reliability(y, p, n_bins=1)  # one bin: |accuracy - mean confidence|
+    assert one["count"].tolist() == [4] and one["ece"] == pytest.approx(abs(3 / 4 - (1.75 + 1e-9) / 4))
+    with pytest.raises(ValueError, match=r"^n_bins must be >= 1, not 0$"):
+        reliability(y, p, n_bins=0)
+    empty = reliability(np.zeros(0, dtype=int), np.zeros((0, 3)))
+    assert math.isnan(empty["ece"]) and empty["count"].tolist() == [0] * 10
+
+
+def test_metrics_with_ci_apply_positive_and_threshold_to_value_and_interval() -> None:
+    s = np.array([0.1, 0.2, 0.15, 0.35, 0.4, 0.45])
+    y, p = np.array([0, 0, 0, 1, 1, 1]), np.stack([1 - s, s], axis=1)
+    # separable at 0.3 (every resample too), not at the default 0.5
+    r = metrics_with_ci(y, p, threshold=0.3, n_boot=200)
+    assert r["sensitivity"]["value"] == 1.0 and r["sensitivity"]["ci95"] == [1.0, 1.0]
+    assert r["specificity"]["ci95"] == [1.0, 1.0]
+    # class 0 positive, threshold on prob[:, 0]: separable at 0.7
+    r0 = metrics_with_ci(y, p, positive=0, threshold=0.7, n_boot=200)
+    assert r0["sensitivity"]["value"] == 1.0 and r0["sensitivity"]["ci95"] == [1.0, 1.0]
+    assert r0["ppv"]["value"] == 1.0
+
+
+def test_metrics_with_ci_defaults_are_seed_0_and_2000_resamples() -> None:
+    y, p = _problem(40, 2, seed=3)
+    assert metrics_with_ci(y, p) == metrics_with_ci(y, p, seed=0, n_boot=2000)
+
+
+def test_choose_threshold_edges_of_the_candidate_list() -> None:
+    from medpipe.metrics.classification import choose_threshold
+
+    # one negative on top: the best cut is below the lowest score, half of it (and one negative is enough)
+    y, p = _binary([0.2, 0.4, 0.6, 0.8], [1, 1, 1, 0])
+    assert choose_threshold(y, p) == pytest.approx(0.1)  # the default rule is accuracy
+    assert choose_threshold(y, p, rule="accuracy") == choose_threshold(y, p)
+    # one positive at the bottom: the best cut is above the highest score, halfway to 1
+    y, p = _binary([0.2, 0.4, 0.6, 0.8], [1, 0, 0, 0])
+    assert choose_threshold(y, p) == pytest.approx(0.9)
+    # cuts at 0 and at 1 are never candidates (the result lies strictly inside (0, 1))
+    y, p = _binary([0.0, 0.0, 0.5], [1, 1, 0])
+    assert choose_threshold(y, p) == 0.75
+    y, p = _binary([0.5, 1.0], [0, 1])
+    assert choose_threshold(y, p) == 0.75
+    # scores only at 0 and 1 leave the one candidate 0.5
+    assert choose_threshold(*_binary([1.0, 0.0, 1.0], [0, 1, 1]), rule="youden") == 0.5
+    # scores a rounding step outside [0, 1] are read as 0 and 1
+    y, p = _binary([-1e-5, 0.6], [0, 1])
+    assert choose_threshold(y, p) == 0.3
+    y, p = _binary([0.4, 1 + 1e-5], [0, 1])
+    assert choose_threshold(y, p) == (0.4 + 1.0) / 2
+    with pytest.raises(ValueError, match=r"^choosing a threshold needs cases of both classes$"):
+        choose_threshold(*_binary([0.2, 0.4], [1, 1]))
+    with pytest.raises(ValueError, match=r"known: accuracy, youden$"):
+        choose_threshold(*_binary([0.2, 0.4], [0, 1]), rule="f1")

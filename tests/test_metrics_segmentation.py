@@ -120,7 +120,7 @@ def test_per_organ_metrics_match_a_hand_computation() -> None:
     """Per class of a 4-organ label map: Dice by counting voxels, HD95 by scipy, the case counts, false
     positives (class predicted, absent from the truth) and missed organs, and the bootstrap intervals of the
     per-case values. Guards: classes mixed up, absent classes averaged in as 0 or 1, HD95 of a missed organ."""
-    from medpipe.metrics.segmentation import per_label_rows, score_case, summarise
+    from medpipe.metrics.segmentation import PER_LABEL_COLUMNS, per_label_rows, score_case, summarise
 
     cases, spacing = _organ_cases()
     names = {1: "lungs", 2: "heart", 3: "liver", 4: "spleen"}
@@ -154,6 +154,60 @@ def test_per_organ_metrics_match_a_hand_computation() -> None:
     rows = per_label_rows(out)
     assert [r["class"] for r in rows] == list(names.values())
     assert rows[2]["missed_cases"] == 1 and rows[3]["dice_ci95_low"] == pytest.approx(1.0)
+    # the CSV columns, each from its own field (low and high not swapped: the lungs' interval has a width)
+    for r, m in zip(rows, out.values(), strict=True):
+        assert tuple(r) == PER_LABEL_COLUMNS
+        assert (r["n"], r["dice"], r["n_hd95"], r["hd95_mm"]) == (m["n"], m["dice"], m["n_hd95"], m["hd95"])
+        assert [r["dice_ci95_low"], r["dice_ci95_high"]] == m["dice_ci95"]
+        assert [r["hd95_ci95_low"], r["hd95_ci95_high"]] == m["hd95_ci95"]
+        assert (r["false_positive_cases"], r["missed_cases"]) == (m["false_positive_cases"], m["missed_cases"])
+    assert rows[0]["dice_ci95_low"] < rows[0]["dice_ci95_high"] and rows[0]["hd95_ci95_low"] < rows[0]["hd95_ci95_high"]
+    # HD95 intervals are rounded to 3 decimals like HD95 itself; n_boot is passed on (not the default 2000)
+    lo, hi = bootstrap_ci(_case_hd95s(scored, 1), seed=7, n=500)
+    assert out["lungs"]["hd95_ci95"] == [round(lo, 3), round(hi, 3)]
+    # false positives and misses come from the Dice (NaN: class absent from the truth), not from HD95, which
+    # is NaN for every case when it is not computed
+    quick = summarise([score_case(p, t, [1, 2, 3, 4], spacing, hd95=False) for p, t in cases], names, seed=7,
+                      n_boot=50)["per_label"]
+    assert [q["false_positive_cases"] for q in quick.values()] == [m["false_positive_cases"] for m in out.values()]
+
+
+def _case_hd95s(scored: list[CaseScores], k: int) -> list[float]:
+    return [c.per_class[k][1] for c in scored if not math.isnan(c.per_class[k][1])]
+
+
+def test_validation_case_and_combine_by_hand() -> None:
+    """Guards: the per-case mean over the wrong classes, empty-truth cases averaged in, the empty fallback."""
+    import torch
+
+    from medpipe.metrics.segmentation import combine_validation_dice, validation_case
+
+    def prob(labels: list[int]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor([labels]), 3).permute(0, 2, 1).float()
+
+    truth = torch.tensor([[[1, 1, 2, 0]]])
+    # class 1: predicted at 1 voxel of its 2 -> 2/3; class 2: predicted at 2 voxels, 1 right -> 2/3
+    assert validation_case(prob([1, 0, 2, 2]), truth, 3) == (pytest.approx(2 / 3), None)
+    empty = torch.zeros((1, 1, 4), dtype=torch.long)
+    assert validation_case(prob([0, 0, 0, 0]), empty, 3) == (None, 1.0)
+    assert validation_case(prob([0, 1, 0, 0]), empty, 3) == (None, 0.0)  # class 1 counts as foreground
+    soft = torch.tensor([[[0.9, 0.8, 0.95, 0.7], [0.05, 0.1, 0.03, 0.2], [0.05, 0.1, 0.02, 0.1]]])
+    assert validation_case(soft, empty, 3) == (None, 1.0)  # arg-max over the classes: all background
+    assert combine_validation_dice([(0.5, None), (None, 1.0), (1.0, None)]) == 0.75  # empty cases left out
+    assert combine_validation_dice([(None, 1.0), (None, 0.0), (None, 1.0)]) == pytest.approx(2 / 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cases: NaN without a mean of nothing
+        assert math.isnan(combine_validation_dice([]))
+
+
+def test_summarise_rounds_the_hd95_interval_and_uses_n_boot() -> None:
+    from medpipe.metrics.segmentation import summarise
+
+    hds = [1 / 3, 2 / 7, 5 / 11, 1 / 13, 7 / 9, 3 / 17, 9 / 19, 4 / 23]
+    cases = [_case(0.5, h) for h in hds]
+    got = summarise(cases, {1: "a"}, seed=3, n_boot=300)["per_label"]["a"]["hd95_ci95"]
+    assert got == [round(x, 3) for x in bootstrap_ci(hds, seed=3, n=300)]
+    assert got != [round(x, 3) for x in bootstrap_ci(hds, seed=3, n=2000)]
 
 
 # -- the rest of the module, case by case (the tests mutation testing found missing) -------------------------

@@ -162,9 +162,7 @@ def choose_threshold(y_true: ArrayLike, prob: ArrayLike, *, positive: int = 1, r
     score = np.clip(p[:, int(positive)], 0.0, 1.0)
     levels = np.unique(score)
     cuts = np.concatenate([[levels[0] / 2], (levels[1:] + levels[:-1]) / 2, [(levels[-1] + 1.0) / 2]])
-    cuts = cuts[(cuts > 0.0) & (cuts < 1.0)]
-    if cuts.size == 0:
-        return DEFAULT_THRESHOLD
+    cuts = cuts[(cuts > 0.0) & (cuts < 1.0)]  # never empty: scores {0}, {1} or {0, 1} leave the cut 0.5
     called = score[None, :] >= cuts[:, None]  # (thresholds, cases)
     tp = (called & is_pos[None, :]).sum(1)
     tn = (~called & ~is_pos[None, :]).sum(1)
@@ -179,9 +177,8 @@ def choose_threshold(y_true: ArrayLike, prob: ArrayLike, *, positive: int = 1, r
 # -- weighted building blocks: W is (B, N), one row of case weights per resample ---------------------------
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den, NaN where den == 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), math.nan)
+    """num / den, NaN where den == 0 (the division never sees a 0: no floating-point warning)."""
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), math.nan)
 
 
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
