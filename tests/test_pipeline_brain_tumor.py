@@ -20,6 +20,7 @@ from medpipe.cli import app
 from medpipe.data.datalist import load_datalist
 from medpipe.stage import RunContext
 from medpipe.stages.predict import PredictParams, predict
+from tests.pipeline_support import set_options
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_tumor.yaml"
 
@@ -39,10 +40,7 @@ def small(tmp_path: Path) -> list[str]:
         "stages.6.out": str(tmp_path / "unseen"), "stages.6.cases": 2, **{f"stages.6.{k}": v for k, v in tiny.items()},
         "score.source": str(tmp_path / "unseen"),
     }
-    out: list[str] = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
+    return set_options(sets)
 
 
 @pytest.mark.slow

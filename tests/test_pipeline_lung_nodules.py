@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from medpipe.cli import app
 from tests.dicom_checks import DCIODVFY, dciodvfy_errors
+from tests.pipeline_support import set_options
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "lung_nodules.yaml"
 TINY = {"matrix": 64, "min_thickness": 5.0, "max_thickness": 5.0}
@@ -39,10 +40,7 @@ def small(tmp_path: Path) -> list[str]:
         "stages.5.out": str(tmp_path / "unseen"), "stages.5.cases": 2, **{f"stages.5.{k}": v for k, v in TINY.items()},
         "score.source": str(tmp_path / "unseen"),
     }
-    out: list[str] = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
+    return set_options(sets)
 
 
 @pytest.mark.slow

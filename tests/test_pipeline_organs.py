@@ -16,6 +16,7 @@ from medpipe.cli import app
 from medpipe.dicom.anatomy import anatomy_codes
 from medpipe.sample.chest_phantom import ORGANS
 from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy
+from tests.pipeline_support import set_options
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "organs.yaml"
 TINY = {"matrix": 48, "min_thickness": 6.0, "max_thickness": 6.0}
@@ -40,10 +41,7 @@ def small(tmp_path: Path) -> list[str]:
         "stages.5.out": str(tmp_path / "unseen"), **{f"stages.5.{k}": v for k, v in TINY.items()},
         "score.source": str(tmp_path / "unseen"),
     }
-    out: list[str] = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
+    return set_options(sets)
 
 
 @pytest.mark.slow

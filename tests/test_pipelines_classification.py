@@ -14,22 +14,16 @@ from typer.testing import CliRunner
 
 from medpipe.cli import app
 from medpipe.data.datalist import load_datalist
+from tests.pipeline_support import set_options
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-def _sets(values: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for k, v in values.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
-
-
 def _run(pipeline: str, run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
     result = CliRunner().invoke(app, ["run", str(PIPELINES / pipeline), "--out", str(run_dir), "--device", "cpu",
-                                      *_sets(values)])
+                                      *set_options(values)])
     assert result.exit_code == 0, result.output
     return json.loads((run_dir / "metrics.json").read_text())
 
