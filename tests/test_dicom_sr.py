@@ -1,0 +1,196 @@
+"""DICOM SR details checked by hand: slab thicknesses and volumes, and point findings read back with pydicom.
+
+Written to kill the surviving mutants of ``medpipe/dicom/sr.py`` (see benchmarks/mutation.py): each
+expected number is derived in the comment next to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medpipe.dicom.frames import FrameGeometry
+from medpipe.dicom.output import AlgorithmSpec, OutputIdentity
+from medpipe.dicom.sr import (
+    PointFinding,
+    read_findings_sr,
+    segment_volumes_ml,
+    slab_thicknesses,
+    write_findings_sr,
+)
+from medpipe.errors import DicomError
+from tests.ingested import Ingested, axial_series
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+ALGORITHM = AlgorithmSpec("test-detector", "0.1")
+CREATED = dt.datetime(2024, 1, 2, 3, 4, 5)
+
+
+def _frame(z: float, spacing: tuple[float, float] = (0.5, 2.0), iop: tuple[float, ...] = AXIAL) -> FrameGeometry:
+    return FrameGeometry(f"1.2.3.{int(z * 10)}", None, (0.0, 0.0, z), iop, spacing, 4, 4)  # type: ignore[arg-type]
+
+
+def test_slab_thicknesses_of_an_uneven_unsorted_stack() -> None:
+    # z = 3, 0, 7, 2 -> sorted 0, 2, 3, 7, gaps 2, 1, 4; each frame: half its two neighbour gaps, the ends
+    # repeat their one gap: z0 (2+2)/2 = 2, z2 (2+1)/2 = 1.5, z3 (1+4)/2 = 2.5, z7 (4+4)/2 = 4
+    widths = slab_thicknesses([_frame(3), _frame(0), _frame(7), _frame(2)])
+    np.testing.assert_allclose(widths, [2.5, 2.0, 4.0, 1.5])
+
+
+def test_slab_thicknesses_refuse_what_has_no_spacing() -> None:
+    with pytest.raises(DicomError, match=r"^source frames have different orientations: cannot measure volumes "
+                                         r"from them$"):
+        slab_thicknesses([_frame(0), _frame(1, iop=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))])
+    with pytest.raises(DicomError, match=r"^a single source frame has no slice spacing: pass volumes_ml$"):
+        slab_thicknesses([_frame(0)])
+    with pytest.raises(DicomError, match=r"^several source frames lie at one position \(echoes or time points\?\): "
+                                         r"pass volumes_ml$"):
+        slab_thicknesses([_frame(0), _frame(1), _frame(1.0005)])
+    # the tolerances are exclusive: orientations 1e-4 apart are one orientation, frames 1e-3 mm apart two
+    np.testing.assert_allclose(slab_thicknesses([_frame(0), _frame(1, iop=(1.0, 0.0, 0.0, 0.0, 1.0, 1e-4))]),
+                               [1.0, 1.0])
+    np.testing.assert_allclose(slab_thicknesses([_frame(0), _frame(0.001)]), [0.001, 0.001])
+
+
+def test_segment_volumes_weigh_pixel_area_and_slab() -> None:
+    frames = [_frame(0), _frame(2), _frame(3)]  # slabs 2, 1.5, 1 mm; pixels 0.5 x 2 = 1 mm^2
+    frames[2] = _frame(3, spacing=(1.0, 3.0))  # but 3 mm^2 on the last frame
+    masks = np.zeros((3, 4, 4, 2), dtype=np.uint8)
+    masks[0, :2, :, 0] = 1  # 8 px * 1 mm^2 * 2 mm = 16 mm^3
+    masks[2, 0, 0, 0] = 7  # any non-zero counts: 1 px * 3 mm^2 * 1 mm = 3 mm^3
+    masks[1, :, :, 1] = 1  # 16 px * 1 mm^2 * 1.5 mm = 24 mm^3
+    np.testing.assert_allclose(segment_volumes_ml(masks, frames), [0.019, 0.024])
+    with pytest.raises(DicomError, match="for 3 frames"):
+        segment_volumes_ml(masks[:2], frames)
+    with pytest.raises(DicomError, match="for 3 frames"):
+        segment_volumes_ml(masks[..., 0], frames)
+
+
+# -- point findings ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def axial(tmp_path_factory: pytest.TempPathFactory) -> Ingested:
+    return axial_series(tmp_path_factory.mktemp("axial"))
+
+
+def _identity(key: str) -> OutputIdentity:
+    return OutputIdentity.derived("tests.dicom_sr", key, series_number=950, created=CREATED)
+
+
+def _content(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    out = []
+    stack = list(ds.ContentSequence)
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return out
+
+
+def test_findings_sr_points_units_and_codes_read_back(axial: Ingested, tmp_path: Path) -> None:
+    findings = [
+        PointFinding((-12.5, 30.25, -101.0), diameter_mm=6.5, score=0.875, label="Nodule A"),
+        PointFinding((1.0, 2.0, 3.0), finding={"scheme": "SCT", "value": "4147007", "meaning": "Mass"},
+                     finding_site=None, tracking_uid="1.2.826.0.1.3680043.8.498.1"),
+    ]
+    target = tmp_path / "sr.dcm"
+    write_findings_sr(target, axial.sources, findings, ALGORITHM, _identity("two"))
+    ds = pydicom.dcmread(target)
+    items = _content(ds)
+    # by hand, with pydicom: the SCOORD3D points, their frame of reference, the coded units
+    points = sorted([list(map(float, i.GraphicData)) for i in items if i.ValueType == "SCOORD3D"])
+    assert points == [[-12.5, 30.25, -101.0], [1.0, 2.0, 3.0]]
+    assert {i.GraphicType for i in items if i.ValueType == "SCOORD3D"} == {"POINT"}
+    assert {i.ReferencedFrameOfReferenceUID for i in items if i.ValueType == "SCOORD3D"} == {
+        str(axial.sources[0].FrameOfReferenceUID)}
+    nums = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator):
+            (float(i.MeasuredValueSequence[0].NumericValue),
+             i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+             i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodingSchemeDesignator)
+            for i in items if i.ValueType == "NUM"}
+    assert nums == {("81827009", "SCT"): (6.5, "mm", "UCUM"), ("122157", "DCM"): (0.875, "1", "UCUM")}
+    finding_types = sorted(i.ConceptCodeSequence[0].CodeValue for i in items
+                           if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071")
+    assert finding_types == ["27925004", "4147007"]  # Nodule (default), Mass
+    sites = [i.ConceptCodeSequence[0].CodeValue for i in items
+             if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "363698007"]
+    assert sites == ["39607008"]  # Lung for the first only
+
+    report = read_findings_sr(target)
+    assert report.frame_of_reference_uid == str(axial.sources[0].FrameOfReferenceUID)
+    assert report.referenced_series == [str(axial.sources[0].SeriesInstanceUID)]
+    by_label = {f.label: f for f in report.findings}
+    assert set(by_label) == {"Nodule A", "Finding 2"}
+    a, b = by_label["Nodule A"], by_label["Finding 2"]
+    assert (a.center, a.diameter_mm, a.score) == ((-12.5, 30.25, -101.0), 6.5, 0.875)
+    assert (a.finding.value, a.finding.scheme_designator) == ("27925004", "SCT")
+    assert a.finding_site is not None and a.finding_site.value == "39607008"
+    assert (b.center, b.diameter_mm, b.score, b.finding_site) == ((1.0, 2.0, 3.0), None, None, None)
+    assert (b.finding.value, b.finding.meaning) == ("4147007", "Mass")
+    assert b.tracking_uid == "1.2.826.0.1.3680043.8.498.1"
+    assert a.tracking_uid is not None and a.tracking_uid != b.tracking_uid
+    # a dataset reads the same as its file
+    assert read_findings_sr(ds).findings == report.findings
+
+
+def test_findings_sr_diameter_in_cm_is_read_in_mm(axial: Ingested, tmp_path: Path) -> None:
+    target = tmp_path / "sr.dcm"
+    write_findings_sr(target, axial.sources, [PointFinding((0.0, 0.0, 0.0), diameter_mm=1.25)], ALGORITHM,
+                      _identity("cm"))
+    ds = pydicom.dcmread(target)
+    (num,) = [i for i in _content(ds) if i.ValueType == "NUM"]
+    unit = num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+    unit.CodeValue, unit.CodeMeaning = "cm", "centimeter"
+    (finding,) = read_findings_sr(ds).findings
+    assert finding.diameter_mm == pytest.approx(12.5)
+    # another SCT concept (Volume) is not a diameter: both the code and its scheme must match
+    num.ConceptNameCodeSequence[0].CodeValue = "118565006"
+    num.ConceptNameCodeSequence[0].CodeMeaning = "Volume"
+    (finding,) = read_findings_sr(ds).findings
+    assert finding.diameter_mm is None
+
+
+def test_findings_sr_without_findings_says_absent(axial: Ingested, tmp_path: Path) -> None:
+    target = tmp_path / "none.dcm"
+    write_findings_sr(target, axial.sources, [], ALGORITHM, _identity("none"))
+    items = _content(pydicom.dcmread(target))
+    evaluations = [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+                   for i in items if i.ValueType == "CODE"
+                   and i.ConceptNameCodeSequence[0].CodeValue == "27925004"]
+    assert evaluations == [("27925004", "272519000")]  # Nodule: Absent
+    texts = {i.TextValue for i in items if i.ValueType == "TEXT"}
+    assert "No nodule" in texts
+    assert read_findings_sr(target).findings == []
+    assert read_findings_sr(target).frame_of_reference_uid is None
+
+
+@pytest.mark.parametrize(("finding", "message"), [
+    (PointFinding((0.0, float("nan"), 0.0)), "three finite numbers"),
+    (PointFinding((0.0, 0.0)), "three finite numbers"),  # type: ignore[arg-type]
+    (PointFinding((0.0, 0.0, 0.0), diameter_mm=0.0), "positive"),
+    (PointFinding((0.0, 0.0, 0.0), diameter_mm=float("inf")), "positive"),
+    (PointFinding((0.0, 0.0, 0.0), score=1.5), r"\[0, 1\]"),
+    (PointFinding((0.0, 0.0, 0.0), score=-0.1), r"\[0, 1\]"),
+])
+def test_findings_sr_refuses_bad_findings(axial: Ingested, tmp_path: Path, finding: PointFinding,
+                                          message: str) -> None:
+    with pytest.raises(DicomError, match=message):
+        write_findings_sr(tmp_path / "x.dcm", axial.sources, [finding], ALGORITHM, _identity("bad"))
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_findings_sr_edges_of_the_ranges_are_accepted(axial: Ingested, tmp_path: Path) -> None:
+    findings = [PointFinding((0.0, 0.0, 0.0), diameter_mm=0.01, score=0.0),
+                PointFinding((1.0, 0.0, 0.0), score=1.0)]
+    write_findings_sr(tmp_path / "x.dcm", axial.sources, findings, ALGORITHM, _identity("edges"))
+    assert sorted(f.score for f in read_findings_sr(tmp_path / "x.dcm").findings) == [0.0, 1.0]
+
+
+def test_read_findings_sr_refuses_what_is_not_a_report(axial: Ingested) -> None:
+    with pytest.raises(DicomError, match="not a DICOM SR"):
+        read_findings_sr(axial.sources[0])
