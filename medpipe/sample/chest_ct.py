@@ -41,14 +41,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from medpipe.dicom.uids import derive_uid
 from medpipe.errors import ConfigError, MedpipeError
 from medpipe.io import atomic_path, csv_text, write_text_atomic
 from medpipe.sample.chest_phantom import ORGANS, ChestModel, Nodule
-from medpipe.sample.dicom_writer import MANUFACTURER, StudyHeader, _common_dataset
+from medpipe.sample.dicom_writer import MANUFACTURER, StudyHeader, _common_dataset, slice_from_template
 from medpipe.workers import process_pool
 
 log = logging.getLogger(__name__)
@@ -487,15 +487,7 @@ def write_ct_series(directory: Path, stored: np.ndarray, geo: ScanGeometry, stud
     digits = max(4, len(str(len(geo.centres))))
     written = []
     for k in range(len(geo.centres)):
-        sl = Dataset()
-        sl.update(ds)
-        uid = make_uid(*uid_key, "slice", k)
-        sl.file_meta = FileMetaDataset()
-        sl.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        sl.file_meta.MediaStorageSOPInstanceUID = UID(uid)
-        sl.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        sl.SOPInstanceUID = uid
-        sl.InstanceNumber = k + 1
+        sl = slice_from_template(ds, make_uid(*uid_key, "slice", k), k + 1)
         ipp = [round(float(v), 4) for v in geo.ipp(k)]
         sl.ImagePositionPatient = ipp
         sl.SliceLocation = round(ipp[2], 4)

@@ -118,6 +118,20 @@ def _window(pixels: np.ndarray) -> tuple[int, int]:
     return int(round(high / 2)), max(int(round(high)), 2)
 
 
+def slice_from_template(template: Dataset, sop_instance_uid: str, number: int) -> Dataset:
+    """A fresh single-frame dataset sharing ``template``'s (never mutated) elements, with its own file meta
+    (the template's SOP class, Explicit VR Little Endian), SOP Instance UID and InstanceNumber ``number``."""
+    sl = Dataset()
+    sl.update(template)
+    sl.file_meta = FileMetaDataset()
+    sl.file_meta.MediaStorageSOPClassUID = template.SOPClassUID
+    sl.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    sl.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sl.SOPInstanceUID = sop_instance_uid
+    sl.InstanceNumber = number
+    return sl
+
+
 def write_mr_series(
     directory: Path,
     pixels: np.ndarray,
@@ -212,16 +226,7 @@ def write_mr_series(
     width_digits = max(4, len(str(grid.slices)))
     written: list[Dataset] = []
     for i in range(grid.slices):
-        # A fresh dataset per slice sharing the template's (never mutated) elements.
-        sl = Dataset()
-        sl.update(ds)
-        sop_uid = make_uid(*uid_key, "slice", i)
-        sl.file_meta = FileMetaDataset()
-        sl.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        sl.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        sl.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        sl.SOPInstanceUID = sop_uid
-        sl.InstanceNumber = i + 1
+        sl = slice_from_template(ds, make_uid(*uid_key, "slice", i), i + 1)
         position = grid.slice_position(i)
         sl.ImagePositionPatient = [round(v, 4) for v in position]
         sl.SliceLocation = round(position[2], 4)
