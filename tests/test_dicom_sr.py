@@ -192,5 +192,53 @@ def test_findings_sr_edges_of_the_ranges_are_accepted(axial: Ingested, tmp_path:
 
 
 def test_read_findings_sr_refuses_what_is_not_a_report(axial: Ingested) -> None:
-    with pytest.raises(DicomError, match="not a DICOM SR"):
+    # the message names what the file is, so a user sees which object was passed by mistake
+    with pytest.raises(DicomError, match=r"^not a DICOM SR \(Modality 'CT'\)$"):
         read_findings_sr(axial.sources[0])
+    not_tid1500 = pydicom.Dataset()
+    not_tid1500.Modality = "SR"
+    with pytest.raises(DicomError, match=r"^not a TID 1500 measurement report: "):
+        read_findings_sr(not_tid1500)
+
+
+def test_third_party_report_gives_its_volumetric_point_and_skips_2d_regions(shared_data: Path) -> None:
+    # highdicom's own test report: planar groups with a 2D CIRCLE (Nodule, with a finding site) and a 2D
+    # POLYLINE (Aorta), then a volumetric group whose volume surface is a 3D POINT (Vertebra, with a Volume
+    # measurement, not a diameter). Only the last is a point finding, and the 2D groups before it must not stop
+    # the reading. Reading it crashed with an AttributeError until the volume surface's graphic data was read.
+    path = shared_data / "highdicom_testfiles/data/test_files/sr_document_with_multiple_groups.dcm"
+    report = read_findings_sr(path)
+    (vertebra,) = report.findings
+    # GraphicData is VR FL: the float32 values of 123.5, 234.1, -23.7
+    assert vertebra.center == (123.5, float(np.float32(234.1)), float(np.float32(-23.7)))
+    assert (vertebra.finding.value, vertebra.finding.scheme_designator, vertebra.finding.meaning) == (
+        "51282000", "SCT", "Vertebra")
+    assert (vertebra.label, vertebra.diameter_mm, vertebra.score, vertebra.finding_site) == (
+        "Vertebra0001", None, None, None)
+    assert vertebra.tracking_uid == "1.2.826.0.1.3680043.10.511.3.43363410740787689196585073927400170"
+    assert report.frame_of_reference_uid == "1.3.6.1.4.1.5962.1.4.1.1.20040119072730.12322"
+    assert report.referenced_series == ["1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"]
+    # highdicom's single-group report has one 2D circle and no evidence sequence: nothing, and no series
+    single = read_findings_sr(shared_data / "highdicom_testfiles/data/test_files/sr_document.dcm")
+    assert (single.findings, single.frame_of_reference_uid, single.referenced_series) == ([], None, [])
+
+
+def test_findings_without_type_or_tracking_uid_and_evidence_without_series(axial: Ingested,
+                                                                            tmp_path: Path) -> None:
+    # what another writer may leave out: the finding type (read as the default, Nodule), the tracking UID
+    # (None, not the text "None"), the series list of an evidence item (skipped, not a crash)
+    target = tmp_path / "sr.dcm"
+    write_findings_sr(target, axial.sources, [PointFinding((1.0, 2.0, 3.0), label="A")], ALGORITHM,
+                      _identity("bare"))
+    ds = pydicom.dcmread(target)
+    for item in _content(ds):
+        kept = [c for c in item.get("ContentSequence", [])
+                if c.ConceptNameCodeSequence[0].CodeValue not in ("121071", "112040")]  # Finding, Tracking UID
+        if "ContentSequence" in item:
+            item.ContentSequence = kept
+    assert not [i for i in _content(ds) if i.ConceptNameCodeSequence[0].CodeValue in ("121071", "112040")]
+    ds.CurrentRequestedProcedureEvidenceSequence.append(pydicom.Dataset())
+    (finding,) = read_findings_sr(ds).findings
+    assert (finding.label, finding.center, finding.tracking_uid) == ("A", (1.0, 2.0, 3.0), None)
+    assert (finding.finding.value, finding.finding.meaning) == ("27925004", "Nodule")
+    assert read_findings_sr(ds).referenced_series == [str(axial.sources[0].SeriesInstanceUID)]

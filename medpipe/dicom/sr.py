@@ -516,7 +516,9 @@ def read_findings_sr(sr: Dataset | Path | str) -> FindingsReport:
         region = getattr(g, "roi", None)
         if region is None or getattr(region, "graphic_type", None) != hd.sr.GraphicTypeValues3D.POINT:
             continue
-        point = np.asarray(region.value, dtype=np.float64).reshape(-1)[:3]
+        # a planar group's point is one SCOORD3D item; a volumetric group's is a volume surface around it
+        data = region.graphic_data if isinstance(region, hd.sr.VolumeSurface) else region.value
+        point = np.asarray(data, dtype=np.float64).reshape(-1)[:3]
         frames.add(str(region.frame_of_reference_uid))
         diameter = score = None
         for m in g.get_measurements():
