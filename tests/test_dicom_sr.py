@@ -134,8 +134,9 @@ def test_findings_sr_points_units_and_codes_read_back(axial: Ingested, tmp_path:
     assert (b.finding.value, b.finding.meaning) == ("4147007", "Mass")
     assert b.tracking_uid == "1.2.826.0.1.3680043.8.498.1"
     assert a.tracking_uid is not None and a.tracking_uid != b.tracking_uid
-    # a dataset reads the same as its file
+    # a dataset reads the same as its file, and is left as it was (highdicom converts in place unless asked not to)
     assert read_findings_sr(ds).findings == report.findings
+    assert type(ds) is pydicom.FileDataset and type(ds.ContentSequence[0]) is pydicom.Dataset
 
 
 def test_findings_sr_diameter_in_cm_is_read_in_mm(axial: Ingested, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ PRELIMINARY (machine output nobody has signed), and are reproducible.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,11 +504,15 @@ def read_findings_sr(sr: Dataset | Path | str) -> FindingsReport:
     import highdicom as hd
     import pydicom
 
-    ds = sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
+    given = isinstance(sr, Dataset)
+    ds = sr if given else pydicom.dcmread(str(sr))
     if str(ds.get("Modality")) != "SR":
         raise DicomError(f"not a DICOM SR (Modality {ds.get('Modality')!r})")
     try:
-        doc = ds if isinstance(ds, hd.sr.Comprehensive3DSR) else hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
+        # highdicom converts the content items of the dataset it is given in place, even with copy=True
+        # (1500 documents: it parses dataset.ContentSequence, not its copy's): a caller's dataset is copied first
+        doc = ds if isinstance(ds, hd.sr.Comprehensive3DSR) else hd.sr.Comprehensive3DSR.from_dataset(
+            copy.deepcopy(ds) if given else ds, copy=False)
         groups = doc.content.get_planar_roi_measurement_groups() + doc.content.get_volumetric_roi_measurement_groups()
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise DicomError(f"not a TID 1500 measurement report: {exc}") from exc
