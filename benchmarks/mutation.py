@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     modules = args.modules or _modules()
     if not args.report:
-        env = {**os.environ, "MEDPIPE_TEST_DATA": str((REPO / ".." / "shared" / "data").resolve())}
+        # the tests run from mutants/, where ../shared/data is not the real data folder; one torch thread
+        # per mutant process (--max-children of them share the cores)
+        env = {**os.environ, "MEDPIPE_TEST_DATA": str((REPO / ".." / "shared" / "data").resolve()),
+               "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
                *[f"{m}.*" for m in modules]]
         subprocess.run(cmd, cwd=REPO, env=env, check=False, stdout=subprocess.DEVNULL)
