@@ -243,3 +243,154 @@ def test_findings_without_type_or_tracking_uid_and_evidence_without_series(axial
     assert (finding.label, finding.center, finding.tracking_uid) == ("A", (1.0, 2.0, 3.0), None)
     assert (finding.finding.value, finding.finding.meaning) == ("27925004", "Nodule")
     assert read_findings_sr(ds).referenced_series == [str(axial.sources[0].SeriesInstanceUID)]
+
+
+# -- classifier reports ------------------------------------------------------------------------------
+
+MAMMOGRAPHY = {"scheme": "SCT", "value": "241055006", "meaning": "Mammography"}
+NEOPLASM = {"scheme": "SCT", "value": "108369006", "meaning": "Neoplasm"}
+BREAST = {"scheme": "SCT", "value": "76752008", "meaning": "Breast"}
+LONG_LABEL = "Varicella zoster virus infection of the skin, suspected on all these images"  # 75 characters
+
+
+def _groups(ds: pydicom.Dataset) -> list[dict[str, list[str]]]:
+    """Each measurement group as {concept code: [its values]} (text, UID, code or number), read with pydicom."""
+    out = []
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for item in measurements.ContentSequence:  # in document order
+        if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
+            continue
+        found: dict[str, list[str]] = {}
+        for child in item.ContentSequence:
+            value = {"TEXT": lambda: child.TextValue, "UIDREF": lambda: child.UID,
+                     "CODE": lambda: child.ConceptCodeSequence[0].CodeValue,
+                     "NUM": lambda: child.MeasuredValueSequence[0].NumericValue}.get(child.ValueType, lambda: None)()
+            found.setdefault(child.ConceptNameCodeSequence[0].CodeValue, []).append(str(value))
+        out.append(found)
+    return out
+
+
+def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: Path) -> None:
+    from medpipe.dicom.output import derive_uid
+    from medpipe.dicom.sr import ClassResult, write_classification_sr
+
+    algorithm = AlgorithmSpec("cls-net", "2.1", source="Acme Lab", parameters={"checkpoint": "ab"})
+    identity = _identity("cls")
+    # the ends of [0, 1] are valid probabilities and thresholds; probability >= threshold is Present
+    results = [ClassResult(NEOPLASM, 1.0, 1.0, label="tumour", finding_site=BREAST),
+               ClassResult(NEOPLASM | {"value": "363346000", "meaning": "Malignant neoplastic disease"}, 0.0, 0.0),
+               ClassResult(NEOPLASM | {"value": "38907003", "meaning": "Varicella"}, 0.25, 0.5, label=LONG_LABEL)]
+    target = tmp_path / "cls.dcm"
+    write_classification_sr(target, axial.sources, results, algorithm, identity, procedure=MAMMOGRAPHY)
+    ds = pydicom.dcmread(target)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+            if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]  # the procedure given
+    groups = _groups(ds)
+    # the label, else the finding's meaning; cut to the 64 characters of a Tracking Identifier (TEXT, but LO-sized)
+    assert [g["112039"] for g in groups] == [["tumour"], ["Malignant neoplastic disease"], [LONG_LABEL[:64]]]
+    assert [g["121071"] for g in groups] == [["108369006"], ["363346000"], ["38907003"]]
+    assert [g.get("363698007") for g in groups] == [["76752008"], None, None]  # a finding site where given
+    for g, r, decision in zip(groups, results, ["52101004", "52101004", "272519000"], strict=True):
+        code = g["121071"][0]
+        assert g[code] == [decision]  # the decision: Present / Present / Absent
+        assert [float(v) for v in g["122157"]] == [r.probability]
+        # each group names the algorithm in full, with its own threshold among the parameters
+        assert (g["111001"], g["111003"], g["122405"]) == (["cls-net"], ["2.1"], ["Acme Lab"])
+        assert g["111002"] == ["checkpoint=ab", f"threshold={r.threshold:g}"]
+    # tracking UIDs: from the report's own instance UID, the class's place and its finding code, so that
+    # the same scoring gives the same UIDs and another report other ones
+    assert [g["112040"] for g in groups] == [
+        [derive_uid(identity.sop_instance_uid, "class", i, "SCT", code)]
+        for i, code in enumerate(["108369006", "363346000", "38907003"])]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"results": []}, r"^at least one class result is needed$"),
+    ({"probability_concept": {"scheme": "DCM", "value": "122157"}},
+     r"^probability concept: expected \{scheme, value, meaning\}, missing meaning$"),
+    ({"results": [{"finding": {"value": "1"}}]}, r"^class 0 finding: expected \{scheme, value, meaning\}"),
+    ({"results": [{"finding_site": "Breast"}]}, r"^class 'Neoplasm' finding site: expected a pydicom Code"),
+    ({"results": [{"threshold": 1.5}]}, r"^class 'Neoplasm': probability and threshold must lie in \[0, 1\]$"),
+    ({"results": [{"probability": -0.01}]}, r"^class 'Neoplasm': probability and threshold must lie in \[0, 1\]$"),
+])
+def test_classification_sr_refuses_what_it_cannot_code(axial: Ingested, tmp_path: Path, kwargs: dict,
+                                                       message: str) -> None:
+    from medpipe.dicom.sr import ClassResult, write_classification_sr
+
+    options = dict(kwargs)
+    results = [ClassResult(**({"finding": NEOPLASM, "probability": 0.5, "threshold": 0.5} | r))
+               for r in options.pop("results", [{}])]
+    with pytest.raises(DicomError, match=message):
+        write_classification_sr(tmp_path / "x.dcm", axial.sources, results, ALGORITHM, _identity("bad"), **options)
+    assert not (tmp_path / "x.dcm").exists()
+
+
+# -- findings reports: what they need from the sources ----------------------------------------------
+
+
+def test_findings_sr_of_one_source_image_and_its_procedure(axial: Ingested, tmp_path: Path) -> None:
+    target = tmp_path / "one.dcm"
+    write_findings_sr(target, axial.sources[:1], [PointFinding((1, 2, 3), diameter_mm=4)], ALGORITHM,
+                      _identity("one"), procedure=MAMMOGRAPHY)
+    ds = pydicom.dcmread(target)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+            if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]
+    (finding,) = read_findings_sr(ds).findings  # integers are numbers too
+    assert (finding.center, finding.diameter_mm) == ((1.0, 2.0, 3.0), 4.0)
+
+
+def test_findings_sr_needs_a_frame_of_reference(axial: Ingested, tmp_path: Path) -> None:
+    source = pydicom.dcmread(axial.files[0], stop_before_pixels=True)
+    del source.FrameOfReferenceUID
+    sources = [source]
+    with pytest.raises(DicomError, match=r"^the source series has no Frame Of Reference UID: points cannot be "
+                                         r"given in its space$"):
+        write_findings_sr(tmp_path / "x.dcm", sources, [], ALGORITHM, _identity("nofor"))
+
+
+def test_findings_sr_groups_name_the_algorithm_and_derive_their_tracking_uids(axial: Ingested,
+                                                                              tmp_path: Path) -> None:
+    from medpipe.dicom.output import derive_uid
+
+    algorithm = AlgorithmSpec("det-net", "3.0", source="Acme Lab")
+    identity = _identity("uids")
+    findings = [PointFinding((0.0, 0.0, 0.0), label=LONG_LABEL), PointFinding((1.0, 0.0, 0.0)),
+                PointFinding((2.0, 0.0, 0.0), tracking_uid="1.2.826.0.1.3680043.8.498.7")]
+    target = tmp_path / "f.dcm"
+    write_findings_sr(target, axial.sources, findings, algorithm, identity)
+    groups = _groups(pydicom.dcmread(target))
+    assert [(g["111001"], g["111003"], g["122405"]) for g in groups] == [(["det-net"], ["3.0"], ["Acme Lab"])] * 3
+    assert [g["112039"] for g in groups] == [[LONG_LABEL[:64]], ["Finding 2"], ["Finding 3"]]
+    # a finding's own tracking UID is kept; the others derive from the report's instance UID and the
+    # finding's place (from 1), so the same scoring gives the same UIDs and another report other ones
+    assert [g["112040"] for g in groups] == [[derive_uid(identity.sop_instance_uid, "finding", 1)],
+                                             [derive_uid(identity.sop_instance_uid, "finding", 2)],
+                                             ["1.2.826.0.1.3680043.8.498.7"]]
+
+
+def test_findings_sr_absent_of_another_kind(axial: Ingested, tmp_path: Path) -> None:
+    from medpipe.dicom.output import derive_uid
+
+    mass = {"scheme": "SCT", "value": "4147007", "meaning": "Mass"}
+    identity = _identity("absent")
+    target = tmp_path / "none.dcm"
+    write_findings_sr(target, axial.sources, [], ALGORITHM, identity, absent=mass)
+    (group,) = _groups(pydicom.dcmread(target))
+    assert group["121071"] == ["4147007"] and group["4147007"] == ["272519000"]  # Mass: Absent
+    assert group["112039"] == ["No mass"]
+    assert group["112040"] == [derive_uid(identity.sop_instance_uid, "no finding")]
+
+
+@pytest.mark.parametrize(("finding", "options", "message"), [
+    (PointFinding((0.0, 0.0, 0.0), label="A", finding={"value": "1"}), {}, r"^finding 'A' type: expected "),
+    (PointFinding((0.0, 0.0, 0.0), label="A", finding_site="Lung"), {}, r"^finding 'A' site: expected a pydicom Code"),
+    # what highdicom refuses is named by the finding it came from
+    (PointFinding((0.0, 0.0, 0.0), label="A", tracking_uid=5), {}, r"^finding 'A': .*UID"),  # type: ignore[arg-type]
+    (None, {"absent": {"scheme": "SCT"}}, r"^absent finding: expected \{scheme, value, meaning\}, missing value"),
+])
+def test_findings_sr_names_what_it_cannot_code(axial: Ingested, tmp_path: Path, finding: PointFinding | None,
+                                               options: dict, message: str) -> None:
+    with pytest.raises(DicomError, match=message):
+        write_findings_sr(tmp_path / "x.dcm", axial.sources, [finding] if finding else [], ALGORITHM,
+                          _identity("bad"), **options)
+    assert not (tmp_path / "x.dcm").exists()
