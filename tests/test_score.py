@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from medpipe.dicom.frames import FrameGeometry
 from medpipe.inference.package import ModelPackage, PackageError
 from medpipe.scoring.engine import ScoreOptions, score
 from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy
@@ -382,3 +383,71 @@ def test_labelmap_seg_on_request(tmp_path: Path, package: ModelPackage) -> None:
     seg = pydicom.dcmread(tmp_path / "out" / row["seg"])
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
     assert dciodvfy_errors(tmp_path / "out" / row["seg"]) == []
+
+
+# -- the pieces of a result, by hand ------------------------------------------------------------------
+
+
+def test_decision_of_binary_and_multiclass_probabilities() -> None:
+    from medpipe.scoring.results import decision
+
+    # binary: the positive class when its probability reaches the threshold (>=), else the other class
+    outputs = {"positive_class": 0, "threshold": 0.7}
+    assert decision(np.array([0.75, 0.25]), outputs) == (0, 0.7)
+    assert decision(np.array([0.7, 0.3]), outputs) == (0, 0.7)  # at the threshold: positive
+    assert decision(np.array([0.65, 0.35]), outputs) == (1, 0.7)
+    # defaults: class 1 is positive, threshold 0.5
+    assert decision(np.array([0.5, 0.5]), {}) == (1, 0.5)
+    assert decision(np.array([0.51, 0.49]), {}) == (0, 0.5)
+    # more classes: the most probable, with its probability
+    assert decision(np.array([0.2, 0.5, 0.3]), {"threshold": 0.9}) == (1, 0.5)
+
+
+def test_segment_classes_in_class_order_with_their_codes() -> None:
+    from medpipe.inference.package import FALLBACK_CODE, KNOWN_SEGMENT_CODES
+    from medpipe.scoring.results import segment_classes
+
+    given = {"category": {"scheme": "SCT", "value": "123037004", "meaning": "Anatomical Structure"},
+             "type": {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}}
+    # keys are JSON strings: "10" must come after "2" (numeric order, not text order)
+    classes = segment_classes({"classes": {"10": "tumour", "2": {"name": "hepar", **given}, "3": "blob"}})
+    assert list(classes) == [2, 3, 10]
+    assert classes[2] == {"name": "hepar", **given}  # the package's own codes win
+    assert classes[3] == {"name": "blob", **FALLBACK_CODE}  # unknown name: Tissue
+    assert classes[10] == {"name": "tumour", **KNOWN_SEGMENT_CODES["tumour"]}
+    assert segment_classes({}) == {}
+
+
+def _frame(z: float, iop: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+           origin: tuple[float, float] = (0.0, 0.0)) -> FrameGeometry:
+    return FrameGeometry(f"1.2.{int(z * 10) + 100}", None, (origin[0], origin[1], z), iop, (0.5, 2.0), 64, 64)  # type: ignore[arg-type]
+
+
+def test_nearest_frame_and_the_point_on_it() -> None:
+    from medpipe.scoring.results import nearest_frame
+
+    frames = [_frame(7.0), _frame(0.0), _frame(4.0, origin=(-10.0, 20.0)), _frame(2.0)]
+    # z 4.9: 0.9 mm from z 4 (index 2), 2.1 from z 7; on it: row = dy / row spacing, column = dx / column spacing
+    assert nearest_frame(frames, (3.0, 25.0, 4.9)) == (2, ((25.0 - 20.0) / 0.5, (3.0 + 10.0) / 2.0))
+    # below the stack: the lowest frame; a point off the grid gives negative indices, not a clamp
+    assert nearest_frame(frames, (-1.0, -0.5, -3.0)) == (1, (-1.0, -0.5))
+    # a tie (z 1 is 1 mm from z 0 and z 2): the first frame in series order
+    assert nearest_frame(frames, (0.0, 0.0, 1.0))[0] == 1
+    # an oblique frame: rows along (0, 0.6, 0.8), columns along (1, 0, 0), normal (0, -0.8, 0.6)
+    oblique = FrameGeometry("1.2.9", None, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 0.6, 0.8), (0.5, 2.0), 8, 8)  # type: ignore[arg-type]
+    below = FrameGeometry("1.2.8", None, (0.0, 0.8, -0.6), (1.0, 0.0, 0.0, 0.0, 0.6, 0.8), (0.5, 2.0), 8, 8)  # type: ignore[arg-type]
+    # point = 4 x column direction + 3 x row direction + 0.2 x normal -> 0.2 mm from the first plane, 1.2 from the other
+    p = (4.0 * 1.0, 3.0 * 0.6 - 0.2 * 0.8, 3.0 * 0.8 + 0.2 * 0.6)
+    i, (r, c) = nearest_frame([below, oblique], p)
+    assert i == 1 and (r, c) == pytest.approx((3.0 / 0.5, 4.0 / 2.0))
+
+
+def test_study_folder_is_safe_and_stable(tmp_path: Path) -> None:
+    import hashlib
+
+    from medpipe.scoring.results import study_folder
+
+    digest = hashlib.sha1(b"1.2.3").hexdigest()[:8]
+    assert study_folder(tmp_path, "MRN 42/../x", "1.2.3") == tmp_path / "results" / "MRN_42_.._x" / digest
+    assert study_folder(tmp_path, "", "1.2.3") == tmp_path / "results" / "unknown" / digest
+    assert study_folder(tmp_path, "A", "1.2.4") != study_folder(tmp_path, "A", "1.2.3")

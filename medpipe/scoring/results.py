@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class ResultWriter:
             from medpipe.models.explain import Explainer
 
             image = prep.data["image"]
-            decided = self._decision(prob)[0]
+            decided = decision(prob, self.package.outputs)[0]
             explainer = Explainer(self.net.nets[0], self.net.config, ["gradcam"])
             cam = explainer(image[None].to(self.net.device), decided)["gradcam"][0]
             affine = getattr(image, "affine", None)
@@ -107,16 +108,6 @@ class ResultWriter:
                                    "the Grad-CAM map cannot be put back on the source series")
             out["map"] = probabilities_on_grid(np.asarray(cam, dtype=np.float32)[None], affine, prep.grid)[0]
         return out
-
-    def _decision(self, prob: np.ndarray) -> tuple[int, float]:
-        """(decided class, threshold used): binary -> positive class at the model's threshold; else argmax."""
-        outputs = self.package.outputs
-        if len(prob) == 2:
-            pos = int(outputs.get("positive_class", 1))
-            thr = float(outputs.get("threshold", 0.5))
-            return (pos if prob[pos] >= thr else 1 - pos), thr
-        k = int(np.argmax(prob))
-        return k, float(prob[k])
 
     # -- writing ----------------------------------------------------------------------------------------
 
@@ -184,7 +175,7 @@ class ResultWriter:
         grid = prep.grid
         mask = pred["mask"]
         datasets, frames = src.datasets, src.frames
-        classes = self._segment_classes()
+        classes = segment_classes(self.package.outputs)
         series_uid = str(datasets[0].SeriesInstanceUID)
         per_frame = sample_frames(mask, grid.affine, frames, interpolation="nearest").astype(np.uint8)
         specs = [SegmentSpec(label=c["name"], category=c["category"], type=c["type"],
@@ -260,15 +251,6 @@ class ResultWriter:
                 "report_threshold": round(threshold, 4), "sr": str(sr_path.relative_to(self.out)),
                 "findings_csv": str(csv_path.relative_to(self.out)), "key_images": ";".join(keys)}
 
-    def _segment_classes(self) -> dict[int, dict[str, Any]]:
-        classes = self.package.outputs.get("classes") or {}
-        out = {}
-        for k, c in sorted(classes.items(), key=lambda kv: int(kv[0])):
-            c = c if isinstance(c, dict) else {"name": str(c)}
-            code = segment_code(c["name"], {x: c[x] for x in ("category", "type") if x in c} or None)
-            out[int(k)] = {**c, "category": code["category"], "type": code["type"]}
-        return out
-
     def _write_classification(self, prep: Any, pred: dict[str, Any], src: _Sources, folder: Path
                               ) -> dict[str, Any]:
         from medpipe.dicom.sr import ClassResult, write_classification_sr
@@ -276,7 +258,7 @@ class ResultWriter:
         prob = pred["probabilities"]
         names = {int(k): str(v) for k, v in (self.package.outputs.get("class_names") or {}).items()}
         codes = self.package.outputs.get("class_codes") or {}
-        decided, thr = self._decision(prob)
+        decided, thr = decision(prob, self.package.outputs)
         if len(prob) == 2:
             pos = int(self.package.outputs.get("positive_class", 1))
             reported = [pos]
@@ -333,6 +315,29 @@ class ResultWriter:
         seg_preview_png(seg_path, src.frames, src.full, path,
                         title=f"{self.package.name}: the written SEG, read back, over its source frames")
         return path
+
+
+def decision(prob: np.ndarray, outputs: Mapping[str, Any]) -> tuple[int, float]:
+    """(decided class, threshold used) of a classifier's probabilities under its package's ``outputs``:
+    binary -> the positive class when its probability reaches the threshold, else the other; else the argmax
+    (and its probability)."""
+    if len(prob) == 2:
+        pos = int(outputs.get("positive_class", 1))
+        thr = float(outputs.get("threshold", 0.5))
+        return (pos if prob[pos] >= thr else 1 - pos), thr
+    k = int(np.argmax(prob))
+    return k, float(prob[k])
+
+
+def segment_classes(outputs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """A segmenter package's classes (class index -> name and coded category / type), in class order."""
+    classes = outputs.get("classes") or {}
+    out = {}
+    for k, c in sorted(classes.items(), key=lambda kv: int(kv[0])):
+        c = c if isinstance(c, dict) else {"name": str(c)}
+        code = segment_code(c["name"], {x: c[x] for x in ("category", "type") if x in c} or None)
+        out[int(k)] = {**c, "category": code["category"], "type": code["type"]}
+    return out
 
 
 def nearest_frame(frames: list[Any], lps: tuple[float, float, float]) -> tuple[int, tuple[float, float]]:
