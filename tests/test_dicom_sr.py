@@ -394,3 +394,66 @@ def test_findings_sr_names_what_it_cannot_code(axial: Ingested, tmp_path: Path, 
         write_findings_sr(tmp_path / "x.dcm", axial.sources, [finding] if finding else [], ALGORITHM,
                           _identity("bad"), **options)
     assert not (tmp_path / "x.dcm").exists()
+
+
+# -- a third party's SEG ----------------------------------------------------------------------------
+
+
+def test_seg_sr_of_highdicoms_ct_segmentation(shared_data: Path, tmp_path: Path) -> None:
+    # highdicom's test SEG: one segment ("first segment", Tissue / Bone, Tracking ID "Bone") on its one CT image
+    from medpipe.dicom.sr import write_seg_sr
+
+    files = shared_data / "highdicom_testfiles/data/test_files"
+    seg = pydicom.dcmread(files / "seg_image_ct_binary_single_frame.dcm")
+    ct = pydicom.dcmread(files / "ct_image.dcm", stop_before_pixels=True)
+    identity = _identity("hd-seg")
+    with pytest.raises(DicomError, match=r"^a single source frame has no slice spacing: pass volumes_ml$"):
+        write_seg_sr(tmp_path / "x.dcm", seg, [ct], ALGORITHM, identity)
+    # 1832 pixels x 0.661468^2 mm^2 x 5 mm slice = 4007.8 mm^3: passed in, as a caller with its own count would
+    volume = 1832 * 0.661468 ** 2 * 5.0 / 1000.0
+    target = tmp_path / "sr.dcm"
+    write_seg_sr(target, seg, [ct], ALGORITHM, identity, volumes_ml={1: volume}, procedure=MAMMOGRAPHY)
+    ds = pydicom.dcmread(target)
+    (group,) = _groups(ds)
+    assert group["112039"] == ["Bone"]  # the SEG's Tracking ID, then its Tracking UID
+    assert group["112040"] == ["1.2.826.0.1.3680043.10.511.3.19138981091387755276045967689445284"]
+    assert (group["121071"], group["276214006"]) == (["272673000"], ["85756007"])  # Finding: Bone; Category: Tissue
+    assert [float(v) for v in group["118565006"]] == [pytest.approx(volume)]  # Volume
+    assert group["121232"] == [str(ct.SeriesInstanceUID)]  # Source series for segmentation
+    assert (group["111001"], group["111003"]) == (["test-detector"], ["0.1"])
+    (segment,) = [i for i in _content(ds) if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i
+                  and "ReferencedSegmentNumber" in i.ReferencedSOPSequence[0]]
+    ref = segment.ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID, ref.ReferencedSegmentNumber) == (
+        seg.SOPInstanceUID, seg.SOPClassUID, 1)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+            if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]
+    evidence = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert evidence == {seg.SOPInstanceUID, ct.SOPInstanceUID}
+    assert ds.StudyInstanceUID == ct.StudyInstanceUID
+
+
+def test_seg_sr_refusals_name_the_problem(shared_data: Path, tmp_path: Path) -> None:
+    from medpipe.dicom.sr import NumericMeasurement, write_seg_sr
+
+    files = shared_data / "highdicom_testfiles/data/test_files"
+    seg = pydicom.dcmread(files / "seg_image_ct_binary_single_frame.dcm")
+    ct = pydicom.dcmread(files / "ct_image.dcm", stop_before_pixels=True)
+    other = pydicom.dcmread(files / "seg_image_ct_binary.dcm")  # a SEG of another series
+    mean = NumericMeasurement({"scheme": "SCT", "value": "373098007", "meaning": "Mean"}, 1.0,
+                              {"scheme": "UCUM", "value": "[hnsf'U]", "meaning": "Hounsfield unit"})
+    cases = [
+        (ct, {}, r"^not a DICOM SEG \(SOP Class 1\.2\.840\.10008\.5\.1\.4\.1\.1\.2\)$"),
+        (other, {}, rf"^the SEG does not reference the source series {ct.SeriesInstanceUID}$"),
+        (seg, {"volumes_ml": {1: 1.0, 2: 1.0}}, r"^the SEG has no segment\(s\) \[2\] \(it has \[1\]\)$"),
+        (seg, {"volumes_ml": {1: 1.0}, "measurements": {3: [mean]}}, r"^the SEG has no segment\(s\) \[3\]"),
+        (seg, {"volumes_ml": {1: 1.0}, "measurements": {1: [NumericMeasurement({"value": "x"}, 1.0, mean.unit)]}},
+         r"^segment 1 measurement name: expected \{scheme, value, meaning\}"),
+        (seg, {"volumes_ml": {1: 1.0}, "measurements": {1: [NumericMeasurement(mean.name, 1.0, "HU")]}},
+         r"^segment 1 measurement unit: expected a pydicom Code"),
+    ]
+    for source_seg, options, message in cases:
+        with pytest.raises(DicomError, match=message):
+            write_seg_sr(tmp_path / "x.dcm", source_seg, [ct], ALGORITHM, _identity("bad"), **options)
+    assert not (tmp_path / "x.dcm").exists()
