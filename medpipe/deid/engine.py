@@ -323,10 +323,9 @@ class Deidentifier:
         if creator_tag not in ds._dict:
             return False
         creator = _str(ds[creator_tag].value).strip()
-        vr = _vr(ds._dict[tag], tag, private_ok=True)
-        if vr == "UN":  # implicit VR private data: read its declared VR from the dictionary of safe attributes
-            vr = None
-        return is_safe_private(tag >> 16, creator, tag & 0xFF, vr)
+        vr = ds._dict[tag].VR
+        # no VR (implicit VR file) or UN: undeclared, the safe list's VR stands
+        return is_safe_private(tag >> 16, creator, tag & 0xFF, str(vr) if vr and vr != "UN" else None)
 
     # -- markers and file meta --------------------------------------------------------------------
 
@@ -376,13 +375,11 @@ class _Context:
     identifiers: re.Pattern[str] | None = None
 
 
-def _vr(raw: DataElement | RawDataElement, tag: int, private_ok: bool = False) -> str | None:
-    """The element's VR without converting its value; None for a public tag the dictionary does not know."""
+def _vr(raw: DataElement | RawDataElement, tag: int) -> str | None:
+    """A public element's VR without converting its value; None for a tag the dictionary does not know."""
     vr = raw.VR
     if vr and vr != "UN":
         return str(vr)
-    if private_ok and (tag >> 16) & 1:
-        return str(vr) if vr else "UN"
     if not dictionary_has_tag(tag):
         return None
     vr = dictionary_VR(tag)

@@ -87,10 +87,6 @@ class DeidKey:
     def file_ref(self, relpath: str) -> str:
         return "F" + self._mac("medpipe.deid.file", relpath).hex()[:16]
 
-    def dummy_id(self, purpose: str, value: str) -> str:
-        """A short keyed stand-in (16 hex digits) for an identifier other than a UID or patient ID."""
-        return self._mac("medpipe.deid.dummy", purpose, value).hex()[:16]
-
 
 def _parse(text: str, path: Path) -> bytes:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
