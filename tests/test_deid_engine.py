@@ -217,3 +217,62 @@ def test_overlays_and_curves_go_whole() -> None:
     ds.add_new((0x5000, 0x0005), "US", 2)
     Deidentifier(KEY).apply(ds)
     assert not [e for e in ds if e.tag.group in (0x5000, 0x6000, 0x6002)]
+
+
+def test_safe_private_on_a_real_siemens_header(shared_data: Path) -> None:
+    """Retain Safe Private on a real Siemens EPI header (dcm_qa): only listed *numeric* attributes stay.
+
+    The header holds (0019,100A) Number Of Images In Mosaic US 36 and (0019,100B) Slice Measurement Duration
+    DS (both on the list, under creator "SIEMENS MR HEADER" in (0019,0010)), other (0019,10xx) attributes,
+    the CSA headers (0029) and a second "SIEMENS MR HEADER" block in group 0051 (not listed: text such as
+    "FoV 1392*1392"). Guards against: the creator looked up in the wrong slot for an odd element byte
+    (0x0B); a listed attribute kept without its private creator; a text value kept in a listed slot (a name
+    riding along); undeclared VRs (implicit VR file, or UN after a PACS transcoded it) refused or let through
+    as text.
+    """
+    import struct
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataelem import DataElement
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    path = shared_data / "dcm_qa" / "In" / "Orientation" / "axmb" / "AxAsc36mb2a" / "jpg1.dcm"
+    opts = ProfileOptions(retain_safe_private=True)
+
+    def kept(ds: Dataset) -> set[tuple[int, int, str]]:
+        Deidentifier(KEY, opts).apply(ds)
+        return {(e.tag.group, e.tag.element, e.VR) for e in ds.iterall() if e.tag.is_private}
+
+    mosaic, duration = (0x0019, 0x100A), (0x0019, 0x100B)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds[mosaic].value == 36 and ds[duration].value == 11595  # what the test relies on
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+    assert ds[mosaic].value == 36 and ds[duration].value == 11595
+
+    # a text value in a listed slot (the b-value's, (0019,100C)) goes, whatever the list says
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.add_new((0x0019, 0x100C), "LO", "SMITH^JOHN")
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+
+    # without its private creator nobody can say what an element is: it goes
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    del ds[0x00190010]
+    assert kept(ds) == set()
+
+    # UN (an explicit-VR copy made by a PACS that does not know the private dictionary): the list's VR stands
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds[mosaic] = DataElement(mosaic, "UN", struct.pack("<H", 36))  # US 36, little endian
+    ds[duration] = DataElement(duration, "UN", b"11595 ")  # DS, padded to even length
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "UN"), (0x19, 0x100B, "UN")}
+
+    # implicit VR little endian: no VR in the file at all; the list's VR stands
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    assert ds._dict[0x0019100A].VR is None  # read raw: the engine sees no VR
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
