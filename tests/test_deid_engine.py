@@ -276,3 +276,30 @@ def test_safe_private_on_a_real_siemens_header(shared_data: Path) -> None:
     ds = pydicom.dcmread(buf)
     assert ds._dict[0x0019100A].VR is None  # read raw: the engine sees no VR
     assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+
+
+def test_public_attributes_the_dictionary_does_not_know_are_removed() -> None:
+    """Beyond the table: a public (even group) attribute unknown to the data dictionary is removed, whatever
+    VR the file declares, since nobody can say what it holds. Guards against such an attribute surviving in an
+    explicit-VR file (it did: only implicit-VR ones, without a VR, were removed), and against the repeating
+    groups (60xx overlays) being taken for unknown ones: a kept overlay attribute stays.
+    """
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    for implicit in (False, True):
+        ds = _dataset()
+        ds.add_new((0x0010, 0x9999), "LO", "Smith^John")  # in the Patient group, not in PS3.6
+        ds.add_new((0x6002, 0x0010), "US", 16)  # Overlay Rows, an overlay without Overlay Data
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            buf = BytesIO()
+            dcmwrite(buf, ds, enforce_file_format=True)
+            buf.seek(0)
+            ds = pydicom.dcmread(buf)
+        Deidentifier(KEY).apply(ds)
+        assert (0x0010, 0x9999) not in ds, implicit
+        assert ds[0x60020010].value == 16, implicit

@@ -38,7 +38,7 @@ from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, repeater_has_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -376,12 +376,13 @@ class _Context:
 
 
 def _vr(raw: DataElement | RawDataElement, tag: int) -> str | None:
-    """A public element's VR without converting its value; None for a tag the dictionary does not know."""
+    """A public element's VR without converting its value; None for a tag the data dictionary does not know
+    (whatever VR the file gives it: nobody can say what it holds)."""
+    if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
+        return None
     vr = raw.VR
     if vr and vr != "UN":
         return str(vr)
-    if not dictionary_has_tag(tag):
-        return None
     vr = dictionary_VR(tag)
     if " or " in vr:  # ambiguous (US or SS...): only numbers, which no action of ours needs to parse
         return vr.split(" or ")[0]
