@@ -65,15 +65,11 @@ class _Restorer:
     def restore(self, ds: Any) -> None:
         """Put the original UIDs back into ``ds`` (``dcmwrite`` copies the SOP Instance UID into the file meta)."""
         for elem in ds.iterall():
-            if elem.VR != "UI" or elem.value in (None, ""):
-                continue
-            values = list(elem.value) if elem.VM > 1 else [elem.value]
-            new = []
-            for v in values:
-                orig = self.original_uid(str(v))
-                new.append(orig if orig is not None else str(v))
-            if new != [str(v) for v in values]:
-                elem.value = new if elem.VM > 1 else new[0]
+            if elem.VR == "UI" and elem.value:
+                values = [str(v) for v in elem.value] if elem.VM > 1 else [str(elem.value)]
+                new = [self.original_uid(v) or v for v in values]
+                if new != values:
+                    elem.value = new  # pydicom keeps a one-item list as that item
 
 
 def _set(ds: Any, keyword: str, value: str) -> None:
