@@ -303,3 +303,34 @@ def test_public_attributes_the_dictionary_does_not_know_are_removed() -> None:
         Deidentifier(KEY).apply(ds)
         assert (0x0010, 0x9999) not in ds, implicit
         assert ds[0x60020010].value == 16, implicit
+
+
+def test_the_vr_the_file_declares_decides() -> None:
+    """The engine acts on a value in the VR its file declares, and on the dictionary's VR where the file has
+    none usable. Guards against: a sequence stored as UN (explicit VR, by a PACS that did not know it, its
+    items in implicit VR as PS3.5 6.2.2 says) not walked, so the Referenced Series' original UID stays; a
+    Study Date written as DT read as DA (its shifted value lost) under Retain Modified Dates.
+    """
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = _dataset()
+    ref = Dataset()
+    ref.SeriesInstanceUID = "1.2.3.4.9"
+    ds.ReferencedSeriesSequence = Sequence([ref])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    ds._dict[0x00081115] = ds._dict[0x00081115]._replace(VR="UN")  # the raw element as an explicit-VR UN
+    Deidentifier(KEY).apply(ds)
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == KEY.uid("1.2.3.4.9")
+
+    ds = _dataset()
+    ds.add_new(0x00080020, "DT", "20240311101500")  # Study Date (DA in PS3.6) written as a date-time
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True)).apply(ds)
+    assert ds.StudyDate == shift_datetime("20240311101500", KEY.date_shift_days("MRN-42")) != ""

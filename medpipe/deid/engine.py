@@ -376,17 +376,14 @@ class _Context:
 
 
 def _vr(raw: DataElement | RawDataElement, tag: int) -> str | None:
-    """A public element's VR without converting its value; None for a tag the data dictionary does not know
-    (whatever VR the file gives it: nobody can say what it holds)."""
+    """A public element's VR without converting its value: the file's, else (implicit VR, UN) the dictionary's;
+    None for a tag the data dictionary does not know, whatever VR the file gives it (nobody can say what it
+    holds). An ambiguous dictionary VR ("US or SS", "OB or OW") stays as it is: the walk only compares VRs
+    with SQ, and the table's only rows of such attributes (50xx, 60xx Overlay Data) are X."""
     if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
         return None
     vr = raw.VR
-    if vr and vr != "UN":
-        return str(vr)
-    vr = dictionary_VR(tag)
-    if " or " in vr:  # ambiguous (US or SS...): only numbers, which no action of ours needs to parse
-        return vr.split(" or ")[0]
-    return vr
+    return str(vr) if vr and vr != "UN" else dictionary_VR(tag)
 
 
 def _has_value(raw: DataElement | RawDataElement) -> bool:
