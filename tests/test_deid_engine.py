@@ -334,3 +334,188 @@ def test_the_vr_the_file_declares_decides() -> None:
     ds.add_new(0x00080020, "DT", "20240311101500")  # Study Date (DA in PS3.6) written as a date-time
     Deidentifier(KEY, ProfileOptions(retain_modified_dates=True)).apply(ds)
     assert ds.StudyDate == shift_datetime("20240311101500", KEY.date_shift_days("MRN-42")) != ""
+
+
+def test_date_shifts_at_their_edges() -> None:
+    """Single DA / DT values moved by hand-counted days (2024 is a leap year).
+
+    Guards against: a month 10-12 or a day 10-31 read from the wrong digits; a YYYYMM date refused, or
+    counted from another day than the 1st; a year-only date counted from another day than 1 January; a
+    value of the wrong length or with separators shifted anyway; an impossible or out-of-range date giving
+    anything but ''; a DT's UTC offset or its year-only precision lost.
+    """
+    assert shift_date("20241115", -1) == "20241114"  # month 11
+    assert shift_date("20240311", -11) == "20240229"  # day 11
+    assert shift_date("202403", -1) == "202402"  # YYYYMM stands for 1 March: 29 February, still YYYYMM
+    assert shift_date("2024", -1) == "2023"  # YYYY stands for 1 January: 31 December 2023
+    assert shift_date("2024031", -1) == shift_date("2024-03-11", -1) == ""  # 7 digits; separators
+    assert shift_date("20240231", -1) == shift_date("00010101", -1) == ""  # 31 February; before year 1
+    assert shift_datetime("2024", -1) == "2023" and shift_datetime("202403", -1) == "202402"
+    assert shift_datetime("2024+0100", -1) == "2023+0100"  # year precision with a UTC offset
+    assert shift_datetime("20240", -1) == shift_datetime("20241301120000", -1) == ""  # 5 digits; month 13
+
+
+def test_keyed_values_follow_the_documented_constructions() -> None:
+    """Every keyed value recomputed with hmac from the constructions in medpipe.deid.keys' docstring.
+
+    Guards against: another purpose string (uses no longer kept apart), a part dropped (the issuer: patient
+    123 of two hospitals would share a pseudonym and a date shift), another width or byte order of the
+    number, a shift of 0 or past 10 years; any of which would also stop earlier maps from matching.
+    """
+    import base64
+    import hashlib
+    import hmac
+
+    def mac(purpose: str, *parts: str) -> bytes:
+        h = hmac.new(bytes(range(32)), purpose.encode(), hashlib.sha256)  # KEY's secret
+        for part in parts:
+            data = part.encode()
+            h.update(b"\x00" + len(data).to_bytes(4, "big") + data)
+        return h.digest()
+
+    for pid, issuer in (("MRN-42", ""), ("MRN-42", "HOSP-A"), ("00007041776", "CCHS")):
+        n = int.from_bytes(mac("medpipe.deid.date-shift", issuer, pid)[:8], "big")
+        assert KEY.date_shift_days(pid, issuer) == -(1 + n % 3652)
+        pseudonym = "P" + base64.b32encode(mac("medpipe.deid.patient", issuer, pid)[:10]).decode()[:12]
+        assert KEY.patient_pseudonym(pid, issuer) == pseudonym
+    assert KEY.date_shift_days("MRN-42", "") != KEY.date_shift_days("MRN-42", "HOSP-A")
+    b = bytearray(mac("medpipe.deid.uid", "1.2.3.4")[:16])
+    b[6], b[8] = (b[6] & 0x0F) | 0x80, (b[8] & 0x3F) | 0x80
+    assert KEY.uid("1.2.3.4") == f"2.25.{int.from_bytes(b, 'big')}"
+    assert KEY.file_ref("a/b.dcm") == "F" + mac("medpipe.deid.file", "a/b.dcm").hex()[:16]
+    assert KEY.key_id == mac("medpipe.deid.key-id").hex()[:16]
+
+
+def test_clean_text_edges() -> None:
+    """Guards against: a shorter identifier tried before a longer one it begins (case aside), leaving the
+    rest of the longer one ("ROE-77" leaving "77"); separators left at the ends; an X at either end taken
+    for a separator ("XR", "AX"); no identifiers at all failing."""
+    assert clean_text("ROE-77 follow-up", ["Roe", "ROE-77", "ROE"]) == "follow-up"
+    assert clean_text("Doe, T2 FLAIR AX", ["Doe"]) == "T2 FLAIR AX"
+    assert clean_text("XR chest PA", []) == "XR chest PA"
+
+
+def test_descriptors_lose_every_form_of_the_identifiers() -> None:
+    """Clean Descriptors removes the identifying values of the same dataset from the descriptions: whole
+    name components, their words of 3+ characters, dates, private text; not what the profile keeps.
+
+    Guards against: name components not split at ^ ("Li Wei" left as "Li"), components or words of exactly
+    3 characters ("Kim", "Wei") missed, words of a component not split out, dates (an ACR-NEMA style birth
+    date "1958.04.12", whose year alone then stays; a year-precision DT) left out, the values of kept
+    attributes (Institution Name under Retain Institution Identity: "General anaesthesia") or the text of a
+    sequence ("MR Image Storage" of a Referenced SOP Class) taken for identifiers.
+    """
+    ds = _dataset()
+    ds.PatientName = "Ng^Li Wei^Kim"
+    ds.PatientBirthDate = "1958.04.12"
+    ds.DateTimeOfLastCalibration = "2019"  # X; a DT of year precision
+    ds.InstitutionName = "General"
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.8"
+    ds.SourceImageSequence = Sequence([item])
+    ds.SeriesDescription = "FLAIR Li Wei Wei Kim born 1958 cal 2019 General anaesthesia MR Image Storage"
+    Deidentifier(KEY, ProfileOptions(clean_descriptors=True, retain_institution_identity=True)).apply(ds)
+    assert ds.SeriesDescription == "FLAIR born cal General anaesthesia MR Image Storage"
+
+
+def test_modified_dates_and_clean_descriptors_on_every_kind_of_value() -> None:
+    """Retain Modified Dates and Clean Descriptors on a DT, several values, bytes, a legacy date, an issuer.
+
+    Guards against: a DT shifted as a DA (or emptied); a DA shifted as a DT (the ACR-NEMA "1999.03.11" then
+    keeps its month and day); the second value of a multi-valued date or description dropped; Maker Note
+    bytes "cleaned" as text instead of emptied; the date shift or pseudonym made without the Issuer of
+    Patient ID.
+    """
+    ds = _dataset()
+    ds.IssuerOfPatientID = "HOSP-A"
+    ds.AcquisitionDateTime = "20240311093015.5+0100"
+    ds.SeriesDate = "1999.03.11"
+    ds.DateOfLastCalibration = ["20240101", "20240201"]
+    ds.AdmittingDiagnosesDescription = ["Headache John Smith", "Seizure 2024-03-01"]
+    ds.MakerNote = b"Canon EOS 5D 0123456789"
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True, clean_descriptors=True)).apply(ds)
+    shift = KEY.date_shift_days("MRN-42", "HOSP-A")
+    assert shift != KEY.date_shift_days("MRN-42", "") and ds.PatientID == KEY.patient_pseudonym("MRN-42", "HOSP-A")
+    assert ds.StudyDate == shift_date("20240311", shift)
+    assert ds.AcquisitionDateTime == shift_datetime("20240311093015.5+0100", shift)
+    assert ds.SeriesDate == ""
+    assert list(ds.DateOfLastCalibration) == [shift_date("20240101", shift), shift_date("20240201", shift)]
+    assert list(ds.AdmittingDiagnosesDescription) == ["Headache", "Seizure"]
+    assert ds["MakerNote"].is_empty
+
+
+# -- the map and the patient mapping CSV -----------------------------------------------------------
+
+
+def test_map_file_refusals(tmp_path: Path) -> None:
+    """read_map refuses what is not a map of this key with the message (and hint) a user sees.
+
+    Guards against: a message or hint lost or changed; a JSON object that is not a map, or a JSON list,
+    accepted or crashing.
+    """
+    import json
+    import re
+
+    from medpipe.deid.mapping import read_map
+
+    missing = tmp_path / "none.json"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(missing))}: no such map file$") as err:
+        read_map(missing)
+    assert err.value.hint == "give the map written by `medpipe deid` (--map)"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(broken))}: not a readable map file \(JSONDecodeError\)$"):
+        read_map(broken)
+    for doc in ([1], {"patients": {}}):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(other))}: not a medpipe de-identification map$"):
+            read_map(other)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"format": "medpipe-deid-map", "key_id": KEY.key_id,
+                                "patients": {"P1": {"PatientName": "Muller^Jurgen"}}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(good))}: this map was made with another key "
+                                          rf"\(key id {KEY.key_id}, not {OTHER_KEY.key_id}\)$") as err:
+        read_map(good, OTHER_KEY.key_id)
+    assert err.value.hint == "use the key the data was de-identified with"
+    assert read_map(good, KEY.key_id)["uids"] == {}  # every section present
+
+
+def test_patient_mapping_csv_rules(tmp_path: Path) -> None:
+    """The user's patient mapping: columns, one line per patient, every refusal with its line number.
+
+    Guards against: a byte order mark (Excel's UTF-8 CSV) hiding the PatientID column; exactly the two
+    required columns refused; a missing PseudonymName not defaulting to the pseudonym; an empty or absent
+    cell accepted; line numbers off by one; a pseudonym given twice, or one of 65 characters, accepted (64
+    is the LO limit); an empty or missing file crashing instead of a message.
+    """
+    import re
+
+    from medpipe.deid.engine import Pseudonym
+    from medpipe.deid.mapping import read_patient_csv
+
+    p = tmp_path / "patients.csv"
+
+    def refused(text: str) -> str:
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            read_patient_csv(p)
+        return str(err.value).removeprefix(f"{p}")
+
+    p.write_text("\ufeffPatientID,PseudonymID\r\nMRN-1,TRIAL-001\r\nMRN-2," + "T" * 64 + "\r\n", encoding="utf-8")
+    assert read_patient_csv(p) == {"MRN-1": Pseudonym("TRIAL-001", "TRIAL-001"), "MRN-2": Pseudonym("T" * 64, "T" * 64)}
+    p.write_text("PatientID,PseudonymID,PseudonymName\nMRN-1,TRIAL-001,Trial^One\nMRN-2,TRIAL-002,\n")
+    assert read_patient_csv(p) == {"MRN-1": Pseudonym("TRIAL-001", "Trial^One"), "MRN-2": Pseudonym("TRIAL-002", "TRIAL-002")}
+    head = "PatientID,PseudonymID\nMRN-1,TRIAL-001\n"
+    assert refused(head + "MRN-2\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + ",TRIAL-002\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + "MRN-2,\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + "MRN-1,TRIAL-002\n") == " line 3: PatientID listed twice"
+    assert refused(head + "MRN-2,TRIAL-001\n") == " line 3: PseudonymID 'TRIAL-001' given to two patients"
+    assert refused(head + "MRN-2," + "T" * 65 + "\n") == " line 3: PseudonymID longer than 64 characters (LO)"
+    needs = ": the patient mapping needs columns PatientID and PseudonymID (optional PseudonymName)"
+    assert refused("") == refused("PatientID,Pseudonym\n1,2\n") == needs
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.csv'))}: cannot read the patient "
+                                          r"mapping \(No such file or directory\)$"):
+        read_patient_csv(tmp_path / "none.csv")

@@ -142,14 +142,14 @@ class Deidentifier:
 
     # -- identity --------------------------------------------------------------------------------
 
-    def pseudonym(self, patient_id: str, issuer: str = "") -> Pseudonym:
+    def pseudonym(self, patient_id: str, issuer: str) -> Pseudonym:
         user = self.patient_map.get(patient_id)
         if user is not None:
             return Pseudonym(user.patient_id, user.patient_name or user.patient_id)
         p = self.key.patient_pseudonym(patient_id, issuer)
         return Pseudonym(p, p + "^")  # the name: one family-name component (the caret says so)
 
-    def date_shift(self, patient_id: str, issuer: str = "") -> int:
+    def date_shift(self, patient_id: str, issuer: str) -> int:
         return self.key.date_shift_days(patient_id, issuer)
 
     # -- one dataset ------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Deidentifier:
                 if len(part) >= 3:
                     found.add(part)
                     found.update(t for t in re.split(r"[^0-9A-Za-z]+", part) if len(t) >= 3)
-        return sorted(found, key=len, reverse=True)
+        return list(found)  # identifier_pattern puts the longest first
 
     # -- the walk ---------------------------------------------------------------------------------
 
@@ -287,19 +287,16 @@ class Deidentifier:
         raise ValueError(f"unhandled action {code!r} for {tag:08X}")
 
     def _clean(self, elem: DataElement, vr: str, ctx: _Context) -> None:
+        # a list of values: pydicom keeps a one-item list as that item
         if vr in ("DA", "DT") and self.options.retain_modified_dates:
             fn = shift_date if vr == "DA" else shift_datetime
-            values = [fn(v, ctx.shift) for v in _values(elem.value)]
-            elem.value = values if len(values) > 1 else (values[0] if values else "")
-            return
-        if vr == "TM" and self.options.retain_modified_dates:
+            elem.value = [fn(v, ctx.shift) for v in _values(elem.value)]
+        elif vr == "TM" and self.options.retain_modified_dates:
             return  # whole-day shifts leave times as they are
-        if vr in _TEXT_VRS and vr != "PN":
-            values = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
-            elem.value = values if len(values) > 1 else (values[0] if values else "")
-            return
-        # nothing sensible to clean (e.g. a person name, a number): empty it
-        elem.value = "" if vr in _TEXT_VRS or vr in ("DA", "DT", "TM", "AS", "IS", "DS") else None
+        elif vr in _TEXT_VRS:
+            elem.value = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
+        else:  # nothing sensible to clean (Maker Note, Frame Origin Timestamp: bytes): empty it
+            elem.value = None
 
     def _remap_uids(self, value: Any, ctx: _Context) -> Any:
         if self.options.retain_uids:
