@@ -95,9 +95,9 @@ def test_keyed_uids_pseudonyms_and_shifts() -> None:
     # a UUID of version 8 with the RFC 4122 variant, as 2.25 asks
     n = int(uid[5:])
     assert (n >> 76) & 0xF == 8 and (n >> 62) & 0x3 == 2
-    assert KEY.patient_pseudonym("123") != KEY.patient_pseudonym("124") != OTHER_KEY.patient_pseudonym("123")
+    assert KEY.patient_pseudonym("123", "") != KEY.patient_pseudonym("124", "") != OTHER_KEY.patient_pseudonym("123", "")
     assert KEY.patient_pseudonym("123", "HOSP-A") != KEY.patient_pseudonym("123", "HOSP-B")
-    shifts = {KEY.date_shift_days(str(i)) for i in range(200)}
+    shifts = {KEY.date_shift_days(str(i), "") for i in range(200)}
     assert all(-3652 <= s <= -1 for s in shifts) and len(shifts) > 150
 
 
@@ -151,8 +151,8 @@ def _dataset() -> Dataset:
 def test_basic_profile_on_one_dataset() -> None:
     ds = _dataset()
     m = Deidentifier(KEY).apply(ds)
-    assert ds.PatientID == KEY.patient_pseudonym("MRN-42") and ds.PatientName == ds.PatientID + "^"
-    assert ds.PatientBirthDate == "" and ds.StudyDate == "" and ds.PatientSex == ""
+    assert ds.PatientID == KEY.patient_pseudonym("MRN-42", "") and ds.PatientName == ds.PatientID + "^"
+    assert all(ds[k].is_empty for k in ("PatientBirthDate", "StudyDate", "PatientSex"))
     assert "SeriesDescription" not in ds and "InstitutionName" not in ds and "PatientAge" not in ds
     assert "DeviceSerialNumber" not in ds  # X/Z/D, Type 3 in MR Image
     assert ds.SOPInstanceUID == KEY.uid("1.2.3.4.5.6.7") == ds.file_meta.MediaStorageSOPInstanceUID
@@ -171,9 +171,9 @@ def test_options_on_one_dataset() -> None:
                           retain_institution_identity=True, retain_patient_characteristics=True,
                           retain_safe_private=True)
     Deidentifier(KEY, opts).apply(ds)
-    shift = KEY.date_shift_days("MRN-42")
+    shift = KEY.date_shift_days("MRN-42", "")
     assert ds.StudyDate == shift_date("20240311", shift) != "20240311" and ds.StudyTime == "101500"
-    assert ds.PatientBirthDate == ""  # no option keeps the birth date
+    assert ds["PatientBirthDate"].is_empty  # no option keeps the birth date
     assert ds.SeriesDescription == "FLAIR axial"
     assert ds.DeviceSerialNumber == "SN-1" and ds.InstitutionName == "General"
     assert ds.PatientAge == "064Y" and ds.PatientSex == "M"
@@ -333,7 +333,7 @@ def test_the_vr_the_file_declares_decides() -> None:
     ds = _dataset()
     ds.add_new(0x00080020, "DT", "20240311101500")  # Study Date (DA in PS3.6) written as a date-time
     Deidentifier(KEY, ProfileOptions(retain_modified_dates=True)).apply(ds)
-    assert ds.StudyDate == shift_datetime("20240311101500", KEY.date_shift_days("MRN-42")) != ""
+    assert ds.StudyDate == shift_datetime("20240311101500", KEY.date_shift_days("MRN-42", "")) != ""
 
 
 def test_date_shifts_at_their_edges() -> None:
@@ -519,3 +519,161 @@ def test_patient_mapping_csv_rules(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.csv'))}: cannot read the patient "
                                           r"mapping \(No such file or directory\)$"):
         read_patient_csv(tmp_path / "none.csv")
+
+
+def test_key_file_format(tmp_path: Path) -> None:
+    """A key file: the header line and one hex line; comment and blank lines are allowed; anything else is
+    refused with the message and hint a user sees.
+
+    Guards against: comments or blank lines counted as lines; a wrong header or a third line accepted; a
+    message or hint lost or changed; a binary file given as --key (a DICOM file: deid-data's head CT)
+    crashing with a decoding error instead of the one-line refusal.
+    """
+    import re
+
+    from tests.deid_helpers import deid_data_folder
+
+    p = tmp_path / "site.key"
+    line = bytes(range(32)).hex()  # KEY's secret
+    p.write_text(f"# site A\nmedpipe-deid-key v1\n\n{line}\n")
+    assert load_key(p).key_id == KEY.key_id
+    not_a_key = r": not a medpipe de-identification key file \(expected 'medpipe-deid-key v1' and a hex line\)$"
+    for text in (f"medpipe-deid-key v2\n{line}\n", f"medpipe-deid-key v1\n{line}\n{line}\n", None):
+        if text is None:
+            p.write_bytes((deid_data_folder() / "humans" / "ctbrain1.dcm").read_bytes())
+        else:
+            p.write_text(text)
+        with pytest.raises(ConfigError, match="^" + re.escape(str(p)) + not_a_key) as err:
+            load_key(p)
+        assert err.value.hint == "point --key at the file medpipe created, or at a new path to create one"
+    p.write_text(f"medpipe-deid-key v1\nzz{line[2:]}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: the key line is not hexadecimal$"):
+        load_key(p)
+    p.write_text(f"medpipe-deid-key v1\n{line[:30]}\n")
+    with pytest.raises(ConfigError, match=r"^de-identification key too short \(need at least 16 bytes\)$"):
+        load_key(p)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.key'))}: no such key file$") as err:
+        load_key(tmp_path / "none.key")
+    assert err.value.hint == "give the key the data was de-identified with"
+
+
+def test_a_patient_without_id_is_known_by_name_and_birth_date() -> None:
+    """No Patient ID: the name and birth date stand for the patient, as "\\x00" + name + "\\x00" + birth date
+    (the engine's rule), for the pseudonym and the date shift.
+
+    Guards against: an absent Patient ID read as some fixed text (every such patient sharing one pseudonym),
+    or the name or the birth date left out of the stand-in identity.
+    """
+    a, b = _dataset(), _dataset()
+    del a.PatientID, b.PatientID, b.PatientName
+    Deidentifier(KEY).apply(a)
+    Deidentifier(KEY).apply(b)
+    assert a.PatientID == KEY.patient_pseudonym("\x00Smith^John\x0019600312", "")
+    assert b.PatientID == KEY.patient_pseudonym("\x00\x0019600312", "")
+
+
+def test_map_entries_hold_the_original_values() -> None:
+    """What apply() hands to the map: the original Patient and General Study attributes as text.
+
+    Guards against: a multi-valued value (Other Patient IDs) joined with anything but the DICOM backslash, an
+    attribute present without a value recorded as anything but '', the study keyed on another UID.
+    """
+    ds = _dataset()
+    ds.OtherPatientIDs = ["ID 1", "ID 2"]
+    ds.add_new(0x00100032, "TM", None)  # Patient's Birth Time, present without a value
+    m = Deidentifier(KEY).apply(ds)
+    pseudo = KEY.patient_pseudonym("MRN-42", "")
+    assert m.patient == (pseudo, {
+        "PatientName": "Smith^John", "PatientID": "MRN-42", "PatientBirthDate": "19600312", "PatientSex": "M",
+        "OtherPatientIDs": "ID 1\\ID 2", "PatientAge": "064Y", "PatientBirthTime": "", "date_shift_days": 0})
+    assert m.study == (KEY.uid("1.2.3.4"), {"StudyInstanceUID": "1.2.3.4", "StudyDate": "20240311",
+                                            "StudyTime": "101500", "PatientID": pseudo})
+
+
+def test_sequence_items_are_not_the_top_level() -> None:
+    """Inside a sequence item the IOD's Types do not apply: a combined code gives D where there is a value
+    (ActionTable.resolve). Guards against items walked as the top level: an Observation DateTime (X/D, Type 3
+    at the top of an MR Image) removed instead of given the DT dummy value.
+    """
+    ds = _dataset()
+    item = Dataset()
+    item.ObservationDateTime = "20240311101500"
+    ds.ContentSequence = Sequence([item])
+    Deidentifier(KEY).apply(ds)
+    assert ds.ContentSequence[0].ObservationDateTime == "19000101000000"
+
+
+def test_dummies_and_emptied_sequences_inside_an_sr_observer() -> None:
+    """D and Z inside a walked sequence: a Verifying Observer (D) of an SR keeps its item; its name and
+    organization get the text dummy, its date-time the DT dummy, its Identification Code Sequence (Z) loses
+    its items; Frame Origin Timestamp (OB, D) becomes two zero bytes (an OB's dummy).
+
+    Guards against: a Z sequence walked instead of emptied, the Patient ID pseudonym or a remapped "UID" given
+    as any dummy, a dummy left empty or of another VR's form.
+    """
+    ds = _dataset()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "12345", "99HOSP", "Staff ID of Dr Who"
+    observer = Dataset()
+    observer.VerifyingObserverName = "Who^Doctor"
+    observer.VerifyingOrganization = "General"
+    observer.VerificationDateTime = "20240311101500"
+    observer.VerifyingObserverIdentificationCodeSequence = Sequence([code])
+    ds.VerifyingObserverSequence = Sequence([observer])
+    ds.FrameOriginTimestamp = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    Deidentifier(KEY).apply(ds)
+    item = ds.VerifyingObserverSequence[0]
+    assert (str(item.VerifyingObserverName), item.VerifyingOrganization) == ("ANONYMIZED", "ANONYMIZED")
+    assert item.VerificationDateTime == "19000101000000"
+    assert len(item.VerifyingObserverIdentificationCodeSequence) == 0
+    assert ds.FrameOriginTimestamp == b"\x00\x00"
+
+
+def test_uids_remapped_in_every_form() -> None:
+    """Guards against: a NUL padding a value of a multi-valued UI (some writers pad each value; pydicom strips
+    only the last one's) remapped as part of the UID, so the reference no longer matches; an empty UID
+    remapped; a dataset without SOP Instance UID keeping its file meta's original; the study's map key not
+    the UID the objects carry (with and without Retain UIDs); a study entry made up for a dataset without
+    Study Instance UID.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    ds = _dataset()
+    value = b"1.2.3.5\x00\\1.2.3.6\x00"  # Irradiation Event UID (VM 1-n), each value NUL-padded
+    ds._dict[0x00083010] = RawDataElement(0x00083010, "UI", len(value), value, 0, False, True)
+    ds.add_new(0x00209161, "UI", "")  # Concatenation UID, present without a value
+    del ds.SOPInstanceUID
+    m = Deidentifier(KEY).apply(ds)
+    assert list(ds.IrradiationEventUID) == [KEY.uid("1.2.3.5"), KEY.uid("1.2.3.6")]
+    assert ds.ConcatenationUID == "" and ds.file_meta.MediaStorageSOPInstanceUID == KEY.uid("1.2.3.4.5.6.7")
+    assert m.uids[KEY.uid("1.2.3.4.5.6.7")] == "1.2.3.4.5.6.7" and m.study[0] == ds.StudyInstanceUID == KEY.uid("1.2.3.4")
+    ds = _dataset()
+    m = Deidentifier(KEY, ProfileOptions(retain_uids=True)).apply(ds)
+    assert m.study[0] == ds.StudyInstanceUID == "1.2.3.4" and m.uids == {}
+    ds = _dataset()
+    del ds.StudyInstanceUID
+    assert Deidentifier(KEY).apply(ds).study is None
+
+
+def test_markers_name_every_option() -> None:
+    """De-identification Method: "medpipe deid" and the profile with every option, cut to LO's 64 characters
+    (PS3.5); guards against another text or length."""
+    ds = _dataset()
+    opts = ProfileOptions(retain_modified_dates=True, clean_descriptors=True, retain_device_identity=True,
+                          retain_institution_identity=True, retain_patient_characteristics=True,
+                          retain_safe_private=True)
+    Deidentifier(KEY, opts).apply(ds)
+    assert list(ds.DeidentificationMethod) == [
+        "medpipe deid", "PS3.15 E.1-1 Basic Profile +SafePriv +DevId +InstId +PatChars +M"]
+
+
+def test_timezone_offset_kept_with_modified_dates() -> None:
+    """Retain Modified Dates keeps Timezone Offset From UTC, as it keeps times: a whole-day shift leaves both
+    valid. It was cleaned as text with the dataset's identifiers, and a removed date-time carrying the same
+    offset (GPS Time Stamp "...+0100", X) made it "+" (an invalid offset) under Clean Descriptors.
+    """
+    ds = _dataset()
+    ds.TimezoneOffsetFromUTC = "+0100"
+    ds.GPSTimeStamp = "20240311093015+0100"
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True, clean_descriptors=True)).apply(ds)
+    assert ds.TimezoneOffsetFromUTC == "+0100" and "GPSTimeStamp" not in ds

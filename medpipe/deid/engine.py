@@ -72,6 +72,7 @@ _PATIENT_NAME = 0x00100010
 _ISSUER = 0x00100021
 _OVERLAY_DATA = 0x60003000
 _TRAILING_PADDING = 0xFFFCFFFC
+_TIMEZONE_OFFSET = 0x00080201
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-./]\d{1,2}[-./]\d{1,4}\b|\b(?:19|20)\d{6}\b")
 _LONG_DIGITS = re.compile(r"\d{5,}")
 
@@ -156,16 +157,16 @@ class Deidentifier:
 
     def apply(self, ds: Dataset) -> Mapping:
         """De-identify ``ds`` in place (file meta and preamble included); return what the map needs."""
-        patient_id = _str(ds.get("PatientID", ""))
-        issuer = _str(ds.get("IssuerOfPatientID", ""))
+        patient_id = _str(ds.get("PatientID"))  # absent: None, which _str makes ''
+        issuer = _str(ds.get("IssuerOfPatientID"))
         if not patient_id:  # no ID: the name and birth date stand for the patient
-            patient_id = "\x00" + _str(ds.get("PatientName", "")) + "\x00" + _str(ds.get("PatientBirthDate", ""))
+            patient_id = "\x00" + _str(ds.get("PatientName")) + "\x00" + _str(ds.get("PatientBirthDate"))
         pseudo = self.pseudonym(patient_id, issuer)
         mapping = Mapping()
-        original_patient = {k: _str(ds.get(k, "")) for k in PATIENT_KEYWORDS if k in ds}
-        original_study = {k: _str(ds.get(k, "")) for k in STUDY_KEYWORDS if k in ds}
+        original_patient = {k: _str(ds[k].value) for k in PATIENT_KEYWORDS if k in ds}
+        original_study = {k: _str(ds[k].value) for k in STUDY_KEYWORDS if k in ds}
         ctx = _Context(
-            sop_class=_str(ds.get("SOPClassUID", "")),
+            sop_class=_str(ds.get("SOPClassUID")),
             pseudo=pseudo,
             shift=self.date_shift(patient_id, issuer) if self.options.retain_modified_dates else 0,
             uids=mapping.uids,
@@ -177,7 +178,7 @@ class Deidentifier:
         self._file_meta(ds, ctx)
         original_patient["date_shift_days"] = ctx.shift
         mapping.patient = (pseudo.patient_id, original_patient)
-        study_uid = original_study.get("StudyInstanceUID", "").strip().rstrip("\x00")
+        study_uid = _uid_text(original_study.get("StudyInstanceUID", ""))
         if study_uid:
             mapping.study = (self.key.uid(study_uid) if not self.options.retain_uids else study_uid,
                              {**original_study, "PatientID": pseudo.patient_id})
@@ -258,16 +259,13 @@ class Deidentifier:
         if code == "X":
             del elems[tag]
             return
-        if vr == "SQ":
-            if code == "Z":
-                ds[tag].value = Sequence([])
-            else:  # D, U, C: keep the items and treat what is inside them
-                self._walk_items(ds, tag, ctx)
+        if code == "Z":
+            ds[tag].value = None  # an empty value whatever the VR; a sequence loses its items
+            return
+        if vr == "SQ":  # D, U, C: keep the items and treat what is inside them
+            self._walk_items(ds, tag, ctx)
             return
         elem = ds[tag]
-        if code == "Z":
-            elem.value = None if vr not in _TEXT_VRS and vr not in ("DA", "DT", "TM", "UI", "UR", "AS", "IS", "DS") else ""
-            return
         if code == "U" or (code == "D" and vr == "UI"):
             elem.value = self._remap_uids(elem.value, ctx)
             return
@@ -291,8 +289,8 @@ class Deidentifier:
         if vr in ("DA", "DT") and self.options.retain_modified_dates:
             fn = shift_date if vr == "DA" else shift_datetime
             elem.value = [fn(v, ctx.shift) for v in _values(elem.value)]
-        elif vr == "TM" and self.options.retain_modified_dates:
-            return  # whole-day shifts leave times as they are
+        elif (vr == "TM" or elem.tag == _TIMEZONE_OFFSET) and self.options.retain_modified_dates:
+            return  # whole-day shifts leave times, and the offset from UTC, as they are
         elif vr in _TEXT_VRS:
             elem.value = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
         else:  # nothing sensible to clean (Maker Note, Frame Origin Timestamp: bytes): empty it
@@ -301,19 +299,14 @@ class Deidentifier:
     def _remap_uids(self, value: Any, ctx: _Context) -> Any:
         if self.options.retain_uids:
             return value
-        values = _values(value)
         out = []
-        for v in values:
-            v = str(v).strip().rstrip("\x00")
-            if not v or v in UID_dictionary:
-                out.append(v)
-                continue
-            new = self.key.uid(v)
-            ctx.uids[new] = v
-            out.append(new)
-        if isinstance(value, (list, tuple, MultiValue)) and len(out) != 1:
-            return out
-        return out[0] if out else ""
+        for v in map(_uid_text, _values(value)):
+            if v and v not in UID_dictionary:  # the DICOM registry's UIDs stay
+                new = self.key.uid(v)
+                ctx.uids[new] = v
+                v = new
+            out.append(v)
+        return out  # pydicom keeps a one-item list as that item
 
     def _safe_private(self, ds: Dataset, tag: int) -> bool:
         creator_tag = (tag & 0xFFFF0000) | ((tag >> 8) & 0xFF)
@@ -327,10 +320,8 @@ class Deidentifier:
     # -- markers and file meta --------------------------------------------------------------------
 
     def _markers(self, ds: Dataset, pseudo: Pseudonym) -> None:
-        if "PatientID" not in ds:
-            ds.PatientID = pseudo.patient_id
-        if "PatientName" not in ds:
-            ds.PatientName = pseudo.patient_name
+        ds.PatientID = pseudo.patient_id  # the walk gave them these values; here also where the source had none
+        ds.PatientName = pseudo.patient_name
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = ["medpipe deid", self.options.describe()[:64]]
         items = []
@@ -381,6 +372,12 @@ def _vr(raw: DataElement | RawDataElement, tag: int) -> str | None:
         return None
     vr = raw.VR
     return str(vr) if vr and vr != "UN" else dictionary_VR(tag)
+
+
+def _uid_text(value: Any) -> str:
+    """A UID value as the key sees it: no surrounding spaces, no NUL padding (left by some writers on each
+    value of a multi-valued UI, which pydicom strips from the last only)."""
+    return str(value).strip().rstrip("\x00")
 
 
 def _has_value(raw: DataElement | RawDataElement) -> bool:
