@@ -256,6 +256,11 @@ def test_safe_private_on_a_real_siemens_header(shared_data: Path) -> None:
     ds.add_new((0x0019, 0x100C), "LO", "SMITH^JOHN")
     assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
 
+    # a kept element with an odd element byte keeps its own creator
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    del ds[mosaic]
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100B, "DS")}
+
     # without its private creator nobody can say what an element is: it goes
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     del ds[0x00190010]
@@ -677,3 +682,76 @@ def test_timezone_offset_kept_with_modified_dates() -> None:
     ds.GPSTimeStamp = "20240311093015+0100"
     Deidentifier(KEY, ProfileOptions(retain_modified_dates=True, clean_descriptors=True)).apply(ds)
     assert ds.TimezoneOffsetFromUTC == "+0100" and "GPSTimeStamp" not in ds
+
+
+def test_nothing_is_left_behind_by_the_walk() -> None:
+    """Guards against elements the walk skips or stops at: a private element in the reserved range
+    (gggg,0100-0FFF) or at element 00 of a block ((0029,1000)) kept (a PHI leak: it was, for the reserved
+    range); private and public group lengths, Data Set Trailing Padding, a private creator of block FF or an
+    attribute of Table E.1-1 that pydicom does not know ((0010,0011), X) kept; the walk stopping after one of
+    them (Patient ID then left as it was).
+    """
+    ds = _dataset()
+    ds.add_new(0x00080000, "UL", 200)  # group length
+    ds.add_new(0x00100011, "LO", "Johnny")  # a Table E.1-1 row (X) newer than pydicom 3.0's dictionary
+    ds.add_new(0x00290000, "UL", 100)  # private group length
+    ds.add_new(0x00290100, "LO", "John Smith")  # reserved range of a private group
+    ds.add_new(0x00291000, "LO", "Smith")  # element 00 of the CSA block
+    ds.add_new(0x002900FF, "LO", "ACME 1.0")
+    ds.add_new(0x0029FF01, "LO", "John")
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 8)
+    Deidentifier(KEY).apply(ds)
+    assert ds.PatientID == KEY.patient_pseudonym("MRN-42", "")
+    assert not [e.tag for e in ds if e.tag.is_private or e.tag.element == 0 or e.tag in (0x00100011, 0xFFFCFFFC)]
+
+
+def test_combined_codes_and_dummies_at_the_top_and_nested() -> None:
+    """X resolved by the IOD: Responsible Person (X, Type 2 in the MR Image IOD) emptied, not removed; in an
+    item: a Referenced Study Sequence (X/Z) inside Request Attributes (C under Clean Descriptors) removed, a
+    Patient ID (Z/D) given the pseudonym; Annotation Group UID (D, a UI) remapped like any UID.
+
+    Guards against: X not resolved, or resolved without the attribute's tag; a nested sequence emptied
+    instead of removed; a nested Patient ID emptied; a UI dummied (there is no UI dummy) instead of remapped.
+    """
+    ds = _dataset()
+    ds.ResponsiblePerson = "Doe^Jane"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    ref.ReferencedSOPInstanceUID = "1.2.3.4"
+    request = Dataset()
+    request.RequestedProcedureDescription = "MR brain"
+    request.ReferencedStudySequence = Sequence([ref])
+    ds.RequestAttributesSequence = Sequence([request])
+    group = Dataset()
+    group.PatientID = "MRN-42"
+    ds.SourcePatientGroupIdentificationSequence = Sequence([group])
+    ds.AnnotationGroupUID = "1.2.3.7"
+    Deidentifier(KEY, ProfileOptions(clean_descriptors=True)).apply(ds)
+    assert "ResponsiblePerson" in ds and ds["ResponsiblePerson"].is_empty
+    assert "ReferencedStudySequence" not in ds.RequestAttributesSequence[0]
+    assert ds.SourcePatientGroupIdentificationSequence[0].PatientID == KEY.patient_pseudonym("MRN-42", "")
+    assert ds.AnnotationGroupUID == KEY.uid("1.2.3.7")
+
+
+def test_overlay_groups() -> None:
+    """An overlay loses its whole group only when its Overlay Data goes: guards against the last overlay group
+    (601E) missed, and a group without Overlay Data (only comments, X) removed whole."""
+    ds = _dataset()
+    for group in (0x601E, 0x6004):
+        ds.add_new((group, 0x0010), "US", 16)
+        ds.add_new((group, 0x4000), "LT", "marked by Dr Who")  # Overlay Comments, X
+    ds.add_new((0x601E, 0x3000), "OW", b"\x01\x00" * 16)
+    Deidentifier(KEY).apply(ds)
+    assert [e.tag for e in ds if e.tag.group in (0x601E, 0x6004)] == [0x60040010]
+
+
+def test_method_codes_and_temporal_marker() -> None:
+    """De-identification Method Code Sequence items are CID 7050 codes (scheme DCM); Longitudinal Temporal
+    Information Modified is UNMODIFIED under Retain Full Dates. Guards against another scheme, an empty
+    meaning, another marker text."""
+    ds = _dataset()
+    Deidentifier(KEY, ProfileOptions(retain_full_dates=True)).apply(ds)
+    assert [(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in ds.DeidentificationMethodCodeSequence] == [
+        ("113100", "DCM", "Basic Application Confidentiality Profile"),
+        ("113106", "DCM", "Retain Longitudinal Temporal Information Full Dates Option")]
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"

@@ -216,7 +216,7 @@ class Deidentifier:
                 if self._private == "C" and (tag & 0xFFFF) >= 0x1000 and self._safe_private(ds, tag):
                     private_keep.add((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF))
                     continue
-                if (tag & 0xFFFF) >= 0x1000 or (tag & 0xFFFF) < 0x10:
+                if not 0x10 <= (tag & 0xFFFF) <= 0xFF:  # all but the private creators, decided below
                     del elems[tag]
                 continue
             if tag & 0xFFFF == 0 or tag == _TRAILING_PADDING:  # group length, trailing padding
@@ -236,7 +236,7 @@ class Deidentifier:
                 continue
             if code in ("X", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"):
                 code = self.table.resolve(code, tag, ctx.sop_class, top_level, _has_value(raw), vr == "SQ")
-            if top_level and tag in (_PATIENT_ID, _PATIENT_NAME) and code != "X":
+            if top_level and tag in (_PATIENT_ID, _PATIENT_NAME):  # never X (Z/D, Z in every column)
                 ds[tag].value = ctx.pseudo.patient_id if tag == _PATIENT_ID else ctx.pseudo.patient_name
                 continue
             if (0x6000 <= group <= 0x601E) and code == "X" and (tag & 0xFFFF) == 0x3000:
