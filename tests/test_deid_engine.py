@@ -755,3 +755,62 @@ def test_method_codes_and_temporal_marker() -> None:
         ("113100", "DCM", "Basic Application Confidentiality Profile"),
         ("113106", "DCM", "Retain Longitudinal Temporal Information Full Dates Option")]
     assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
+
+
+def test_file_meta_rebuilt_from_the_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file meta follows the de-identified dataset (its SOP Class and new SOP Instance UID), falls back on
+    the old file meta where the dataset lacks them, and names medpipe in 16 characters (SH).
+
+    Guards against: the old file meta's values preferred to the dataset's (a copy whose meta disagrees),
+    the fallbacks lost, the meta's instance UID left original or made up, a longer version name.
+    """
+    import medpipe
+
+    ds = _dataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # disagrees with the dataset's
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.99"
+    monkeypatch.setattr(medpipe, "__version__", "1.2.3.dev45+g1234567")
+    Deidentifier(KEY).apply(ds)
+    meta = ds.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (
+        "1.2.840.10008.5.1.4.1.1.4", KEY.uid("1.2.3.4.5.6.7"))
+    assert meta.ImplementationVersionName == "MEDPIPE_1.2.3.de"
+    ds = _dataset()
+    del ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID
+    Deidentifier(KEY).apply(ds)
+    assert (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID) == (
+        "1.2.840.10008.5.1.4.1.1.4", "")
+
+
+def test_values_read_from_a_file_count_as_values() -> None:
+    """Where the IOD does not say (an unknown SOP Class), a combined code gives D for an attribute with a
+    value, Z for one without, also when the element is still raw bytes from the file. Guards against raw
+    elements taken for empty (Station Name emptied instead of dummied)."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+
+    ds = _dataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.99"  # a SOP Class the table does not know
+    ds.StationName = "MRSCAN-ZETA7"  # X/Z/D
+    ds.OperatorsName = ""  # X/Z/D, no value
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    Deidentifier(KEY).apply(ds)
+    assert ds.StationName == "ANONYMIZED" and ds["OperatorsName"].is_empty
+
+
+def test_table_details() -> None:
+    """Guards against: the private row's code other than X without Retain Safe Private; a Type other than 3 for
+    an attribute the IOD lists as optional; the unknown-option message changed (a user sees it)."""
+    t = ActionTable()
+    assert t.private_action == "X"
+    assert t.iod_type(0x00081010, "1.2.840.10008.5.1.4.1.1.2") == "3"  # Station Name in CT Image
+    with pytest.raises(ConfigError, match=r"^unknown profile option 'retain-names'; choose from retain-safe-private, "
+                                          r"retain-uids, retain-device-identity, retain-institution-identity, "
+                                          r"retain-patient-characteristics, retain-full-dates, retain-modified-dates, "
+                                          r"clean-descriptors$"):
+        ProfileOptions.from_names(["retain-names"])

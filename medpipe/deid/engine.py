@@ -70,7 +70,6 @@ _DUMMY = {
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
 _ISSUER = 0x00100021
-_OVERLAY_DATA = 0x60003000
 _TRAILING_PADDING = 0xFFFCFFFC
 _TIMEZONE_OFFSET = 0x00080201
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-./]\d{1,2}[-./]\d{1,4}\b|\b(?:19|20)\d{6}\b")
@@ -139,7 +138,6 @@ class Deidentifier:
         self.table = table or ActionTable(self.options)
         self.patient_map = dict(patient_map or {})
         self._private = self.table.private_action
-        self._overlay = self.table.action(_OVERLAY_DATA)
 
     # -- identity --------------------------------------------------------------------------------
 
