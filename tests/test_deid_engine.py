@@ -764,6 +764,8 @@ def test_file_meta_rebuilt_from_the_dataset(monkeypatch: pytest.MonkeyPatch) -> 
     Guards against: the old file meta's values preferred to the dataset's (a copy whose meta disagrees),
     the fallbacks lost, the meta's instance UID left original or made up, a longer version name.
     """
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
     import medpipe
 
     ds = _dataset()
@@ -775,11 +777,17 @@ def test_file_meta_rebuilt_from_the_dataset(monkeypatch: pytest.MonkeyPatch) -> 
     assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (
         "1.2.840.10008.5.1.4.1.1.4", KEY.uid("1.2.3.4.5.6.7"))
     assert meta.ImplementationVersionName == "MEDPIPE_1.2.3.de"
+    assert (meta.TransferSyntaxUID, meta.ImplementationClassUID) == ("1.2.840.10008.1.2.1", PYDICOM_IMPLEMENTATION_UID)
     ds = _dataset()
     del ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID
     Deidentifier(KEY).apply(ds)
     assert (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID) == (
         "1.2.840.10008.5.1.4.1.1.4", "")
+    ds = _dataset()
+    del ds.SOPClassUID, ds.file_meta  # a dataset made in memory: no file meta at all
+    Deidentifier(KEY).apply(ds)
+    assert ds.file_meta.MediaStorageSOPClassUID == "" and "TransferSyntaxUID" not in ds.file_meta
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == KEY.uid("1.2.3.4.5.6.7")
 
 
 def test_values_read_from_a_file_count_as_values() -> None:
@@ -804,13 +812,48 @@ def test_values_read_from_a_file_count_as_values() -> None:
 
 
 def test_table_details() -> None:
-    """Guards against: the private row's code other than X without Retain Safe Private; a Type other than 3 for
-    an attribute the IOD lists as optional; the unknown-option message changed (a user sees it)."""
+    """Guards against: the private row's code other than X without Retain Safe Private; option names not read
+    (dashes, spaces) or not set; a Type other than 3 for an attribute the IOD lists as optional; the
+    unknown-option message changed (a user sees it)."""
     t = ActionTable()
     assert t.private_action == "X"
+    assert ProfileOptions.from_names(["retain-modified-dates", " clean_descriptors "]) == ProfileOptions(
+        retain_modified_dates=True, clean_descriptors=True)  # dashes or underscores, spaces around
     assert t.iod_type(0x00081010, "1.2.840.10008.5.1.4.1.1.2") == "3"  # Station Name in CT Image
     with pytest.raises(ConfigError, match=r"^unknown profile option 'retain-names'; choose from retain-safe-private, "
                                           r"retain-uids, retain-device-identity, retain-institution-identity, "
                                           r"retain-patient-characteristics, retain-full-dates, retain-modified-dates, "
                                           r"clean-descriptors$"):
         ProfileOptions.from_names(["retain-names"])
+
+
+def test_safe_private_element_in_the_last_block() -> None:
+    """A kept safe attribute in block FF ((0019,FF0C) under creator (0019,00FF)) keeps its creator; guards
+    against the last creator slot taken for something else and removed (the b-value left without owner)."""
+    ds = _dataset()
+    ds.add_new(0x001900FF, "LO", "SIEMENS MR HEADER")
+    ds.add_new(0x0019FF0C, "IS", "500")
+    Deidentifier(KEY, ProfileOptions(retain_safe_private=True)).apply(ds)
+    assert {e.tag for e in ds if e.tag.is_private} == {0x00190010, 0x0019100C, 0x001900FF, 0x0019FF0C}
+
+
+def test_combined_codes_every_type() -> None:
+    """ActionTable.resolve for each Type the IOD data gives (the Types read from PS3.3 by make_table.py):
+    Type 1 needs a value (D), Type 2 an element (Z, else D), Type 3 allows removal (X, else Z); X is kept
+    unless the IOD requires the attribute; inside sequences (no IOD Type) D where there is a value.
+
+    Guards against: a Type 1 X attribute (Timezone Offset From UTC in the Simplified Adult Echo SR) removed; a
+    Type 2 X/D attribute (First Treatment Date of an RT Beams Treatment Record) emptied; a Type 3 Z/D (Content
+    Date of a GSPS) dummied; the IOD's Type applied inside sequences; a non-sequence X/Z inside a sequence
+    removed, or an X/Z at the top level of an unknown IOD.
+    """
+    t = ActionTable()
+    echo_sr, rt_record = "1.2.840.10008.5.1.4.1.1.88.72", "1.2.840.10008.5.1.4.1.1.481.4"
+    gsps, ct, unknown = "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+    assert t.resolve("X", 0x00080201, echo_sr, True, True) == "D"
+    assert t.resolve("X/D", 0x30080054, rt_record, True, True) == "D"
+    assert t.resolve("Z/D", 0x00080023, gsps, True, True) == "Z"
+    assert t.resolve("X", 0x00102297, ct, False, True) == "X"  # Responsible Person inside a sequence
+    assert t.resolve("X/Z/D", 0x00081010, ct, False, True) == "D"  # Station Name inside a sequence
+    assert t.resolve("X/Z", 0x00080022, ct, False, True) == "Z"  # Acquisition Date inside a sequence
+    assert t.resolve("X/Z", 0x00080022, unknown, True, True, is_sequence=False) == "Z"

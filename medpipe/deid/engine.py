@@ -68,8 +68,6 @@ _DUMMY = {
     "UR": "urn:x-anonymized", "AT": 0, "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0,
 }
 _PATIENT_ID = 0x00100020
-_PATIENT_NAME = 0x00100010
-_ISSUER = 0x00100021
 _TRAILING_PADDING = 0xFFFCFFFC
 _TIMEZONE_OFFSET = 0x00080201
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-./]\d{1,2}[-./]\d{1,4}\b|\b(?:19|20)\d{6}\b")
@@ -234,9 +232,6 @@ class Deidentifier:
                 continue
             if code in ("X", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"):
                 code = self.table.resolve(code, tag, ctx.sop_class, top_level, _has_value(raw), vr == "SQ")
-            if top_level and tag in (_PATIENT_ID, _PATIENT_NAME):  # never X (Z/D, Z in every column)
-                ds[tag].value = ctx.pseudo.patient_id if tag == _PATIENT_ID else ctx.pseudo.patient_name
-                continue
             if (0x6000 <= group <= 0x601E) and code == "X" and (tag & 0xFFFF) == 0x3000:
                 overlay_groups.add(group)
             self._act(ds, tag, vr, code, ctx)
