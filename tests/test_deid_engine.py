@@ -95,9 +95,9 @@ def test_keyed_uids_pseudonyms_and_shifts() -> None:
     # a UUID of version 8 with the RFC 4122 variant, as 2.25 asks
     n = int(uid[5:])
     assert (n >> 76) & 0xF == 8 and (n >> 62) & 0x3 == 2
-    assert KEY.patient_pseudonym("123") != KEY.patient_pseudonym("124") != OTHER_KEY.patient_pseudonym("123")
+    assert KEY.patient_pseudonym("123", "") != KEY.patient_pseudonym("124", "") != OTHER_KEY.patient_pseudonym("123", "")
     assert KEY.patient_pseudonym("123", "HOSP-A") != KEY.patient_pseudonym("123", "HOSP-B")
-    shifts = {KEY.date_shift_days(str(i)) for i in range(200)}
+    shifts = {KEY.date_shift_days(str(i), "") for i in range(200)}
     assert all(-3652 <= s <= -1 for s in shifts) and len(shifts) > 150
 
 
@@ -151,8 +151,8 @@ def _dataset() -> Dataset:
 def test_basic_profile_on_one_dataset() -> None:
     ds = _dataset()
     m = Deidentifier(KEY).apply(ds)
-    assert ds.PatientID == KEY.patient_pseudonym("MRN-42") and ds.PatientName == ds.PatientID + "^"
-    assert ds.PatientBirthDate == "" and ds.StudyDate == "" and ds.PatientSex == ""
+    assert ds.PatientID == KEY.patient_pseudonym("MRN-42", "") and ds.PatientName == ds.PatientID + "^"
+    assert all(ds[k].is_empty for k in ("PatientBirthDate", "StudyDate", "PatientSex"))
     assert "SeriesDescription" not in ds and "InstitutionName" not in ds and "PatientAge" not in ds
     assert "DeviceSerialNumber" not in ds  # X/Z/D, Type 3 in MR Image
     assert ds.SOPInstanceUID == KEY.uid("1.2.3.4.5.6.7") == ds.file_meta.MediaStorageSOPInstanceUID
@@ -171,9 +171,9 @@ def test_options_on_one_dataset() -> None:
                           retain_institution_identity=True, retain_patient_characteristics=True,
                           retain_safe_private=True)
     Deidentifier(KEY, opts).apply(ds)
-    shift = KEY.date_shift_days("MRN-42")
+    shift = KEY.date_shift_days("MRN-42", "")
     assert ds.StudyDate == shift_date("20240311", shift) != "20240311" and ds.StudyTime == "101500"
-    assert ds.PatientBirthDate == ""  # no option keeps the birth date
+    assert ds["PatientBirthDate"].is_empty  # no option keeps the birth date
     assert ds.SeriesDescription == "FLAIR axial"
     assert ds.DeviceSerialNumber == "SN-1" and ds.InstitutionName == "General"
     assert ds.PatientAge == "064Y" and ds.PatientSex == "M"
@@ -217,3 +217,643 @@ def test_overlays_and_curves_go_whole() -> None:
     ds.add_new((0x5000, 0x0005), "US", 2)
     Deidentifier(KEY).apply(ds)
     assert not [e for e in ds if e.tag.group in (0x5000, 0x6000, 0x6002)]
+
+
+def test_safe_private_on_a_real_siemens_header(shared_data: Path) -> None:
+    """Retain Safe Private on a real Siemens EPI header (dcm_qa): only listed *numeric* attributes stay.
+
+    The header holds (0019,100A) Number Of Images In Mosaic US 36 and (0019,100B) Slice Measurement Duration
+    DS (both on the list, under creator "SIEMENS MR HEADER" in (0019,0010)), other (0019,10xx) attributes,
+    the CSA headers (0029) and a second "SIEMENS MR HEADER" block in group 0051 (not listed: text such as
+    "FoV 1392*1392"). Guards against: the creator looked up in the wrong slot for an odd element byte
+    (0x0B); a listed attribute kept without its private creator; a text value kept in a listed slot (a name
+    riding along); undeclared VRs (implicit VR file, or UN after a PACS transcoded it) refused or let through
+    as text.
+    """
+    import struct
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataelem import DataElement
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    path = shared_data / "dcm_qa" / "In" / "Orientation" / "axmb" / "AxAsc36mb2a" / "jpg1.dcm"
+    opts = ProfileOptions(retain_safe_private=True)
+
+    def kept(ds: Dataset) -> set[tuple[int, int, str]]:
+        Deidentifier(KEY, opts).apply(ds)
+        return {(e.tag.group, e.tag.element, e.VR) for e in ds.iterall() if e.tag.is_private}
+
+    mosaic, duration = (0x0019, 0x100A), (0x0019, 0x100B)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds[mosaic].value == 36 and ds[duration].value == 11595  # what the test relies on
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+    assert ds[mosaic].value == 36 and ds[duration].value == 11595
+
+    # a text value in a listed slot (the b-value's, (0019,100C)) goes, whatever the list says
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.add_new((0x0019, 0x100C), "LO", "SMITH^JOHN")
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+
+    # a kept element with an odd element byte keeps its own creator
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    del ds[mosaic]
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100B, "DS")}
+
+    # without its private creator nobody can say what an element is: it goes
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    del ds[0x00190010]
+    assert kept(ds) == set()
+
+    # UN (an explicit-VR copy made by a PACS that does not know the private dictionary): the list's VR stands
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds[mosaic] = DataElement(mosaic, "UN", struct.pack("<H", 36))  # US 36, little endian
+    ds[duration] = DataElement(duration, "UN", b"11595 ")  # DS, padded to even length
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "UN"), (0x19, 0x100B, "UN")}
+
+    # implicit VR little endian: no VR in the file at all; the list's VR stands
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    assert ds._dict[0x0019100A].VR is None  # read raw: the engine sees no VR
+    assert kept(ds) == {(0x19, 0x10, "LO"), (0x19, 0x100A, "US"), (0x19, 0x100B, "DS")}
+
+
+def test_public_attributes_the_dictionary_does_not_know_are_removed() -> None:
+    """Beyond the table: a public (even group) attribute unknown to the data dictionary is removed, whatever
+    VR the file declares, since nobody can say what it holds. Guards against such an attribute surviving in an
+    explicit-VR file (it did: only implicit-VR ones, without a VR, were removed), and against the repeating
+    groups (60xx overlays) being taken for unknown ones: a kept overlay attribute stays.
+    """
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    for implicit in (False, True):
+        ds = _dataset()
+        ds.add_new((0x0010, 0x9999), "LO", "Smith^John")  # in the Patient group, not in PS3.6
+        ds.add_new((0x6002, 0x0010), "US", 16)  # Overlay Rows, an overlay without Overlay Data
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            buf = BytesIO()
+            dcmwrite(buf, ds, enforce_file_format=True)
+            buf.seek(0)
+            ds = pydicom.dcmread(buf)
+        Deidentifier(KEY).apply(ds)
+        assert (0x0010, 0x9999) not in ds, implicit
+        assert ds[0x60020010].value == 16, implicit
+
+
+def test_the_vr_the_file_declares_decides() -> None:
+    """The engine acts on a value in the VR its file declares, and on the dictionary's VR where the file has
+    none usable. Guards against: a sequence stored as UN (explicit VR, by a PACS that did not know it, its
+    items in implicit VR as PS3.5 6.2.2 says) not walked, so the Referenced Series' original UID stays; a
+    Study Date written as DT read as DA (its shifted value lost) under Retain Modified Dates.
+    """
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = _dataset()
+    ref = Dataset()
+    ref.SeriesInstanceUID = "1.2.3.4.9"
+    ds.ReferencedSeriesSequence = Sequence([ref])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    ds._dict[0x00081115] = ds._dict[0x00081115]._replace(VR="UN")  # the raw element as an explicit-VR UN
+    Deidentifier(KEY).apply(ds)
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == KEY.uid("1.2.3.4.9")
+
+    ds = _dataset()
+    ds.add_new(0x00080020, "DT", "20240311101500")  # Study Date (DA in PS3.6) written as a date-time
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True)).apply(ds)
+    assert ds.StudyDate == shift_datetime("20240311101500", KEY.date_shift_days("MRN-42", "")) != ""
+
+
+def test_date_shifts_at_their_edges() -> None:
+    """Single DA / DT values moved by hand-counted days (2024 is a leap year).
+
+    Guards against: a month 10-12 or a day 10-31 read from the wrong digits; a YYYYMM date refused, or
+    counted from another day than the 1st; a year-only date counted from another day than 1 January; a
+    value of the wrong length or with separators shifted anyway; an impossible or out-of-range date giving
+    anything but ''; a DT's UTC offset or its year-only precision lost.
+    """
+    assert shift_date("20241115", -1) == "20241114"  # month 11
+    assert shift_date("20240311", -11) == "20240229"  # day 11
+    assert shift_date("202403", -1) == "202402"  # YYYYMM stands for 1 March: 29 February, still YYYYMM
+    assert shift_date("2024", -1) == "2023"  # YYYY stands for 1 January: 31 December 2023
+    assert shift_date("2024031", -1) == shift_date("2024-03-11", -1) == ""  # 7 digits; separators
+    assert shift_date("20240231", -1) == shift_date("00010101", -1) == ""  # 31 February; before year 1
+    assert shift_datetime("2024", -1) == "2023" and shift_datetime("202403", -1) == "202402"
+    assert shift_datetime("2024+0100", -1) == "2023+0100"  # year precision with a UTC offset
+    assert shift_datetime("20240", -1) == shift_datetime("20241301120000", -1) == ""  # 5 digits; month 13
+
+
+def test_keyed_values_follow_the_documented_constructions() -> None:
+    """Every keyed value recomputed with hmac from the constructions in medpipe.deid.keys' docstring.
+
+    Guards against: another purpose string (uses no longer kept apart), a part dropped (the issuer: patient
+    123 of two hospitals would share a pseudonym and a date shift), another width or byte order of the
+    number, a shift of 0 or past 10 years; any of which would also stop earlier maps from matching.
+    """
+    import base64
+    import hashlib
+    import hmac
+
+    def mac(purpose: str, *parts: str) -> bytes:
+        h = hmac.new(bytes(range(32)), purpose.encode(), hashlib.sha256)  # KEY's secret
+        for part in parts:
+            data = part.encode()
+            h.update(b"\x00" + len(data).to_bytes(4, "big") + data)
+        return h.digest()
+
+    for pid, issuer in (("MRN-42", ""), ("MRN-42", "HOSP-A"), ("00007041776", "CCHS")):
+        n = int.from_bytes(mac("medpipe.deid.date-shift", issuer, pid)[:8], "big")
+        assert KEY.date_shift_days(pid, issuer) == -(1 + n % 3652)
+        pseudonym = "P" + base64.b32encode(mac("medpipe.deid.patient", issuer, pid)[:10]).decode()[:12]
+        assert KEY.patient_pseudonym(pid, issuer) == pseudonym
+    assert KEY.date_shift_days("MRN-42", "") != KEY.date_shift_days("MRN-42", "HOSP-A")
+    b = bytearray(mac("medpipe.deid.uid", "1.2.3.4")[:16])
+    b[6], b[8] = (b[6] & 0x0F) | 0x80, (b[8] & 0x3F) | 0x80
+    assert KEY.uid("1.2.3.4") == f"2.25.{int.from_bytes(b, 'big')}"
+    assert KEY.file_ref("a/b.dcm") == "F" + mac("medpipe.deid.file", "a/b.dcm").hex()[:16]
+    assert KEY.key_id == mac("medpipe.deid.key-id").hex()[:16]
+
+
+def test_clean_text_edges() -> None:
+    """Guards against: a shorter identifier tried before a longer one it begins (case aside), leaving the
+    rest of the longer one ("ROE-77" leaving "77"); separators left at the ends; an X at either end taken
+    for a separator ("XR", "AX"); no identifiers at all failing."""
+    assert clean_text("ROE-77 follow-up", ["Roe", "ROE-77", "ROE"]) == "follow-up"
+    assert clean_text("Doe, T2 FLAIR AX", ["Doe"]) == "T2 FLAIR AX"
+    assert clean_text("XR chest PA", []) == "XR chest PA"
+
+
+def test_descriptors_lose_every_form_of_the_identifiers() -> None:
+    """Clean Descriptors removes the identifying values of the same dataset from the descriptions: whole
+    name components, their words of 3+ characters, dates, private text; not what the profile keeps.
+
+    Guards against: name components not split at ^ ("Li Wei" left as "Li"), components or words of exactly
+    3 characters ("Kim", "Wei") missed, words of a component not split out, dates (an ACR-NEMA style birth
+    date "1958.04.12", whose year alone then stays; a year-precision DT) left out, the values of kept
+    attributes (Institution Name under Retain Institution Identity: "General anaesthesia") or the text of a
+    sequence ("MR Image Storage" of a Referenced SOP Class) taken for identifiers.
+    """
+    ds = _dataset()
+    ds.PatientName = "Ng^Li Wei^Kim"
+    ds.PatientBirthDate = "1958.04.12"
+    ds.DateTimeOfLastCalibration = "2019"  # X; a DT of year precision
+    ds.InstitutionName = "General"
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.8"
+    ds.SourceImageSequence = Sequence([item])
+    ds.SeriesDescription = "FLAIR Li Wei Wei Kim born 1958 cal 2019 General anaesthesia MR Image Storage"
+    Deidentifier(KEY, ProfileOptions(clean_descriptors=True, retain_institution_identity=True)).apply(ds)
+    assert ds.SeriesDescription == "FLAIR born cal General anaesthesia MR Image Storage"
+
+
+def test_modified_dates_and_clean_descriptors_on_every_kind_of_value() -> None:
+    """Retain Modified Dates and Clean Descriptors on a DT, several values, bytes, a legacy date, an issuer.
+
+    Guards against: a DT shifted as a DA (or emptied); a DA shifted as a DT (the ACR-NEMA "1999.03.11" then
+    keeps its month and day); the second value of a multi-valued date or description dropped; Maker Note
+    bytes "cleaned" as text instead of emptied; the date shift or pseudonym made without the Issuer of
+    Patient ID.
+    """
+    ds = _dataset()
+    ds.IssuerOfPatientID = "HOSP-A"
+    ds.AcquisitionDateTime = "20240311093015.5+0100"
+    ds.SeriesDate = "1999.03.11"
+    ds.DateOfLastCalibration = ["20240101", "20240201"]
+    ds.AdmittingDiagnosesDescription = ["Headache John Smith", "Seizure 2024-03-01"]
+    ds.MakerNote = b"Canon EOS 5D 0123456789"
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True, clean_descriptors=True)).apply(ds)
+    shift = KEY.date_shift_days("MRN-42", "HOSP-A")
+    assert shift != KEY.date_shift_days("MRN-42", "") and ds.PatientID == KEY.patient_pseudonym("MRN-42", "HOSP-A")
+    assert ds.StudyDate == shift_date("20240311", shift)
+    assert ds.AcquisitionDateTime == shift_datetime("20240311093015.5+0100", shift)
+    assert ds.SeriesDate == ""
+    assert list(ds.DateOfLastCalibration) == [shift_date("20240101", shift), shift_date("20240201", shift)]
+    assert list(ds.AdmittingDiagnosesDescription) == ["Headache", "Seizure"]
+    assert ds["MakerNote"].is_empty
+
+
+# -- the map and the patient mapping CSV -----------------------------------------------------------
+
+
+def test_map_file_refusals(tmp_path: Path) -> None:
+    """read_map refuses what is not a map of this key with the message (and hint) a user sees.
+
+    Guards against: a message or hint lost or changed; a JSON object that is not a map, or a JSON list,
+    accepted or crashing.
+    """
+    import json
+    import re
+
+    from medpipe.deid.mapping import read_map
+
+    missing = tmp_path / "none.json"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(missing))}: no such map file$") as err:
+        read_map(missing)
+    assert err.value.hint == "give the map written by `medpipe deid` (--map)"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(broken))}: not a readable map file \(JSONDecodeError\)$"):
+        read_map(broken)
+    for doc in ([1], {"patients": {}}):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(other))}: not a medpipe de-identification map$"):
+            read_map(other)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"format": "medpipe-deid-map", "key_id": KEY.key_id,
+                                "patients": {"P1": {"PatientName": "Muller^Jurgen"}}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(good))}: this map was made with another key "
+                                          rf"\(key id {KEY.key_id}, not {OTHER_KEY.key_id}\)$") as err:
+        read_map(good, OTHER_KEY.key_id)
+    assert err.value.hint == "use the key the data was de-identified with"
+    assert read_map(good, KEY.key_id)["uids"] == {}  # every section present
+
+
+def test_patient_mapping_csv_rules(tmp_path: Path) -> None:
+    """The user's patient mapping: columns, one line per patient, every refusal with its line number.
+
+    Guards against: a byte order mark (Excel's UTF-8 CSV) hiding the PatientID column; exactly the two
+    required columns refused; a missing PseudonymName not defaulting to the pseudonym; an empty or absent
+    cell accepted; line numbers off by one; a pseudonym given twice, or one of 65 characters, accepted (64
+    is the LO limit); an empty or missing file crashing instead of a message.
+    """
+    import re
+
+    from medpipe.deid.engine import Pseudonym
+    from medpipe.deid.mapping import read_patient_csv
+
+    p = tmp_path / "patients.csv"
+
+    def refused(text: str) -> str:
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            read_patient_csv(p)
+        return str(err.value).removeprefix(f"{p}")
+
+    p.write_text("\ufeffPatientID,PseudonymID\r\nMRN-1,TRIAL-001\r\nMRN-2," + "T" * 64 + "\r\n", encoding="utf-8")
+    assert read_patient_csv(p) == {"MRN-1": Pseudonym("TRIAL-001", "TRIAL-001"), "MRN-2": Pseudonym("T" * 64, "T" * 64)}
+    p.write_text("PatientID,PseudonymID,PseudonymName\nMRN-1,TRIAL-001,Trial^One\nMRN-2,TRIAL-002,\n")
+    assert read_patient_csv(p) == {"MRN-1": Pseudonym("TRIAL-001", "Trial^One"), "MRN-2": Pseudonym("TRIAL-002", "TRIAL-002")}
+    head = "PatientID,PseudonymID\nMRN-1,TRIAL-001\n"
+    assert refused(head + "MRN-2\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + ",TRIAL-002\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + "MRN-2,\n") == " line 3: empty PatientID or PseudonymID"
+    assert refused(head + "MRN-1,TRIAL-002\n") == " line 3: PatientID listed twice"
+    assert refused(head + "MRN-2,TRIAL-001\n") == " line 3: PseudonymID 'TRIAL-001' given to two patients"
+    assert refused(head + "MRN-2," + "T" * 65 + "\n") == " line 3: PseudonymID longer than 64 characters (LO)"
+    needs = ": the patient mapping needs columns PatientID and PseudonymID (optional PseudonymName)"
+    assert refused("") == refused("PatientID,Pseudonym\n1,2\n") == needs
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.csv'))}: cannot read the patient "
+                                          r"mapping \(No such file or directory\)$"):
+        read_patient_csv(tmp_path / "none.csv")
+
+
+def test_key_file_format(tmp_path: Path) -> None:
+    """A key file: the header line and one hex line; comment and blank lines are allowed; anything else is
+    refused with the message and hint a user sees.
+
+    Guards against: comments or blank lines counted as lines; a wrong header or a third line accepted; a
+    message or hint lost or changed; a binary file given as --key (a DICOM file: deid-data's head CT)
+    crashing with a decoding error instead of the one-line refusal.
+    """
+    import re
+
+    from tests.deid_helpers import deid_data_folder
+
+    p = tmp_path / "site.key"
+    line = bytes(range(32)).hex()  # KEY's secret
+    p.write_text(f"# site A\nmedpipe-deid-key v1\n\n{line}\n")
+    assert load_key(p).key_id == KEY.key_id
+    not_a_key = r": not a medpipe de-identification key file \(expected 'medpipe-deid-key v1' and a hex line\)$"
+    for text in (f"medpipe-deid-key v2\n{line}\n", f"medpipe-deid-key v1\n{line}\n{line}\n", None):
+        if text is None:
+            p.write_bytes((deid_data_folder() / "humans" / "ctbrain1.dcm").read_bytes())
+        else:
+            p.write_text(text)
+        with pytest.raises(ConfigError, match="^" + re.escape(str(p)) + not_a_key) as err:
+            load_key(p)
+        assert err.value.hint == "point --key at the file medpipe created, or at a new path to create one"
+    p.write_text(f"medpipe-deid-key v1\nzz{line[2:]}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: the key line is not hexadecimal$"):
+        load_key(p)
+    p.write_text(f"medpipe-deid-key v1\n{line[:30]}\n")
+    with pytest.raises(ConfigError, match=r"^de-identification key too short \(need at least 16 bytes\)$"):
+        load_key(p)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.key'))}: no such key file$") as err:
+        load_key(tmp_path / "none.key")
+    assert err.value.hint == "give the key the data was de-identified with"
+
+
+def test_a_patient_without_id_is_known_by_name_and_birth_date() -> None:
+    """No Patient ID: the name and birth date stand for the patient, as "\\x00" + name + "\\x00" + birth date
+    (the engine's rule), for the pseudonym and the date shift.
+
+    Guards against: an absent Patient ID read as some fixed text (every such patient sharing one pseudonym),
+    or the name or the birth date left out of the stand-in identity.
+    """
+    a, b = _dataset(), _dataset()
+    del a.PatientID, b.PatientID, b.PatientName
+    Deidentifier(KEY).apply(a)
+    Deidentifier(KEY).apply(b)
+    assert a.PatientID == KEY.patient_pseudonym("\x00Smith^John\x0019600312", "")
+    assert b.PatientID == KEY.patient_pseudonym("\x00\x0019600312", "")
+
+
+def test_map_entries_hold_the_original_values() -> None:
+    """What apply() hands to the map: the original Patient and General Study attributes as text.
+
+    Guards against: a multi-valued value (Other Patient IDs) joined with anything but the DICOM backslash, an
+    attribute present without a value recorded as anything but '', the study keyed on another UID.
+    """
+    ds = _dataset()
+    ds.OtherPatientIDs = ["ID 1", "ID 2"]
+    ds.add_new(0x00100032, "TM", None)  # Patient's Birth Time, present without a value
+    m = Deidentifier(KEY).apply(ds)
+    pseudo = KEY.patient_pseudonym("MRN-42", "")
+    assert m.patient == (pseudo, {
+        "PatientName": "Smith^John", "PatientID": "MRN-42", "PatientBirthDate": "19600312", "PatientSex": "M",
+        "OtherPatientIDs": "ID 1\\ID 2", "PatientAge": "064Y", "PatientBirthTime": "", "date_shift_days": 0})
+    assert m.study == (KEY.uid("1.2.3.4"), {"StudyInstanceUID": "1.2.3.4", "StudyDate": "20240311",
+                                            "StudyTime": "101500", "PatientID": pseudo})
+
+
+def test_sequence_items_are_not_the_top_level() -> None:
+    """Inside a sequence item the IOD's Types do not apply: a combined code gives D where there is a value
+    (ActionTable.resolve). Guards against items walked as the top level: an Observation DateTime (X/D, Type 3
+    at the top of an MR Image) removed instead of given the DT dummy value.
+    """
+    ds = _dataset()
+    item = Dataset()
+    item.ObservationDateTime = "20240311101500"
+    ds.ContentSequence = Sequence([item])
+    Deidentifier(KEY).apply(ds)
+    assert ds.ContentSequence[0].ObservationDateTime == "19000101000000"
+
+
+def test_dummies_and_emptied_sequences_inside_an_sr_observer() -> None:
+    """D and Z inside a walked sequence: a Verifying Observer (D) of an SR keeps its item; its name and
+    organization get the text dummy, its date-time the DT dummy, its Identification Code Sequence (Z) loses
+    its items; Frame Origin Timestamp (OB, D) becomes two zero bytes (an OB's dummy).
+
+    Guards against: a Z sequence walked instead of emptied, the Patient ID pseudonym or a remapped "UID" given
+    as any dummy, a dummy left empty or of another VR's form.
+    """
+    ds = _dataset()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "12345", "99HOSP", "Staff ID of Dr Who"
+    observer = Dataset()
+    observer.VerifyingObserverName = "Who^Doctor"
+    observer.VerifyingOrganization = "General"
+    observer.VerificationDateTime = "20240311101500"
+    observer.VerifyingObserverIdentificationCodeSequence = Sequence([code])
+    ds.VerifyingObserverSequence = Sequence([observer])
+    ds.FrameOriginTimestamp = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    Deidentifier(KEY).apply(ds)
+    item = ds.VerifyingObserverSequence[0]
+    assert (str(item.VerifyingObserverName), item.VerifyingOrganization) == ("ANONYMIZED", "ANONYMIZED")
+    assert item.VerificationDateTime == "19000101000000"
+    assert len(item.VerifyingObserverIdentificationCodeSequence) == 0
+    assert ds.FrameOriginTimestamp == b"\x00\x00"
+
+
+def test_uids_remapped_in_every_form() -> None:
+    """Guards against: a NUL padding a value of a multi-valued UI (some writers pad each value; pydicom strips
+    only the last one's) remapped as part of the UID, so the reference no longer matches; an empty UID
+    remapped; a dataset without SOP Instance UID keeping its file meta's original; the study's map key not
+    the UID the objects carry (with and without Retain UIDs); a study entry made up for a dataset without
+    Study Instance UID.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    ds = _dataset()
+    value = b"1.2.3.5\x00\\1.2.3.6\x00"  # Irradiation Event UID (VM 1-n), each value NUL-padded
+    ds._dict[0x00083010] = RawDataElement(0x00083010, "UI", len(value), value, 0, False, True)
+    ds.add_new(0x00209161, "UI", "")  # Concatenation UID, present without a value
+    del ds.SOPInstanceUID
+    m = Deidentifier(KEY).apply(ds)
+    assert list(ds.IrradiationEventUID) == [KEY.uid("1.2.3.5"), KEY.uid("1.2.3.6")]
+    assert ds.ConcatenationUID == "" and ds.file_meta.MediaStorageSOPInstanceUID == KEY.uid("1.2.3.4.5.6.7")
+    assert m.uids[KEY.uid("1.2.3.4.5.6.7")] == "1.2.3.4.5.6.7" and m.study[0] == ds.StudyInstanceUID == KEY.uid("1.2.3.4")
+    ds = _dataset()
+    m = Deidentifier(KEY, ProfileOptions(retain_uids=True)).apply(ds)
+    assert m.study[0] == ds.StudyInstanceUID == "1.2.3.4" and m.uids == {}
+    ds = _dataset()
+    del ds.StudyInstanceUID
+    assert Deidentifier(KEY).apply(ds).study is None
+
+
+def test_markers_name_every_option() -> None:
+    """De-identification Method: "medpipe deid" and the profile with every option, cut to LO's 64 characters
+    (PS3.5); guards against another text or length."""
+    ds = _dataset()
+    opts = ProfileOptions(retain_modified_dates=True, clean_descriptors=True, retain_device_identity=True,
+                          retain_institution_identity=True, retain_patient_characteristics=True,
+                          retain_safe_private=True)
+    Deidentifier(KEY, opts).apply(ds)
+    assert list(ds.DeidentificationMethod) == [
+        "medpipe deid", "PS3.15 E.1-1 Basic Profile +SafePriv +DevId +InstId +PatChars +M"]
+
+
+def test_timezone_offset_kept_with_modified_dates() -> None:
+    """Retain Modified Dates keeps Timezone Offset From UTC, as it keeps times: a whole-day shift leaves both
+    valid. It was cleaned as text with the dataset's identifiers, and a removed date-time carrying the same
+    offset (GPS Time Stamp "...+0100", X) made it "+" (an invalid offset) under Clean Descriptors.
+    """
+    ds = _dataset()
+    ds.TimezoneOffsetFromUTC = "+0100"
+    ds.GPSTimeStamp = "20240311093015+0100"
+    Deidentifier(KEY, ProfileOptions(retain_modified_dates=True, clean_descriptors=True)).apply(ds)
+    assert ds.TimezoneOffsetFromUTC == "+0100" and "GPSTimeStamp" not in ds
+
+
+def test_nothing_is_left_behind_by_the_walk() -> None:
+    """Guards against elements the walk skips or stops at: a private element in the reserved range
+    (gggg,0100-0FFF) or at element 00 of a block ((0029,1000)) kept (a PHI leak: it was, for the reserved
+    range); private and public group lengths, Data Set Trailing Padding, a private creator of block FF or an
+    attribute of Table E.1-1 that pydicom does not know ((0010,0011), X) kept; the walk stopping after one of
+    them (Patient ID then left as it was).
+    """
+    ds = _dataset()
+    ds.add_new(0x00080000, "UL", 200)  # group length
+    ds.add_new(0x00100011, "LO", "Johnny")  # a Table E.1-1 row (X) newer than pydicom 3.0's dictionary
+    ds.add_new(0x00290000, "UL", 100)  # private group length
+    ds.add_new(0x00290100, "LO", "John Smith")  # reserved range of a private group
+    ds.add_new(0x00291000, "LO", "Smith")  # element 00 of the CSA block
+    ds.add_new(0x002900FF, "LO", "ACME 1.0")
+    ds.add_new(0x0029FF01, "LO", "John")
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 8)
+    Deidentifier(KEY).apply(ds)
+    assert ds.PatientID == KEY.patient_pseudonym("MRN-42", "")
+    assert not [e.tag for e in ds if e.tag.is_private or e.tag.element == 0 or e.tag in (0x00100011, 0xFFFCFFFC)]
+
+
+def test_combined_codes_and_dummies_at_the_top_and_nested() -> None:
+    """X resolved by the IOD: Responsible Person (X, Type 2 in the MR Image IOD) emptied, not removed; in an
+    item: a Referenced Study Sequence (X/Z) inside Request Attributes (C under Clean Descriptors) removed, a
+    Patient ID (Z/D) given the pseudonym; Annotation Group UID (D, a UI) remapped like any UID.
+
+    Guards against: X not resolved, or resolved without the attribute's tag; a nested sequence emptied
+    instead of removed; a nested Patient ID emptied; a UI dummied (there is no UI dummy) instead of remapped.
+    """
+    ds = _dataset()
+    ds.ResponsiblePerson = "Doe^Jane"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    ref.ReferencedSOPInstanceUID = "1.2.3.4"
+    request = Dataset()
+    request.RequestedProcedureDescription = "MR brain"
+    request.ReferencedStudySequence = Sequence([ref])
+    ds.RequestAttributesSequence = Sequence([request])
+    group = Dataset()
+    group.PatientID = "MRN-42"
+    ds.SourcePatientGroupIdentificationSequence = Sequence([group])
+    ds.AnnotationGroupUID = "1.2.3.7"
+    Deidentifier(KEY, ProfileOptions(clean_descriptors=True)).apply(ds)
+    assert "ResponsiblePerson" in ds and ds["ResponsiblePerson"].is_empty
+    assert "ReferencedStudySequence" not in ds.RequestAttributesSequence[0]
+    assert ds.SourcePatientGroupIdentificationSequence[0].PatientID == KEY.patient_pseudonym("MRN-42", "")
+    assert ds.AnnotationGroupUID == KEY.uid("1.2.3.7")
+
+
+def test_overlay_groups() -> None:
+    """An overlay loses its whole group only when its Overlay Data goes: guards against the last overlay group
+    (601E) missed, and a group without Overlay Data (only comments, X) removed whole."""
+    ds = _dataset()
+    for group in (0x601E, 0x6004):
+        ds.add_new((group, 0x0010), "US", 16)
+        ds.add_new((group, 0x4000), "LT", "marked by Dr Who")  # Overlay Comments, X
+    ds.add_new((0x601E, 0x3000), "OW", b"\x01\x00" * 16)
+    Deidentifier(KEY).apply(ds)
+    assert [e.tag for e in ds if e.tag.group in (0x601E, 0x6004)] == [0x60040010]
+
+
+def test_method_codes_and_temporal_marker() -> None:
+    """De-identification Method Code Sequence items are CID 7050 codes (scheme DCM); Longitudinal Temporal
+    Information Modified is UNMODIFIED under Retain Full Dates. Guards against another scheme, an empty
+    meaning, another marker text."""
+    ds = _dataset()
+    Deidentifier(KEY, ProfileOptions(retain_full_dates=True)).apply(ds)
+    assert [(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in ds.DeidentificationMethodCodeSequence] == [
+        ("113100", "DCM", "Basic Application Confidentiality Profile"),
+        ("113106", "DCM", "Retain Longitudinal Temporal Information Full Dates Option")]
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
+
+
+def test_file_meta_rebuilt_from_the_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file meta follows the de-identified dataset (its SOP Class and new SOP Instance UID), falls back on
+    the old file meta where the dataset lacks them, and names medpipe in 16 characters (SH).
+
+    Guards against: the old file meta's values preferred to the dataset's (a copy whose meta disagrees),
+    the fallbacks lost, the meta's instance UID left original or made up, a longer version name.
+    """
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+    import medpipe
+
+    ds = _dataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # disagrees with the dataset's
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.99"
+    monkeypatch.setattr(medpipe, "__version__", "1.2.3.dev45+g1234567")
+    Deidentifier(KEY).apply(ds)
+    meta = ds.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (
+        "1.2.840.10008.5.1.4.1.1.4", KEY.uid("1.2.3.4.5.6.7"))
+    assert meta.ImplementationVersionName == "MEDPIPE_1.2.3.de"
+    assert (meta.TransferSyntaxUID, meta.ImplementationClassUID) == ("1.2.840.10008.1.2.1", PYDICOM_IMPLEMENTATION_UID)
+    ds = _dataset()
+    del ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID
+    Deidentifier(KEY).apply(ds)
+    assert (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID) == (
+        "1.2.840.10008.5.1.4.1.1.4", "")
+    ds = _dataset()
+    del ds.SOPClassUID, ds.file_meta  # a dataset made in memory: no file meta at all
+    Deidentifier(KEY).apply(ds)
+    assert ds.file_meta.MediaStorageSOPClassUID == "" and "TransferSyntaxUID" not in ds.file_meta
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == KEY.uid("1.2.3.4.5.6.7")
+
+
+def test_values_read_from_a_file_count_as_values() -> None:
+    """Where the IOD does not say (an unknown SOP Class), a combined code gives D for an attribute with a
+    value, Z for one without, also when the element is still raw bytes from the file. Guards against raw
+    elements taken for empty (Station Name emptied instead of dummied)."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.filewriter import dcmwrite
+
+    ds = _dataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.99"  # a SOP Class the table does not know
+    ds.StationName = "MRSCAN-ZETA7"  # X/Z/D
+    ds.OperatorsName = ""  # X/Z/D, no value
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    ds = pydicom.dcmread(buf)
+    Deidentifier(KEY).apply(ds)
+    assert ds.StationName == "ANONYMIZED" and ds["OperatorsName"].is_empty
+
+
+def test_table_details() -> None:
+    """Guards against: the private row's code other than X without Retain Safe Private; option names not read
+    (dashes, spaces) or not set; a Type other than 3 for an attribute the IOD lists as optional; the
+    unknown-option message changed (a user sees it)."""
+    t = ActionTable()
+    assert t.private_action == "X"
+    assert ProfileOptions.from_names(["retain-modified-dates", " clean_descriptors "]) == ProfileOptions(
+        retain_modified_dates=True, clean_descriptors=True)  # dashes or underscores, spaces around
+    assert t.iod_type(0x00081010, "1.2.840.10008.5.1.4.1.1.2") == "3"  # Station Name in CT Image
+    with pytest.raises(ConfigError, match=r"^unknown profile option 'retain-names'; choose from retain-safe-private, "
+                                          r"retain-uids, retain-device-identity, retain-institution-identity, "
+                                          r"retain-patient-characteristics, retain-full-dates, retain-modified-dates, "
+                                          r"clean-descriptors$"):
+        ProfileOptions.from_names(["retain-names"])
+
+
+def test_safe_private_element_in_the_last_block() -> None:
+    """A kept safe attribute in block FF ((0019,FF0C) under creator (0019,00FF)) keeps its creator; guards
+    against the last creator slot taken for something else and removed (the b-value left without owner)."""
+    ds = _dataset()
+    ds.add_new(0x001900FF, "LO", "SIEMENS MR HEADER")
+    ds.add_new(0x0019FF0C, "IS", "500")
+    Deidentifier(KEY, ProfileOptions(retain_safe_private=True)).apply(ds)
+    assert {e.tag for e in ds if e.tag.is_private} == {0x00190010, 0x0019100C, 0x001900FF, 0x0019FF0C}
+
+
+def test_combined_codes_every_type() -> None:
+    """ActionTable.resolve for each Type the IOD data gives (the Types read from PS3.3 by make_table.py):
+    Type 1 needs a value (D), Type 2 an element (Z, else D), Type 3 allows removal (X, else Z); X is kept
+    unless the IOD requires the attribute; inside sequences (no IOD Type) D where there is a value.
+
+    Guards against: a Type 1 X attribute (Timezone Offset From UTC in the Simplified Adult Echo SR) removed; a
+    Type 2 X/D attribute (First Treatment Date of an RT Beams Treatment Record) emptied; a Type 3 Z/D (Content
+    Date of a GSPS) dummied; the IOD's Type applied inside sequences; a non-sequence X/Z inside a sequence
+    removed, or an X/Z at the top level of an unknown IOD.
+    """
+    t = ActionTable()
+    echo_sr, rt_record = "1.2.840.10008.5.1.4.1.1.88.72", "1.2.840.10008.5.1.4.1.1.481.4"
+    gsps, ct, unknown = "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+    assert t.resolve("X", 0x00080201, echo_sr, True, True) == "D"
+    assert t.resolve("X/D", 0x30080054, rt_record, True, True) == "D"
+    assert t.resolve("Z/D", 0x00080023, gsps, True, True) == "Z"
+    assert t.resolve("X", 0x00102297, ct, False, True) == "X"  # Responsible Person inside a sequence
+    assert t.resolve("X/Z/D", 0x00081010, ct, False, True) == "D"  # Station Name inside a sequence
+    assert t.resolve("X/Z", 0x00080022, ct, False, True) == "Z"  # Acquisition Date inside a sequence
+    assert t.resolve("X/Z", 0x00080022, unknown, True, True, is_sequence=False) == "Z"

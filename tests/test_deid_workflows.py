@@ -215,3 +215,102 @@ def test_subprocess_cli_roundtrip(planted: tuple[Path, dict], tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     assert subprocess.run(cmd, capture_output=True, env=env, timeout=300, check=False).returncode == 0
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == len(list(src.rglob("*.dcm")))
+
+
+def test_reidentify_puts_real_headers_back_as_they_were(tmp_path: Path) -> None:
+    """Two real headers of deid-data (a Siemens head CT, an Agfa DX of a cat) de-identified with the basic
+    profile, then re-identified as if they were results: the Patient and General Study modules and every UID
+    come back exactly as they were, the markers go, and what cannot be re-identified is listed.
+
+    Guards against: a value of the map not written back (Other Patient IDs "M1212121"), an empty original
+    value (the cat's Patient's Age) left out, an empty Other Patient IDs (retired) written back, a
+    multi-valued UID (Irradiation Event UID, VM 1-n) left pseudonymous or cut to one value, UIDs the map does
+    not know (SOP Class UIDs) damaged, the file meta's SOP Instance UID left pseudonymous, a forged map entry
+    accepted or refused without its hint, the output folder inside RESULTS read back as input.
+    """
+    import copy
+    import re
+
+    from medpipe.deid.engine import PATIENT_KEYWORDS, STUDY_KEYWORDS, Deidentifier
+    from medpipe.deid.keys import load_or_create_key
+    from medpipe.deid.mapping import MapBuilder, merge_into_map
+    from medpipe.deid.reidentify import MARKERS, reidentify
+    from tests.deid_helpers import deid_data_folder
+
+    key_path, map_path, results = tmp_path / "site.key", tmp_path / "site.map.json", tmp_path / "results"
+    key, _ = load_or_create_key(key_path)
+    results.mkdir()
+    builder = MapBuilder()
+    originals = {}
+    for name in ("humans/ctbrain1.dcm", "animals/cat.dcm"):
+        ds = pydicom.dcmread(deid_data_folder() / name, stop_before_pixels=True)
+        if ds.Modality == "CT":  # a second irradiation event (two spiral runs): a two-valued UID
+            ds.IrradiationEventUID = [ds.IrradiationEventUID, "1.3.12.2.1107.5.1.4.65515.33333777778888855555444477778"]
+        originals[str(ds.SOPInstanceUID)] = ds
+        deid = copy.deepcopy(ds)
+        builder.add(Deidentifier(key).apply(deid))
+        deid.save_as(results / f"{ds.Modality}.dcm", enforce_file_format=True)
+        if ds.Modality == "DX":  # a study the map does not know (made on other data)
+            deid.StudyInstanceUID = "1.2.3.4"
+            deid.save_as(results / "study_not_in_map.dcm", enforce_file_format=True)
+    merge_into_map(map_path, key.key_id, builder)
+    # the original CT as a "result": its patient is not in the map; a broken .dcm; a text file (ignored)
+    shutil.copy(deid_data_folder() / "humans" / "ctbrain2.dcm", results / "not_deidentified.dcm")
+    (results / "broken.dcm").write_bytes(b"not DICOM")
+    (results / "notes.txt").write_text("hello")
+    # the output inside RESULTS (and sorted among its files): a second run must not read the first one's files back
+    out = results / "out"
+    first = reidentify(results, out, key_path, map_path)
+    second = reidentify(results, out, key_path, map_path)
+    ct, dx = originals.values()
+    assert sorted(first.written) == sorted(second.written) == sorted([
+        f"00007041776/1.2.840.113696.376376.500.43158802.99999999999999/CT_{ct.SOPInstanceUID}.dcm",
+        f"16550/{dx.StudyInstanceUID}/DX_{dx.SOPInstanceUID}.dcm"])
+    assert sorted(first.rejected) == sorted(second.rejected) == [
+        ("broken.dcm", "not a readable DICOM file"),
+        ("not_deidentified.dcm", "its patient is not in the map (not made on data de-identified with this map)"),
+        ("study_not_in_map.dcm", "its study is not in the map (not made on data de-identified with this map)")]
+    assert (out / "rejected.csv").read_text().splitlines()[0] == "path,reason"
+    for rel in first.written:
+        back = pydicom.dcmread(out / rel)
+        orig = originals[str(back.SOPInstanceUID)]
+        for kw in (*PATIENT_KEYWORDS, *STUDY_KEYWORDS):
+            if kw == "OtherPatientIDs" and orig.get(kw) == "":
+                assert kw not in back  # the cat's empty Other Patient IDs: a retired attribute, not written back
+            elif kw in orig:
+                assert back[kw].value == orig[kw].value, kw
+            else:
+                assert kw not in back, kw
+        assert not any(kw in back for kw in MARKERS)
+        ui = {e.keyword: e.value for e in back if e.VR == "UI"}
+        assert ui == {e.keyword: e.value for e in orig if e.VR == "UI" and e.keyword in ui}
+        assert {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"} <= set(ui)
+        assert back.file_meta.MediaStorageSOPInstanceUID == orig.SOPInstanceUID
+        nested = {str(e.value) for e in back.iterall() if e.VR == "UI"}
+        assert nested <= {str(e.value) for e in orig.iterall() if e.VR == "UI"} | {back.file_meta.TransferSyntaxUID}
+    back_ct = pydicom.dcmread(out / next(p for p in first.written if "/CT_" in p))
+    assert list(back_ct.IrradiationEventUID) == list(ct.IrradiationEventUID) and len(ct.IrradiationEventUID) == 2
+    # a map entry that the key did not make: refused, with the message and hint a user sees
+    doc = json.loads(map_path.read_text())
+    pseudo = next(iter(doc["studies"]))
+    doc["uids"][pseudo] = "1.2.3.4.5.6.7.8.9"
+    map_path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"^the map's entry for UID " + re.escape(pseudo)
+                       + r" does not match the key \(edited map, or another key\)$") as err:
+        reidentify(results, tmp_path / "r2", key_path, map_path)
+    assert err.value.hint == "use the map and key of the de-identification run"
+
+
+def test_reidentified_file_names_are_safe() -> None:
+    """The output path is built from the original Patient ID, Study UID, Modality and SOP Instance UID.
+
+    Guards against: a path leaving OUT (".." or "/" in a Patient ID), letters (lower case, a leading X as in
+    Modality XA) lost, runs of other characters not folded into one "_", names over 64 characters, an
+    empty name.
+    """
+    from medpipe.deid.reidentify import _safe
+
+    assert _safe("..") == _safe("") == _safe(" / ") == "unknown"
+    assert _safe("../etc/passwd") == "etc_passwd"
+    assert _safe("Mrn 0042 / b") == "Mrn_0042_b" and _safe("XA") == "XA" and _safe("_x_.") == "x"
+    assert _safe("1.2.840." + "9" * 70) == ("1.2.840." + "9" * 70)[:64]

@@ -38,7 +38,7 @@ from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, repeater_has_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -68,10 +68,8 @@ _DUMMY = {
     "UR": "urn:x-anonymized", "AT": 0, "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0,
 }
 _PATIENT_ID = 0x00100020
-_PATIENT_NAME = 0x00100010
-_ISSUER = 0x00100021
-_OVERLAY_DATA = 0x60003000
 _TRAILING_PADDING = 0xFFFCFFFC
+_TIMEZONE_OFFSET = 0x00080201
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-./]\d{1,2}[-./]\d{1,4}\b|\b(?:19|20)\d{6}\b")
 _LONG_DIGITS = re.compile(r"\d{5,}")
 
@@ -138,34 +136,33 @@ class Deidentifier:
         self.table = table or ActionTable(self.options)
         self.patient_map = dict(patient_map or {})
         self._private = self.table.private_action
-        self._overlay = self.table.action(_OVERLAY_DATA)
 
     # -- identity --------------------------------------------------------------------------------
 
-    def pseudonym(self, patient_id: str, issuer: str = "") -> Pseudonym:
+    def pseudonym(self, patient_id: str, issuer: str) -> Pseudonym:
         user = self.patient_map.get(patient_id)
         if user is not None:
             return Pseudonym(user.patient_id, user.patient_name or user.patient_id)
         p = self.key.patient_pseudonym(patient_id, issuer)
         return Pseudonym(p, p + "^")  # the name: one family-name component (the caret says so)
 
-    def date_shift(self, patient_id: str, issuer: str = "") -> int:
+    def date_shift(self, patient_id: str, issuer: str) -> int:
         return self.key.date_shift_days(patient_id, issuer)
 
     # -- one dataset ------------------------------------------------------------------------------
 
     def apply(self, ds: Dataset) -> Mapping:
         """De-identify ``ds`` in place (file meta and preamble included); return what the map needs."""
-        patient_id = _str(ds.get("PatientID", ""))
-        issuer = _str(ds.get("IssuerOfPatientID", ""))
+        patient_id = _str(ds.get("PatientID"))  # absent: None, which _str makes ''
+        issuer = _str(ds.get("IssuerOfPatientID"))
         if not patient_id:  # no ID: the name and birth date stand for the patient
-            patient_id = "\x00" + _str(ds.get("PatientName", "")) + "\x00" + _str(ds.get("PatientBirthDate", ""))
+            patient_id = "\x00" + _str(ds.get("PatientName")) + "\x00" + _str(ds.get("PatientBirthDate"))
         pseudo = self.pseudonym(patient_id, issuer)
         mapping = Mapping()
-        original_patient = {k: _str(ds.get(k, "")) for k in PATIENT_KEYWORDS if k in ds}
-        original_study = {k: _str(ds.get(k, "")) for k in STUDY_KEYWORDS if k in ds}
+        original_patient = {k: _str(ds[k].value) for k in PATIENT_KEYWORDS if k in ds}
+        original_study = {k: _str(ds[k].value) for k in STUDY_KEYWORDS if k in ds}
         ctx = _Context(
-            sop_class=_str(ds.get("SOPClassUID", "")),
+            sop_class=_str(ds.get("SOPClassUID")),
             pseudo=pseudo,
             shift=self.date_shift(patient_id, issuer) if self.options.retain_modified_dates else 0,
             uids=mapping.uids,
@@ -177,7 +174,7 @@ class Deidentifier:
         self._file_meta(ds, ctx)
         original_patient["date_shift_days"] = ctx.shift
         mapping.patient = (pseudo.patient_id, original_patient)
-        study_uid = original_study.get("StudyInstanceUID", "").strip().rstrip("\x00")
+        study_uid = _uid_text(original_study.get("StudyInstanceUID", ""))
         if study_uid:
             mapping.study = (self.key.uid(study_uid) if not self.options.retain_uids else study_uid,
                              {**original_study, "PatientID": pseudo.patient_id})
@@ -201,7 +198,7 @@ class Deidentifier:
                 if len(part) >= 3:
                     found.add(part)
                     found.update(t for t in re.split(r"[^0-9A-Za-z]+", part) if len(t) >= 3)
-        return sorted(found, key=len, reverse=True)
+        return list(found)  # identifier_pattern puts the longest first
 
     # -- the walk ---------------------------------------------------------------------------------
 
@@ -215,7 +212,7 @@ class Deidentifier:
                 if self._private == "C" and (tag & 0xFFFF) >= 0x1000 and self._safe_private(ds, tag):
                     private_keep.add((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF))
                     continue
-                if (tag & 0xFFFF) >= 0x1000 or (tag & 0xFFFF) < 0x10:
+                if not 0x10 <= (tag & 0xFFFF) <= 0xFF:  # all but the private creators, decided below
                     del elems[tag]
                 continue
             if tag & 0xFFFF == 0 or tag == _TRAILING_PADDING:  # group length, trailing padding
@@ -235,9 +232,6 @@ class Deidentifier:
                 continue
             if code in ("X", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"):
                 code = self.table.resolve(code, tag, ctx.sop_class, top_level, _has_value(raw), vr == "SQ")
-            if top_level and tag in (_PATIENT_ID, _PATIENT_NAME) and code != "X":
-                ds[tag].value = ctx.pseudo.patient_id if tag == _PATIENT_ID else ctx.pseudo.patient_name
-                continue
             if (0x6000 <= group <= 0x601E) and code == "X" and (tag & 0xFFFF) == 0x3000:
                 overlay_groups.add(group)
             self._act(ds, tag, vr, code, ctx)
@@ -258,16 +252,13 @@ class Deidentifier:
         if code == "X":
             del elems[tag]
             return
-        if vr == "SQ":
-            if code == "Z":
-                ds[tag].value = Sequence([])
-            else:  # D, U, C: keep the items and treat what is inside them
-                self._walk_items(ds, tag, ctx)
+        if code == "Z":
+            ds[tag].value = None  # an empty value whatever the VR; a sequence loses its items
+            return
+        if vr == "SQ":  # D, U, C: keep the items and treat what is inside them
+            self._walk_items(ds, tag, ctx)
             return
         elem = ds[tag]
-        if code == "Z":
-            elem.value = None if vr not in _TEXT_VRS and vr not in ("DA", "DT", "TM", "UI", "UR", "AS", "IS", "DS") else ""
-            return
         if code == "U" or (code == "D" and vr == "UI"):
             elem.value = self._remap_uids(elem.value, ctx)
             return
@@ -287,54 +278,43 @@ class Deidentifier:
         raise ValueError(f"unhandled action {code!r} for {tag:08X}")
 
     def _clean(self, elem: DataElement, vr: str, ctx: _Context) -> None:
+        # a list of values: pydicom keeps a one-item list as that item
         if vr in ("DA", "DT") and self.options.retain_modified_dates:
             fn = shift_date if vr == "DA" else shift_datetime
-            values = [fn(v, ctx.shift) for v in _values(elem.value)]
-            elem.value = values if len(values) > 1 else (values[0] if values else "")
-            return
-        if vr == "TM" and self.options.retain_modified_dates:
-            return  # whole-day shifts leave times as they are
-        if vr in _TEXT_VRS and vr != "PN":
-            values = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
-            elem.value = values if len(values) > 1 else (values[0] if values else "")
-            return
-        # nothing sensible to clean (e.g. a person name, a number): empty it
-        elem.value = "" if vr in _TEXT_VRS or vr in ("DA", "DT", "TM", "AS", "IS", "DS") else None
+            elem.value = [fn(v, ctx.shift) for v in _values(elem.value)]
+        elif (vr == "TM" or elem.tag == _TIMEZONE_OFFSET) and self.options.retain_modified_dates:
+            return  # whole-day shifts leave times, and the offset from UTC, as they are
+        elif vr in _TEXT_VRS:
+            elem.value = [clean_text(v, ctx.identifiers or []) for v in _values(elem.value)]
+        else:  # nothing sensible to clean (Maker Note, Frame Origin Timestamp: bytes): empty it
+            elem.value = None
 
     def _remap_uids(self, value: Any, ctx: _Context) -> Any:
         if self.options.retain_uids:
             return value
-        values = _values(value)
         out = []
-        for v in values:
-            v = str(v).strip().rstrip("\x00")
-            if not v or v in UID_dictionary:
-                out.append(v)
-                continue
-            new = self.key.uid(v)
-            ctx.uids[new] = v
-            out.append(new)
-        if isinstance(value, (list, tuple, MultiValue)) and len(out) != 1:
-            return out
-        return out[0] if out else ""
+        for v in map(_uid_text, _values(value)):
+            if v and v not in UID_dictionary:  # the DICOM registry's UIDs stay
+                new = self.key.uid(v)
+                ctx.uids[new] = v
+                v = new
+            out.append(v)
+        return out  # pydicom keeps a one-item list as that item
 
     def _safe_private(self, ds: Dataset, tag: int) -> bool:
         creator_tag = (tag & 0xFFFF0000) | ((tag >> 8) & 0xFF)
         if creator_tag not in ds._dict:
             return False
         creator = _str(ds[creator_tag].value).strip()
-        vr = _vr(ds._dict[tag], tag, private_ok=True)
-        if vr == "UN":  # implicit VR private data: read its declared VR from the dictionary of safe attributes
-            vr = None
-        return is_safe_private(tag >> 16, creator, tag & 0xFF, vr)
+        vr = ds._dict[tag].VR
+        # no VR (implicit VR file) or UN: undeclared, the safe list's VR stands
+        return is_safe_private(tag >> 16, creator, tag & 0xFF, str(vr) if vr and vr != "UN" else None)
 
     # -- markers and file meta --------------------------------------------------------------------
 
     def _markers(self, ds: Dataset, pseudo: Pseudonym) -> None:
-        if "PatientID" not in ds:
-            ds.PatientID = pseudo.patient_id
-        if "PatientName" not in ds:
-            ds.PatientName = pseudo.patient_name
+        ds.PatientID = pseudo.patient_id  # the walk gave them these values; here also where the source had none
+        ds.PatientName = pseudo.patient_name
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = ["medpipe deid", self.options.describe()[:64]]
         items = []
@@ -376,19 +356,21 @@ class _Context:
     identifiers: re.Pattern[str] | None = None
 
 
-def _vr(raw: DataElement | RawDataElement, tag: int, private_ok: bool = False) -> str | None:
-    """The element's VR without converting its value; None for a public tag the dictionary does not know."""
-    vr = raw.VR
-    if vr and vr != "UN":
-        return str(vr)
-    if private_ok and (tag >> 16) & 1:
-        return str(vr) if vr else "UN"
-    if not dictionary_has_tag(tag):
+def _vr(raw: DataElement | RawDataElement, tag: int) -> str | None:
+    """A public element's VR without converting its value: the file's, else (implicit VR, UN) the dictionary's;
+    None for a tag the data dictionary does not know, whatever VR the file gives it (nobody can say what it
+    holds). An ambiguous dictionary VR ("US or SS", "OB or OW") stays as it is: the walk only compares VRs
+    with SQ, and the table's only rows of such attributes (50xx, 60xx Overlay Data) are X."""
+    if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
         return None
-    vr = dictionary_VR(tag)
-    if " or " in vr:  # ambiguous (US or SS...): only numbers, which no action of ours needs to parse
-        return vr.split(" or ")[0]
-    return vr
+    vr = raw.VR
+    return str(vr) if vr and vr != "UN" else dictionary_VR(tag)
+
+
+def _uid_text(value: Any) -> str:
+    """A UID value as the key sees it: no surrounding spaces, no NUL padding (left by some writers on each
+    value of a multi-valued UI, which pydicom strips from the last only)."""
+    return str(value).strip().rstrip("\x00")
 
 
 def _has_value(raw: DataElement | RawDataElement) -> bool:

@@ -9,14 +9,18 @@ key gives unrelated UIDs and pseudonyms.
 
 Constructions (all HMAC-SHA256 with the key; ``purpose`` strings keep the uses apart)
 --------------------------------------------------------------------------------
+The message is the purpose string, then each part as 0x00, its UTF-8 length (4 bytes, big-endian) and its
+UTF-8 bytes; ``x 0x00 y`` below is short for that.
+
 * **UID**: ``HMAC(key, "medpipe.deid.uid" 0x00 uid)``; the first 16 bytes become a UUID (version nibble 8,
   RFC 9562 variant bits, as ISO/IEC 9834-8 asks of ``2.25`` UIDs), written ``2.25.<decimal>`` (at most 44
   characters). Unlike an unsalted hash, nobody without the key can confirm that a pseudonymous UID stands
   for a given original UID.
-* **Patient pseudonym**: ``HMAC(key, "medpipe.deid.patient" 0x00 issuer 0x00 patient_id)`` -> ``"P"`` + 12
-  base32 characters (60 bits).
-* **Date shift**: the same patient identity under ``"medpipe.deid.date-shift"`` -> a whole number of days in
-  ``[-3652, -1]`` (dates move back by 1 day to 10 years, the same for every study of the patient).
+* **Patient pseudonym**: ``HMAC(key, "medpipe.deid.patient" 0x00 issuer 0x00 patient_id)`` -> ``"P"`` + the
+  first 12 base32 characters of its first 10 bytes (60 bits).
+* **Date shift**: the same patient identity under ``"medpipe.deid.date-shift"``; its first 8 bytes as a
+  big-endian number n give ``-(1 + n mod 3652)`` days, in ``[-3652, -1]`` (dates move back by 1 day to 10
+  years, the same for every study of the patient).
 * **File reference**: a source file's relative path under ``"medpipe.deid.file"`` -> ``"F"`` + 16 hex digits
   (what ``rejected.csv`` names; the map holds the path).
 * **Key id**: the first 16 hex digits of ``HMAC(key, "medpipe.deid.key-id")``, recorded with outputs so
@@ -75,21 +79,17 @@ class DeidKey:
         self._uid_cache[original] = new
         return new
 
-    def patient_pseudonym(self, patient_id: str, issuer: str = "") -> str:
+    def patient_pseudonym(self, patient_id: str, issuer: str) -> str:
         digest = self._mac("medpipe.deid.patient", issuer, patient_id)
         return "P" + base64.b32encode(digest[:10]).decode()[:12]
 
-    def date_shift_days(self, patient_id: str, issuer: str = "") -> int:
+    def date_shift_days(self, patient_id: str, issuer: str) -> int:
         """Days to add to every date of this patient (negative, never 0)."""
         n = int.from_bytes(self._mac("medpipe.deid.date-shift", issuer, patient_id)[:8], "big")
         return -(1 + n % MAX_SHIFT_DAYS)
 
     def file_ref(self, relpath: str) -> str:
         return "F" + self._mac("medpipe.deid.file", relpath).hex()[:16]
-
-    def dummy_id(self, purpose: str, value: str) -> str:
-        """A short keyed stand-in (16 hex digits) for an identifier other than a UID or patient ID."""
-        return self._mac("medpipe.deid.dummy", purpose, value).hex()[:16]
 
 
 def _parse(text: str, path: Path) -> bytes:
@@ -112,7 +112,8 @@ def load_key(path: Path | str) -> DeidKey:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{path}: no such key file", hint="give the key the data was de-identified with")
-    return DeidKey(_parse(path.read_text(encoding="utf-8"), path))
+    # a binary file given by mistake (a DICOM file...) is "not a key file", not a decoding crash
+    return DeidKey(_parse(path.read_text(encoding="utf-8", errors="replace"), path))
 
 
 def load_or_create_key(path: Path | str) -> tuple[DeidKey, bool]:

@@ -56,9 +56,6 @@ class MapBuilder:
     def add_file(self, ref: str, relpath: str) -> None:
         self.data["files"][ref] = relpath
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.data.values())
-
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:

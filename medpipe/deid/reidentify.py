@@ -62,34 +62,22 @@ class _Restorer:
             self._checked.add(uid)
         return orig
 
-    def restore(self, ds: Any) -> int:
-        """Put the original identity back into ``ds``; return how many UIDs were restored."""
-        n = 0
+    def restore(self, ds: Any) -> None:
+        """Put the original UIDs back into ``ds`` (``dcmwrite`` copies the SOP Instance UID into the file meta)."""
         for elem in ds.iterall():
-            if elem.VR != "UI" or elem.value in (None, ""):
-                continue
-            values = list(elem.value) if elem.VM > 1 else [elem.value]
-            new = []
-            for v in values:
-                orig = self.original_uid(str(v))
-                new.append(orig if orig is not None else str(v))
-                n += orig is not None
-            if new != [str(v) for v in values]:
-                elem.value = new if elem.VM > 1 else new[0]
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
-            orig = self.original_uid(str(meta.MediaStorageSOPInstanceUID))
-            if orig is not None:
-                meta.MediaStorageSOPInstanceUID = orig
-        return n
+            if elem.VR == "UI" and elem.value:
+                values = [str(v) for v in elem.value] if elem.VM > 1 else [str(elem.value)]
+                new = [self.original_uid(v) or v for v in values]
+                if new != values:
+                    elem.value = new  # pydicom keeps a one-item list as that item
 
 
 def _set(ds: Any, keyword: str, value: str) -> None:
-    if keyword in ("date_shift_days",):
-        return
+    """``ds.<keyword> = value`` (pydicom splits a multi-valued ``a\\b``); an empty Other Patient IDs, a retired
+    attribute, is not written back."""
     if keyword == "OtherPatientIDs" and not value:
         return
-    setattr(ds, keyword, value.split("\\") if "\\" in value else value)
+    setattr(ds, keyword, value)
 
 
 def _safe(text: str) -> str:

@@ -90,17 +90,6 @@ _ABBREV = {
 }
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of the table: its tag text, name, VR, and action after the chosen options."""
-
-    tag: str
-    name: str
-    vr: str
-    basic: str
-    action: str  # after options
-
-
 def _parse_tag(text: str) -> tuple[int, int]:
     """'(50xx,xxxx)' -> (value, mask) over the 32-bit tag; 'x' digits are wildcards."""
     digits = text.strip("()").replace(",", "")
@@ -119,15 +108,12 @@ class ActionTable:
     def __init__(self, options: ProfileOptions | None = None, doc: dict[str, Any] | None = None) -> None:
         self.options = options or ProfileOptions()
         doc = doc or load_table()
-        self.doc = doc
         chosen = self.options.chosen
         self.exact: dict[int, str] = {}
         self.masks: list[tuple[int, int, str]] = []
-        self.rows: list[Row] = []
         self._private = "X"
         for r in doc["attributes"]:
             code = _apply_options(r["basic"], r.get("options", {}), chosen)
-            self.rows.append(Row(r["tag"], r["name"], r.get("vr", ""), r["basic"], code))
             if r["tag"] == "(odd,xxxx)":
                 self._private = code
                 continue
