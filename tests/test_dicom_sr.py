@@ -378,7 +378,13 @@ def test_findings_sr_absent_of_another_kind(axial: Ingested, tmp_path: Path) -> 
     (group,) = _groups(pydicom.dcmread(target))
     assert group["121071"] == ["4147007"] and group["4147007"] == ["272519000"]  # Mass: Absent
     assert group["112039"] == ["No mass"]
+    assert (group["111001"], group["111003"]) == (["test-detector"], ["0.1"])  # who says it is absent
     assert group["112040"] == [derive_uid(identity.sop_instance_uid, "no finding")]
+    # a meaning of the full 64 characters: "No ..." is cut to 64 characters
+    long = {"scheme": "SCT", "value": "38907003", "meaning": LONG_LABEL[:64]}
+    write_findings_sr(target, axial.sources, [], ALGORITHM, identity, absent=long)
+    (group,) = _groups(pydicom.dcmread(target))
+    assert group["112039"] == [f"No {LONG_LABEL[:64].lower()}"[:64]]
 
 
 @pytest.mark.parametrize(("finding", "options", "message"), [
@@ -432,6 +438,14 @@ def test_seg_sr_of_highdicoms_ct_segmentation(shared_data: Path, tmp_path: Path)
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert evidence == {seg.SOPInstanceUID, ct.SOPInstanceUID}
     assert ds.StudyInstanceUID == ct.StudyInstanceUID
+    # a segment without Tracking ID / UID: its label, and a UID derived from the SEG instance and the number
+    from medpipe.dicom.output import derive_uid
+
+    del seg.SegmentSequence[0].TrackingID, seg.SegmentSequence[0].TrackingUID
+    write_seg_sr(target, seg, [ct], ALGORITHM, identity, volumes_ml={1: volume})
+    (group,) = _groups(pydicom.dcmread(target))
+    assert group["112039"] == ["first segment"]
+    assert group["112040"] == [derive_uid(seg.SOPInstanceUID, "segment", 1)]
 
 
 def test_seg_sr_refusals_name_the_problem(shared_data: Path, tmp_path: Path) -> None:
@@ -441,11 +455,14 @@ def test_seg_sr_refusals_name_the_problem(shared_data: Path, tmp_path: Path) -> 
     seg = pydicom.dcmread(files / "seg_image_ct_binary_single_frame.dcm")
     ct = pydicom.dcmread(files / "ct_image.dcm", stop_before_pixels=True)
     other = pydicom.dcmread(files / "seg_image_ct_binary.dcm")  # a SEG of another series
+    unreferenced = pydicom.dcmread(files / "seg_image_ct_binary_single_frame.dcm")
+    del unreferenced.ReferencedSeriesSequence  # a SEG that names no series at all
     mean = NumericMeasurement({"scheme": "SCT", "value": "373098007", "meaning": "Mean"}, 1.0,
                               {"scheme": "UCUM", "value": "[hnsf'U]", "meaning": "Hounsfield unit"})
     cases = [
         (ct, {}, r"^not a DICOM SEG \(SOP Class 1\.2\.840\.10008\.5\.1\.4\.1\.1\.2\)$"),
         (other, {}, rf"^the SEG does not reference the source series {ct.SeriesInstanceUID}$"),
+        (unreferenced, {}, rf"^the SEG does not reference the source series {ct.SeriesInstanceUID}$"),
         (seg, {"volumes_ml": {1: 1.0, 2: 1.0}}, r"^the SEG has no segment\(s\) \[2\] \(it has \[1\]\)$"),
         (seg, {"volumes_ml": {1: 1.0}, "measurements": {3: [mean]}}, r"^the SEG has no segment\(s\) \[3\]"),
         (seg, {"volumes_ml": {1: 1.0}, "measurements": {1: [NumericMeasurement({"value": "x"}, 1.0, mean.unit)]}},
