@@ -474,3 +474,25 @@ def test_seg_sr_refusals_name_the_problem(shared_data: Path, tmp_path: Path) -> 
         with pytest.raises(DicomError, match=message):
             write_seg_sr(tmp_path / "x.dcm", source_seg, [ct], ALGORITHM, _identity("bad"), **options)
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_observer_device_is_the_algorithm_on_the_writers_equipment(axial: Ingested, tmp_path: Path) -> None:
+    from medpipe.dicom.output import Equipment, derive_uid
+
+    equipment = Equipment(manufacturer="Acme Imaging", model_name="Reader 3", software_versions="3.1",
+                          device_serial_number="SN-7", institution_name="General Hospital")
+    algorithm = AlgorithmSpec("a" * 60 + "-net-v2", "1.0")  # 67 characters: the observer name keeps 64
+    target = tmp_path / "obs.dcm"
+    write_findings_sr(target, axial.sources, [], algorithm, _identity("obs"), equipment=equipment)
+    ds = pydicom.dcmread(target)
+    observer = {i.ConceptNameCodeSequence[0].CodeValue: i.get("TextValue") or i.get("UID")
+                for i in ds.ContentSequence if i.ValueType in ("TEXT", "UIDREF")}
+    assert observer == {
+        "121012": derive_uid("medpipe.device", "Acme Imaging", "Reader 3", algorithm.name, "1.0"),
+        "121013": algorithm.name[:64],  # Device Observer Name
+        "121014": "Acme Imaging",  # Device Observer Manufacturer
+        "121015": "Reader 3",  # Device Observer Model Name
+    }
+    # and the equipment module says who wrote the file
+    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber,
+            ds.InstitutionName) == ("Acme Imaging", "Reader 3", "3.1", "SN-7", "General Hospital")
