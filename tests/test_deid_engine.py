@@ -557,6 +557,8 @@ def test_key_file_format(tmp_path: Path) -> None:
     p.write_text(f"medpipe-deid-key v1\n{line[:30]}\n")
     with pytest.raises(ConfigError, match=r"^de-identification key too short \(need at least 16 bytes\)$"):
         load_key(p)
+    p.write_text(f"medpipe-deid-key v1\n{line[:32]}\n")  # 16 bytes: enough
+    assert load_key(p).key_id != KEY.key_id
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.key'))}: no such key file$") as err:
         load_key(tmp_path / "none.key")
     assert err.value.hint == "give the key the data was de-identified with"
