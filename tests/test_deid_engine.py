@@ -557,6 +557,8 @@ def test_key_file_format(tmp_path: Path) -> None:
     p.write_text(f"medpipe-deid-key v1\n{line[:30]}\n")
     with pytest.raises(ConfigError, match=r"^de-identification key too short \(need at least 16 bytes\)$"):
         load_key(p)
+    p.write_text(f"medpipe-deid-key v1\n{line[:32]}\n")  # 16 bytes: enough
+    assert load_key(p).key_id != KEY.key_id
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'none.key'))}: no such key file$") as err:
         load_key(tmp_path / "none.key")
     assert err.value.hint == "give the key the data was de-identified with"
@@ -857,3 +859,35 @@ def test_combined_codes_every_type() -> None:
     assert t.resolve("X/Z/D", 0x00081010, ct, False, True) == "D"  # Station Name inside a sequence
     assert t.resolve("X/Z", 0x00080022, ct, False, True) == "Z"  # Acquisition Date inside a sequence
     assert t.resolve("X/Z", 0x00080022, unknown, True, True, is_sequence=False) == "Z"
+
+
+def test_map_merge_and_option_precedence(tmp_path: Path) -> None:
+    """merge_into_map writes a version-1 map of this key, merges later runs into it, refuses another key's map;
+    _apply_options: K beats C beats the basic code (Table E.1-1 with several options), else the option's code.
+
+    Guards against: a map merged whatever key made it, another version, file references lost; the precedence
+    of K and C lost; the two-option message changed (a user sees it).
+    """
+    import json
+
+    from medpipe.deid.mapping import MapBuilder, merge_into_map, read_map
+    from medpipe.deid.table import _apply_options
+
+    path = tmp_path / "site.map.json"
+    first, second = MapBuilder(), MapBuilder()
+    first.add_file("F1", "a/b.dcm")
+    second.add_file("F2", "c.dcm")
+    merge_into_map(path, KEY.key_id, first)
+    merge_into_map(path, KEY.key_id, second)
+    doc = json.loads(path.read_text())
+    assert (doc["format"], doc["version"], doc["key_id"]) == ("medpipe-deid-map", 1, KEY.key_id)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # private: it links pseudonyms to patients
+    assert read_map(path, KEY.key_id)["files"] == {"F1": "a/b.dcm", "F2": "c.dcm"}
+    with pytest.raises(ConfigError, match="this map was made with another key"):
+        merge_into_map(path, OTHER_KEY.key_id, first)
+    assert _apply_options("X", {"a": "C", "b": "K"}, ("a", "b")) == "K"
+    assert _apply_options("X", {"a": "C", "b": "X"}, ("b", "a")) == "C"
+    assert _apply_options("Z", {"a": "X"}, ("a",)) == "X" and _apply_options("Z", {"a": "X"}, ()) == "Z"
+    with pytest.raises(ConfigError, match=r"^choose one of the Retain Longitudinal options: full dates or modified "
+                                          r"dates, not both$"):
+        ProfileOptions(retain_full_dates=True, retain_modified_dates=True)
