@@ -496,3 +496,12 @@ def test_observer_device_is_the_algorithm_on_the_writers_equipment(axial: Ingest
     # and the equipment module says who wrote the file
     assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber,
             ds.InstitutionName) == ("Acme Imaging", "Reader 3", "3.1", "SN-7", "General Hospital")
+    # a machine's report: complete, preliminary, unverified; named after the algorithm unless the identity says
+    assert (ds.CompletionFlag, ds.PreliminaryFlag, ds.VerificationFlag) == ("COMPLETE", "PRELIMINARY", "UNVERIFIED")
+    assert ds.SeriesDescription == f"SR {algorithm.name}"[:64]
+    named = OutputIdentity.derived("tests.dicom_sr", "named", series_number=951, created=CREATED,
+                                   series_description="Lung nodules")
+    write_findings_sr(target, axial.sources, [], algorithm, named)
+    assert pydicom.dcmread(target).SeriesDescription == "Lung nodules"
+    with pytest.raises(DicomError, match=r"^procedure reported: expected \{scheme, value, meaning\}, missing value"):
+        write_findings_sr(tmp_path / "x.dcm", axial.sources, [], algorithm, named, procedure={"scheme": "SCT"})
