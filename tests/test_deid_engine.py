@@ -891,3 +891,41 @@ def test_map_merge_and_option_precedence(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^choose one of the Retain Longitudinal options: full dates or modified "
                                           r"dates, not both$"):
         ProfileOptions(retain_full_dates=True, retain_modified_dates=True)
+
+
+def test_key_file_in_new_folders_of_32_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "site" / "keys" / "site.key"  # two folders that do not exist yet
+    key, created = load_or_create_key(path)
+    header, secret = path.read_text(encoding="utf-8").splitlines()
+    assert created and header == "medpipe-deid-key v1"
+    assert len(bytes.fromhex(secret)) == 32  # 256 bits, the HMAC-SHA256 block's worth
+    assert key.key_id == DeidKey(bytes.fromhex(secret)).key_id
+
+
+def test_key_file_readable_by_others_is_used_with_a_warning(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "site.key"
+    key, _ = load_or_create_key(path)
+    path.chmod(0o640)  # the group may read it: a leak of every pseudonym's key
+    with caplog.at_level("WARNING", logger="medpipe.deid.keys"):
+        again, created = load_or_create_key(path)
+    assert not created and again.key_id == key.key_id
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("medpipe.deid.keys", f"{path}: key file is readable by others (mode 640); chmod 600 it")]
+    caplog.clear()
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="medpipe.deid.keys"):
+        load_or_create_key(path)
+    assert caplog.records == []
+
+
+def test_key_created_meanwhile_by_another_process_is_read_not_overwritten(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # two runs start together: both see no key file, one creates it first; the other must read that key
+    # (O_EXCL refuses to overwrite it) and say it did not create it
+    path = tmp_path / "site.key"
+    first, _ = load_or_create_key(path)
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: False if self == path else real_exists(self, *a, **k))
+    second, created = load_or_create_key(path)
+    assert not created and second.key_id == first.key_id
