@@ -440,6 +440,13 @@ def test_nearest_frame_and_the_point_on_it() -> None:
     p = (4.0 * 1.0, 3.0 * 0.6 - 0.2 * 0.8, 3.0 * 0.8 + 0.2 * 0.6)
     i, (r, c) = nearest_frame([below, oblique], p)
     assert i == 1 and (r, c) == pytest.approx((3.0 / 0.5, 4.0 / 2.0))
+    # no frame, or a point that is not a number: an error, not index -1 (Python's "last frame")
+    from medpipe.errors import MedpipeError
+
+    with pytest.raises(MedpipeError, match=r"^no source frame is near the point \(0\.0, nan, 1\.0\)$"):
+        nearest_frame(frames, (0.0, float("nan"), 1.0))
+    with pytest.raises(MedpipeError, match="no source frame"):
+        nearest_frame([], (0.0, 0.0, 0.0))
 
 
 def test_study_folder_is_safe_and_stable(tmp_path: Path) -> None:

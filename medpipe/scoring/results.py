@@ -353,6 +353,8 @@ def nearest_frame(frames: list[Any], lps: tuple[float, float, float]) -> tuple[i
         if off < dist:
             dist, best = off, i
             where = (float(np.dot(d, iop[3:])) / fr.pixel_spacing[0], float(np.dot(d, iop[:3])) / fr.pixel_spacing[1])
+    if best < 0:  # no frames, or a point that is not finite: never a silent "last frame" (index -1)
+        raise MedpipeError(f"no source frame is near the point {tuple(float(v) for v in p)}")
     return best, where
 
 
