@@ -431,6 +431,8 @@ def test_nearest_frame_and_the_point_on_it() -> None:
     assert nearest_frame(frames, (3.0, 25.0, 4.9)) == (2, ((25.0 - 20.0) / 0.5, (3.0 + 10.0) / 2.0))
     # below the stack: the lowest frame; a point off the grid gives negative indices, not a clamp
     assert nearest_frame(frames, (-1.0, -0.5, -3.0)) == (1, (-1.0, -0.5))
+    # above the stack: the first frame of the list (index 0 is a frame like any other)
+    assert nearest_frame(frames, (2.0, 1.0, 9.0)) == (0, (1.0 / 0.5, 2.0 / 2.0))
     # a tie (z 1 is 1 mm from z 0 and z 2): the first frame in series order
     assert nearest_frame(frames, (0.0, 0.0, 1.0))[0] == 1
     # an oblique frame: rows along (0, 0.6, 0.8), columns along (1, 0, 0), normal (0, -0.8, 0.6)
