@@ -20,7 +20,6 @@ PRELIMINARY (machine output nobody has signed), and are reproducible.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

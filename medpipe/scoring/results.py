@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.data.datalist import safe_name
+from medpipe.dicom.geometry import slice_normal
 from medpipe.errors import MedpipeError
 from medpipe.inference.package import ModelPackage, segment_code
 
@@ -349,7 +350,7 @@ def nearest_frame(frames: list[Any], lps: tuple[float, float, float]) -> tuple[i
     for i, fr in enumerate(frames):
         iop = np.asarray(fr.orientation, dtype=np.float64)
         d = p - np.asarray(fr.position, dtype=np.float64)
-        off = abs(float(np.dot(d, np.cross(iop[:3], iop[3:]))))
+        off = abs(float(np.dot(d, slice_normal(fr.orientation))))
         if off < dist:
             dist, best = off, i
             where = (float(np.dot(d, iop[3:])) / fr.pixel_spacing[0], float(np.dot(d, iop[:3])) / fr.pixel_spacing[1])
