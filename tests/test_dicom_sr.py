@@ -23,6 +23,7 @@ from medpipe.dicom.sr import (
     write_findings_sr,
 )
 from medpipe.errors import DicomError
+from tests.dicom_checks import sr_content_items
 from tests.ingested import Ingested, axial_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -82,16 +83,6 @@ def _identity(key: str) -> OutputIdentity:
     return OutputIdentity.derived("tests.dicom_sr", key, series_number=950, created=CREATED)
 
 
-def _content(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    out = []
-    stack = list(ds.ContentSequence)
-    while stack:
-        item = stack.pop()
-        out.append(item)
-        stack.extend(item.get("ContentSequence", []))
-    return out
-
-
 def test_findings_sr_points_units_and_codes_read_back(axial: Ingested, tmp_path: Path) -> None:
     findings = [
         PointFinding((-12.5, 30.25, -101.0), diameter_mm=6.5, score=0.875, label="Nodule A"),
@@ -101,7 +92,7 @@ def test_findings_sr_points_units_and_codes_read_back(axial: Ingested, tmp_path:
     target = tmp_path / "sr.dcm"
     write_findings_sr(target, axial.sources, findings, ALGORITHM, _identity("two"))
     ds = pydicom.dcmread(target)
-    items = _content(ds)
+    items = sr_content_items(ds)
     # by hand, with pydicom: the SCOORD3D points, their frame of reference, the coded units
     points = sorted([list(map(float, i.GraphicData)) for i in items if i.ValueType == "SCOORD3D"])
     assert points == [[-12.5, 30.25, -101.0], [1.0, 2.0, 3.0]]
@@ -144,7 +135,7 @@ def test_findings_sr_diameter_in_cm_is_read_in_mm(axial: Ingested, tmp_path: Pat
     write_findings_sr(target, axial.sources, [PointFinding((0.0, 0.0, 0.0), diameter_mm=1.25)], ALGORITHM,
                       _identity("cm"))
     ds = pydicom.dcmread(target)
-    (num,) = [i for i in _content(ds) if i.ValueType == "NUM"]
+    (num,) = [i for i in sr_content_items(ds) if i.ValueType == "NUM"]
     unit = num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
     unit.CodeValue, unit.CodeMeaning = "cm", "centimeter"
     (finding,) = read_findings_sr(ds).findings
@@ -159,7 +150,7 @@ def test_findings_sr_diameter_in_cm_is_read_in_mm(axial: Ingested, tmp_path: Pat
 def test_findings_sr_without_findings_says_absent(axial: Ingested, tmp_path: Path) -> None:
     target = tmp_path / "none.dcm"
     write_findings_sr(target, axial.sources, [], ALGORITHM, _identity("none"))
-    items = _content(pydicom.dcmread(target))
+    items = sr_content_items(pydicom.dcmread(target))
     evaluations = [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
                    for i in items if i.ValueType == "CODE"
                    and i.ConceptNameCodeSequence[0].CodeValue == "27925004"]
@@ -232,12 +223,12 @@ def test_findings_without_type_or_tracking_uid_and_evidence_without_series(axial
     write_findings_sr(target, axial.sources, [PointFinding((1.0, 2.0, 3.0), label="A")], ALGORITHM,
                       _identity("bare"))
     ds = pydicom.dcmread(target)
-    for item in _content(ds):
+    for item in sr_content_items(ds):
         kept = [c for c in item.get("ContentSequence", [])
                 if c.ConceptNameCodeSequence[0].CodeValue not in ("121071", "112040")]  # Finding, Tracking UID
         if "ContentSequence" in item:
             item.ContentSequence = kept
-    assert not [i for i in _content(ds) if i.ConceptNameCodeSequence[0].CodeValue in ("121071", "112040")]
+    assert not [i for i in sr_content_items(ds) if i.ConceptNameCodeSequence[0].CodeValue in ("121071", "112040")]
     ds.CurrentRequestedProcedureEvidenceSequence.append(pydicom.Dataset())
     (finding,) = read_findings_sr(ds).findings
     assert (finding.label, finding.center, finding.tracking_uid) == ("A", (1.0, 2.0, 3.0), None)
@@ -283,7 +274,7 @@ def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: P
     target = tmp_path / "cls.dcm"
     write_classification_sr(target, axial.sources, results, algorithm, identity, procedure=MAMMOGRAPHY)
     ds = pydicom.dcmread(target)
-    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in sr_content_items(ds)
             if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]  # the procedure given
     groups = _groups(ds)
     # the label, else the finding's meaning; cut to the 64 characters of a Tracking Identifier (TEXT, but LO-sized)
@@ -333,7 +324,7 @@ def test_findings_sr_of_one_source_image_and_its_procedure(axial: Ingested, tmp_
     write_findings_sr(target, axial.sources[:1], [PointFinding((1, 2, 3), diameter_mm=4)], ALGORITHM,
                       _identity("one"), procedure=MAMMOGRAPHY)
     ds = pydicom.dcmread(target)
-    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in sr_content_items(ds)
             if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]
     (finding,) = read_findings_sr(ds).findings  # integers are numbers too
     assert (finding.center, finding.diameter_mm) == ((1.0, 2.0, 3.0), 4.0)
@@ -427,12 +418,12 @@ def test_seg_sr_of_highdicoms_ct_segmentation(shared_data: Path, tmp_path: Path)
     assert [float(v) for v in group["118565006"]] == [pytest.approx(volume)]  # Volume
     assert group["121232"] == [str(ct.SeriesInstanceUID)]  # Source series for segmentation
     assert (group["111001"], group["111003"]) == (["test-detector"], ["0.1"])
-    (segment,) = [i for i in _content(ds) if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i
+    (segment,) = [i for i in sr_content_items(ds) if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i
                   and "ReferencedSegmentNumber" in i.ReferencedSOPSequence[0]]
     ref = segment.ReferencedSOPSequence[0]
     assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID, ref.ReferencedSegmentNumber) == (
         seg.SOPInstanceUID, seg.SOPClassUID, 1)
-    assert [i.ConceptCodeSequence[0].CodeValue for i in _content(ds)
+    assert [i.ConceptCodeSequence[0].CodeValue for i in sr_content_items(ds)
             if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]
     evidence = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}

@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medpipe.data.volumes import read_grid, read_seg, seg_to_labelmap
@@ -32,7 +31,7 @@ from medpipe.dicom.sr import ClassResult, NumericMeasurement, write_classificati
 from medpipe.dicom.uids import derive_uid
 from medpipe.errors import DicomError
 from medpipe.ingest import ingest
-from tests.dicom_checks import dciodvfy_errors, dciodvfy_warnings, needs_dciodvfy
+from tests.dicom_checks import dciodvfy_errors, dciodvfy_warnings, needs_dciodvfy, sr_content_items
 from tests.dicom_factory import Geometry, ct_gantry_tilt, oblique_iop
 from tests.ingested import LPS, Ingested, axial_series, ingest_series, pixel_lps, two_blocks, values_at
 
@@ -307,16 +306,6 @@ def test_seg_of_real_jpeg2000_ct_lands_voxel_for_voxel(totalseg: dict[str, Any])
 # -- SR -------------------------------------------------------------------------------------------------
 
 
-def _content_items(ds: Dataset) -> list[Dataset]:
-    out = []
-    stack = list(ds.get("ContentSequence", []))
-    while stack:
-        item = stack.pop()
-        out.append(item)
-        stack.extend(item.get("ContentSequence", []))
-    return out
-
-
 @needs_dciodvfy
 def test_seg_sr_volumes_and_references(axial: Ingested, tmp_path: Path) -> None:
     labels = two_blocks(axial.volume.shape)
@@ -344,9 +333,9 @@ def test_seg_sr_volumes_and_references(axial: Ingested, tmp_path: Path) -> None:
         if n == 1:
             assert group.get_measurements(name=codes.SCT.Mean)[0].value == pytest.approx(42.5)
             assert group.finding_sites[0].value == codes.SCT.Abdomen
-        series_items = [i for i in _content_items(group[0]) if i.ValueType == "UIDREF" and i.ConceptNameCodeSequence[0].CodeValue == "121232"]
+        series_items = [i for i in sr_content_items(group[0]) if i.ValueType == "UIDREF" and i.ConceptNameCodeSequence[0].CodeValue == "121232"]
         assert [i.UID for i in series_items] == [axial.sources[0].SeriesInstanceUID]  # Source Series For Segmentation
-        algorithm_names = [i.TextValue for i in _content_items(group[0]) if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+        algorithm_names = [i.TextValue for i in sr_content_items(group[0]) if i.get("ValueType") == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "111001"]
         assert algorithm_names == ["test-unet"]
     evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
@@ -404,10 +393,10 @@ def test_classification_sr(axial: Ingested, tmp_path: Path) -> None:
         (decision,) = group.get_qualitative_evaluations(name=finding)
         assert decision.name.value == finding.value
         assert decision.value.value == ("52101004" if r.probability >= r.threshold else "272519000")
-        params = [i.TextValue for i in _content_items(group[0]) if i.get("ValueType") == "TEXT"
+        params = [i.TextValue for i in sr_content_items(group[0]) if i.get("ValueType") == "TEXT"
                   and i.ConceptNameCodeSequence[0].CodeValue == "111002"]
         assert f"threshold={r.threshold:g}" in params and "checkpoint=0123abcd" in params
-    library = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _content_items(sr)
+    library = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr_content_items(sr)
                if i.get("ValueType") == "IMAGE"]
     assert set(library) == {instance_uid(d) for d in axial.sources}
     evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
