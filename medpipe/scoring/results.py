@@ -11,7 +11,8 @@ series' own frames even when ingest resampled a gantry-tilted or unevenly spaced
 * ``sr.dcm``: DICOM SR TID 1500 with each segment's volume in mL (the mask's volume on the ingest
   grid: the number in ``scores.csv``), referencing the SEG's segments and the source series;
 * ``--explain``: ``map_pm.dcm``, the foreground probability as a Parametric Map on the source frames,
-  and ``overlay_NN_sc.dcm``, RGB Secondary Captures of the key frames (where most is segmented);
+  and ``overlay_NN_sc.dcm``, RGB Secondary Captures of the key frames (where most is segmented, then where
+  the probability is highest);
 * ``--nifti``: ``mask.nii.gz`` on the ingest grid;
 * ``preview.png``: rendered **from the written SEG read back** over the source slices it references.
 
@@ -294,10 +295,9 @@ class ResultWriter:
             options["quantity"] = quantity
         write_parametric_map(pm_path, datasets, values.astype(np.float32), self.algorithm,
                              self._identity(series_uid, "PM", 3, f"MAP {self.package.name}"), **options)
-        # key frames: most segmented (or most salient) first
-        score = mask_frames.reshape(len(frames), -1).sum(1) if mask_frames is not None and mask_frames.any() \
-            else values.reshape(len(frames), -1).mean(1)
-        key_frames = [int(i) for i in np.argsort(-score, kind="stable")[:SC_FRAMES]]
+        # key frames: the most segmented first, then (ties, or no mask) the most probable / salient
+        counts = np.zeros(len(frames)) if mask_frames is None else mask_frames.reshape(len(frames), -1).sum(1)
+        key_frames = [int(i) for i in np.lexsort((-values.reshape(len(frames), -1).mean(1), -counts))[:SC_FRAMES]]
         written = []
         for n, i in enumerate(sorted(key_frames), start=1):
             ds = src.full(i)
