@@ -424,6 +424,9 @@ def test_segment_classes_in_class_order_with_their_codes() -> None:
     assert classes[3] == {"name": "blob", **FALLBACK_CODE}  # unknown name: Tissue
     assert classes[10] == {"name": "tumour", **KNOWN_SEGMENT_CODES["tumour"]}
     assert segment_classes({}) == {}
+    # a hand-edited package that codes only the type: the category comes from the name (KeyError before)
+    typed = segment_classes({"classes": {"1": {"name": "tumour", "type": given["type"]}}})[1]
+    assert typed == {"name": "tumour", "category": KNOWN_SEGMENT_CODES["tumour"]["category"], "type": given["type"]}
 
 
 def _frame(z: float, iop: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),

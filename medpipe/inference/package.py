@@ -124,12 +124,14 @@ def model_id(manifest: dict[str, Any]) -> str:
 
 
 def segment_code(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"category": code, "type": code}`` for a class name (``given`` wins; then the known tables)."""
+    """``{"category": code, "type": code}`` for a class name: what ``given`` names wins (a hand-edited package may
+    give only one of the two); the rest comes from the known tables."""
     from medpipe.dicom.anatomy import anatomy_codes
 
-    if given:
+    if given and {"category", "type"} <= given.keys():
         return given
-    return KNOWN_SEGMENT_CODES.get(name.strip().lower()) or anatomy_codes(name) or FALLBACK_CODE
+    known = KNOWN_SEGMENT_CODES.get(name.strip().lower()) or anatomy_codes(name) or FALLBACK_CODE
+    return {**known, **(given or {})}
 
 
 def class_label_codes(labels: dict[str, Any], label_codes: dict[str, Any] | None) -> dict[str, dict[str, Any]]:

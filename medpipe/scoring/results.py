@@ -74,7 +74,7 @@ class ResultWriter:
         self.net = net
         self.out = out
         self.options = options
-        self.created = (created or dt.datetime.now()).replace(microsecond=0)
+        self.created = created or dt.datetime.now()
         self.algorithm = AlgorithmSpec(name=package.name[:64], version=package.version, source="medpipe",
                                        parameters={"model_sha256": package.id})
         self.series_base = 9000 + (int(package.id[:8], 16) % 90) * 10
@@ -261,11 +261,7 @@ class ResultWriter:
         names = {int(k): str(v) for k, v in (self.package.outputs.get("class_names") or {}).items()}
         codes = self.package.outputs.get("class_codes") or {}
         decided, thr = decision(prob, self.package.outputs)
-        if len(prob) == 2:
-            pos = int(self.package.outputs.get("positive_class", 1))
-            reported = [pos]
-        else:
-            reported = list(range(len(prob)))
+        reported = [positive_class(self.package.outputs)] if len(prob) == 2 else list(range(len(prob)))
         results = [ClassResult(finding=codes.get(str(k)) or FINDING, probability=float(prob[k]), threshold=thr,
                                label=names.get(k, f"class {k}")[:64])
                    for k in reported]
@@ -323,11 +319,16 @@ def decision(prob: np.ndarray, outputs: Mapping[str, Any]) -> tuple[int, float]:
     binary -> the positive class when its probability reaches the threshold, else the other; else the argmax
     (and its probability)."""
     if len(prob) == 2:
-        pos = int(outputs.get("positive_class", 1))
+        pos = positive_class(outputs)
         thr = float(outputs.get("threshold", 0.5))
         return (pos if prob[pos] >= thr else 1 - pos), thr
     k = int(np.argmax(prob))
     return k, float(prob[k])
+
+
+def positive_class(outputs: Mapping[str, Any]) -> int:
+    """The positive class of a binary classifier's package ``outputs`` (default 1)."""
+    return int(outputs.get("positive_class", 1))
 
 
 def segment_classes(outputs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
