@@ -720,7 +720,8 @@ def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -
     findings = [Finding((-10.0 + 1.1 * 4, -20.0 + 0.8 * 3, 35.4), 6.0, 0.91236),  # slice 2, (3, 4)
                 Finding((-9.0, -19.0, 31.0), 2.0, 0.6),  # slice 0 (1 mm away; slice 1 1.5 mm), (1.25, 0.91)
                 Finding((1.23456, -15.55555, 40.0), 4.56789, 0.3)]  # slice 4, below the threshold
-    row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": findings})
+    # given in another order: numbered by score all the same ("Nodule 2" is one finding in the SR, CSV and image)
+    row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": [findings[2], findings[1], findings[0]]})
     folder, uids, base = _folder(study), _uids(study), _series_base(pkg)
     keys = [f"{folder}/finding_01_sc.dcm", f"{folder}/finding_02_sc.dcm"]
     assert row == {**_common(study), "findings": 2, "max_score": 0.9124, "report_threshold": 0.6,

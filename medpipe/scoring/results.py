@@ -219,7 +219,10 @@ class ResultWriter:
         outputs = self.package.outputs
         threshold = float(self.package.inference.get("report_threshold", 0.5))
         series_uid = str(src.datasets[0].SeriesInstanceUID)
-        reported = [f for f in pred["findings"] if f.score >= threshold]
+        # numbered by score, highest first (as the detector returns them): "Nodule n" is the same finding in the SR,
+        # findings.csv and the key image's description
+        findings = sorted(pred["findings"], key=lambda f: -f.score)
+        reported = [f for f in findings if f.score >= threshold]
         points = [PointFinding(center=f.center_lps, diameter_mm=round(f.diameter_mm, 2), score=round(f.score, 4),
                                label=f"Nodule {n}", finding=outputs.get("finding") or FINDING,
                                finding_site=outputs.get("finding_site"))
@@ -228,7 +231,7 @@ class ResultWriter:
         write_findings_sr(sr_path, src.datasets, points, self.algorithm,
                           self._identity(series_uid, "SR", 2, f"SR {self.package.name}"))
         rows, keys = [], []
-        for n, f in enumerate(pred["findings"], start=1):
+        for n, f in enumerate(findings, start=1):
             i, (r, c) = nearest_frame(src.frames, f.center_lps)
             row = {"finding": n, "x": round(f.center_lps[0], 2), "y": round(f.center_lps[1], 2),
                    "z": round(f.center_lps[2], 2), "diameter_mm": round(f.diameter_mm, 2), "score": round(f.score, 4),
@@ -249,7 +252,7 @@ class ResultWriter:
         csv_path = folder / "findings.csv"
         write_csv_atomic(csv_path, rows, ["finding", "x", "y", "z", "diameter_mm", "score", "reported",
                                           "frame_sop_instance_uid", "key_image"])
-        return {"findings": len(reported), "max_score": round(max((f.score for f in pred["findings"]), default=0.0), 4),
+        return {"findings": len(reported), "max_score": round(max((f.score for f in findings), default=0.0), 4),
                 "report_threshold": round(threshold, 4), "sr": str(sr_path.relative_to(self.out)),
                 "findings_csv": str(csv_path.relative_to(self.out)), "key_images": ";".join(keys)}
 
