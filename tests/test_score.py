@@ -32,7 +32,7 @@ from medpipe.dicom.sc import render_overlay, source_window
 from medpipe.dicom.sr import read_findings_sr
 from medpipe.errors import MedpipeError
 from medpipe.inference.detection import Finding
-from medpipe.inference.package import LUNG, NODULE, ModelPackage, PackageError
+from medpipe.inference.package import ModelPackage, PackageError
 from medpipe.scoring.engine import ScoreOptions, StudyJob, score
 from medpipe.scoring.results import LUNG_WINDOW, ResultWriter
 from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy, sr_groups
@@ -396,7 +396,7 @@ def test_labelmap_seg_on_request(tmp_path: Path, package: ModelPackage) -> None:
 # -- the pieces of a result, by hand ------------------------------------------------------------------
 
 
-def test_decision_of_binary_and_multiclass_probabilities() -> None:
+def test_decision_and_positive_class_of_binary_and_multiclass_probabilities() -> None:
     from medpipe.scoring.results import decision
 
     # binary: the positive class when its probability reaches the threshold (>=), else the other class
@@ -505,13 +505,18 @@ def _prepared(study: Any, *, order: Any = "slices", keys: list[str] | None = Non
     """The prepared study: the catalog lists the source files in reverse, the sidecar (``order``) in slice order."""
     if keys is None:
         keys = [str(study.paths[(k, 0)]) for k in reversed(range(W_SHAPE[2]))]
+    return _prep(keys, _uids(study) if order == "slices" else order, study.study_uid, study.series_uid,
+                 GridSpec(W_SHAPE, W_GEO.affine()))
+
+
+def _prep(keys: list[str], order: Any, study_uid: str, series_uid: str, grid: GridSpec | None) -> Any:
     ref = Path("volumes/ct.nii.gz")
     cand = SimpleNamespace(path=ref, label="CT series 1", row=SimpleNamespace(source_keys=keys),
-                           sidecar={"SourceSOPInstanceUIDs": _uids(study) if order == "slices" else order})
-    job = StudyJob(patient_id="MRN 7", study_uid=study.study_uid, candidates=[cand], fingerprint="")
-    item = {"reference_volume": ref, "reference_series_uid": study.series_uid,
-            "series_uids": {"CT": study.series_uid, "PT": "1.2.3.4"}}
-    return SimpleNamespace(job=job, item=item, grid=GridSpec(W_SHAPE, W_GEO.affine()), data={"image": "the input"})
+                           sidecar={"SourceSOPInstanceUIDs": order})
+    job = StudyJob(patient_id="MRN 7", study_uid=study_uid, candidates=[cand], fingerprint="")
+    item = {"reference_volume": ref, "reference_series_uid": series_uid,
+            "series_uids": {"CT": series_uid, "PT": "1.2.3.4"}}
+    return SimpleNamespace(job=job, item=item, grid=grid, data={"image": "the input"})
 
 
 def _writer(package: ModelPackage, out: Path, net: Any = None, **options: Any) -> ResultWriter:
@@ -705,21 +710,35 @@ def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) ->
         (["class 2"], ["404684003"], ["0.5"])]
 
 
-def _detector(folder: Path, inference: dict[str, Any]) -> ModelPackage:
-    """A detector package's manifest as ``build_detector_package`` writes it (the writer reads no weights)."""
+MASS = {"scheme": "SCT", "value": "4147007", "meaning": "Mass"}
+LIVER = {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}
+
+
+def _detector(folder: Path, inference: dict[str, Any], outputs: dict[str, Any] | None = None) -> ModelPackage:
+    """A detector package's manifest as ``build_detector_package`` writes it (the writer reads no weights); by
+    default a liver mass detector (not the nodule / lung codes the SR writer falls back on)."""
     return ModelPackage(folder, {"kind": "detector", "name": "test detector", "members": [], "inputs": {},
-                                 "outputs": {"finding": NODULE, "finding_site": LUNG}, "inference": inference})
+                                 "outputs": {"finding": MASS, "finding_site": LIVER} if outputs is None else outputs,
+                                 "inference": inference})
+
+
+def _derived(package: ModelPackage, series_uid: str, what: str, *rest: object) -> str:
+    """The UID the writer derives for an object ``what`` made from ``series_uid`` (see OutputIdentity.derived)."""
+    from medpipe.dicom.output import derive_uid
+
+    return derive_uid("medpipe.score", package.id, series_uid, what, *rest)
 
 
 def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -> None:
-    """Guards: findings at or above the package's report threshold are reported (SR points, diameters, scores,
-    labels, codes) and get a key image of the nearest source frame with a circle of their diameter; every
-    finding is in findings.csv with its nearest frame; the counts, the highest score and the threshold."""
-    pkg = _detector(tmp_path / "det", {"report_threshold": 0.6})
+    """Guards: findings at or above the package's report threshold are reported (SR points, diameters and scores
+    rounded as in the CSV, labels, the package's codes) and get a key image of the nearest source frame with a
+    circle of their diameter; every finding is in findings.csv with its nearest frame; the counts, the highest
+    score and the threshold; the UIDs derive from the model and the source series."""
+    pkg = _detector(tmp_path / "det", {"report_threshold": 0.59999})
     # slice k lies at z = 30 + 2.5 k; pixel (row r, column c) at x = -10 + 1.1 c, y = -20 + 0.8 r
-    findings = [Finding((-10.0 + 1.1 * 4, -20.0 + 0.8 * 3, 35.4), 6.0, 0.91236),  # slice 2, (3, 4)
-                Finding((-9.0, -19.0, 31.0), 2.0, 0.6),  # slice 0 (1 mm away; slice 1 1.5 mm), (1.25, 0.91)
-                Finding((1.23456, -15.55555, 40.0), 4.56789, 0.3)]  # slice 4, below the threshold
+    findings = [Finding((-10.0 + 1.1 * 4, -20.0 + 0.8 * 3, 35.4), 6.0049, 0.91236),  # slice 2, (3, 4)
+                Finding((-10.0, -20.0, 31.0), 3.2, 0.6),  # slice 0 (1 mm away; slice 1 1.5 mm), pixel (0, 0)
+                Finding((1.23456, -15.55555, 40.00444), 4.56789, 0.3)]  # slice 4, below the threshold
     # given in another order: numbered by score all the same ("Nodule 2" is one finding in the SR, CSV and image)
     row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": [findings[2], findings[1], findings[0]]})
     folder, uids, base = _folder(study), _uids(study), _series_base(pkg)
@@ -728,38 +747,74 @@ def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -
                    "sr": f"{folder}/sr.dcm", "findings_csv": f"{folder}/findings.csv", "key_images": ";".join(keys)}
     report = read_findings_sr(tmp_path / "a" / row["sr"])
     assert [(f.label, f.diameter_mm, f.score) for f in report.findings] == [("Nodule 1", 6.0, 0.9124),
-                                                                           ("Nodule 2", 2.0, 0.6)]
+                                                                           ("Nodule 2", 3.2, 0.6)]
     assert [f.center for f in report.findings] == [pytest.approx(findings[0].center_lps),
                                                    pytest.approx(findings[1].center_lps)]
-    assert {(f.finding.meaning, f.finding_site.meaning) for f in report.findings} == {("Nodule", "Lung")}  # type: ignore[union-attr]
+    assert {(f.finding.meaning, f.finding_site.meaning) for f in report.findings} == {("Mass", "Liver")}  # type: ignore[union-attr]
     sr = pydicom.dcmread(tmp_path / "a" / row["sr"])
     assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test detector")
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (_derived(pkg, study.series_uid, "SR", "series"),
+                                                         _derived(pkg, study.series_uid, "SR", "instance", 1))
     with open(tmp_path / "a" / row["findings_csv"], newline="") as fh:
         assert list(csv.DictReader(fh)) == [
             {"finding": "1", "x": "-5.6", "y": "-17.6", "z": "35.4", "diameter_mm": "6.0", "score": "0.9124",
              "reported": "True", "frame_sop_instance_uid": uids[2], "key_image": keys[0]},
-            {"finding": "2", "x": "-9.0", "y": "-19.0", "z": "31.0", "diameter_mm": "2.0", "score": "0.6",
+            {"finding": "2", "x": "-10.0", "y": "-20.0", "z": "31.0", "diameter_mm": "3.2", "score": "0.6",
              "reported": "True", "frame_sop_instance_uid": uids[0], "key_image": keys[1]},
             {"finding": "3", "x": "1.23", "y": "-15.56", "z": "40.0", "diameter_mm": "4.57", "score": "0.3",
              "reported": "False", "frame_sop_instance_uid": uids[4], "key_image": ""}]
     rr, cc = np.mgrid[:6, :8]
-    # radius in pixels: half the diameter over the finer pixel spacing (0.8 mm), at least 2
-    for n, (k, centre, radius, text) in enumerate([(2, (3.0, 4.0), 3.75, "Nodule 1: 6.0 mm, score 0.91"),
-                                                   (0, (1.25, 1.0 / 1.1), 2.0, "Nodule 2: 2.0 mm, score 0.60")]):
+    # radius in pixels: half the diameter over the finer pixel spacing (0.8 mm), at least 2; pixels at exactly
+    # the radius are inside (Nodule 2: pixels (0, 2) and (2, 0))
+    for n, (k, centre, radius, text) in enumerate([(2, (3.0, 4.0), 6.0049 / 2 / 0.8, "Nodule 1: 6.0 mm, score 0.91"),
+                                                   (0, (0.0, 0.0), 2.0, "Nodule 2: 3.2 mm, score 0.60")]):
         sc = pydicom.dcmread(tmp_path / "a" / keys[n])
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
         assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (base + 4, n + 1, text)
+        assert (sc.SeriesInstanceUID, sc.SOPInstanceUID) == (_derived(pkg, study.series_uid, "SC", "series"),
+                                                             _derived(pkg, study.series_uid, "SC", "instance", n + 1))
         disk = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2
         expected = render_overlay(study.truth[:, :, k].T, LUNG_WINDOW, None, disk)
         np.testing.assert_array_equal(sc.pixel_array, expected, err_msg=keys[n])
 
 
+def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared_data: Path) -> None:
+    """Guards: on an enhanced multi-frame source (one instance: the real Siemens XA10 file) the key image is the
+    frame nearest to the finding (its frame number referenced, its pixels drawn), not the first frame."""
+    from medpipe.dicom.frames import frame_geometries
+    from medpipe.dicom.sc import source_frame
+
+    path = shared_data / "dcm_qa_enh" / "In" / "Siemens" / "XA10" / "6_2.dcm"
+    ds = pydicom.dcmread(path)
+    frames = frame_geometries([ds])
+    k = len(frames) // 2 + 1
+    f = frames[k]
+    iop = np.asarray(f.orientation)
+    # row 5.3, column 7.2 of frame k (off the pixel grid: no pixel lies at exactly the radius)
+    centre = np.asarray(f.position) + 5.3 * f.pixel_spacing[0] * iop[3:] + 7.2 * f.pixel_spacing[1] * iop[:3]
+    pkg = _detector(tmp_path / "det", {"report_threshold": 0.5})
+    prep = _prep([str(path)], [str(ds.SOPInstanceUID)], str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), None)
+    with pytest.warns(UserWarning, match="person name"):  # highdicom on the source's one-component names
+        row = _writer(pkg, tmp_path).write(prep, {"findings": [Finding(tuple(centre), 10.0, 0.9)]})
+    sc = pydicom.dcmread(tmp_path / row["key_images"])
+    ref = sc.SourceImageSequence[0]
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedFrameNumber) == (ds.SOPInstanceUID, f.frame_number)
+    radius = max(2.0, 10.0 / 2 / min(f.pixel_spacing))
+    rr, cc = np.mgrid[:f.rows, :f.columns]
+    disk = (rr - 5.3) ** 2 + (cc - 7.2) ** 2 <= radius ** 2
+    np.testing.assert_array_equal(sc.pixel_array,
+                                  render_overlay(source_frame(ds, f.frame_number), LUNG_WINDOW, None, disk))
+
+
 def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
-    """Guards: the report threshold is 0.5 when the package names none (a score of 0.5 is reported); no finding
-    gives an "absent" report, an empty findings.csv and a highest score of 0."""
-    pkg = _detector(tmp_path / "det", {})
+    """Guards: the report threshold is 0.5 when the package names none (a score of 0.5 is reported); a package
+    without a finding code reports a "Clinical finding" without a site; no finding gives an "absent" report, an
+    empty findings.csv and a highest score of 0."""
+    pkg = _detector(tmp_path / "det", {}, outputs={})
     row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": [Finding((-9.0, -19.0, 31.0), 2.0, 0.5)]})
     assert (row["findings"], row["report_threshold"], row["max_score"]) == (1, 0.5, 0.5)
+    (finding,) = read_findings_sr(tmp_path / "a" / row["sr"]).findings
+    assert (finding.finding.meaning, finding.finding_site) == ("Clinical finding", None)  # type: ignore[union-attr]
     row = _writer(pkg, tmp_path / "b").write(_prepared(study), {"findings": []})
     assert {k: row[k] for k in ("findings", "max_score", "report_threshold", "key_images")} == {
         "findings": 0, "max_score": 0.0, "report_threshold": 0.5, "key_images": ""}

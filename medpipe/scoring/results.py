@@ -245,7 +245,7 @@ class ResultWriter:
                 path = folder / f"finding_{n:02d}_sc.dcm"
                 write_overlay_sc(path, src.full(i), self._identity(series_uid, "SC", 4, f"KEY {self.package.name}", n),
                                  frame_number=frame.frame_number, outline=disk, window=LUNG_WINDOW,
-                                 description=f"Nodule {n}: {f.diameter_mm:.1f} mm, score {f.score:.2f}"[:64])
+                                 description=f"Nodule {n}: {f.diameter_mm:.1f} mm, score {f.score:.2f}")
                 row["key_image"] = str(path.relative_to(self.out))
                 keys.append(row["key_image"])
             rows.append(row)
