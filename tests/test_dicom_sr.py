@@ -16,14 +16,16 @@ import pytest
 from medpipe.dicom.frames import FrameGeometry
 from medpipe.dicom.output import AlgorithmSpec, OutputIdentity
 from medpipe.dicom.sr import (
+    ClassResult,
     PointFinding,
     read_findings_sr,
     segment_volumes_ml,
     slab_thicknesses,
+    write_classification_sr,
     write_findings_sr,
 )
 from medpipe.errors import DicomError
-from tests.dicom_checks import sr_content_items, sr_groups
+from tests.dicom_checks import dciodvfy_errors, needs_dciodvfy, sr_content_items, sr_groups
 from tests.ingested import Ingested, axial_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -246,8 +248,6 @@ LONG_LABEL = "Varicella zoster virus infection of the skin, suspected on all the
 
 def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: Path) -> None:
     from medpipe.dicom.output import derive_uid
-    from medpipe.dicom.sr import ClassResult, write_classification_sr
-
     algorithm = AlgorithmSpec("cls-net", "2.1", source="Acme Lab", parameters={"checkpoint": "ab"})
     identity = _identity("cls")
     # the ends of [0, 1] are valid probabilities and thresholds; probability >= threshold is Present
@@ -289,8 +289,6 @@ def test_classification_sr_groups_read_back_by_hand(axial: Ingested, tmp_path: P
 ])
 def test_classification_sr_refuses_what_it_cannot_code(axial: Ingested, tmp_path: Path, kwargs: dict,
                                                        message: str) -> None:
-    from medpipe.dicom.sr import ClassResult, write_classification_sr
-
     options = dict(kwargs)
     results = [ClassResult(**({"finding": NEOPLASM, "probability": 0.5, "threshold": 0.5} | r))
                for r in options.pop("results", [{}])]
@@ -479,3 +477,27 @@ def test_observer_device_is_the_algorithm_on_the_writers_equipment(axial: Ingest
     assert pydicom.dcmread(target).SeriesDescription == "Lung nodules"
     with pytest.raises(DicomError, match=r"^procedure reported: expected \{scheme, value, meaning\}, missing value"):
         write_findings_sr(tmp_path / "x.dcm", axial.sources, [], algorithm, named, procedure={"scheme": "SCT"})
+
+
+@needs_dciodvfy
+def test_classification_sr_of_an_enhanced_multiframe_source(axial: Ingested, shared_data: Path, tmp_path: Path) -> None:
+    """Guards: a classifier's report on one enhanced multi-frame instance (the real Siemens XA10 file) is written
+    and cites it as evidence (highdicom's image library reads a classic image's top-level Pixel Spacing: it raised
+    AttributeError, so `medpipe score` of a classifier failed on enhanced series); classic sources keep their image
+    library, one entry per source image."""
+    ds = pydicom.dcmread(shared_data / "dcm_qa_enh" / "In" / "Siemens" / "XA10" / "6_2.dcm", stop_before_pixels=True)
+    target = tmp_path / "enhanced.dcm"
+    write_classification_sr(target, [ds], [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("enhanced"))
+    sr = pydicom.dcmread(target)
+    top = [i.ConceptNameCodeSequence[0].CodeValue for i in sr.ContentSequence]
+    assert "111028" not in top  # no Image Library
+    evidence = [i.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+    assert evidence == [ds.SOPInstanceUID]
+    assert dciodvfy_errors(target) == []
+    classic = tmp_path / "classic.dcm"
+    write_classification_sr(classic, axial.sources, [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("classic"))
+    (library,) = [i for i in pydicom.dcmread(classic).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr_content_items(library)
+              if i.ValueType == "IMAGE"]
+    assert sorted(images) == sorted(str(d.SOPInstanceUID) for d in axial.sources)

@@ -683,24 +683,28 @@ def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) ->
     base = _series_base(pkg)
     sr = pydicom.dcmread(tmp_path / "a" / row["sr"])
     assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test classifier")
+    assert sr.SOPInstanceUID == _derived(pkg, study.series_uid, "SR", "instance", 1)
     (group,) = sr_groups(sr)
     assert (group["112039"], group["121071"], [float(v) for v in group["122157"]]) == (
         ["tumour"], ["108369006"], [0.87654322])
     assert "threshold=0.5" in group["111002"]
     pm = pydicom.dcmread(tmp_path / "a" / row["map"])
     assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "Grad-CAM (tumour)", "Saliency")
+    assert pm.SOPInstanceUID == _derived(pkg, study.series_uid, "PM", "instance", 1)
     _check_overlays(tmp_path / "a", row["overlays"], study, (1, 3, 4), cam, None, series=base + 4,
                     description="Grad-CAM (tumour) over source frame")
-    # the positive class is 0: its probability is reported, and the decision follows it
+    # the positive class is 0: its probability is reported, and the decision follows it; a map without
+    # --explain is not written
     zero = _with(pkg, outputs={**pkg.outputs, "positive_class": 0})
-    row = _writer(zero, tmp_path / "b").write(_prepared(study), {"probabilities": np.array([0.6, 0.4]), "map": None})
-    assert (row["decision"], "map" in row) == ("no tumour", False)
+    row = _writer(zero, tmp_path / "b").write(_prepared(study), {"probabilities": np.array([0.6, 0.4]), "map": cam})
+    assert (row["decision"], "map" in row, "overlays" in row) == ("no tumour", False, False)
     (group,) = sr_groups(pydicom.dcmread(tmp_path / "b" / row["sr"]))
     assert (group["112039"], group["121071"], group["122157"]) == (["no tumour"], ["404684003"], ["0.6"])
     # three classes, one named, none coded: every class reported; the decision is the most probable
     three = _with(pkg, outputs={"class_names": {"1": "cyst"}, "threshold": 0.5})
-    row = _writer(three, tmp_path / "c").write(_prepared(study), {"probabilities": np.array([0.2, 0.3, 0.5]),
-                                                                  "map": None})
+    row = _writer(three, tmp_path / "c", explain=True).write(
+        _prepared(study), {"probabilities": np.array([0.2, 0.3, 0.5]), "map": cam})
+    assert pydicom.dcmread(tmp_path / "c" / row["map"]).ContentDescription == "Grad-CAM (2)"  # unnamed: its index
     assert {k: v for k, v in row.items() if k.endswith("probability") or k in ("decision", "threshold")} == {
         "class_0_probability": 0.2, "cyst_probability": 0.3, "class_2_probability": 0.5, "decision": "2",
         "threshold": 0.5}
@@ -708,6 +712,34 @@ def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) ->
     assert [(g["112039"], g["121071"], g["122157"]) for g in groups] == [
         (["class 0"], ["404684003"], ["0.2"]), (["cyst"], ["404684003"], ["0.3"]),
         (["class 2"], ["404684003"], ["0.5"])]
+
+
+def test_writer_map_is_resampled_linearly_onto_the_source_frames(tmp_path: Path, study: Any) -> None:
+    """Guards: a map on a coarser grid than the source (the classifier's input grid) is interpolated linearly at
+    each source pixel (a map linear in space stays exactly linear; nearest neighbour would make steps), and a
+    description longer than DICOM's 64 characters is cut, not refused."""
+    pkg = tiny_classifier_package(tmp_path / "clf")
+    long = "Adenocarcinoma of the lung, stage IIIA, EGFR exon 19 deletion, PD-L1 high"  # 73 characters
+    pkg = _with(pkg, outputs={**pkg.outputs, "class_names": {"0": "none", "1": long}})
+    coarse = GridSpec((5, 4, 5), W_GEO.affine() @ np.diag([2.0, 2.0, 1.0, 1.0]))  # voxel (i, j, k) = pixel (2j, 2i)
+    i, _, k = np.indices(coarse.shape, dtype=np.float32)
+    cam = 0.05 + 0.1 * i + 0.1 * k
+    grid = _prepared(study).grid
+    prep = _prep([str(study.paths[(n, 0)]) for n in range(W_SHAPE[2])], _uids(study), study.study_uid,
+                 study.series_uid, coarse)
+    row = _writer(pkg, tmp_path, explain=True).write(prep, {"probabilities": np.array([0.1, 0.9]), "map": cam})
+    c, _, kk = np.indices(grid.shape, dtype=np.float32)
+    fine = 0.05 + 0.05 * c + 0.1 * kk  # column c of the source is i = c / 2 of the map
+    pm = pydicom.dcmread(tmp_path / row["map"])
+    maps = dict(_map_frames(pm))
+    for n, uid in enumerate(_uids(study)):
+        np.testing.assert_allclose(maps[uid], fine[:, :, n].T, atol=1e-6)
+    description = f"Grad-CAM ({long})"
+    assert pm.ContentDescription == description[:64]
+    _check_overlays(tmp_path, row["overlays"], study, (2, 3, 4), fine, None, series=_series_base(pkg) + 4,
+                    description=f"{description} over source frame"[:64])
+    (group,) = sr_groups(pydicom.dcmread(tmp_path / row["sr"]))
+    assert group["112039"] == [long[:64]]
 
 
 MASS = {"scheme": "SCT", "value": "4147007", "meaning": "Mass"}
@@ -780,7 +812,8 @@ def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -
 
 def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared_data: Path) -> None:
     """Guards: on an enhanced multi-frame source (one instance: the real Siemens XA10 file) the key image is the
-    frame nearest to the finding (its frame number referenced, its pixels drawn), not the first frame."""
+    frame nearest to the finding (its frame number referenced, its pixels drawn), not the first frame; a series
+    of one instance is written for a classifier too."""
     from medpipe.dicom.frames import frame_geometries
     from medpipe.dicom.sc import source_frame
 
@@ -804,6 +837,11 @@ def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared
     disk = (rr - 5.3) ** 2 + (cc - 7.2) ** 2 <= radius ** 2
     np.testing.assert_array_equal(sc.pixel_array,
                                   render_overlay(source_frame(ds, f.frame_number), LUNG_WINDOW, None, disk))
+    # a classifier's report on the same one-instance series
+    clf = tiny_classifier_package(tmp_path / "clf")
+    row = _writer(clf, tmp_path / "clf_out").write(prep, {"probabilities": np.array([0.3, 0.7]), "map": None})
+    sr = pydicom.dcmread(tmp_path / "clf_out" / row["sr"])
+    assert sr.SOPInstanceUID == _derived(clf, str(ds.SeriesInstanceUID), "SR", "instance", 1)
 
 
 def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
@@ -887,11 +925,15 @@ def test_writer_grad_cam_of_the_decided_class_on_the_reference_grid(tmp_path: Pa
     from medpipe.inference.segmentation import probabilities_on_grid
     from medpipe.models.explain import Explainer
 
-    pkg = tiny_classifier_package(tmp_path / "clf", threshold=0.0)  # every study is decided "tumour" (class 1)
-    net = pkg.load_model("cpu")
+    base = tiny_classifier_package(tmp_path / "clf")
+    net = base.load_model("cpu")
     torch.manual_seed(0)
     affine = torch.as_tensor(W_GEO.affine() @ np.diag([0.5, 6 / 16, 5 / 8, 1.0]))  # 16 x 16 x 8 over the study
     image = MetaTensor(torch.randn(1, 16, 16, 8), affine=affine)
+    # a threshold that decides the less probable class: Grad-CAM's own default is the most probable one
+    p1 = float(net.predict_proba([{"image": image}], tta_axes=None, batch_size=1)[0][1])
+    decided = 1 if p1 < 0.5 else 0
+    pkg = _with(base, outputs={**base.outputs, "threshold": 0.0 if decided == 1 else 1.0})
     prep = SimpleNamespace(**{**vars(_prepared(study)), "data": {"image": image}})
     out = _writer(pkg, tmp_path, net, explain=True).infer(prep, False)
     assert out["map"].shape == W_SHAPE
@@ -900,8 +942,9 @@ def test_writer_grad_cam_of_the_decided_class_on_the_reference_grid(tmp_path: Pa
         maps = Explainer(net.nets[0], net.config, ["gradcam"])(image[None], cls)["gradcam"][0]
         return probabilities_on_grid(np.asarray(maps, dtype=np.float32)[None], image.affine, prep.grid)[0]
 
-    np.testing.assert_allclose(out["map"], cam(1), atol=1e-6)
-    assert not np.allclose(out["map"], cam(0), atol=1e-3)
+    np.testing.assert_allclose(out["map"], cam(decided), atol=1e-6)
+    assert not np.allclose(out["map"], cam(1 - decided), atol=1e-3)
     prep.data = {"image": torch.randn(1, 16, 16, 8)}
-    with pytest.raises(MedpipeError, match="lost the image geometry"):
+    with pytest.raises(MedpipeError, match=r"^the classifier's eval transforms lost the image geometry \(no affine\); "
+                                           r"the Grad-CAM map cannot be put back on the source series$"):
         _writer(pkg, tmp_path, net, explain=True).infer(prep, False)

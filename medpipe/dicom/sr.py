@@ -328,7 +328,10 @@ def build_classification_sr(
                 hd.sr.QualitativeEvaluation(name=finding, value=PRESENT if r.positive else ABSENT),
             ],
         ))
-    return report.document(sources, _measurement_report(report, groups, sources))
+    # the image library (TID 1600) describes classic images (highdicom reads their top-level Pixel Spacing and
+    # position): an enhanced multi-frame source is cited as evidence only (it raised AttributeError before)
+    library = [s for s in sources if "PerFrameFunctionalGroupsSequence" not in s]
+    return report.document(sources, _measurement_report(report, groups, library))
 
 
 def write_classification_sr(

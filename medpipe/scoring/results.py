@@ -266,7 +266,7 @@ class ResultWriter:
         decided, thr = decision(prob, self.package.outputs)
         reported = [positive_class(self.package.outputs)] if len(prob) == 2 else list(range(len(prob)))
         results = [ClassResult(finding=codes.get(str(k)) or FINDING, probability=float(prob[k]), threshold=thr,
-                               label=names.get(k, f"class {k}")[:64])
+                               label=names.get(k, f"class {k}"))
                    for k in reported]
         series_uid = str(src.datasets[0].SeriesInstanceUID)
         sr_path = folder / "sr.dcm"
