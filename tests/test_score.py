@@ -566,15 +566,19 @@ def _map_quantity(pm: pydicom.Dataset) -> str:
 
 
 def _check_overlays(out: Path, paths: str, study: Any, slices: tuple[int, ...], values: np.ndarray,
-                    outline: np.ndarray | None, *, series: int, description: str) -> None:
-    """The Secondary Captures ``paths`` are the frames ``slices``, in slice order, with ``values`` drawn over them."""
+                    outline: np.ndarray | None, *, package: ModelPackage, description: str) -> None:
+    """The Secondary Captures ``paths`` are the frames ``slices``, in slice order, with ``values`` drawn over them;
+    series number and UIDs as the writer derives them for ``package``."""
     uids = _uids(study)
     assert len(paths.split(";")) == len(slices)
     for n, (path, k) in enumerate(zip(paths.split(";"), slices, strict=True), start=1):
         assert path.endswith(f"/overlay_{n:02d}_sc.dcm")
         sc = pydicom.dcmread(out / path)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
-        assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (series, n, description)
+        assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (_series_base(package) + 4, n,
+                                                                                  description)
+        assert (sc.SeriesInstanceUID, sc.SOPInstanceUID) == (_derived(package, study.series_uid, "SC", "series"),
+                                                             _derived(package, study.series_uid, "SC", "instance", n))
         image = study.truth[:, :, k].T
         expected = render_overlay(image, source_window(pydicom.dcmread(study.paths[(k, 0)]), None, image),
                                   np.clip(values[:, :, k].T, 0.0, 1.0), None if outline is None else outline[:, :, k].T)
@@ -629,7 +633,7 @@ def test_writer_segmentation_objects_follow_the_mask(tmp_path: Path, study: Any,
     assert sorted(maps) == sorted(uids)
     for k, uid in enumerate(uids):
         np.testing.assert_allclose(maps[uid], np.clip(fg[:, :, k].T, 0.0, 1.0), atol=1e-6)
-    _check_overlays(tmp_path, row["overlays"], study, (1, 3, 4), fg, mask > 0, series=base + 4,
+    _check_overlays(tmp_path, row["overlays"], study, (1, 3, 4), fg, mask > 0, package=pkg,
                     description="foreground probability over source frame")
     assert (tmp_path / row["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -647,14 +651,13 @@ def test_writer_labelmap_and_the_key_frames_when_nothing_is_segmented(tmp_path: 
         _prepared(study), {"mask": mask, "foreground": fg})
     assert "nifti" not in row and (row["whole_tumour_ml"], row["oedema_ml"]) == (0.0, 0.002)
     assert pydicom.dcmread(tmp_path / "a" / row["seg"]).SegmentationType == "LABELMAP"
-    base = _series_base(two_class_package)
     # the one segmented frame (2, the least probable), then the two most probable (4, 0)
-    _check_overlays(tmp_path / "a", row["overlays"], study, (0, 2, 4), fg, mask > 0, series=base + 4,
+    _check_overlays(tmp_path / "a", row["overlays"], study, (0, 2, 4), fg, mask > 0, package=two_class_package,
                     description="foreground probability over source frame")
     empty = np.zeros(W_SHAPE, np.uint8)
     row = _writer(two_class_package, tmp_path / "b", explain=True).write(_prepared(study),
                                                                           {"mask": empty, "foreground": fg})
-    _check_overlays(tmp_path / "b", row["overlays"], study, (0, 3, 4), fg, empty > 0, series=base + 4,
+    _check_overlays(tmp_path / "b", row["overlays"], study, (0, 3, 4), fg, empty > 0, package=two_class_package,
                     description="foreground probability over source frame")
     row = _writer(two_class_package, tmp_path / "c", explain=True).write(_prepared(study),
                                                                           {"mask": mask, "foreground": None})
@@ -691,7 +694,7 @@ def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) ->
     pm = pydicom.dcmread(tmp_path / "a" / row["map"])
     assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "Grad-CAM (tumour)", "Saliency")
     assert pm.SOPInstanceUID == _derived(pkg, study.series_uid, "PM", "instance", 1)
-    _check_overlays(tmp_path / "a", row["overlays"], study, (1, 3, 4), cam, None, series=base + 4,
+    _check_overlays(tmp_path / "a", row["overlays"], study, (1, 3, 4), cam, None, package=pkg,
                     description="Grad-CAM (tumour) over source frame")
     # the positive class is 0: its probability is reported, and the decision follows it; a map without
     # --explain is not written
@@ -736,7 +739,7 @@ def test_writer_map_is_resampled_linearly_onto_the_source_frames(tmp_path: Path,
         np.testing.assert_allclose(maps[uid], fine[:, :, n].T, atol=1e-6)
     description = f"Grad-CAM ({long})"
     assert pm.ContentDescription == description[:64]
-    _check_overlays(tmp_path, row["overlays"], study, (2, 3, 4), fine, None, series=_series_base(pkg) + 4,
+    _check_overlays(tmp_path, row["overlays"], study, (2, 3, 4), fine, None, package=pkg,
                     description=f"{description} over source frame"[:64])
     (group,) = sr_groups(pydicom.dcmread(tmp_path / row["sr"]))
     assert group["112039"] == [long[:64]]
@@ -842,6 +845,25 @@ def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared
     row = _writer(clf, tmp_path / "clf_out").write(prep, {"probabilities": np.array([0.3, 0.7]), "map": None})
     sr = pydicom.dcmread(tmp_path / "clf_out" / row["sr"])
     assert sr.SOPInstanceUID == _derived(clf, str(ds.SeriesInstanceUID), "SR", "instance", 1)
+    # its explanation: the overlays name their frames, the most salient three in frame order
+    from medpipe.data.volumes import read_grid
+    from medpipe.ingest import ingest
+
+    (volume,) = ingest(path, tmp_path / "ingest", workers=1).volumes
+    grid = read_grid(tmp_path / "ingest" / volume["volume"])
+    ramp = np.broadcast_to(np.linspace(0.1, 0.9, grid.shape[2], dtype=np.float32), grid.shape).copy()
+    prep.grid = grid
+    row = _writer(clf, tmp_path / "map_out", explain=True).write(prep, {"probabilities": np.array([0.3, 0.7]),
+                                                                        "map": ramp})
+    pm = pydicom.dcmread(tmp_path / "map_out" / row["map"])
+    mean = {int(s.ReferencedFrameNumber): float(f.mean()) for f, fg in zip(
+        pm.pixel_array.reshape(-1, pm.Rows, pm.Columns), pm.PerFrameFunctionalGroupsSequence, strict=True)
+        for d in fg.DerivationImageSequence for s in d.SourceImageSequence}
+    position = {fr.frame_number: i for i, fr in enumerate(frames)}
+    salient = sorted(sorted(mean, key=lambda number: -mean[number])[:3], key=lambda number: position[number])
+    overlays = [pydicom.dcmread(tmp_path / "map_out" / p).SourceImageSequence[0] for p in row["overlays"].split(";")]
+    assert [(o.ReferencedSOPInstanceUID, o.ReferencedFrameNumber) for o in overlays] == [
+        (ds.SOPInstanceUID, number) for number in salient]
 
 
 def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
