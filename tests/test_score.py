@@ -611,6 +611,8 @@ def test_writer_segmentation_objects_follow_the_mask(tmp_path: Path, study: Any,
     assert (seg.SegmentationType, seg.ContentLabel) == ("BINARY", "MEDPIPE")
     assert seg.ContentDescription == f"test segmenter (model {pkg.version})"
     assert (seg.ContentDate, seg.ContentTime) == ("20260304", "101530")
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == (_derived(pkg, study.series_uid, "SEG", "series"),
+                                                           _derived(pkg, study.series_uid, "SEG", "instance", 1))
     assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "whole tumour"), (2, "oedema")]
     assert [s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence] == ["Neoplasm", "Tissue"]
     expected = {(number, uids[k]): (mask[:, :, k] == cls).T
@@ -621,6 +623,7 @@ def test_writer_segmentation_objects_follow_the_mask(tmp_path: Path, study: Any,
         np.testing.assert_array_equal(f, expected[key], err_msg=str(key))
     sr = pydicom.dcmread(tmp_path / row["sr"])
     assert (sr.SeriesNumber, sr.SeriesDescription) == (base + 2, "SR test segmenter")
+    assert sr.SOPInstanceUID == _derived(pkg, study.series_uid, "SR", "instance", 1)
     volumes = {g["121191"][0]: float(g["118565006"][0]) for g in sr_groups(sr)}
     assert volumes == pytest.approx({"1": 13 * 0.0022, "2": 8 * 0.0022}, rel=1e-9)
     img = nib.load(tmp_path / row["nifti"])
@@ -629,6 +632,7 @@ def test_writer_segmentation_objects_follow_the_mask(tmp_path: Path, study: Any,
     pm = pydicom.dcmread(tmp_path / row["map"])
     assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "foreground probability",
                                                                            "Probability")
+    assert pm.SOPInstanceUID == _derived(pkg, study.series_uid, "PM", "instance", 1)
     maps = dict(_map_frames(pm))
     assert sorted(maps) == sorted(uids)
     for k, uid in enumerate(uids):
@@ -864,6 +868,16 @@ def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared
     overlays = [pydicom.dcmread(tmp_path / "map_out" / p).SourceImageSequence[0] for p in row["overlays"].split(";")]
     assert [(o.ReferencedSOPInstanceUID, o.ReferencedFrameNumber) for o in overlays] == [
         (ds.SOPInstanceUID, number) for number in salient]
+    # and a segmenter's SEG, SR and preview on it
+    seg_pkg = tiny_segmenter_package(tmp_path / "seg")
+    mask = (ramp > 0.5).astype(np.uint8)
+    row = _writer(seg_pkg, tmp_path / "seg_out").write(prep, {"mask": mask, "foreground": None})
+    seg = pydicom.dcmread(tmp_path / "seg_out" / row["seg"])
+    assert seg.SOPInstanceUID == _derived(seg_pkg, str(ds.SeriesInstanceUID), "SEG", "instance", 1)
+    segmented = {int(s.ReferencedFrameNumber) for fg in seg.PerFrameFunctionalGroupsSequence
+                 for d in fg.DerivationImageSequence for s in d.SourceImageSequence}
+    assert segmented == {number for number in mean if mean[number] > 0.5}  # the ramp's frames above one half
+    assert (tmp_path / "seg_out" / row["preview"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
