@@ -668,6 +668,45 @@ def test_writer_labelmap_and_the_key_frames_when_nothing_is_segmented(tmp_path: 
     assert {"map", "overlays"}.isdisjoint(row) and row["seg"].endswith("seg.dcm")
 
 
+def test_writer_segment_anatomy_and_a_long_model_name(tmp_path: Path, study: Any,
+                                                      two_class_package: ModelPackage) -> None:
+    """Guards: a class's anatomic region from the package reaches its SEG segment; a model name too long for
+    DICOM's 64-character descriptions is cut, not refused (content and series descriptions)."""
+    name = "Liver lesion segmentation, multi-phase contrast CT, nnU-Net_residual_encoder_L"  # 78 characters
+    classes = {**two_class_package.outputs["classes"]}
+    classes["5"] = {**classes["5"], "anatomic_region": LIVER}
+    pkg = _with(two_class_package, name=name, outputs={**two_class_package.outputs, "classes": classes})
+    mask = np.zeros(W_SHAPE, np.uint8)
+    mask[1:3, 1:3, 1:3] = 5
+    row = _writer(pkg, tmp_path).write(_prepared(study), {"mask": mask, "foreground": None})
+    seg = pydicom.dcmread(tmp_path / row["seg"])
+    assert ["AnatomicRegionSequence" in s for s in seg.SegmentSequence] == [False, True]
+    assert seg.SegmentSequence[1].AnatomicRegionSequence[0].CodeMeaning == "Liver"
+    assert seg.ContentDescription == f"{name} (model {pkg.version})"[:64]
+    assert seg.SeriesDescription == f"SEG {name}"[:64]
+    assert pydicom.dcmread(tmp_path / row["sr"]).SeriesDescription == f"SR {name}"[:64]
+
+
+def test_writer_preview_title_names_the_model(tmp_path: Path, study: Any, two_class_package: ModelPackage,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the preview is drawn from the written SEG over the source frames, titled with the model's name."""
+    from medpipe.report import seg_preview
+
+    calls: list[Any] = []
+    real = seg_preview.seg_preview_png
+
+    def spy(seg_path: Path, frames: Any, full: Any, path: Path, *, title: str) -> list[int]:
+        calls.append((seg_path, [f.sop_instance_uid for f in frames], title))
+        return real(seg_path, frames, full, path, title=title)
+
+    monkeypatch.setattr(seg_preview, "seg_preview_png", spy)
+    mask = np.zeros(W_SHAPE, np.uint8)
+    mask[2, 2, 2] = 2
+    row = _writer(two_class_package, tmp_path).write(_prepared(study), {"mask": mask, "foreground": None})
+    assert calls == [(tmp_path / row["seg"], _uids(study),
+                      "test segmenter: the written SEG, read back, over its source frames")]
+
+
 def _with(package: ModelPackage, **changes: Any) -> ModelPackage:
     """The package with some manifest sections replaced (another model id, nothing else changes)."""
     return ModelPackage(package.path, {**package.manifest, **changes})
@@ -868,16 +907,20 @@ def test_writer_detector_key_image_of_a_multiframe_source(tmp_path: Path, shared
     overlays = [pydicom.dcmread(tmp_path / "map_out" / p).SourceImageSequence[0] for p in row["overlays"].split(";")]
     assert [(o.ReferencedSOPInstanceUID, o.ReferencedFrameNumber) for o in overlays] == [
         (ds.SOPInstanceUID, number) for number in salient]
-    # and a segmenter's SEG, SR and preview on it
+    # and a segmenter's SEG, SR, preview and explanation on it: the key frames are the segmented ones (class 1)
+    # even where the probability map is lower than on the others
     seg_pkg = tiny_segmenter_package(tmp_path / "seg")
     mask = (ramp > 0.5).astype(np.uint8)
-    row = _writer(seg_pkg, tmp_path / "seg_out").write(prep, {"mask": mask, "foreground": None})
+    row = _writer(seg_pkg, tmp_path / "seg_out", explain=True).write(prep, {"mask": mask, "foreground": 1 - ramp})
     seg = pydicom.dcmread(tmp_path / "seg_out" / row["seg"])
     assert seg.SOPInstanceUID == _derived(seg_pkg, str(ds.SeriesInstanceUID), "SEG", "instance", 1)
     segmented = {int(s.ReferencedFrameNumber) for fg in seg.PerFrameFunctionalGroupsSequence
                  for d in fg.DerivationImageSequence for s in d.SourceImageSequence}
     assert segmented == {number for number in mean if mean[number] > 0.5}  # the ramp's frames above one half
     assert (tmp_path / "seg_out" / row["preview"]).read_bytes()[:4] == b"\x89PNG"
+    key = sorted(sorted(segmented, key=lambda number: mean[number])[:3], key=lambda number: position[number])
+    overlays = [pydicom.dcmread(tmp_path / "seg_out" / p).SourceImageSequence[0] for p in row["overlays"].split(";")]
+    assert [o.ReferencedFrameNumber for o in overlays] == key
 
 
 def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) -> None:
@@ -889,6 +932,9 @@ def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) ->
     assert (row["findings"], row["report_threshold"], row["max_score"]) == (1, 0.5, 0.5)
     (finding,) = read_findings_sr(tmp_path / "a" / row["sr"]).findings
     assert (finding.finding.meaning, finding.finding_site) == ("Clinical finding", None)  # type: ignore[union-attr]
+    # the same study again, into the same folder (a rescoring): replaced, not refused
+    row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": []})
+    assert row["findings"] == 0 and read_findings_sr(tmp_path / "a" / row["sr"]).findings == []
     row = _writer(pkg, tmp_path / "b").write(_prepared(study), {"findings": []})
     assert {k: row[k] for k in ("findings", "max_score", "report_threshold", "key_images")} == {
         "findings": 0, "max_score": 0.0, "report_threshold": 0.5, "key_images": ""}
@@ -914,6 +960,10 @@ def test_writer_reads_the_sources_in_the_sidecar_slice_order(tmp_path: Path, stu
         assert [d.SOPInstanceUID for d in datasets] == uids[::-1], order
     with pytest.raises(MedpipeError, match=r"^the catalog lists no source files for CT series 1$"):
         writer._sources(_prepared(study, keys=[]))
+    lost = _prepared(study)
+    lost.item["reference_volume"] = Path("volumes/other.nii.gz")
+    with pytest.raises(MedpipeError, match=r"^reference volume volumes/other\.nii\.gz is not among the study's volumes$"):
+        writer._sources(lost)
 
 
 def test_writer_infers_with_the_package_settings(tmp_path: Path, study: Any) -> None:

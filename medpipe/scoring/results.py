@@ -151,7 +151,7 @@ class ResultWriter:
 
         ref = str(prep.item["reference_volume"])
         cand = next((c for c in prep.job.candidates if str(c.path) == ref), None)
-        if cand is None:  # pragma: no cover - the builder takes the reference from the candidates
+        if cand is None:  # the study builder takes the reference from the candidates: a broken invariant
             raise MedpipeError(f"reference volume {ref} is not among the study's volumes")
         keys = cand.row.source_keys
         if not keys:
@@ -179,7 +179,7 @@ class ResultWriter:
         datasets, frames = src.datasets, src.frames
         classes = segment_classes(self.package.outputs)
         series_uid = str(datasets[0].SeriesInstanceUID)
-        per_frame = sample_frames(mask, grid.affine, frames, interpolation="nearest").astype(np.uint8)
+        per_frame = sample_frames(mask, grid.affine, frames, interpolation="nearest")
         specs = [SegmentSpec(label=c["name"], category=c["category"], type=c["type"],
                              anatomic_region=c.get("anatomic_region")) for c in classes.values()]
         numbers = list(classes)  # class index -> segment number order (1..n)
