@@ -683,6 +683,7 @@ def test_writer_segment_anatomy_and_a_long_model_name(tmp_path: Path, study: Any
     assert ["AnatomicRegionSequence" in s for s in seg.SegmentSequence] == [False, True]
     assert seg.SegmentSequence[1].AnatomicRegionSequence[0].CodeMeaning == "Liver"
     assert seg.ContentDescription == f"{name} (model {pkg.version})"[:64]
+    assert {s.SegmentAlgorithmName for s in seg.SegmentSequence} == {name[:64]}
     assert seg.SeriesDescription == f"SEG {name}"[:64]
     assert pydicom.dcmread(tmp_path / row["sr"]).SeriesDescription == f"SR {name}"[:64]
 
@@ -733,7 +734,9 @@ def test_writer_classification_row_report_and_map(tmp_path: Path, study: Any) ->
     (group,) = sr_groups(sr)
     assert (group["112039"], group["121071"], [float(v) for v in group["122157"]]) == (
         ["tumour"], ["108369006"], [0.87654322])
-    assert "threshold=0.5" in group["111002"]
+    # the algorithm: the package's name and version, medpipe as its source, the model id and the threshold
+    assert (group["111001"], group["111003"], group["122405"]) == (["test classifier"], [pkg.version], ["medpipe"])
+    assert group["111002"] == [f"model_sha256={pkg.id}", "threshold=0.5"]
     pm = pydicom.dcmread(tmp_path / "a" / row["map"])
     assert (pm.SeriesNumber, pm.ContentDescription, _map_quantity(pm)) == (base + 3, "Grad-CAM (tumour)", "Saliency")
     assert pm.SOPInstanceUID == _derived(pkg, study.series_uid, "PM", "instance", 1)
