@@ -6,6 +6,7 @@ Each expected value here is derived by hand from PS3.15 Table E.1-1 and the engi
 
 from __future__ import annotations
 
+import copy
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from medpipe.deid.engine import Deidentifier, clean_text, shift_date, shift_datetime
+from medpipe.deid.engine import Deidentifier, Pseudonym, clean_text, shift_date, shift_datetime
 from medpipe.deid.keys import DeidKey, load_key, load_or_create_key
 from medpipe.deid.table import ActionTable, ProfileOptions, load_table
 from medpipe.errors import ConfigError
@@ -929,3 +930,133 @@ def test_key_created_meanwhile_by_another_process_is_read_not_overwritten(tmp_pa
     monkeypatch.setattr(Path, "exists", lambda self, *a, **k: False if self == path else real_exists(self, *a, **k))
     second, created = load_or_create_key(path)
     assert not created and second.key_id == first.key_id
+
+
+# -- re-identification of one object ------------------------------------------------------------
+
+
+def _deidentified(tmp_path: Path, originals: dict[str, Dataset],
+                  patients: dict[str, Pseudonym] | None = None) -> tuple[Path, Path, dict[str, Dataset]]:
+    """``originals`` (file name -> dataset) de-identified with KEY: the key file, the map, the results
+    (file name -> the de-identified dataset, as a model's result made on it would carry them)."""
+    from medpipe.deid.keys import HEADER
+    from medpipe.deid.mapping import MapBuilder, merge_into_map
+
+    key_path = tmp_path / "site.key"
+    key_path.write_text(f"{HEADER}\n{bytes(range(32)).hex()}\n")
+    builder, results = MapBuilder(), {}
+    for name, ds in originals.items():
+        ds = copy.deepcopy(ds)
+        builder.add(Deidentifier(KEY, patient_map=patients).apply(ds))
+        results[name] = ds
+    return key_path, merge_into_map(tmp_path / "site.map.json", KEY.key_id, builder), results
+
+
+def _write(folder: Path, results: dict[str, Dataset]) -> Path:
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ds in results.items():
+        pydicom.dcmwrite(folder / name, ds, enforce_file_format=True)
+    return folder
+
+
+def test_reidentify_puts_the_original_patient_and_study_back(tmp_path: Path) -> None:
+    """One result re-identified, given as its folder and as the file itself: the original UIDs, Patient and
+    General Study attributes back, markers gone, at OUT/<PatientID>/<StudyInstanceUID>/<Modality>_<SOP>.dcm.
+
+    Guards against: a single result file not accepted as the input; a study attribute the original lacked
+    crashing the run; a Patient attribute the original lacked left with a value; the Study Instance UID
+    taken from the map's study entry (not checked against the key) instead of the checked UID pair; the
+    report not naming the output folder.
+    """
+    import json
+
+    import pydicom
+
+    from medpipe.deid.reidentify import reidentify
+
+    original = _dataset()
+    del original.PatientSex  # the original has no Patient's Sex (nor Accession Number, Study ID...)
+    key_path, map_path, results = _deidentified(tmp_path, {"seg.dcm": original})
+    results["seg.dcm"].PatientSex = "O"  # a result's writer filled in what the original lacked
+    folder = _write(tmp_path / "results", results)
+    doc = json.loads(map_path.read_text())
+    doc["studies"][KEY.uid("1.2.3.4")]["StudyInstanceUID"] = "9.9.9"  # an edited study entry: not used
+    map_path.write_text(json.dumps(doc))
+    expected = "MRN-42/1.2.3.4/MR_1.2.3.4.5.6.7.dcm"
+    for source, out in ((folder, tmp_path / "out"), (folder / "seg.dcm", tmp_path / "out_file")):
+        report = reidentify(source, out, key_path, map_path)
+        assert (report.out, report.written, report.rejected) == (out.resolve(), [expected], [])
+        ds = pydicom.dcmread(out / expected)
+        assert (ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientAge) == (
+            "MRN-42", "Smith^John", "19600312", "064Y")
+        assert "PatientSex" in ds and ds.PatientSex == ""
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == ("1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6.7")
+        assert (ds.StudyDate, ds.StudyTime) == ("20240311", "101500") and "AccessionNumber" not in ds
+        assert not any(kw in ds for kw in ("PatientIdentityRemoved", "DeidentificationMethod",
+                                           "DeidentificationMethodCodeSequence",
+                                           "LongitudinalTemporalInformationModified"))
+        assert not (out / "rejected.csv").exists()
+
+
+def test_reidentify_without_patient_id_name_or_modality(tmp_path: Path) -> None:
+    """An original without Patient ID and Name (known by its birth date) and a result without Modality:
+    the pseudonymous ID and name are emptied, not kept; the file is unknown/<study>/OBJ_<SOP>.dcm.
+
+    Guards against: the pseudonymous Patient ID or Name sent to the PACS as the patient's (the bug fixed
+    here); the stand-ins for an empty Patient ID and a missing Modality in the output path changed.
+    """
+    import pydicom
+
+    from medpipe.deid.reidentify import reidentify
+
+    original = _dataset()
+    del original.PatientID, original.PatientName
+    key_path, map_path, results = _deidentified(tmp_path, {"sr.dcm": original})
+    assert results["sr.dcm"].PatientID.startswith("P")  # the de-identified object has a pseudonymous ID and name
+    del results["sr.dcm"].Modality
+    report = reidentify(_write(tmp_path / "results", results), tmp_path / "out", key_path, map_path)
+    assert report.written == ["unknown/1.2.3.4/OBJ_1.2.3.4.5.6.7.dcm"] and report.rejected == []
+    ds = pydicom.dcmread(tmp_path / "out" / report.written[0])
+    assert (ds.PatientID, str(ds.PatientName), ds.PatientBirthDate) == ("", "", "19600312")
+
+
+def test_reidentify_rejections_and_messages(tmp_path: Path) -> None:
+    """Each result that cannot be re-identified gets one line in rejected.csv and the rest are written; a
+    missing or empty RESULTS is a one-line error naming it.
+
+    Guards against: a result without SOP Instance UID crashing the run (AttributeError: the bug fixed here);
+    a result without Patient ID matched to a patient through a stand-in value (here a user's pseudonym
+    "XXXX"); a rejected single-file input named by anything but its file name; the messages changed.
+    """
+    import csv
+    import re
+
+    from medpipe.deid.reidentify import reidentify
+    from medpipe.errors import SourceError
+
+    key_path, map_path, results = _deidentified(tmp_path, {"a.dcm": _dataset()},
+                                                patients={"MRN-42": Pseudonym("XXXX")})
+    no_uid, no_pid = copy.deepcopy(results["a.dcm"]), copy.deepcopy(results["a.dcm"])
+    del no_uid.SOPInstanceUID
+    del no_pid.PatientID
+    folder = _write(tmp_path / "results", {"a.dcm": results["a.dcm"], "no_uid.dcm": no_uid, "no_pid.dcm": no_pid})
+    (folder / "notes.txt").write_text("not DICOM, not .dcm: skipped")
+    (folder / "broken.dcm").write_bytes(b"not DICOM")
+    report = reidentify(folder, tmp_path / "out", key_path, map_path)
+    assert report.written == ["MRN-42/1.2.3.4/MR_1.2.3.4.5.6.7.dcm"]
+    not_in_map = "its patient is not in the map (not made on data de-identified with this map)"
+    expected = [("broken.dcm", "not a readable DICOM file"), ("no_pid.dcm", not_in_map),
+                ("no_uid.dcm", "no SOP Instance UID")]
+    assert report.rejected == expected
+    with open(tmp_path / "out" / "rejected.csv", newline="") as fh:
+        assert [(r["path"], r["reason"]) for r in csv.DictReader(fh)] == expected
+    single = reidentify(folder / "no_pid.dcm", tmp_path / "out_single", key_path, map_path)
+    assert (single.written, single.rejected) == ([], [expected[1]])
+    missing, empty = tmp_path / "none", tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(missing))}: no such file or folder$"):
+        reidentify(missing, tmp_path / "o1", key_path, map_path)
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(empty))}: no files found$"):
+        reidentify(empty, tmp_path / "o2", key_path, map_path)
