@@ -10,6 +10,7 @@ import copy
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -1060,3 +1061,161 @@ def test_reidentify_rejections_and_messages(tmp_path: Path) -> None:
         reidentify(missing, tmp_path / "o1", key_path, map_path)
     with pytest.raises(SourceError, match=rf"^{re.escape(str(empty))}: no files found$"):
         reidentify(empty, tmp_path / "o2", key_path, map_path)
+
+
+# -- burned-in text ------------------------------------------------------------------------------
+
+
+def test_burned_in_header_rule() -> None:
+    """burned_in_reason on hand-made headers (PS3.3 C.7.6.1.1.6 Burned In Annotation; PS3.4 SOP classes).
+
+    Guards against: an image without pixel data quarantined, or one with only Float / Double Float Pixel Data
+    not; YES / NO read with case or spaces mattering; secondary capture, SC / OT or ultrasound images let
+    through without an explicit NO (by SOP class or by Modality, in any case); other images quarantined;
+    the reasons (a user reads them in rejected.csv) changed.
+    """
+    from medpipe.deid.burned_in import burned_in_reason
+
+    def image(pixels: str = "PixelData", **attrs: str) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        ds.Modality = "CT"
+        setattr(ds, pixels, b"\x00\x00")
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        return ds
+
+    yes = "burned-in annotation: Burned In Annotation is YES"
+    sc = "possible burned-in text: secondary capture without Burned In Annotation NO"
+    us = "possible burned-in text: ultrasound image without Burned In Annotation NO"
+    no_pixels = Dataset()
+    no_pixels.BurnedInAnnotation = "YES"
+    no_pixels.Modality = "US"
+    assert burned_in_reason(no_pixels) is None
+    for pixels in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        assert burned_in_reason(image(pixels, BurnedInAnnotation="YES")) == yes
+    assert burned_in_reason(image(BurnedInAnnotation=" yes ")) == yes
+    assert burned_in_reason(image()) is None and burned_in_reason(image(BurnedInAnnotation="NO")) is None
+    for uid in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+                "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"):  # the five SC Image Storage classes
+        assert burned_in_reason(image(SOPClassUID=uid)) == sc
+        assert burned_in_reason(image(SOPClassUID=uid, BurnedInAnnotation="no ")) is None
+    for uid in ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.6.2",
+                "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"):  # US, US multi-frame, Enhanced US
+        assert burned_in_reason(image(SOPClassUID=uid)) == us  # volume, and the two retired ones
+    assert burned_in_reason(image(SOPClassUID="1.2.840.10008.5.1.4.1.1.7", Modality="OT")) == sc
+    assert burned_in_reason(image(Modality="sc")) == ("possible burned-in text: SC image without Burned In "
+                                                      "Annotation NO")
+    assert burned_in_reason(image(Modality="OT")) == "possible burned-in text: OT image without Burned In Annotation NO"
+    assert burned_in_reason(image(Modality="us")) == us
+    assert burned_in_reason(image(Modality="US", BurnedInAnnotation="NO")) is None
+
+
+def _pixels(arr: np.ndarray, photometric: str = "MONOCHROME2") -> Dataset:
+    ds = Dataset()
+    ds.set_pixel_data(arr, photometric, 8 * arr.itemsize)
+    return ds
+
+
+#: a ramp 0..249 over 2 x 1000 pixels (each value 8 times): its 0.5th percentile (index 9.995 of 2000 sorted
+#: values) is 1 and its 99.5th (index 1989.005) is 248, so the 8-bit frame is clip((v - 1) / 247) * 255
+RAMP = (np.arange(2000) // 8).astype(np.uint8).reshape(2, 1000)
+RAMP_8BIT = (np.clip((RAMP - 1.0) / 247.0, 0, 1) * 255).astype(np.uint8)
+
+
+def _png(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_pixel_check_frame_scaling() -> None:
+    """_frame_png, the image Tesseract reads, on hand-made frames with the expected 8-bit image derived above.
+
+    Guards against: another percentile window or scale; MONOCHROME1 not inverted (dark text on light); a
+    multi-frame image read from another frame; colour not averaged over R, G, B; YBR not converted to RGB
+    first; small images not enlarged to >= 1000 pixels wide (by a whole factor), wide ones changed; a flat
+    image sent to Tesseract; pixel data that is not a 2-D frame read as "no text" (now an error).
+    """
+    from medpipe.deid.burned_in import _frame_png
+
+    def frame(ds: Dataset) -> np.ndarray:
+        png = _frame_png(ds)
+        assert png is not None
+        return _png(png)
+
+    assert np.array_equal(frame(_pixels(RAMP)), RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(RAMP, "MONOCHROME1")), 255 - RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(np.stack([RAMP, RAMP[::-1], 255 - RAMP]))), RAMP_8BIT)  # frame 0 only
+    rgb = np.stack([RAMP, RAMP, RAMP], axis=-1)
+    rgb[RAMP >= 3, 0] += 3
+    rgb[RAMP >= 3, 1] -= 3  # R, G, B average to the ramp
+    assert np.array_equal(frame(_pixels(rgb, "RGB")), RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(np.stack([rgb, rgb[:, ::-1]]), "RGB")), RAMP_8BIT)  # colour, 2 frames
+    grey_ybr = np.stack([RAMP, np.full_like(RAMP, 128), np.full_like(RAMP, 128)], axis=-1)  # Y, Cb, Cr: grey
+    assert np.array_equal(frame(_pixels(grey_ybr, "YBR_FULL")), RAMP_8BIT)
+    for width, shown in ((10, 1000), (400, 800), (600, 1200), (999, 999), (1000, 1000), (1500, 1500)):
+        assert frame(_pixels(np.tile(RAMP, 2)[:, :width].copy())).shape == (2 * shown // width, shown)
+    assert _frame_png(_pixels(np.full((4, 4), 7, np.uint8))) is None
+    excess = _pixels(np.stack([RAMP, RAMP]))
+    excess.NumberOfFrames = 1  # more pixel data than Number of Frames says: pydicom gives every frame
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"^the first frame is not a 2-D image "
+                                                                     r"\(pixel array of shape \(2, 2, 1000\)\)$"):
+        _frame_png(excess)
+
+
+def _fake_tesseract(folder: Path, tsv: str, exit_code: int = 0) -> Path:
+    """A ``tesseract`` stand-in that records its arguments and input and prints ``tsv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out.tsv").write_text(tsv, encoding="latin-1")
+    exe = folder / "tesseract"
+    exe.write_text(f'#!/bin/sh\necho "$@" > "{folder}/args"\ncat > "{folder}/input.png"\n'
+                   f'cat "{folder}/out.tsv"\nexit {exit_code}\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pixel_text / ocr_reason / tesseract_path with a stand-in tesseract printing hand-written TSV (12 columns:
+    level ... conf text).
+
+    Guards against: the header or short / unparsable rows counted; the confidence bound (60, inclusive) or the
+    word length (3 letters or digits after dropping the rest) changed; undecodable bytes breaking the parse;
+    other tesseract arguments (sparse text, English, TSV on stdout) or another image than the frame; the word
+    count that flags an image (2) or its reason changed; a failing tesseract read as "no text"; a flat image
+    sent to it; the missing-command message lost.
+    """
+    import shutil
+    import subprocess
+
+    from medpipe.deid.burned_in import _frame_png, ocr_reason, pixel_text, tesseract_path
+
+    head = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext\n"
+    row = "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t{}\t{}\n"
+    tsv = head + "".join(row.format(c, t) for c, t in (
+        ("60", "DOE"), ("59.99", "JOHN"), ("96.5", "AB"), ("91", "A-B-C"), ("-1", ""), ("x", "MARY"),
+        ("88", "12/04"), ("75", "M\xffRY"))) + "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t99\n"  # the last: 11 columns
+    exe = _fake_tesseract(tmp_path / "t", tsv)
+    image = _pixels(RAMP)
+    assert pixel_text(image, str(exe)) == ["DOE", "ABC", "1204", "MRY"]
+    assert (tmp_path / "t" / "args").read_text() == "stdin stdout --psm 11 -l eng tsv\n"
+    assert (tmp_path / "t" / "input.png").read_bytes() == _frame_png(image)
+    assert ocr_reason(image, str(exe)) == "pixel text check: Tesseract read 4 words in the image"
+    one = _fake_tesseract(tmp_path / "one", head + row.format("90", "DOE"))
+    assert ocr_reason(image, str(one)) is None
+    two = _fake_tesseract(tmp_path / "two", head + row.format("90", "DOE") + row.format("90", "JOHN"))
+    assert ocr_reason(image, str(two)) == "pixel text check: Tesseract read 2 words in the image"
+    monkeypatch.setattr(shutil, "which", lambda name: str(two) if name == "tesseract" else None)
+    assert tesseract_path() == str(two) and pixel_text(image) == ["DOE", "JOHN"]  # found on the PATH
+    failing = _fake_tesseract(tmp_path / "failing", head + row.format("90", "DOE"), exit_code=1)
+    with pytest.raises(subprocess.CalledProcessError):
+        pixel_text(image, str(failing))
+    unused = _fake_tesseract(tmp_path / "unused", head + row.format("90", "DOE") + row.format("90", "JOHN"))
+    assert pixel_text(_pixels(np.full((4, 4), 7, np.uint8)), str(unused)) == []  # flat: tesseract not run
+    assert not (tmp_path / "unused" / "args").exists()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
+        tesseract_path()
+    assert err.value.hint == "apt-get install tesseract-ocr (Debian/Ubuntu), or leave out --ocr"

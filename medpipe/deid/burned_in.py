@@ -5,9 +5,11 @@ and so is any ultrasound, secondary capture (SC SOP classes, Modality SC) or "ot
 not say ``NO`` explicitly: those are where scanners and workstations print names and dates into the pixels.
 De-identifying the header cannot remove them, so such files are not written unless the user opts in.
 
-Pixel check (:func:`pixel_text`, ``--ocr``): the first frame, scaled to 8 bits (and up to at least 1000
-pixels wide), goes through the ``tesseract`` command (Debian package ``tesseract-ocr``); words of three or
-more letters or digits read with confidence >= 60 count, and two or more flag the image.
+Pixel check (:func:`pixel_text`, ``--ocr``): the first frame, scaled to 8 bits between its 0.5th and 99.5th
+percentiles (and up to at least 1000 pixels wide), goes through the ``tesseract`` command (Debian package
+``tesseract-ocr``); words of three or more letters or digits read with confidence >= 60 count, and two or more
+flag the image. A frame that cannot be read as a 2-D image, or a failing tesseract, is an error (the caller
+quarantines the file), never "no text".
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def tesseract_path() -> str:
 
 
 def _frame_png(ds: Any) -> bytes | None:
+    """The first frame as an 8-bit PNG; None for a flat image (no text to read).
+
+    Raises:
+        ValueError: the pixel data is not a 2-D frame (the image cannot be checked).
+    """
     import io
 
     import numpy as np
@@ -73,15 +80,11 @@ def _frame_png(ds: Any) -> bytes | None:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
         arr = arr[0]
-    if samples > 1:
-        if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, str(ds.PhotometricInterpretation), "RGB")
+    if samples > 1:  # pydicom's pixel_array is RGB already (it converts YBR)
         arr = arr[..., :3].astype(np.float64).mean(axis=-1)
     arr = arr.astype(np.float64)
-    if arr.ndim != 2 or arr.size == 0:
-        return None
+    if arr.ndim != 2 or arr.size == 0:  # e.g. more frames of pixel data than Number of Frames says
+        raise ValueError(f"the first frame is not a 2-D image (pixel array of shape {arr.shape})")
     lo, hi = np.percentile(arr, 0.5), np.percentile(arr, 99.5)
     if hi <= lo:
         return None
@@ -98,12 +101,18 @@ def _frame_png(ds: Any) -> bytes | None:
 
 
 def pixel_text(ds: Any, tesseract: str | None = None) -> list[str]:
-    """Words Tesseract reads in the first frame with confidence >= 60 (3+ letters or digits each)."""
+    """Words Tesseract reads in the first frame with confidence >= 60 (3+ letters or digits each).
+
+    Raises:
+        ValueError: the first frame is not a 2-D image.
+        subprocess.CalledProcessError: tesseract failed.
+    """
     png = _frame_png(ds)
     if png is None:
         return []
     cmd = [tesseract or tesseract_path(), "stdin", "stdout", "--psm", "11", "-l", "eng", "tsv"]
-    result = subprocess.run(cmd, input=png, capture_output=True, timeout=120, check=False)
+    # check: a failing tesseract (e.g. no 'eng' language data) must not read as "no text"
+    result = subprocess.run(cmd, input=png, capture_output=True, timeout=120, check=True)
     words = []
     for line in result.stdout.decode("utf-8", "replace").splitlines()[1:]:
         cols = line.split("\t")
