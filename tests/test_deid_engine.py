@@ -1,4 +1,5 @@
-"""The de-identification engine on one dataset at a time: the table, keys, date shifts, text cleaning, actions.
+"""The de-identification engine on one dataset at a time: the table, keys, date shifts, text cleaning, actions;
+and, on one object at a time, re-identification, the burned-in text checks and the leak check (audit).
 
 The whole-export behaviour (no PHI left anywhere, valid objects, resume, sources) is in ``test_deid.py``.
 Each expected value here is derived by hand from PS3.15 Table E.1-1 and the engine's documented rules.
@@ -1219,3 +1220,85 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
         tesseract_path()
     assert err.value.hint == "apt-get install tesseract-ocr (Debian/Ubuntu), or leave out --ocr"
+
+
+# -- the leak check (medpipe.deid.audit) -----------------------------------------------------------
+
+
+def test_identifying_values_by_kind() -> None:
+    """identifying_values on a hand-made dataset: each value below is picked (or not) by its kind alone.
+
+    Guards against: names not split into their components, dates, instance UIDs (file meta and nested ones),
+    private text or identifying attributes (every value of a multi-valued one) missed; class UIDs, well-known
+    UIDs, private creators, private binary values, short values, runs of zeros / dots, code meanings or
+    non-text VRs counted; padding (spaces, NUL) kept; free text not left out when asked.
+    """
+    from medpipe.deid.audit import identifying_values
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.99"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.FrameOfReferenceUID = "1.2.840.10008.1.4.1.1"  # well known (in pydicom's UID dictionary)
+    ds.PatientName = "Smith^John=Jon"
+    ds.PatientID = " MRN-42\x00"
+    ds.OtherPatientIDs = ["ID-0001", "ID-0002"]
+    ds.PatientBirthDate = "19600312"
+    ds.AcquisitionDateTime = "20240311101500"
+    ds.StudyID = "0000"  # only zeros: no identifier
+    ds.AccessionNumber = "0.0-0"
+    ds.InstitutionName = "St. Elsewhere"
+    ds.PatientComments = "Seen by Dr Who"
+    ds.ReasonForStudy = "Headache"  # the same as a code meaning below: terminology
+    ds.SeriesDescription = "FLAIR axial"  # not an identifying attribute
+    ds.add_new(0x00181000, "LO", None)  # Device Serial Number present without a value
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.77"
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.CodeMeaning = "Headache "
+    ds.ReferencedImageSequence = Sequence([item])
+    block = ds.private_block(0x0019, "ACME NOTES", create=True)
+    block.add_new(0x10, "LO", "Zanzibar note")
+    block.add_new(0x11, "OB", b"Binary Person")
+    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42", "ID-0001", "ID-0002", "19600312",
+                "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note"}
+    assert identifying_values(ds) == expected
+    assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
+    assert identifying_values(ds, min_length=3) == expected | {"Jon"}
+    ds.file_meta = FileMetaDataset()  # no Media Storage SOP Instance UID
+    assert identifying_values(ds) == expected - {"1.2.3.99"}
+    del ds.file_meta
+    assert identifying_values(ds) == expected - {"1.2.3.99"}
+
+
+def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None:
+    """leaks() on hand-made files: a value counts where it stands as a whole word, in Latin-1 or UTF-8, and
+    inside pixel data only beyond the number of times it occurs there.
+
+    Guards against: 'MARY' found in 'PRIMARY'; a value in another encoding missed; bytes of the pixel data
+    (integer or float) taken for a leak, or a value in the header hidden because it is also in the pixels;
+    a file that is not DICOM not scanned; the result not sorted, or a value found in both encodings listed twice;
+    a value that Latin-1 cannot encode breaking the scan.
+    """
+    from medpipe.deid.audit import leaks
+
+    text = tmp_path / "report.csv"
+    text.write_bytes("PRIMARY,Müller,Jones,Zoë\n".encode("latin-1") + "Zoë,Łukasz".encode() + b",MARYX,1234\n")
+    assert leaks(text, {"MARY", "Müller", "Zoë", "Łukasz", "Jones", "1234", "123", "Absent"}) == [
+        "1234", "Jones", "Müller", "Zoë", "Łukasz"]
+    for tag, vr in ((0x7FE00010, "OB"), (0x7FE00008, "OF"), (0x7FE00009, "OD")):  # (Float / Double Float) Pixel Data
+        ds = Dataset()
+        ds.PatientComments = "Roe"
+        ds.add_new(tag, vr, b" MRN7 Roe".ljust(16))  # "MRN7" only in the pixels; "Roe" in the header and the pixels
+        out = tmp_path / f"{vr}.dcm"
+        ds.save_as(out, implicit_vr=False, little_endian=True)
+        assert leaks(out, {"MRN7", "Roe"}) == ["Roe"], vr
+        assert leaks(out, {"MRN7"}) == [], vr
+    ds = Dataset()
+    ds.PatientComments = "Roe"
+    ds.add_new(0x7FE00010, "OB", b"")  # zero-length Pixel Data: pydicom reads its value as None
+    empty = tmp_path / "empty_pixels.dcm"
+    ds.save_as(empty, implicit_vr=False, little_endian=True)
+    assert leaks(empty, {"Roe"}) == ["Roe"]
