@@ -1038,12 +1038,13 @@ def test_reidentify_rejections_and_messages(tmp_path: Path) -> None:
     from medpipe.deid.reidentify import reidentify
     from medpipe.errors import SourceError
 
-    key_path, map_path, results = _deidentified(tmp_path, {"a.dcm": _dataset()},
+    key_path, map_path, results = _deidentified(tmp_path, {"ok.dcm": _dataset()},
                                                 patients={"MRN-42": Pseudonym("XXXX")})
-    no_uid, no_pid = copy.deepcopy(results["a.dcm"]), copy.deepcopy(results["a.dcm"])
+    no_uid, no_pid = copy.deepcopy(results["ok.dcm"]), copy.deepcopy(results["ok.dcm"])
     del no_uid.SOPInstanceUID
     del no_pid.PatientID
-    folder = _write(tmp_path / "results", {"a.dcm": results["a.dcm"], "no_uid.dcm": no_uid, "no_pid.dcm": no_pid})
+    # ok.dcm comes last: every rejection goes on with the next file
+    folder = _write(tmp_path / "results", {"ok.dcm": results["ok.dcm"], "no_uid.dcm": no_uid, "no_pid.dcm": no_pid})
     (folder / "notes.txt").write_text("not DICOM, not .dcm: skipped")
     (folder / "broken.dcm").write_bytes(b"not DICOM")
     report = reidentify(folder, tmp_path / "out", key_path, map_path)
@@ -1149,7 +1150,11 @@ def test_pixel_check_frame_scaling() -> None:
 
     assert np.array_equal(frame(_pixels(RAMP)), RAMP_8BIT)
     assert np.array_equal(frame(_pixels(RAMP, "MONOCHROME1")), 255 - RAMP_8BIT)
-    assert np.array_equal(frame(_pixels(np.stack([RAMP, RAMP[::-1], 255 - RAMP]))), RAMP_8BIT)  # frame 0 only
+    assert np.array_equal(frame(_pixels(np.stack([RAMP, 255 - RAMP]))), RAMP_8BIT)  # frame 0 only
+    zero_frames = _pixels(RAMP)
+    zero_frames.NumberOfFrames = 0  # invalid: pydicom reads one frame, and so does the check
+    with pytest.warns(UserWarning, match="assuming 1 frame"):
+        assert np.array_equal(frame(zero_frames), RAMP_8BIT)
     rgb = np.stack([RAMP, RAMP, RAMP], axis=-1)
     rgb[RAMP >= 3, 0] += 3
     rgb[RAMP >= 3, 1] -= 3  # R, G, B average to the ramp
@@ -1160,6 +1165,7 @@ def test_pixel_check_frame_scaling() -> None:
     for width, shown in ((10, 1000), (400, 800), (600, 1200), (999, 999), (1000, 1000), (1500, 1500)):
         assert frame(_pixels(np.tile(RAMP, 2)[:, :width].copy())).shape == (2 * shown // width, shown)
     assert _frame_png(_pixels(np.full((4, 4), 7, np.uint8))) is None
+    assert _frame_png(_pixels(np.full((1, 1), 7, np.uint8))) is None  # one pixel: flat too
     excess = _pixels(np.stack([RAMP, RAMP]))
     excess.NumberOfFrames = 1  # more pixel data than Number of Frames says: pydicom gives every frame
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"^the first frame is not a 2-D image "
@@ -1185,19 +1191,21 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     Guards against: the header or short / unparsable rows counted; the confidence bound (60, inclusive) or the
     word length (3 letters or digits after dropping the rest) changed; undecodable bytes breaking the parse;
     other tesseract arguments (sparse text, English, TSV on stdout) or another image than the frame; the word
-    count that flags an image (2) or its reason changed; a failing tesseract read as "no text"; a flat image
-    sent to it; the missing-command message lost.
+    count that flags an image (2) or its reason changed; a failing tesseract read as "no text"; a hanging one
+    not stopped; a flat image sent to it; the missing-command message lost.
     """
     import shutil
     import subprocess
 
+    from medpipe.deid import burned_in
     from medpipe.deid.burned_in import _frame_png, ocr_reason, pixel_text, tesseract_path
 
     head = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext\n"
     row = "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t{}\t{}\n"
-    tsv = head + "".join(row.format(c, t) for c, t in (
-        ("60", "DOE"), ("59.99", "JOHN"), ("96.5", "AB"), ("91", "A-B-C"), ("-1", ""), ("x", "MARY"),
-        ("88", "12/04"), ("75", "M\xffRY"))) + "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t99\n"  # the last: 11 columns
+    short = "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t99\n"  # 11 columns
+    tsv = head + short + "".join(row.format(c, t) for c, t in (
+        ("60", "DOE"), ("59.99", "JOHN"), ("96.5", "AB"), ("x", "MARY"), ("91", "A-B-C"), ("-1", ""),
+        ("88", "12/04"), ("75", "M\xffRY")))
     exe = _fake_tesseract(tmp_path / "t", tsv)
     image = _pixels(RAMP)
     assert pixel_text(image, str(exe)) == ["DOE", "ABC", "1204", "MRY"]
@@ -1216,6 +1224,11 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     unused = _fake_tesseract(tmp_path / "unused", head + row.format("90", "DOE") + row.format("90", "JOHN"))
     assert pixel_text(_pixels(np.full((4, 4), 7, np.uint8)), str(unused)) == []  # flat: tesseract not run
     assert not (tmp_path / "unused" / "args").exists()
+    hanging = _fake_tesseract(tmp_path / "hanging", "")
+    hanging.write_text("#!/bin/sh\nexec sleep 30\n")
+    monkeypatch.setattr(burned_in, "TESSERACT_TIMEOUT_S", 0.5)
+    with pytest.raises(subprocess.TimeoutExpired):
+        pixel_text(image, str(hanging))
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
         tesseract_path()

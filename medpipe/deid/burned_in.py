@@ -30,6 +30,8 @@ ULTRASOUND = frozenset({
 })
 MIN_CONFIDENCE = 60.0
 MIN_WORDS = 2
+#: seconds one image may take in tesseract: a hanging tesseract fails that file, not the run
+TESSERACT_TIMEOUT_S = 120
 
 
 def burned_in_reason(ds: Any) -> str | None:
@@ -75,23 +77,20 @@ def _frame_png(ds: Any) -> bytes | None:
     import numpy as np
     from PIL import Image
 
-    arr = np.asarray(ds.pixel_array)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
+    arr = np.asarray(ds.pixel_array)  # needs Samples per Pixel and Photometric Interpretation
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # absent, empty or 0 (pydicom reads one frame): single-frame
         arr = arr[0]
-    if samples > 1:  # pydicom's pixel_array is RGB already (it converts YBR)
-        arr = arr[..., :3].astype(np.float64).mean(axis=-1)
-    arr = arr.astype(np.float64)
-    if arr.ndim != 2 or arr.size == 0:  # e.g. more frames of pixel data than Number of Frames says
+    if int(ds.SamplesPerPixel) > 1:  # pydicom's pixel_array is RGB already (it converts YBR)
+        arr = arr.mean(axis=-1)  # float64, as numpy averages integers
+    if arr.ndim != 2:  # e.g. more frames of pixel data than Number of Frames says
         raise ValueError(f"the first frame is not a 2-D image (pixel array of shape {arr.shape})")
     lo, hi = np.percentile(arr, 0.5), np.percentile(arr, 99.5)
     if hi <= lo:
         return None
     img8 = (np.clip((arr - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    if ds.PhotometricInterpretation == "MONOCHROME1":
         img8 = 255 - img8
-    image = Image.fromarray(img8, mode="L")
+    image = Image.fromarray(img8)  # 2-D uint8: mode L
     if image.width < 1000:
         scale = max(1, round(1000 / image.width))
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
@@ -106,13 +105,14 @@ def pixel_text(ds: Any, tesseract: str | None = None) -> list[str]:
     Raises:
         ValueError: the first frame is not a 2-D image.
         subprocess.CalledProcessError: tesseract failed.
+        subprocess.TimeoutExpired: tesseract took longer than TESSERACT_TIMEOUT_S.
     """
     png = _frame_png(ds)
     if png is None:
         return []
     cmd = [tesseract or tesseract_path(), "stdin", "stdout", "--psm", "11", "-l", "eng", "tsv"]
     # check: a failing tesseract (e.g. no 'eng' language data) must not read as "no text"
-    result = subprocess.run(cmd, input=png, capture_output=True, timeout=120, check=True)
+    result = subprocess.run(cmd, input=png, capture_output=True, timeout=TESSERACT_TIMEOUT_S, check=True)
     words = []
     for line in result.stdout.decode("utf-8", "replace").splitlines()[1:]:
         cols = line.split("\t")
