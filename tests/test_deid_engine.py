@@ -1225,7 +1225,7 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     assert pixel_text(_pixels(np.full((4, 4), 7, np.uint8)), str(unused)) == []  # flat: tesseract not run
     assert not (tmp_path / "unused" / "args").exists()
     hanging = _fake_tesseract(tmp_path / "hanging", "")
-    hanging.write_text("#!/bin/sh\nexec sleep 30\n")
+    hanging.write_text("#!/bin/sh\nexec sleep 5\n")
     monkeypatch.setattr(burned_in, "TESSERACT_TIMEOUT_S", 0.5)
     with pytest.raises(subprocess.TimeoutExpired):
         pixel_text(image, str(hanging))
@@ -1256,12 +1256,13 @@ def test_identifying_values_by_kind() -> None:
     ds.SOPInstanceUID = "1.2.3.4.5"
     ds.FrameOfReferenceUID = "1.2.840.10008.1.4.1.1"  # well known (in pydicom's UID dictionary)
     ds.PatientName = "Smith^John=Jon"
-    ds.PatientID = " MRN-42\x00"
+    ds.PatientID = " MRN-42 \x00"
     ds.OtherPatientIDs = ["ID-0001", "ID-0002"]
     ds.PatientBirthDate = "19600312"
     ds.AcquisitionDateTime = "20240311101500"
     ds.StudyID = "0000"  # only zeros: no identifier
     ds.AccessionNumber = "0.0-0"
+    ds.StationName = "00 00"
     ds.InstitutionName = "St. Elsewhere"
     ds.PatientComments = "Seen by Dr Who"
     ds.ReasonForStudy = "Headache"  # the same as a code meaning below: terminology
@@ -1275,8 +1276,9 @@ def test_identifying_values_by_kind() -> None:
     block = ds.private_block(0x0019, "ACME NOTES", create=True)
     block.add_new(0x10, "LO", "Zanzibar note")
     block.add_new(0x11, "OB", b"Binary Person")
+    ds.PerformedProcedureStepID = "PPS-77"  # (0040,0253): after the private group
     expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42", "ID-0001", "ID-0002", "19600312",
-                "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note"}
+                "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
     assert identifying_values(ds) == expected
     assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
     assert identifying_values(ds, min_length=3) == expected | {"Jon"}
@@ -1298,9 +1300,10 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
     from medpipe.deid.audit import leaks
 
     text = tmp_path / "report.csv"
-    text.write_bytes("PRIMARY,Müller,Jones,Zoë\n".encode("latin-1") + "Zoë,Łukasz".encode() + b",MARYX,1234\n")
-    assert leaks(text, {"MARY", "Müller", "Zoë", "Łukasz", "Jones", "1234", "123", "Absent"}) == [
-        "1234", "Jones", "Müller", "Zoë", "Łukasz"]
+    text.write_bytes("PRIMARY,Müller,Jones,Zoë,Renée\n".encode("latin-1") + "Zoë,Łukasz,xRenée".encode()
+                     + b",MARYX,1234\n")
+    assert leaks(text, {"MARY", "Müller", "Zoë", "Łukasz", "Renée", "Jones", "1234", "123", "Absent"}) == [
+        "1234", "Jones", "Müller", "Renée", "Zoë", "Łukasz"]  # Renée: inside a word in UTF-8, a word in Latin-1
     for tag, vr in ((0x7FE00010, "OB"), (0x7FE00008, "OF"), (0x7FE00009, "OD")):  # (Float / Double Float) Pixel Data
         ds = Dataset()
         ds.PatientComments = "Roe"
