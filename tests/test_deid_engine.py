@@ -1141,6 +1141,8 @@ def test_pixel_check_frame_scaling() -> None:
     first; small images not enlarged to >= 1000 pixels wide (by a whole factor), wide ones changed; a flat
     image sent to Tesseract; pixel data that is not a 2-D frame read as "no text" (now an error).
     """
+    from PIL import Image
+
     from medpipe.deid.burned_in import _frame_png
 
     def frame(ds: Dataset) -> np.ndarray:
@@ -1164,6 +1166,10 @@ def test_pixel_check_frame_scaling() -> None:
     assert np.array_equal(frame(_pixels(grey_ybr, "YBR_FULL")), RAMP_8BIT)
     for width, shown in ((10, 1000), (400, 800), (600, 1200), (999, 999), (1000, 1000), (1500, 1500)):
         assert frame(_pixels(np.tile(RAMP, 2)[:, :width].copy())).shape == (2 * shown // width, shown)
+    # 2 x 10 of 0 / 200 (8-bit: 0 / 255, half each) enlarged 100 times with Lanczos (sharp edges for Tesseract)
+    checks = (np.indices((2, 10)).sum(axis=0) % 2 * 200).astype(np.uint8)
+    lanczos = Image.fromarray((checks // 200 * 255).astype(np.uint8)).resize((1000, 200), Image.Resampling.LANCZOS)
+    assert np.array_equal(frame(_pixels(checks)), np.asarray(lanczos))
     assert _frame_png(_pixels(np.full((4, 4), 7, np.uint8))) is None
     assert _frame_png(_pixels(np.full((1, 1), 7, np.uint8))) is None  # one pixel: flat too
     excess = _pixels(np.stack([RAMP, RAMP]))

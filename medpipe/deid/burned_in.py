@@ -38,13 +38,13 @@ def burned_in_reason(ds: Any) -> str | None:
     """Why this dataset's pixels may hold burned-in text, or None."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return None
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = str(ds.get("BurnedInAnnotation") or "").strip().upper()
     if flag == "YES":
         return "burned-in annotation: Burned In Annotation is YES"
     if flag == "NO":
         return None
-    sop = str(ds.get("SOPClassUID", "") or "")
-    modality = str(ds.get("Modality", "") or "").upper()
+    sop = str(ds.get("SOPClassUID") or "")
+    modality = str(ds.get("Modality") or "").upper()
     if sop in SECONDARY_CAPTURE or modality in ("SC", "OT"):
         kind = "secondary capture" if sop in SECONDARY_CAPTURE else f"{modality} image"
         return f"possible burned-in text: {kind} without Burned In Annotation NO"
@@ -78,9 +78,9 @@ def _frame_png(ds: Any) -> bytes | None:
     from PIL import Image
 
     arr = np.asarray(ds.pixel_array)  # needs Samples per Pixel and Photometric Interpretation
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # absent, empty or 0 (pydicom reads one frame): single-frame
+    if int(ds.get("NumberOfFrames") or 1) > 1:  # absent, empty or 0 (pydicom reads one frame): single-frame
         arr = arr[0]
-    if int(ds.SamplesPerPixel) > 1:  # pydicom's pixel_array is RGB already (it converts YBR)
+    if int(ds.SamplesPerPixel) != 1:  # colour (3): pydicom's pixel_array is RGB already (it converts YBR)
         arr = arr.mean(axis=-1)  # float64, as numpy averages integers
     if arr.ndim != 2:  # e.g. more frames of pixel data than Number of Frames says
         raise ValueError(f"the first frame is not a 2-D image (pixel array of shape {arr.shape})")
