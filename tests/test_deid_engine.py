@@ -1300,7 +1300,8 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
 
     Guards against: 'MARY' found in 'PRIMARY'; a value in another encoding missed; bytes of the pixel data
     (integer or float) taken for a leak, or a value in the header hidden because it is also in the pixels;
-    a file that is not DICOM not scanned; the result not sorted, or a value found in both encodings listed twice;
+    a file that is not DICOM, or DICOM without (or with empty) pixel data, not scanned in full; the result not
+    sorted, or a value found in both encodings listed twice;
     a value that Latin-1 cannot encode breaking the scan.
     """
     from medpipe.deid.audit import leaks
@@ -1318,9 +1319,13 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
         ds.save_as(out, implicit_vr=False, little_endian=True)
         assert leaks(out, {"MRN7", "Roe"}) == ["Roe"], vr
         assert leaks(out, {"MRN7"}) == [], vr
+    # no pixels to set apart: every occurrence counts (any text, even one like a stand-in value)
     ds = Dataset()
-    ds.PatientComments = "Roe"
+    ds.PatientComments = "Roe XXXX"
+    no_pixels = tmp_path / "no_pixels.dcm"
+    ds.save_as(no_pixels, implicit_vr=False, little_endian=True)
+    assert leaks(no_pixels, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
     ds.add_new(0x7FE00010, "OB", b"")  # zero-length Pixel Data: pydicom reads its value as None
     empty = tmp_path / "empty_pixels.dcm"
     ds.save_as(empty, implicit_vr=False, little_endian=True)
-    assert leaks(empty, {"Roe"}) == ["Roe"]
+    assert leaks(empty, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
