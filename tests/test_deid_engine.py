@@ -1262,7 +1262,7 @@ def test_identifying_values_by_kind() -> None:
     ds.SOPInstanceUID = "1.2.3.4.5"
     ds.FrameOfReferenceUID = "1.2.840.10008.1.4.1.1"  # well known (in pydicom's UID dictionary)
     ds.PatientName = "Smith^John=Jon"
-    ds.PatientID = " MRN-42 \x00"
+    ds.PatientID = " MRN-42X \x00"
     ds.OtherPatientIDs = ["ID-0001", "ID-0002"]
     ds.PatientBirthDate = "19600312"
     ds.AcquisitionDateTime = "20240311101500"
@@ -1283,7 +1283,7 @@ def test_identifying_values_by_kind() -> None:
     block.add_new(0x10, "LO", "Zanzibar note")
     block.add_new(0x11, "OB", b"Binary Person")
     ds.PerformedProcedureStepID = "PPS-77"  # (0040,0253): after the private group
-    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42", "ID-0001", "ID-0002", "19600312",
+    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "ID-0001", "ID-0002", "19600312",
                 "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
     assert identifying_values(ds) == expected
     assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
@@ -1298,18 +1298,18 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
     """leaks() on hand-made files: a value counts where it stands as a whole word, in Latin-1 or UTF-8, and
     inside pixel data only beyond the number of times it occurs there.
 
-    Guards against: 'MARY' found in 'PRIMARY'; a value in another encoding missed; bytes of the pixel data
-    (integer or float) taken for a leak, or a value in the header hidden because it is also in the pixels;
-    a file that is not DICOM, or DICOM without (or with empty) pixel data, not scanned in full; the result not
-    sorted, or a value found in both encodings listed twice;
-    a value that Latin-1 cannot encode breaking the scan.
+    Guards against: 'MARY' found in 'PRIMARY' or 'mary' in 'summary' / 'maryland'; a value in another encoding
+    missed; bytes of the pixel data (integer or float) taken for a leak, or a value in the header hidden because
+    it is also in the pixels; a file that is not DICOM, is truncated, or has no (or empty) pixel data not scanned
+    in full; the result not sorted, or a value found in both encodings listed twice; a value that Latin-1 cannot
+    encode breaking the scan.
     """
     from medpipe.deid.audit import leaks
 
     text = tmp_path / "report.csv"
     text.write_bytes("PRIMARY,Müller,Jones,Zoë,Renée\n".encode("latin-1") + "Zoë,Łukasz,xRenée".encode()
-                     + b",MARYX,1234\n")
-    assert leaks(text, {"MARY", "Müller", "Zoë", "Łukasz", "Renée", "Jones", "1234", "123", "Absent"}) == [
+                     + b",MARYX,1234,summary,maryland\n")
+    assert leaks(text, {"MARY", "mary", "Müller", "Zoë", "Łukasz", "Renée", "Jones", "1234", "123", "Absent"}) == [
         "1234", "Jones", "Müller", "Renée", "Zoë", "Łukasz"]  # Renée: inside a word in UTF-8, a word in Latin-1
     for tag, vr in ((0x7FE00010, "OB"), (0x7FE00008, "OF"), (0x7FE00009, "OD")):  # (Float / Double Float) Pixel Data
         ds = Dataset()
@@ -1329,3 +1329,9 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
     empty = tmp_path / "empty_pixels.dcm"
     ds.save_as(empty, implicit_vr=False, little_endian=True)
     assert leaks(empty, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
+    ds.PixelData = b"Roe MRN7"
+    ds["PixelData"].VR = "OB"
+    ds.save_as(empty, implicit_vr=False, little_endian=True)
+    truncated = tmp_path / "truncated.dcm"  # cut inside the Pixel Data element's header: pydicom cannot read it
+    truncated.write_bytes(empty.read_bytes()[:-len(b"Roe MRN7") - 5])
+    assert leaks(truncated, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
