@@ -1262,7 +1262,8 @@ def test_identifying_values_by_kind() -> None:
     ds.SOPInstanceUID = "1.2.3.4.5"
     ds.FrameOfReferenceUID = "1.2.840.10008.1.4.1.1"  # well known (in pydicom's UID dictionary)
     ds.PatientName = "Smith^John=Jon"
-    ds.PatientID = " MRN-42X \x00"
+    ds.PatientID = " MRN-42X\x00"
+    ds.IssuerOfPatientID = "Issuer A \x00"
     ds.OtherPatientIDs = ["ID-0001", "ID-0002"]
     ds.PatientBirthDate = "19600312"
     ds.AcquisitionDateTime = "20240311101500"
@@ -1283,7 +1284,7 @@ def test_identifying_values_by_kind() -> None:
     block.add_new(0x10, "LO", "Zanzibar note")
     block.add_new(0x11, "OB", b"Binary Person")
     ds.PerformedProcedureStepID = "PPS-77"  # (0040,0253): after the private group
-    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "ID-0001", "ID-0002", "19600312",
+    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "Issuer A", "ID-0001", "ID-0002", "19600312",
                 "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
     assert identifying_values(ds) == expected
     assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
@@ -1332,6 +1333,6 @@ def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None
     ds.PixelData = b"Roe MRN7"
     ds["PixelData"].VR = "OB"
     ds.save_as(empty, implicit_vr=False, little_endian=True)
-    truncated = tmp_path / "truncated.dcm"  # cut inside the Pixel Data element's header: pydicom cannot read it
-    truncated.write_bytes(empty.read_bytes()[:-len(b"Roe MRN7") - 5])
+    truncated = tmp_path / "truncated.dcm"  # cut inside the Pixel Data element's 4-byte length: pydicom raises
+    truncated.write_bytes(empty.read_bytes()[:-len(b"Roe MRN7") - 2])
     assert leaks(truncated, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
