@@ -994,7 +994,8 @@ def test_reidentify_puts_the_original_patient_and_study_back(tmp_path: Path) -> 
         assert (ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientAge) == (
             "MRN-42", "Smith^John", "19600312", "064Y")
         assert "PatientSex" in ds and ds.PatientSex == ""
-        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == ("1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6.7")
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
+            "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6.7")
         assert (ds.StudyDate, ds.StudyTime) == ("20240311", "101500") and "AccessionNumber" not in ds
         assert not any(kw in ds for kw in ("PatientIdentityRemoved", "DeidentificationMethod",
                                            "DeidentificationMethodCodeSequence",
@@ -1284,8 +1285,8 @@ def test_identifying_values_by_kind() -> None:
     block.add_new(0x10, "LO", "Zanzibar note")
     block.add_new(0x11, "OB", b"Binary Person")
     ds.PerformedProcedureStepID = "PPS-77"  # (0040,0253): after the private group
-    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "Issuer A", "ID-0001", "ID-0002", "19600312",
-                "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
+    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "Issuer A", "ID-0001", "ID-0002",
+                "19600312", "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
     assert identifying_values(ds) == expected
     assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
     assert identifying_values(ds, min_length=3) == expected | {"Jon"}
