@@ -1142,7 +1142,9 @@ def test_pixel_check_frame_scaling() -> None:
     first; small images not enlarged to >= 1000 pixels wide (by a whole factor), wide ones changed; a flat
     image sent to Tesseract; pixel data that is not a 2-D frame read as "no text" (now an error).
     """
+    import pydicom
     from PIL import Image
+    from pydicom.data import get_testdata_file
 
     from medpipe.deid.burned_in import _frame_png
 
@@ -1165,6 +1167,11 @@ def test_pixel_check_frame_scaling() -> None:
     assert np.array_equal(frame(_pixels(np.stack([rgb, rgb[:, ::-1]]), "RGB")), RAMP_8BIT)  # colour, 2 frames
     grey_ybr = np.stack([RAMP, np.full_like(RAMP, 128), np.full_like(RAMP, 128)], axis=-1)  # Y, Cb, Cr: grey
     assert np.array_equal(frame(_pixels(grey_ybr, "YBR_FULL")), RAMP_8BIT)
+    # real files: pydicom's test image in RGB and in YBR_FULL gives the same frame, up to the colour conversion's
+    # rounding (converted twice, as before, the grey levels were off by up to 84)
+    rgb_file, ybr_file = (frame(pydicom.dcmread(get_testdata_file(name))).astype(int)
+                          for name in ("SC_rgb.dcm", "SC_ybr_full_uncompressed.dcm"))
+    assert rgb_file.shape == (1000, 1000) and np.abs(rgb_file - ybr_file).max() <= 3
     for width, shown in ((10, 1000), (400, 800), (600, 1200), (999, 999), (1000, 1000), (1500, 1500)):
         assert frame(_pixels(np.tile(RAMP, 2)[:, :width].copy())).shape == (2 * shown // width, shown)
     # 2 x 10 of 0 / 200 (8-bit: 0 / 255, half each) enlarged 100 times with Lanczos (sharp edges for Tesseract)
