@@ -1187,12 +1187,16 @@ def test_pixel_check_frame_scaling() -> None:
         _frame_png(excess)
 
 
-def _fake_tesseract(folder: Path, tsv: str, exit_code: int = 0) -> Path:
-    """A ``tesseract`` stand-in that records its arguments and input and prints ``tsv``."""
+def _fake_tesseract(folder: Path, tsv: str, exit_code: int = 0, langs: str = "eng\nosd") -> Path:
+    """A ``tesseract`` stand-in that lists ``langs`` (as tesseract 5 does: on stdout, after a header line), and
+    otherwise records its arguments and input and prints ``tsv``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "out.tsv").write_text(tsv, encoding="latin-1")
+    count = len(langs.split())
+    (folder / "langs.txt").write_text(f'List of available languages in "{folder}/" ({count}):\n{langs}\n')
     exe = folder / "tesseract"
-    exe.write_text(f'#!/bin/sh\necho "$@" > "{folder}/args"\ncat > "{folder}/input.png"\n'
+    exe.write_text(f'#!/bin/sh\nif [ "$1" = "--list-langs" ]; then cat "{folder}/langs.txt"; exit 0; fi\n'
+                   f'echo "$@" > "{folder}/args"\ncat > "{folder}/input.png"\n'
                    f'cat "{folder}/out.tsv"\nexit {exit_code}\n')
     exe.chmod(0o755)
     return exe
@@ -1206,8 +1210,10 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     word length (3 letters or digits after dropping the rest) changed; undecodable bytes breaking the parse;
     other tesseract arguments (sparse text, English, TSV on stdout) or another image than the frame; the word
     count that flags an image (2) or its reason changed; a failing tesseract read as "no text"; a hanging one
-    not stopped; a flat image sent to it; the missing-command message lost.
+    not stopped; a flat image sent to it; the missing-command message lost; a tesseract without English data
+    accepted (every image would then fail the check, one by one).
     """
+    import re
     import shutil
     import subprocess
 
@@ -1243,6 +1249,12 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(burned_in, "TESSERACT_TIMEOUT_S", 0.5)
     with pytest.raises(subprocess.TimeoutExpired):
         pixel_text(image, str(hanging))
+    no_eng = _fake_tesseract(tmp_path / "no_eng", "", langs="deu\nenm\nosd")  # German, Middle English
+    monkeypatch.setattr(shutil, "which", lambda name: str(no_eng) if name == "tesseract" else None)
+    with pytest.raises(ConfigError, match=rf"^--ocr needs tesseract's English language data \('eng'\), which "
+                                          rf"{re.escape(str(no_eng))} does not list$") as err:
+        tesseract_path()
+    assert err.value.hint == "apt-get install tesseract-ocr-eng (Debian/Ubuntu), or leave out --ocr"
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
         tesseract_path()

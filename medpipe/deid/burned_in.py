@@ -6,8 +6,8 @@ not say ``NO`` explicitly: those are where scanners and workstations print names
 De-identifying the header cannot remove them, so such files are not written unless the user opts in.
 
 Pixel check (:func:`pixel_text`, ``--ocr``): the first frame, scaled to 8 bits between its 0.5th and 99.5th
-percentiles (and up to at least 1000 pixels wide), goes through the ``tesseract`` command (Debian package
-``tesseract-ocr``); words of three or more letters or digits read with confidence >= 60 count, and two or more
+percentiles (and up to at least 1000 pixels wide), goes through the ``tesseract`` command (Debian packages
+``tesseract-ocr`` and ``tesseract-ocr-eng``, checked by :func:`tesseract_path`); words of three or more letters or digits read with confidence >= 60 count, and two or more
 flag the image. A frame that cannot be read as a 2-D image, or a failing tesseract, is an error (the caller
 quarantines the file), never "no text".
 """
@@ -54,15 +54,20 @@ def burned_in_reason(ds: Any) -> str | None:
 
 
 def tesseract_path() -> str:
-    """The ``tesseract`` executable.
+    """The ``tesseract`` executable, checked to have its English language data.
 
     Raises:
-        ConfigError: not installed.
+        ConfigError: not installed, or without the ``eng`` data (every image would fail the check).
     """
     path = shutil.which("tesseract")
     if path is None:
         raise ConfigError("--ocr needs the tesseract command, which is not installed",
                           hint="apt-get install tesseract-ocr (Debian/Ubuntu), or leave out --ocr")
+    # "List of available languages in "<tessdata>" (n):" then one language per line (stderr in old versions)
+    langs = subprocess.run([path, "--list-langs"], capture_output=True, timeout=TESSERACT_TIMEOUT_S, check=False)
+    if "eng" not in (langs.stdout + langs.stderr).decode("utf-8", "replace").split():
+        raise ConfigError(f"--ocr needs tesseract's English language data ('eng'), which {path} does not list",
+                          hint="apt-get install tesseract-ocr-eng (Debian/Ubuntu), or leave out --ocr")
     return path
 
 
