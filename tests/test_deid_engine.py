@@ -1192,10 +1192,11 @@ def _fake_tesseract(folder: Path, tsv: str, exit_code: int = 0, langs: str = "en
     otherwise records its arguments and input and prints ``tsv``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "out.tsv").write_text(tsv, encoding="latin-1")
-    count = len(langs.split())
-    (folder / "langs.txt").write_text(f'List of available languages in "{folder}/" ({count}):\n{langs}\n')
+    count = len(langs.split())  # a tessdata folder whose name is not UTF-8 (Latin-1 bytes)
+    (folder / "langs.txt").write_text(f'List of available languages in "{folder}/José/" ({count}):\n{langs}\n',
+                                      encoding="latin-1")
     exe = folder / "tesseract"
-    exe.write_text(f'#!/bin/sh\nif [ "$1" = "--list-langs" ]; then cat "{folder}/langs.txt"; exit 0; fi\n'
+    exe.write_text(f'#!/bin/sh\nif [ "$1" = "--list-langs" ]; then cat "{folder}/langs.txt"; exit {exit_code}; fi\n'
                    f'echo "$@" > "{folder}/args"\ncat > "{folder}/input.png"\n'
                    f'cat "{folder}/out.tsv"\nexit {exit_code}\n')
     exe.chmod(0o755)
@@ -1249,12 +1250,16 @@ def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(burned_in, "TESSERACT_TIMEOUT_S", 0.5)
     with pytest.raises(subprocess.TimeoutExpired):
         pixel_text(image, str(hanging))
-    no_eng = _fake_tesseract(tmp_path / "no_eng", "", langs="deu\nenm\nosd")  # German, Middle English
-    monkeypatch.setattr(shutil, "which", lambda name: str(no_eng) if name == "tesseract" else None)
-    with pytest.raises(ConfigError, match=rf"^--ocr needs tesseract's English language data \('eng'\), which "
-                                          rf"{re.escape(str(no_eng))} does not list$") as err:
+    for no_eng, code in ((tmp_path / "no_eng", 0), (tmp_path / "no_eng_failing", 1)):
+        exe = _fake_tesseract(no_eng, "", exit_code=code, langs="deu\nenm\nosd")  # German, Middle English
+        monkeypatch.setattr(shutil, "which", lambda name, exe=exe: str(exe) if name == "tesseract" else None)
+        with pytest.raises(ConfigError, match=rf"^--ocr needs tesseract's English language data \('eng'\), "
+                                              rf"which {re.escape(str(exe))} does not list$") as err:
+            tesseract_path()
+        assert err.value.hint == "apt-get install tesseract-ocr-eng (Debian/Ubuntu), or leave out --ocr"
+    monkeypatch.setattr(shutil, "which", lambda name: str(hanging) if name == "tesseract" else None)
+    with pytest.raises(subprocess.TimeoutExpired):  # --list-langs hangs too
         tesseract_path()
-    assert err.value.hint == "apt-get install tesseract-ocr-eng (Debian/Ubuntu), or leave out --ocr"
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
         tesseract_path()
