@@ -1,4 +1,5 @@
-"""The de-identification engine on one dataset at a time: the table, keys, date shifts, text cleaning, actions.
+"""The de-identification engine on one dataset at a time: the table, keys, date shifts, text cleaning, actions;
+and, on one object at a time, re-identification, the burned-in text checks and the leak check (audit).
 
 The whole-export behaviour (no PHI left anywhere, valid objects, resume, sources) is in ``test_deid.py``.
 Each expected value here is derived by hand from PS3.15 Table E.1-1 and the engine's documented rules.
@@ -6,14 +7,16 @@ Each expected value here is derived by hand from PS3.15 Table E.1-1 and the engi
 
 from __future__ import annotations
 
+import copy
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from medpipe.deid.engine import Deidentifier, clean_text, shift_date, shift_datetime
+from medpipe.deid.engine import Deidentifier, Pseudonym, clean_text, shift_date, shift_datetime
 from medpipe.deid.keys import DeidKey, load_key, load_or_create_key
 from medpipe.deid.table import ActionTable, ProfileOptions, load_table
 from medpipe.errors import ConfigError
@@ -929,3 +932,432 @@ def test_key_created_meanwhile_by_another_process_is_read_not_overwritten(tmp_pa
     monkeypatch.setattr(Path, "exists", lambda self, *a, **k: False if self == path else real_exists(self, *a, **k))
     second, created = load_or_create_key(path)
     assert not created and second.key_id == first.key_id
+
+
+# -- re-identification of one object ------------------------------------------------------------
+
+
+def _deidentified(tmp_path: Path, originals: dict[str, Dataset],
+                  patients: dict[str, Pseudonym] | None = None) -> tuple[Path, Path, dict[str, Dataset]]:
+    """``originals`` (file name -> dataset) de-identified with KEY: the key file, the map, the results
+    (file name -> the de-identified dataset, as a model's result made on it would carry them)."""
+    from medpipe.deid.keys import HEADER
+    from medpipe.deid.mapping import MapBuilder, merge_into_map
+
+    key_path = tmp_path / "site.key"
+    key_path.write_text(f"{HEADER}\n{bytes(range(32)).hex()}\n")
+    builder, results = MapBuilder(), {}
+    for name, ds in originals.items():
+        ds = copy.deepcopy(ds)
+        builder.add(Deidentifier(KEY, patient_map=patients).apply(ds))
+        results[name] = ds
+    return key_path, merge_into_map(tmp_path / "site.map.json", KEY.key_id, builder), results
+
+
+def _write(folder: Path, results: dict[str, Dataset]) -> Path:
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ds in results.items():
+        pydicom.dcmwrite(folder / name, ds, enforce_file_format=True)
+    return folder
+
+
+def test_reidentify_puts_the_original_patient_and_study_back(tmp_path: Path) -> None:
+    """One result re-identified, given as its folder and as the file itself: the original UIDs, Patient and
+    General Study attributes back, markers gone, at OUT/<PatientID>/<StudyInstanceUID>/<Modality>_<SOP>.dcm.
+
+    Guards against: a single result file not accepted as the input; a study attribute the original lacked
+    crashing the run; a Patient attribute the original lacked left with a value; the Study Instance UID
+    taken from the map's study entry (not checked against the key) instead of the checked UID pair; the
+    report not naming the output folder.
+    """
+    import json
+
+    import pydicom
+
+    from medpipe.deid.reidentify import reidentify
+
+    original = _dataset()
+    del original.PatientSex  # the original has no Patient's Sex (nor Accession Number, Study ID...)
+    key_path, map_path, results = _deidentified(tmp_path, {"seg.dcm": original})
+    results["seg.dcm"].PatientSex = "O"  # a result's writer filled in what the original lacked
+    folder = _write(tmp_path / "results", results)
+    doc = json.loads(map_path.read_text())
+    doc["studies"][KEY.uid("1.2.3.4")]["StudyInstanceUID"] = "9.9.9"  # an edited study entry: not used
+    map_path.write_text(json.dumps(doc))
+    expected = "MRN-42/1.2.3.4/MR_1.2.3.4.5.6.7.dcm"
+    for source, out in ((folder, tmp_path / "out"), (folder / "seg.dcm", tmp_path / "out_file")):
+        report = reidentify(source, out, key_path, map_path)
+        assert (report.out, report.written, report.rejected) == (out.resolve(), [expected], [])
+        ds = pydicom.dcmread(out / expected)
+        assert (ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientAge) == (
+            "MRN-42", "Smith^John", "19600312", "064Y")
+        assert "PatientSex" in ds and ds.PatientSex == ""
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
+            "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6.7")
+        assert (ds.StudyDate, ds.StudyTime) == ("20240311", "101500") and "AccessionNumber" not in ds
+        assert not any(kw in ds for kw in ("PatientIdentityRemoved", "DeidentificationMethod",
+                                           "DeidentificationMethodCodeSequence",
+                                           "LongitudinalTemporalInformationModified"))
+        assert not (out / "rejected.csv").exists()
+
+
+def test_reidentify_without_patient_id_name_or_modality(tmp_path: Path) -> None:
+    """An original without Patient ID and Name (known by its birth date) and a result without Modality:
+    the pseudonymous ID and name are emptied, not kept; the file is unknown/<study>/OBJ_<SOP>.dcm.
+
+    Guards against: the pseudonymous Patient ID or Name sent to the PACS as the patient's (the bug fixed
+    here); the stand-ins for an empty Patient ID and a missing Modality in the output path changed.
+    """
+    import pydicom
+
+    from medpipe.deid.reidentify import reidentify
+
+    original = _dataset()
+    del original.PatientID, original.PatientName
+    key_path, map_path, results = _deidentified(tmp_path, {"sr.dcm": original})
+    assert results["sr.dcm"].PatientID.startswith("P")  # the de-identified object has a pseudonymous ID and name
+    del results["sr.dcm"].Modality
+    report = reidentify(_write(tmp_path / "results", results), tmp_path / "out", key_path, map_path)
+    assert report.written == ["unknown/1.2.3.4/OBJ_1.2.3.4.5.6.7.dcm"] and report.rejected == []
+    ds = pydicom.dcmread(tmp_path / "out" / report.written[0])
+    assert (ds.PatientID, str(ds.PatientName), ds.PatientBirthDate) == ("", "", "19600312")
+
+
+def test_reidentify_rejections_and_messages(tmp_path: Path) -> None:
+    """Each result that cannot be re-identified gets one line in rejected.csv and the rest are written; a
+    missing or empty RESULTS is a one-line error naming it.
+
+    Guards against: a result without SOP Instance UID crashing the run (AttributeError: the bug fixed here);
+    a result without Patient ID matched to a patient through a stand-in value (here a user's pseudonym
+    "XXXX"); a rejected single-file input named by anything but its file name; the messages changed.
+    """
+    import csv
+    import re
+
+    from medpipe.deid.reidentify import reidentify
+    from medpipe.errors import SourceError
+
+    key_path, map_path, results = _deidentified(tmp_path, {"ok.dcm": _dataset()},
+                                                patients={"MRN-42": Pseudonym("XXXX")})
+    no_uid, no_pid = copy.deepcopy(results["ok.dcm"]), copy.deepcopy(results["ok.dcm"])
+    del no_uid.SOPInstanceUID
+    del no_pid.PatientID
+    # ok.dcm comes last: every rejection goes on with the next file
+    folder = _write(tmp_path / "results", {"ok.dcm": results["ok.dcm"], "no_uid.dcm": no_uid, "no_pid.dcm": no_pid})
+    (folder / "notes.txt").write_text("not DICOM, not .dcm: skipped")
+    (folder / "broken.dcm").write_bytes(b"not DICOM")
+    report = reidentify(folder, tmp_path / "out", key_path, map_path)
+    assert report.written == ["MRN-42/1.2.3.4/MR_1.2.3.4.5.6.7.dcm"]
+    not_in_map = "its patient is not in the map (not made on data de-identified with this map)"
+    expected = [("broken.dcm", "not a readable DICOM file"), ("no_pid.dcm", not_in_map),
+                ("no_uid.dcm", "no SOP Instance UID")]
+    assert report.rejected == expected
+    with open(tmp_path / "out" / "rejected.csv", newline="") as fh:
+        assert [(r["path"], r["reason"]) for r in csv.DictReader(fh)] == expected
+    single = reidentify(folder / "no_pid.dcm", tmp_path / "out_single", key_path, map_path)
+    assert (single.written, single.rejected) == ([], [expected[1]])
+    missing, empty = tmp_path / "none", tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(missing))}: no such file or folder$"):
+        reidentify(missing, tmp_path / "o1", key_path, map_path)
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(empty))}: no files found$"):
+        reidentify(empty, tmp_path / "o2", key_path, map_path)
+
+
+# -- burned-in text ------------------------------------------------------------------------------
+
+
+def test_burned_in_header_rule() -> None:
+    """burned_in_reason on hand-made headers (PS3.3 C.7.6.1.1.6 Burned In Annotation; PS3.4 SOP classes).
+
+    Guards against: an image without pixel data quarantined, or one with only Float / Double Float Pixel Data
+    not; YES / NO read with case or spaces mattering; secondary capture, SC / OT or ultrasound images let
+    through without an explicit NO (by SOP class or by Modality, in any case); other images quarantined;
+    the reasons (a user reads them in rejected.csv) changed.
+    """
+    from medpipe.deid.burned_in import burned_in_reason
+
+    def image(pixels: str = "PixelData", **attrs: str) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        ds.Modality = "CT"
+        setattr(ds, pixels, b"\x00\x00")
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        return ds
+
+    yes = "burned-in annotation: Burned In Annotation is YES"
+    sc = "possible burned-in text: secondary capture without Burned In Annotation NO"
+    us = "possible burned-in text: ultrasound image without Burned In Annotation NO"
+    no_pixels = Dataset()
+    no_pixels.BurnedInAnnotation = "YES"
+    no_pixels.Modality = "US"
+    assert burned_in_reason(no_pixels) is None
+    for pixels in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        assert burned_in_reason(image(pixels, BurnedInAnnotation="YES")) == yes
+    assert burned_in_reason(image(BurnedInAnnotation=" yes ")) == yes
+    assert burned_in_reason(image()) is None and burned_in_reason(image(BurnedInAnnotation="NO")) is None
+    for uid in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+                "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"):  # the five SC Image Storage classes
+        assert burned_in_reason(image(SOPClassUID=uid)) == sc
+        assert burned_in_reason(image(SOPClassUID=uid, BurnedInAnnotation="no ")) is None
+    for uid in ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.6.2",
+                "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3"):  # US, US multi-frame, Enhanced US
+        assert burned_in_reason(image(SOPClassUID=uid)) == us  # volume, and the two retired ones
+    assert burned_in_reason(image(SOPClassUID="1.2.840.10008.5.1.4.1.1.7", Modality="OT")) == sc
+    assert burned_in_reason(image(Modality="sc")) == ("possible burned-in text: SC image without Burned In "
+                                                      "Annotation NO")
+    assert burned_in_reason(image(Modality="OT")) == "possible burned-in text: OT image without Burned In Annotation NO"
+    assert burned_in_reason(image(Modality="us")) == us
+    assert burned_in_reason(image(Modality="US", BurnedInAnnotation="NO")) is None
+
+
+def _pixels(arr: np.ndarray, photometric: str = "MONOCHROME2") -> Dataset:
+    ds = Dataset()
+    ds.set_pixel_data(arr, photometric, 8 * arr.itemsize)
+    return ds
+
+
+#: a ramp 0..249 over 2 x 1000 pixels (each value 8 times): its 0.5th percentile (index 9.995 of 2000 sorted
+#: values) is 1 and its 99.5th (index 1989.005) is 248, so the 8-bit frame is clip((v - 1) / 247) * 255
+RAMP = (np.arange(2000) // 8).astype(np.uint8).reshape(2, 1000)
+RAMP_8BIT = (np.clip((RAMP - 1.0) / 247.0, 0, 1) * 255).astype(np.uint8)
+
+
+def _png(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_pixel_check_frame_scaling() -> None:
+    """_frame_png, the image Tesseract reads, on hand-made frames with the expected 8-bit image derived above.
+
+    Guards against: another percentile window or scale; MONOCHROME1 not inverted (dark text on light); a
+    multi-frame image read from another frame; colour not averaged over R, G, B; YBR not converted to RGB
+    first; small images not enlarged to >= 1000 pixels wide (by a whole factor), wide ones changed; a flat
+    image sent to Tesseract; pixel data that is not a 2-D frame read as "no text" (now an error).
+    """
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from medpipe.deid.burned_in import _frame_png
+
+    def frame(ds: Dataset) -> np.ndarray:
+        png = _frame_png(ds)
+        assert png is not None
+        return _png(png)
+
+    assert np.array_equal(frame(_pixels(RAMP)), RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(RAMP, "MONOCHROME1")), 255 - RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(np.stack([RAMP, 255 - RAMP]))), RAMP_8BIT)  # frame 0 only
+    zero_frames = _pixels(RAMP)
+    zero_frames.NumberOfFrames = 0  # invalid: pydicom reads one frame, and so does the check
+    with pytest.warns(UserWarning, match="assuming 1 frame"):
+        assert np.array_equal(frame(zero_frames), RAMP_8BIT)
+    rgb = np.stack([RAMP, RAMP, RAMP], axis=-1)
+    rgb[RAMP >= 3, 0] += 3
+    rgb[RAMP >= 3, 1] -= 3  # R, G, B average to the ramp
+    assert np.array_equal(frame(_pixels(rgb, "RGB")), RAMP_8BIT)
+    assert np.array_equal(frame(_pixels(np.stack([rgb, rgb[:, ::-1]]), "RGB")), RAMP_8BIT)  # colour, 2 frames
+    grey_ybr = np.stack([RAMP, np.full_like(RAMP, 128), np.full_like(RAMP, 128)], axis=-1)  # Y, Cb, Cr: grey
+    assert np.array_equal(frame(_pixels(grey_ybr, "YBR_FULL")), RAMP_8BIT)
+    # real files: pydicom's test image in RGB and in YBR_FULL gives the same frame, up to the colour conversion's
+    # rounding (converted twice, as before, the grey levels were off by up to 84)
+    rgb_file, ybr_file = (frame(pydicom.dcmread(get_testdata_file(name))).astype(int)
+                          for name in ("SC_rgb.dcm", "SC_ybr_full_uncompressed.dcm"))
+    assert rgb_file.shape == (1000, 1000) and np.abs(rgb_file - ybr_file).max() <= 3
+    for width, shown in ((10, 1000), (400, 800), (600, 1200), (999, 999), (1000, 1000), (1500, 1500)):
+        assert frame(_pixels(np.tile(RAMP, 2)[:, :width].copy())).shape == (2 * shown // width, shown)
+    # 2 x 10 of 0 / 200 (8-bit: 0 / 255, half each) enlarged 100 times with Lanczos (sharp edges for Tesseract)
+    checks = (np.indices((2, 10)).sum(axis=0) % 2 * 200).astype(np.uint8)
+    lanczos = Image.fromarray((checks // 200 * 255).astype(np.uint8)).resize((1000, 200), Image.Resampling.LANCZOS)
+    assert np.array_equal(frame(_pixels(checks)), np.asarray(lanczos))
+    assert _frame_png(_pixels(np.full((4, 4), 7, np.uint8))) is None
+    assert _frame_png(_pixels(np.full((1, 1), 7, np.uint8))) is None  # one pixel: flat too
+    excess = _pixels(np.stack([RAMP, RAMP]))
+    excess.NumberOfFrames = 1  # more pixel data than Number of Frames says: pydicom gives every frame
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"^the first frame is not a 2-D image "
+                                                                     r"\(pixel array of shape \(2, 2, 1000\)\)$"):
+        _frame_png(excess)
+
+
+def _fake_tesseract(folder: Path, tsv: str, exit_code: int = 0, langs: str = "eng\nosd") -> Path:
+    """A ``tesseract`` stand-in that lists ``langs`` (as tesseract 5 does: on stdout, after a header line), and
+    otherwise records its arguments and input and prints ``tsv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out.tsv").write_text(tsv, encoding="latin-1")
+    count = len(langs.split())  # a tessdata folder whose name is not UTF-8 (Latin-1 bytes)
+    (folder / "langs.txt").write_text(f'List of available languages in "{folder}/José/" ({count}):\n{langs}\n',
+                                      encoding="latin-1")
+    exe = folder / "tesseract"
+    exe.write_text(f'#!/bin/sh\nif [ "$1" = "--list-langs" ]; then cat "{folder}/langs.txt"; exit {exit_code}; fi\n'
+                   f'echo "$@" > "{folder}/args"\ncat > "{folder}/input.png"\n'
+                   f'cat "{folder}/out.tsv"\nexit {exit_code}\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_pixel_check_reads_tesseract_tsv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pixel_text / ocr_reason / tesseract_path with a stand-in tesseract printing hand-written TSV (12 columns:
+    level ... conf text).
+
+    Guards against: the header or short / unparsable rows counted; the confidence bound (60, inclusive) or the
+    word length (3 letters or digits after dropping the rest) changed; undecodable bytes breaking the parse;
+    other tesseract arguments (sparse text, English, TSV on stdout) or another image than the frame; the word
+    count that flags an image (2) or its reason changed; a failing tesseract read as "no text"; a hanging one
+    not stopped; a flat image sent to it; the missing-command message lost; a tesseract without English data
+    accepted (every image would then fail the check, one by one).
+    """
+    import re
+    import shutil
+    import subprocess
+
+    from medpipe.deid import burned_in
+    from medpipe.deid.burned_in import _frame_png, ocr_reason, pixel_text, tesseract_path
+
+    head = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext\n"
+    row = "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t{}\t{}\n"
+    short = "5\t1\t1\t1\t1\t1\t10\t10\t50\t20\t99\n"  # 11 columns
+    tsv = head + short + "".join(row.format(c, t) for c, t in (
+        ("60", "DOE"), ("59.99", "JOHN"), ("96.5", "AB"), ("x", "MARY"), ("91", "A-B-C"), ("-1", ""),
+        ("88", "12/04"), ("75", "M\xffRY")))
+    exe = _fake_tesseract(tmp_path / "t", tsv)
+    image = _pixels(RAMP)
+    assert pixel_text(image, str(exe)) == ["DOE", "ABC", "1204", "MRY"]
+    assert (tmp_path / "t" / "args").read_text() == "stdin stdout --psm 11 -l eng tsv\n"
+    assert (tmp_path / "t" / "input.png").read_bytes() == _frame_png(image)
+    assert ocr_reason(image, str(exe)) == "pixel text check: Tesseract read 4 words in the image"
+    one = _fake_tesseract(tmp_path / "one", head + row.format("90", "DOE"))
+    assert ocr_reason(image, str(one)) is None
+    two = _fake_tesseract(tmp_path / "two", head + row.format("90", "DOE") + row.format("90", "JOHN"))
+    assert ocr_reason(image, str(two)) == "pixel text check: Tesseract read 2 words in the image"
+    monkeypatch.setattr(shutil, "which", lambda name: str(two) if name == "tesseract" else None)
+    assert tesseract_path() == str(two) and pixel_text(image) == ["DOE", "JOHN"]  # found on the PATH
+    failing = _fake_tesseract(tmp_path / "failing", head + row.format("90", "DOE"), exit_code=1)
+    with pytest.raises(subprocess.CalledProcessError):
+        pixel_text(image, str(failing))
+    unused = _fake_tesseract(tmp_path / "unused", head + row.format("90", "DOE") + row.format("90", "JOHN"))
+    assert pixel_text(_pixels(np.full((4, 4), 7, np.uint8)), str(unused)) == []  # flat: tesseract not run
+    assert not (tmp_path / "unused" / "args").exists()
+    hanging = _fake_tesseract(tmp_path / "hanging", "")
+    hanging.write_text("#!/bin/sh\nexec sleep 5\n")
+    monkeypatch.setattr(burned_in, "TESSERACT_TIMEOUT_S", 0.5)
+    with pytest.raises(subprocess.TimeoutExpired):
+        pixel_text(image, str(hanging))
+    for no_eng, code in ((tmp_path / "no_eng", 0), (tmp_path / "no_eng_failing", 1)):
+        exe = _fake_tesseract(no_eng, "", exit_code=code, langs="deu\nenm\nosd")  # German, Middle English
+        monkeypatch.setattr(shutil, "which", lambda name, exe=exe: str(exe) if name == "tesseract" else None)
+        with pytest.raises(ConfigError, match=rf"^--ocr needs tesseract's English language data \('eng'\), "
+                                              rf"which {re.escape(str(exe))} does not list$") as err:
+            tesseract_path()
+        assert err.value.hint == "apt-get install tesseract-ocr-eng (Debian/Ubuntu), or leave out --ocr"
+    monkeypatch.setattr(shutil, "which", lambda name: str(hanging) if name == "tesseract" else None)
+    with pytest.raises(subprocess.TimeoutExpired):  # --list-langs hangs too
+        tesseract_path()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^--ocr needs the tesseract command, which is not installed$") as err:
+        tesseract_path()
+    assert err.value.hint == "apt-get install tesseract-ocr (Debian/Ubuntu), or leave out --ocr"
+
+
+# -- the leak check (medpipe.deid.audit) -----------------------------------------------------------
+
+
+def test_identifying_values_by_kind() -> None:
+    """identifying_values on a hand-made dataset: each value below is picked (or not) by its kind alone.
+
+    Guards against: names not split into their components, dates, instance UIDs (file meta and nested ones),
+    private text or identifying attributes (every value of a multi-valued one) missed; class UIDs, well-known
+    UIDs, private creators, private binary values, short values, runs of zeros / dots, code meanings or
+    non-text VRs counted; padding (spaces, NUL) kept; free text not left out when asked.
+    """
+    from medpipe.deid.audit import identifying_values
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.99"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.FrameOfReferenceUID = "1.2.840.10008.1.4.1.1"  # well known (in pydicom's UID dictionary)
+    ds.PatientName = "Smith^John=Jon"
+    ds.PatientID = " MRN-42X\x00"
+    ds.IssuerOfPatientID = "Issuer A \x00"
+    ds.OtherPatientIDs = ["ID-0001", "ID-0002"]
+    ds.PatientBirthDate = "19600312"
+    ds.AcquisitionDateTime = "20240311101500"
+    ds.StudyID = "0000"  # only zeros: no identifier
+    ds.AccessionNumber = "0.0-0"
+    ds.StationName = "00 00"
+    ds.InstitutionName = "St. Elsewhere"
+    ds.PatientComments = "Seen by Dr Who"
+    ds.ReasonForStudy = "Headache"  # the same as a code meaning below: terminology
+    ds.SeriesDescription = "FLAIR axial"  # not an identifying attribute
+    ds.add_new(0x00181000, "LO", None)  # Device Serial Number present without a value
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.77"
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.CodeMeaning = "Headache "
+    ds.ReferencedImageSequence = Sequence([item])
+    block = ds.private_block(0x0019, "ACME NOTES", create=True)
+    block.add_new(0x10, "LO", "Zanzibar note")
+    block.add_new(0x11, "OB", b"Binary Person")
+    ds.PerformedProcedureStepID = "PPS-77"  # (0040,0253): after the private group
+    expected = {"1.2.3.99", "1.2.3.4.5", "1.2.3.77", "Smith", "John", "MRN-42X", "Issuer A", "ID-0001", "ID-0002",
+                "19600312", "20240311101500", "St. Elsewhere", "Seen by Dr Who", "Zanzibar note", "PPS-77"}
+    assert identifying_values(ds) == expected
+    assert identifying_values(ds, free_text=False) == expected - {"Seen by Dr Who"}
+    assert identifying_values(ds, min_length=3) == expected | {"Jon"}
+    ds.file_meta = FileMetaDataset()  # no Media Storage SOP Instance UID
+    assert identifying_values(ds) == expected - {"1.2.3.99"}
+    del ds.file_meta
+    assert identifying_values(ds) == expected - {"1.2.3.99"}
+
+
+def test_leaks_counts_whole_words_outside_the_pixel_data(tmp_path: Path) -> None:
+    """leaks() on hand-made files: a value counts where it stands as a whole word, in Latin-1 or UTF-8, and
+    inside pixel data only beyond the number of times it occurs there.
+
+    Guards against: 'MARY' found in 'PRIMARY' or 'mary' in 'summary' / 'maryland'; a value in another encoding
+    missed; bytes of the pixel data (integer or float) taken for a leak, or a value in the header hidden because
+    it is also in the pixels; a file that is not DICOM, is truncated, or has no (or empty) pixel data not scanned
+    in full; the result not sorted, or a value found in both encodings listed twice; a value that Latin-1 cannot
+    encode breaking the scan.
+    """
+    from medpipe.deid.audit import leaks
+
+    text = tmp_path / "report.csv"
+    text.write_bytes("PRIMARY,Müller,Jones,Zoë,Renée\n".encode("latin-1") + "Zoë,Łukasz,xRenée".encode()
+                     + b",MARYX,1234,summary,maryland\n")
+    assert leaks(text, {"MARY", "mary", "Müller", "Zoë", "Łukasz", "Renée", "Jones", "1234", "123", "Absent"}) == [
+        "1234", "Jones", "Müller", "Renée", "Zoë", "Łukasz"]  # Renée: inside a word in UTF-8, a word in Latin-1
+    for tag, vr in ((0x7FE00010, "OB"), (0x7FE00008, "OF"), (0x7FE00009, "OD")):  # (Float / Double Float) Pixel Data
+        ds = Dataset()
+        ds.PatientComments = "Roe"
+        ds.add_new(tag, vr, b" MRN7 Roe".ljust(16))  # "MRN7" only in the pixels; "Roe" in the header and the pixels
+        out = tmp_path / f"{vr}.dcm"
+        ds.save_as(out, implicit_vr=False, little_endian=True)
+        assert leaks(out, {"MRN7", "Roe"}) == ["Roe"], vr
+        assert leaks(out, {"MRN7"}) == [], vr
+    # no pixels to set apart: every occurrence counts (any text, even one like a stand-in value)
+    ds = Dataset()
+    ds.PatientComments = "Roe XXXX"
+    no_pixels = tmp_path / "no_pixels.dcm"
+    ds.save_as(no_pixels, implicit_vr=False, little_endian=True)
+    assert leaks(no_pixels, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
+    ds.add_new(0x7FE00010, "OB", b"")  # zero-length Pixel Data: pydicom reads its value as None
+    empty = tmp_path / "empty_pixels.dcm"
+    ds.save_as(empty, implicit_vr=False, little_endian=True)
+    assert leaks(empty, {"Roe", "XXXX"}) == ["Roe", "XXXX"]
+    ds.PixelData = b"Roe MRN7"
+    ds["PixelData"].VR = "OB"
+    ds.save_as(empty, implicit_vr=False, little_endian=True)
+    truncated = tmp_path / "truncated.dcm"  # cut inside the Pixel Data element's 4-byte length: pydicom raises
+    truncated.write_bytes(empty.read_bytes()[:-len(b"Roe MRN7") - 2])
+    assert leaks(truncated, {"Roe", "XXXX"}) == ["Roe", "XXXX"]

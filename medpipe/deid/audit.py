@@ -126,7 +126,7 @@ def leaks(output: Path | str, values: set[str]) -> list[str]:
     pixels: bytes | None = None
     found = []
     for v in sorted(values):
-        for b in {v.encode("utf-8"), v.encode("latin-1", "replace")}:
+        for b in dict.fromkeys((v.encode("utf-8"), v.encode("latin-1", "replace"))):  # UTF-8 first, once if ASCII
             if b not in data:  # the common case, and fast
                 continue
             word = re.compile(rb"(?<![0-9A-Za-z])" + re.escape(b) + rb"(?![0-9A-Za-z])")

@@ -7,13 +7,15 @@ For every DICOM object under ``RESULTS`` (SEG, SR, Parametric Map, ... from ``me
   the original, after checking with the key that the pair is genuine (``key.uid(original) == pseudonym``:
   a map edited by hand, or made with another key, is refused);
 * the Patient module (name, ID, issuer, birth date, sex...) and the General Study module (accession
-  number, study ID, date, time, referring physician, description) are put back from the map;
+  number, study ID, date, time, referring physician, description) are put back from the map; a Patient
+  attribute the original did not have is emptied (the pseudonymous Patient ID and Name included);
 * the de-identification markers (Patient Identity Removed, De-identification Method and its code
   sequence, Longitudinal Temporal Information Modified) are removed.
 
 The object's own new UIDs (a SEG made by the model) are not in the map and stay as they are. Output:
-``OUT/<PatientID>/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm``, ready to send to the PACS;
-objects that cannot be re-identified are listed in ``OUT/rejected.csv``.
+``OUT/<PatientID>/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm`` (``unknown`` for an empty Patient ID,
+``OBJ`` for a missing Modality), ready to send to the PACS; objects that cannot be re-identified (unreadable,
+without SOP Instance UID, patient or study not in the map) are listed in ``OUT/rejected.csv``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def reidentify(results: Path | str, out: Path | str, key_path: Path | str, map_p
             if path.suffix.lower() == ".dcm":
                 rejected.append((rel, "not a readable DICOM file"))
             continue
+        if not ds.get("SOPInstanceUID"):
+            rejected.append((rel, "no SOP Instance UID"))
+            continue
         pseudo_pid = str(ds.get("PatientID", "") or "")
         patient = restorer.patients.get(pseudo_pid)
         study = restorer.studies.get(str(ds.get("StudyInstanceUID", "") or ""))
@@ -131,8 +136,8 @@ def reidentify(results: Path | str, out: Path | str, key_path: Path | str, map_p
         for kw in PATIENT_KEYWORDS:
             if kw in patient:
                 _set(ds, kw, str(patient[kw]))
-            elif kw in ds and kw not in ("PatientName", "PatientID"):
-                delattr(ds, kw)
+            elif kw in ds:  # the original had none: no pseudonym stays (emptied, as Type 2 ones must stay)
+                ds[kw].value = None
         for kw in STUDY_KEYWORDS:
             if kw in study and kw != "StudyInstanceUID":
                 _set(ds, kw, str(study[kw]))
