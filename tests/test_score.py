@@ -933,6 +933,8 @@ def test_writer_detector_defaults_and_no_findings(tmp_path: Path, study: Any) ->
     pkg = _detector(tmp_path / "det", {}, outputs={})
     row = _writer(pkg, tmp_path / "a").write(_prepared(study), {"findings": [Finding((-9.0, -19.0, 31.0), 2.0, 0.5)]})
     assert (row["findings"], row["report_threshold"], row["max_score"]) == (1, 0.5, 0.5)
+    with open(tmp_path / "a" / row["findings_csv"], newline="") as fh:
+        assert [(r["score"], r["reported"]) for r in csv.DictReader(fh)] == [("0.5", "True")]  # at the threshold
     (finding,) = read_findings_sr(tmp_path / "a" / row["sr"]).findings
     assert (finding.finding.meaning, finding.finding_site) == ("Clinical finding", None)  # type: ignore[union-attr]
     # the same study again, into the same folder (a rescoring): replaced, not refused
