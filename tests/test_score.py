@@ -577,6 +577,7 @@ def _check_overlays(out: Path, paths: str, study: Any, slices: tuple[int, ...], 
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
         assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (_series_base(package) + 4, n,
                                                                                   description)
+        assert sc.SeriesDescription == f"OVERLAY {package.name}"
         assert (sc.SeriesInstanceUID, sc.SOPInstanceUID) == (_derived(package, study.series_uid, "SC", "series"),
                                                              _derived(package, study.series_uid, "SC", "instance", n))
         image = study.truth[:, :, k].T
@@ -666,6 +667,22 @@ def test_writer_labelmap_and_the_key_frames_when_nothing_is_segmented(tmp_path: 
     row = _writer(two_class_package, tmp_path / "c", explain=True).write(_prepared(study),
                                                                           {"mask": mask, "foreground": None})
     assert {"map", "overlays"}.isdisjoint(row) and row["seg"].endswith("seg.dcm")
+
+
+def test_writer_volumes_are_those_of_the_mask_on_its_grid(tmp_path: Path, study: Any,
+                                                          two_class_package: ModelPackage) -> None:
+    """Guards: the SR's volumes are the mask's on the grid it was predicted on (the numbers in the row), not the
+    SEG's on the source frames: a voxel of the coarse grid beyond the last source column counts."""
+    coarse = GridSpec((5, 4, 5), W_GEO.affine() @ np.diag([2.0, 2.0, 1.0, 1.0]))  # 2.2 x 1.6 x 2.5 mm = 8.8 uL
+    mask = np.zeros(coarse.shape, np.uint8)
+    mask[0, 0, 0] = 2  # on source pixels (0..1, 0..1) of frame 0
+    mask[4, 0, 0] = 2  # source column 8: beyond the 8 columns of the frames
+    prep = _prep([str(study.paths[(n, 0)]) for n in range(W_SHAPE[2])], _uids(study), study.study_uid,
+                 study.series_uid, coarse)
+    row = _writer(two_class_package, tmp_path).write(prep, {"mask": mask, "foreground": None})
+    assert (row["whole_tumour_ml"], row["oedema_ml"]) == (0.018, 0.0)  # 2 x 8.8 uL
+    volumes = {g["121191"][0]: float(g["118565006"][0]) for g in sr_groups(pydicom.dcmread(tmp_path / row["sr"]))}
+    assert volumes == pytest.approx({"1": 2 * 0.0088, "2": 0.0}, abs=1e-12)
 
 
 def test_writer_segment_anatomy_and_a_long_model_name(tmp_path: Path, study: Any,
@@ -852,6 +869,7 @@ def test_writer_detector_report_csv_and_key_images(tmp_path: Path, study: Any) -
         sc = pydicom.dcmread(tmp_path / "a" / keys[n])
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
         assert (sc.SeriesNumber, sc.InstanceNumber, sc.DerivationDescription) == (base + 4, n + 1, text)
+        assert sc.SeriesDescription == "KEY test detector"
         assert (sc.SeriesInstanceUID, sc.SOPInstanceUID) == (_derived(pkg, study.series_uid, "SC", "series"),
                                                              _derived(pkg, study.series_uid, "SC", "instance", n + 1))
         disk = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2
