@@ -501,3 +501,50 @@ def test_classification_sr_of_an_enhanced_multiframe_source(axial: Ingested, sha
     images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr_content_items(library)
               if i.ValueType == "IMAGE"]
     assert sorted(images) == sorted(str(d.SOPInstanceUID) for d in axial.sources)
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize(("name", "modality"), [("emri_small.dcm", "MR"), ("RG1_UNCR.dcm", "CR")])
+def test_classification_sr_of_sources_highdicom_cannot_describe(tmp_path: Path, name: str, modality: str) -> None:
+    """Guards: pydicom's multi-frame MR and its computed radiograph without Imager Pixel Spacing (real files) get a
+    classifier's report citing them as evidence, without an image library entry (highdicom's descriptors read
+    attributes these lack: AttributeError before)."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    assert ds.Modality == modality
+    target = tmp_path / "sr.dcm"
+    write_classification_sr(target, [ds], [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity(name))
+    sr = pydicom.dcmread(target)
+    assert "111028" not in [i.ConceptNameCodeSequence[0].CodeValue for i in sr.ContentSequence]
+    evidence = [i.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+    assert evidence == [ds.SOPInstanceUID]
+    assert dciodvfy_errors(target) == []
+
+
+@needs_dciodvfy
+def test_reports_of_a_source_without_patient_id(axial: Ingested, tmp_path: Path) -> None:
+    """Guards: a source an export left without Patient ID / Name (Type 2) gets reports with them present and empty,
+    as every object must have them (highdicom stopped with AttributeError before); the source is untouched."""
+    sources = [pydicom.Dataset(d) for d in axial.sources]
+    for ds in sources:
+        del ds.PatientID, ds.PatientName
+    target = tmp_path / "sr.dcm"
+    write_findings_sr(target, sources, [PointFinding((0.0, 0.0, 0.0))], ALGORITHM, _identity("no patient id"))
+    sr = pydicom.dcmread(target)
+    assert (sr.PatientID, str(sr.PatientName)) == ("", "")
+    assert "PatientID" not in sources[0] and "PatientName" not in sources[0]
+    assert dciodvfy_errors(target) == []
+
+
+def test_sr_names_what_highdicom_refuses_in_a_source(tmp_path: Path) -> None:
+    """Guards: a source highdicom cannot copy into the report (pydicom's big-endian file: Study Time '14:04:38',
+    not a DICOM time) is a one-line DicomError naming the value, not a crash."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("ExplVR_BigEnd.dcm"), stop_before_pixels=True)
+    with pytest.raises(DicomError, match=r"^cannot build the SR: Unable to convert non-conformant value '14:04:38' "
+                                         r"to 'TM' object$"):
+        write_classification_sr(tmp_path / "sr.dcm", [ds], [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM,
+                                _identity("big endian"))

@@ -254,6 +254,11 @@ def _shared_geometry(ds: Dataset) -> Dataset:
                           "PerFrameFunctionalGroupsSequence": new_per_frame})
 
 
+#: Type 2 attributes of the Patient and General Study modules (present in every object, empty when unknown)
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     """Check the source datasets of one output object and fill in blank identifying UIDs.
 
@@ -261,7 +266,8 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     sometimes blank the SOP Class / Instance UIDs (the file meta keeps them: used here, as ingest
     does) or the Study / Series Instance UIDs (a *substitute* UID is derived from the attributes
     that identify the study / series, the same for every output written for that series, and a
-    warning is logged: such outputs cannot be matched to the series on a PACS). An enhanced
+    warning is logged: such outputs cannot be matched to the series on a PACS). Type 2 Patient and
+    General Study attributes an export left out are added empty (:data:`TYPE2_PATIENT_STUDY`). An enhanced
     multi-frame source whose per-frame Plane Orientation and Pixel Measures are the same in every
     frame gets them as shared functional groups instead (equivalent; highdicom reads them only
     there). The given datasets are never modified; changed ones are returned as new datasets
@@ -295,6 +301,9 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
         if not str(ds.get("SeriesInstanceUID") or ""):
             ident = [str(ds.get(k) or "") for k in MISSING_UID_SERIES_KEYS]
             fix["SeriesInstanceUID"] = derive_uid(_SUBSTITUTE, "series", *ident)
+        # Type 2 Patient / General Study attributes an export left out: present and empty, as the standard
+        # wants them in every object (highdicom copies them from the sources and stopped at the absent one)
+        fix.update({k: "" for k in TYPE2_PATIENT_STUDY if k not in ds})
         for k in ("StudyInstanceUID", "SeriesInstanceUID"):
             if k in fix and k not in warned:
                 warned.add(k)

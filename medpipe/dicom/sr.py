@@ -328,10 +328,23 @@ def build_classification_sr(
                 hd.sr.QualitativeEvaluation(name=finding, value=PRESENT if r.positive else ABSENT),
             ],
         ))
-    # the image library (TID 1600) describes classic images (highdicom reads their top-level Pixel Spacing and
-    # position): an enhanced multi-frame source is cited as evidence only (it raised AttributeError before)
-    library = [s for s in sources if "PerFrameFunctionalGroupsSequence" not in s]
-    return report.document(sources, _measurement_report(report, groups, library))
+    return report.document(sources, _measurement_report(report, groups, _describable(sources)))
+
+
+def _describable(images: Sequence[Dataset]) -> list[Dataset]:
+    """The images highdicom can describe in an image library (TID 1600): it reads classic images' top-level
+    attributes (Pixel Spacing, Imager Pixel Spacing, position...), so an enhanced multi-frame image or a radiograph
+    without Imager Pixel Spacing is cited as evidence only (each raised AttributeError before)."""
+    import highdicom as hd
+
+    out = []
+    for ds in images:
+        try:
+            hd.sr.ImageLibraryEntryDescriptors(ds)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+        out.append(ds)
+    return out
 
 
 def write_classification_sr(
