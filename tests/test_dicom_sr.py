@@ -483,8 +483,7 @@ def test_observer_device_is_the_algorithm_on_the_writers_equipment(axial: Ingest
 def test_classification_sr_of_an_enhanced_multiframe_source(axial: Ingested, shared_data: Path, tmp_path: Path) -> None:
     """Guards: a classifier's report on one enhanced multi-frame instance (the real Siemens XA10 file) is written
     and cites it as evidence (highdicom's image library reads a classic image's top-level Pixel Spacing: it raised
-    AttributeError, so `medpipe score` of a classifier failed on enhanced series); classic sources keep their image
-    library, one entry per source image."""
+    AttributeError, so `medpipe score` of a classifier failed on enhanced series)."""
     ds = pydicom.dcmread(shared_data / "dcm_qa_enh" / "In" / "Siemens" / "XA10" / "6_2.dcm", stop_before_pixels=True)
     target = tmp_path / "enhanced.dcm"
     write_classification_sr(target, [ds], [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("enhanced"))
@@ -495,12 +494,26 @@ def test_classification_sr_of_an_enhanced_multiframe_source(axial: Ingested, sha
                 for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
     assert evidence == [ds.SOPInstanceUID]
     assert dciodvfy_errors(target) == []
-    classic = tmp_path / "classic.dcm"
-    write_classification_sr(classic, axial.sources, [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("classic"))
-    (library,) = [i for i in pydicom.dcmread(classic).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
-    images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr_content_items(library)
-              if i.ValueType == "IMAGE"]
-    assert sorted(images) == sorted(str(d.SOPInstanceUID) for d in axial.sources)
+
+
+def _library(path: Path) -> list[str]:
+    """The SOP Instance UIDs in an SR's image library (TID 1600), sorted."""
+    (library,) = [i for i in pydicom.dcmread(path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    return sorted(str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in sr_content_items(library)
+                  if i.ValueType == "IMAGE")
+
+
+def test_classification_sr_image_library_lists_the_describable_sources(axial: Ingested, tmp_path: Path) -> None:
+    """Guards: classic sources each get an image library entry; one that highdicom cannot describe (no Pixel
+    Spacing), even the first, leaves out only itself."""
+    target = tmp_path / "classic.dcm"
+    write_classification_sr(target, axial.sources, [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("classic"))
+    uids = [str(d.SOPInstanceUID) for d in axial.sources]
+    assert _library(target) == sorted(uids)
+    sources = [pydicom.Dataset(d) for d in axial.sources]
+    del sources[0].PixelSpacing
+    write_classification_sr(target, sources, [ClassResult(NEOPLASM, 0.7, 0.5)], ALGORITHM, _identity("no spacing"))
+    assert _library(target) == sorted(uids[1:])
 
 
 @needs_dciodvfy
