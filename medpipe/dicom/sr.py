@@ -242,17 +242,15 @@ def build_seg_sr(
 
 
 def _measurement_report(report: _Report, groups: list[Any], images: Sequence[Dataset] | None = None) -> Any:
+    """TID 1500 of ``groups`` (built and checked here) and, for ``images`` highdicom can describe, an image library."""
     import highdicom as hd
 
-    try:
-        return hd.sr.MeasurementReport(
-            observation_context=report.observation_context(),
-            procedure_reported=as_code(report.procedure, "procedure reported"),
-            imaging_measurements=groups,
-            referenced_images=list(images) if images else None,
-        )
-    except (ValueError, TypeError) as exc:
-        raise DicomError(f"cannot build the measurement report: {exc}") from exc
+    return hd.sr.MeasurementReport(
+        observation_context=report.observation_context(),
+        procedure_reported=as_code(report.procedure, "procedure reported"),
+        imaging_measurements=groups,
+        referenced_images=list(images) if images else None,
+    )
 
 
 def write_seg_sr(
