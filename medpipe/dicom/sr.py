@@ -241,15 +241,16 @@ def build_seg_sr(
     return report.document([seg, *sources], _measurement_report(report, groups))
 
 
-def _measurement_report(report: _Report, groups: list[Any], images: Sequence[Dataset] | None = None) -> Any:
-    """TID 1500 of ``groups`` (built and checked here) and, for ``images`` highdicom can describe, an image library."""
+def _measurement_report(report: _Report, groups: list[Any], images: Sequence[Dataset] = ()) -> Any:
+    """TID 1500 of ``groups`` (built and checked here) and an image library of the ``images`` highdicom can describe
+    (:func:`_describable`)."""
     import highdicom as hd
 
     return hd.sr.MeasurementReport(
         observation_context=report.observation_context(),
         procedure_reported=as_code(report.procedure, "procedure reported"),
         imaging_measurements=groups,
-        referenced_images=list(images) if images else None,
+        referenced_images=_describable(images) or None,
     )
 
 
@@ -326,7 +327,7 @@ def build_classification_sr(
                 hd.sr.QualitativeEvaluation(name=finding, value=PRESENT if r.positive else ABSENT),
             ],
         ))
-    return report.document(sources, _measurement_report(report, groups, _describable(sources)))
+    return report.document(sources, _measurement_report(report, groups, sources))
 
 
 def _describable(images: Sequence[Dataset]) -> list[Dataset]:
